@@ -1,0 +1,5 @@
+import sys
+
+from megassm.cli import main
+
+sys.exit(main())

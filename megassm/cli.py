@@ -1,0 +1,166 @@
+"""``megassm <command>``: train, sample, preprocess, inspect, convert, plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megassm.config.load import ConfigError
+
+OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=200 model.d_model=256"
+
+
+def _cmd_train(args) -> int:
+    from megassm.config.load import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from megassm.train.loop import train
+
+    return train(cfg)
+
+
+def _parse_size(s: str | None) -> tuple[int, int] | None:
+    if not s:
+        return None
+    try:
+        h, w = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {s!r} must look like HEIGHTxWIDTH in pixels, e.g. 1024x1024") from None
+    return h, w
+
+
+def _read_prompts(args) -> list[dict]:
+    items = [{"prompt": p} for p in args.prompt or []]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {path} does not exist")
+        for i, line in enumerate(path.read_text().splitlines()):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+                if "prompt" not in item:
+                    raise ConfigError(f"{path}:{i + 1}: JSONL entries need a 'prompt' key")
+                items.append(item)
+            else:
+                items.append({"prompt": line})
+    if not items:
+        raise ConfigError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
+    return items
+
+
+def _cmd_sample(args) -> int:
+    from megassm.sample import run_sample_command
+
+    return run_sample_command(args, _read_prompts(args), _parse_size(args.size))
+
+
+def _cmd_inspect_model(args) -> int:
+    from megassm.config.load import load_config
+    from megassm.models.accounting import forward_flops, param_counts
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    counts = param_counts(m)
+    print(f"model {m.name}: d_model={m.d_model}, {len(m.pattern)} blocks, pattern {m.pattern}")
+    width = max(len(k) for k in counts)
+    for k, v in counts.items():
+        print(f"  {k:<{width}}  {v:>15,}  ({v / 1e6:,.2f} M)")
+    if args.seq_len:
+        f = forward_flops(m, args.seq_len)
+        print(f"forward FLOPs per sample at L={args.seq_len}: {f:.4g} ({f / args.seq_len:.4g} per token); "
+              f"train step x3: {3 * f:.4g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megassm", description="Train and sample HTH (Hydra + attention) "
+                                "diffusion models. Each command has its own --help.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model from a stage config", description=(
+        "Train from a YAML config (configs/*.yaml). Runs as one process without a launcher, under torchrun, "
+        "or under srun (SLURM). Resumes automatically from RUN_DIR/checkpoints/latest; SIGUSR1/SIGTERM write "
+        "a checkpoint and exit."))
+    t.add_argument("config", help="stage config YAML, e.g. configs/smoke.yaml")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="generate images/videos from a checkpoint", description=(
+        "Text to image/video with the Euler flow-matching sampler and classifier-free guidance. Writes PNG "
+        "(images) or MP4 (videos) plus a JSON sidecar with every setting."))
+    s.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint (step_*) or consolidated directory")
+    s.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames")
+    s.add_argument("--negative-prompt", default=None, help="negative prompt for the unconditional branch")
+    s.add_argument("--out", default="sample.png", help="output file (.png / .mp4); several prompts get _N suffixes")
+    s.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the model's training size)")
+    s.add_argument("--frames", type=int, default=1, help="latent frames (1 = image)")
+    s.add_argument("--fps", type=int, default=16, help="frames per second of written videos")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: config diffusion.sample_steps)")
+    s.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
+    s.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed+i unless its JSONL sets one")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    s.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
+    s.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
+    s.set_defaults(func=_cmd_sample)
+
+    i = sub.add_parser("inspect", help="inspect a model config, a data set or a checkpoint")
+    isub = i.add_subparsers(dest="what", metavar="WHAT")
+    isub.required = True
+    im = isub.add_parser("model", help="parameter count per component (and FLOPs) of a config")
+    im.add_argument("config")
+    im.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    im.add_argument("--seq-len", type=int, default=None, help="also print FLOPs at this token count")
+    im.set_defaults(func=_cmd_inspect_model)
+    _optional_commands(sub, isub)
+    return p
+
+
+def _optional_commands(sub, isub) -> None:
+    """Commands whose modules live elsewhere in the package (data, checkpoint tools, planning)."""
+    try:
+        from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
+    except ImportError:
+        pass
+    else:
+        add_preprocess_parser(sub)
+        add_inspect_data_parser(isub)
+    for module, fn in (("megassm.checkpoint.cli", "add_convert_parser"), ("megassm.plan", "add_plan_parser"),
+                       ("megassm.checkpoint.cli", "add_inspect_checkpoint_parser")):
+        try:
+            mod = __import__(module, fromlist=[fn])
+        except ImportError:
+            continue
+        if hasattr(mod, fn):
+            getattr(mod, fn)(isub if "inspect" in fn else sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"megassm {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        if type(e).__module__.startswith("megassm") or isinstance(e, FileNotFoundError):
+            print(f"megassm {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

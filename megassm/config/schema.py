@@ -1,0 +1,158 @@
+"""Structured configuration for megassm.
+
+Each builder receives only its own sub-config (``ModelConfig`` for the model,
+``DataConfig`` for the data pipeline, ...). ``RunConfig`` is only the container that
+YAML files and ``key=value`` overrides are merged into; ``megassm.config.load``
+validates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Token-mixer symbols of a layer pattern: one character per block.
+PATTERN_SYMBOLS = {
+    "h": "Hydra, row-major raster scan (t, h, w)",
+    "v": "Hydra, column-major raster scan (t, w, h)",
+    "t": "Hydra, temporal-major scan (h, w, t)",
+    "A": "self-attention (axial RoPE)",
+}
+
+
+@dataclass
+class ModelConfig:
+    """HTH backbone hyper-parameters (ARCHITECTURE §2)."""
+
+    name: str = "hth-tiny"
+    in_channels: int = 4  # latent channels C
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
+    d_model: int = 128
+    pattern: str = "hvAh"  # one symbol per block, see PATTERN_SYMBOLS
+    # Hydra (defaults are the public reference's)
+    d_state: int = 64
+    d_conv: int = 7
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    # attention (self and cross)
+    num_heads: int = 4
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    # FFN
+    mlp_ratio: float = 4.0
+    # text conditioning
+    text_dim: int = 64
+    max_text_len: int = 32
+    # which SSD implementation: auto (Triton on CUDA if mamba-ssm is installed), ref, triton
+    ssd_impl: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from."""
+
+    kind: str = "procedural"  # procedural | shards
+    # procedural (built-in coloured-shapes data set)
+    image_size: int = 16
+    # shards (WebDataset latent shards written by `megassm preprocess`)
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    prefetch: int = 2  # batches prefetched per DataLoader worker (shards)
+    # latent normalisation applied on load: (latent - shift) * scale, with scale/shift from
+    # latent_norm=manifest: each dataset's manifest (the VAE's own values, per channel for Wan)
+    # latent_norm=config: latent_scale / latent_shift below, for every dataset
+    latent_norm: str = "manifest"
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
+
+
+@dataclass
+class EncoderConfig:
+    """How pixels and captions become latents and text embeddings (for sampling and previews).
+
+    ``builtin:pixels`` / ``builtin:words`` are the demo's stand-ins (latents are pixels in [-1, 1];
+    text is a fixed word-embedding table). Otherwise local directories loadable with diffusers /
+    transformers ``from_pretrained`` -- nothing is downloaded.
+    """
+
+    vae: str = "builtin:pixels"
+    text_encoder: str = "builtin:words"
+    tokenizer: Optional[str] = None  # defaults to text_encoder's directory
+    vae_scale: float = 1.0  # latents fed to the model = (vae_latent - vae_shift) * vae_scale
+    vae_shift: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    """Rectified flow / flow matching (ARCHITECTURE §4)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # Timestep shift s: t' = s t / (1 + (s - 1) t). None -> from token count (sqrt(L / base_tokens)).
+    shift: Optional[float] = None
+    shift_base_tokens: int = 256
+    caption_dropout: float = 0.1
+    sample_steps: int = 30
+    cfg_scale: float = 4.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. world = pp * dp * cp * tp; dp is derived."""
+
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batches: int = 1  # pipeline micro-batches per step (pp > 1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8  # per data-parallel rank
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: str = "none"  # none | all | every_k
+    checkpoint_every_k: int = 2
+    ema_decay: float = 0.0  # 0 disables EMA
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 3
+    sample_every: int = 0  # 0 disables periodic sample images
+    max_consecutive_nonfinite: int = 5
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: str = "smoke"
+    run_dir: str = "runs/${stage}"
+    init_from: Optional[str] = None  # checkpoint of the previous stage to warm-start from

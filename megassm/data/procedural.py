@@ -1,0 +1,119 @@
+"""Built-in procedural data: coloured squares in image quadrants, with captions.
+
+"a red square at the top left" -> a 3 x S x S image in [-1, 1] (pixels stand in for VAE latents)
+whose top-left quadrant holds a red square on a dark background. Every batch is a pure function of
+(seed, data-parallel rank, batch index), so the data position is one integer and resume is exact.
+
+``WordEmbeddingEncoder`` is the demo's text encoder: a fixed (seeded, untrained) embedding per
+lower-cased word -- any prompt encodes, known words mean what training showed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+from torch import Tensor
+
+COLOURS = {
+    "red": (1.0, -1.0, -1.0),
+    "green": (-1.0, 1.0, -1.0),
+    "blue": (-1.0, -1.0, 1.0),
+    "yellow": (1.0, 1.0, -1.0),
+    "white": (1.0, 1.0, 1.0),
+}
+POSITIONS = {  # (row, col) of the quadrant
+    "top left": (0, 0),
+    "top right": (0, 1),
+    "bottom left": (1, 0),
+    "bottom right": (1, 1),
+}
+BACKGROUND = -0.6
+
+
+def caption(colour: str, position: str) -> str:
+    return f"a {colour} square at the {position}"
+
+
+def parse_caption(text: str) -> tuple[str, str] | None:
+    """(colour, position) named in a prompt, or None."""
+    text = text.lower()
+    colour = next((c for c in COLOURS if re.search(rf"\b{c}\b", text)), None)
+    position = next((p for p in POSITIONS if p in text), None)
+    return (colour, position) if colour and position else None
+
+
+def render(colour: str, position: str, size: int, jitter: Tensor | None = None) -> Tensor:
+    """(3, 1, size, size) image in [-1, 1]. ``jitter``: two ints in [-1, 1] moving the square."""
+    img = torch.full((3, size, size), BACKGROUND)
+    q = size // 2
+    side = max(2, q * 3 // 4)
+    r0 = POSITIONS[position][0] * q + (q - side) // 2
+    c0 = POSITIONS[position][1] * q + (q - side) // 2
+    if jitter is not None:
+        r0 = min(max(r0 + int(jitter[0]), POSITIONS[position][0] * q), POSITIONS[position][0] * q + q - side)
+        c0 = min(max(c0 + int(jitter[1]), POSITIONS[position][1] * q), POSITIONS[position][1] * q + q - side)
+    img[:, r0 : r0 + side, c0 : c0 + side] = torch.tensor(COLOURS[colour])[:, None, None]
+    return img.unsqueeze(1)
+
+
+class WordEmbeddingEncoder:
+    """Fixed random embedding per word: "a red square" -> (3, dim). Deterministic across runs."""
+
+    identity = "builtin:words"
+
+    def __init__(self, dim: int, max_len: int):
+        self.dim, self.max_len = dim, max_len
+
+    def _word(self, word: str) -> Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """prompts -> text (B, max_len, dim) float32, mask (B, max_len) bool (True = valid)."""
+        text = torch.zeros(len(prompts), self.max_len, self.dim)
+        mask = torch.zeros(len(prompts), self.max_len, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            words = re.findall(r"[a-z0-9]+", p.lower())[: self.max_len]
+            for j, w in enumerate(words):
+                text[i, j] = self._word(w)
+            mask[i, : len(words)] = True
+        return text, mask
+
+
+class ProceduralShapes:
+    """Infinite stream of batches {"latents", "text", "text_mask", "captions"} (see data contract)."""
+
+    def __init__(self, image_size: int, batch_size: int, text_dim: int, text_len: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        if image_size < 4 or image_size % 2:
+            raise ValueError(f"data.image_size={image_size} must be an even number >= 4")
+        self.image_size, self.batch_size = image_size, batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.encoder = WordEmbeddingEncoder(text_dim, text_len)
+        self.position = 0  # batches handed out on this rank
+
+    def batch(self, index: int) -> dict:
+        gen = torch.Generator().manual_seed(hash((self.seed, self.dp_rank, self.dp_size, index)) & (2**62 - 1))
+        colours, positions = list(COLOURS), list(POSITIONS)
+        ci = torch.randint(len(colours), (self.batch_size,), generator=gen)
+        pi = torch.randint(len(positions), (self.batch_size,), generator=gen)
+        jit = torch.randint(-1, 2, (self.batch_size, 2), generator=gen)
+        caps = [caption(colours[c], positions[p]) for c, p in zip(ci.tolist(), pi.tolist())]
+        imgs = torch.stack([render(colours[c], positions[p], self.image_size, j)
+                            for c, p, j in zip(ci.tolist(), pi.tolist(), jit)])
+        text, mask = self.encoder(caps)
+        return {"latents": imgs, "text": text, "text_mask": mask, "captions": caps}
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.position)
+            self.position += 1
+            yield b
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

@@ -1,0 +1,3 @@
+from megassm.models.hth import HTHModel, build_model
+
+__all__ = ["HTHModel", "build_model"]

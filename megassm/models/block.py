@@ -1,0 +1,117 @@
+"""One HTH block: AdaLN-modulated token mixer -> cross-attention -> FFN, each with a residual."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint as tcp
+from torch import Tensor, nn
+
+from megassm.models.attention import CrossAttention, SelfAttention
+from megassm.models.embed import rope_axial
+from megassm.models.hydra import Hydra
+from megassm.models.scan import SYMBOL_TO_ORDER, apply_scan, is_identity, scan_permutation
+
+
+@dataclass
+class TokenGrid:
+    """Per-forward geometry shared by all blocks: grid (T, H, W) and cached perms / RoPE angles."""
+
+    grid: tuple[int, int, int]
+    device: torch.device
+    rope_head_dim: int = 0
+    rope_theta: float = 10000.0
+    _perms: dict = field(default_factory=dict)
+    _rope: Optional[Tensor] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def perm(self, order: str) -> Optional[tuple[Tensor, Tensor]]:
+        """(perm, inverse) for a scan order, or None when the order is the identity here."""
+        if is_identity(order, self.grid):
+            return None
+        if order not in self._perms:
+            self._perms[order] = scan_permutation(order, self.grid, self.device)
+        return self._perms[order]
+
+    def rope(self) -> Tensor:
+        if self._rope is None:
+            self._rope = rope_axial(self.grid, self.rope_head_dim, self.rope_theta, self.device)
+        return self._rope
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class HTHBlock(nn.Module):
+    """``symbol`` picks the mixer: 'h'/'v'/'t' Hydra with a row/column/temporal-major scan, 'A' attention."""
+
+    def __init__(self, cfg, symbol: str):
+        super().__init__()
+        d = cfg.d_model
+        self.symbol = symbol
+        self.scan_order = SYMBOL_TO_ORDER.get(symbol)  # None for attention
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        if symbol == "A":
+            self.mixer = SelfAttention(d, cfg.num_heads, cfg.qk_norm)
+        elif symbol in SYMBOL_TO_ORDER:
+            self.mixer = Hydra(
+                d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
+            )
+        else:
+            raise ValueError(f"unknown block symbol {symbol!r}; valid: 'h', 'v', 't', 'A'")
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(d, int(d * cfg.mlp_ratio))
+        # AdaLN-single: this block's learned offsets to the shared timestep modulation,
+        # zero so that every residual branch starts closed.
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
+        self.grad_checkpoint = False
+
+    def set_scan_order(self, symbol: str) -> None:
+        """Switch a Hydra block's scan order (e.g. spatial -> temporal-major for video)."""
+        if (symbol == "A") != (self.symbol == "A") or symbol not in ("h", "v", "t", "A"):
+            raise ValueError(f"cannot turn block symbol {self.symbol!r} into {symbol!r} without new weights")
+        self.symbol, self.scan_order = symbol, SYMBOL_TO_ORDER.get(symbol)
+
+    def mix(self, x: Tensor, grid: TokenGrid) -> Tensor:
+        """Apply the token mixer in this block's scan order. x: (B, L, d) in canonical order."""
+        if getattr(self.mixer, "takes_grid", False):  # parallel wrappers handle layout themselves
+            return self.mixer(x, grid=grid, scan_order=self.scan_order)
+        if self.scan_order is None:
+            return self.mixer(x, grid.rope())
+        perm = grid.perm(self.scan_order)
+        if perm is None:
+            return self.mixer(x)
+        return apply_scan(self.mixer(apply_scan(x, perm[0])), perm[1])
+
+    def _forward(self, x: Tensor, t_mod: Tensor, text: Tensor, text_mask: Tensor, grid: TokenGrid) -> Tensor:
+        B, d = x.shape[0], x.shape[-1]
+        mod = self.scale_shift_table[None] + t_mod.view(B, 6, d)  # (B, 6, d)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, d)
+        x = x + gate1 * self.mix(modulate(self.norm1(x), shift1, scale1), grid)
+        x = x + self.cross_attn(self.norm2(x), text, text_mask)
+        return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+    def forward(self, x, t_mod, text, text_mask, grid: TokenGrid) -> Tensor:
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return tcp.checkpoint(self._forward, x, t_mod, text, text_mask, grid, use_reentrant=False)
+        return self._forward(x, t_mod, text, text_mask, grid)

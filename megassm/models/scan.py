@@ -1,0 +1,53 @@
+"""Scan orders: permutations of a (T, H, W) token grid applied around a token mixer.
+
+Tokens are stored in the model's canonical order, row-major over (t, h, w) (w fastest).
+A scan order is an index ``perm`` with ``scanned = tokens[:, perm]`` and its inverse
+``tokens = scanned[:, inv]``. Hydra is bidirectional, so one order per block scans both
+ways along it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+SCAN_ORDERS = {
+    "row": ("t", "h", "w"),  # row-major raster per frame
+    "col": ("t", "w", "h"),  # column-major raster per frame
+    "temporal": ("h", "w", "t"),  # time fastest: each pixel's trajectory is contiguous
+}
+SYMBOL_TO_ORDER = {"h": "row", "v": "col", "t": "temporal"}
+
+
+@lru_cache(maxsize=64)
+def _perm_cpu(order: str, T: int, H: int, W: int) -> tuple[Tensor, Tensor]:
+    if order not in SCAN_ORDERS:
+        raise ValueError(f"unknown scan order {order!r}; valid: {sorted(SCAN_ORDERS)}")
+    canon = torch.arange(T * H * W).view(T, H, W)  # canonical index at (t, h, w)
+    axes = {"t": 0, "h": 1, "w": 2}
+    perm = canon.permute(*(axes[a] for a in SCAN_ORDERS[order])).reshape(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return perm, inv
+
+
+def scan_permutation(order: str, grid: tuple[int, int, int], device=None) -> tuple[Tensor, Tensor]:
+    """Return (perm, inverse) long tensors of length T*H*W for ``order`` over ``grid``."""
+    perm, inv = _perm_cpu(order, *grid)
+    return perm.to(device), inv.to(device)
+
+
+def apply_scan(x: Tensor, perm: Tensor) -> Tensor:
+    """x: (B, L, ...) -> x[:, perm]. An identity permutation is skipped."""
+    return x.index_select(1, perm)
+
+
+def is_identity(order: str, grid: tuple[int, int, int]) -> bool:
+    T, H, W = grid
+    if order == "row":
+        return True
+    if order == "col":
+        return H == 1 or W == 1
+    return T == 1  # temporal

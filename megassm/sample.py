@@ -1,0 +1,265 @@
+"""Text -> image / video generation from a megassm checkpoint (``megassm sample``).
+
+prompt -> text encoder -> Euler flow-matching sampler with CFG (the training timestep shift) ->
+VAE decode -> PNG (images) or MP4 (videos) + a JSON sidecar with every setting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megassm.checkpoint.load import CheckpointError, load_weights
+from megassm.config.load import ConfigError, from_dict
+from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
+from megassm.diffusion.flow import euler_sample, resolution_shift
+from megassm.models import HTHModel, build_model
+
+
+@dataclass
+class SampleSpec:
+    prompt: str
+    seed: int = 0
+    height: Optional[int] = None  # latent-space size is height / vae_factor
+    width: Optional[int] = None
+    frames: int = 1
+    negative_prompt: Optional[str] = None
+
+
+class TextEncoder:
+    """builtin:words, or a local transformers encoder directory (T5-style)."""
+
+    def __init__(self, enc: EncoderConfig, model_cfg: ModelConfig, device: torch.device):
+        self.max_len, self.device = model_cfg.max_text_len, device
+        if enc.text_encoder == "builtin:words":
+            from megassm.data.procedural import WordEmbeddingEncoder
+
+            self.builtin = WordEmbeddingEncoder(model_cfg.text_dim, model_cfg.max_text_len)
+            return
+        self.builtin = None
+        path = Path(enc.text_encoder)
+        if not path.is_dir():
+            raise ConfigError(f"encoders.text_encoder={enc.text_encoder!r} is not a local directory (nothing is "
+                              "downloaded); give the path of a saved transformers encoder or 'builtin:words'")
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(enc.tokenizer or str(path))
+        self.model = T5EncoderModel.from_pretrained(str(path)).to(device).eval()
+        if self.model.config.d_model != model_cfg.text_dim:
+            raise ConfigError(f"text encoder {path} has width {self.model.config.d_model}, the checkpoint's model "
+                              f"expects text_dim={model_cfg.text_dim}")
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.builtin is not None:
+            text, mask = self.builtin(prompts)
+            return text.to(self.device), mask.to(self.device)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        return out.float(), tok.attention_mask.bool()
+
+
+class LatentDecoder:
+    """builtin:pixels (latents are pixels in [-1, 1]) or a local diffusers VAE directory."""
+
+    def __init__(self, enc: EncoderConfig, device: torch.device):
+        self.enc, self.device, self.vae = enc, device, None
+        self.factor = 1
+        if enc.vae == "builtin:pixels":
+            return
+        if not Path(enc.vae).is_dir():
+            raise ConfigError(f"encoders.vae={enc.vae!r} is not a local directory; give a saved diffusers VAE "
+                              "or 'builtin:pixels'")
+        import diffusers
+
+        cfg_file = json.loads((Path(enc.vae) / "config.json").read_text())
+        cls = getattr(diffusers, cfg_file.get("_class_name", "AutoencoderKL"))
+        self.vae = cls.from_pretrained(enc.vae).to(device).eval()
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if hasattr(self.vae, "enable_tiling"):
+            self.vae.enable_tiling()  # keeps 2K / long-video decoding within memory
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) model latents -> (B, T, 3, H, W) pixels in [0, 1]."""
+        x = latents.float() / self.enc.vae_scale + self.enc.vae_shift
+        if self.vae is None:
+            pix = x.permute(0, 2, 1, 3, 4)
+        else:
+            B, C, T = x.shape[:3]
+            if "Wan" in type(self.vae).__name__ or "CogVideo" in type(self.vae).__name__:
+                pix = self.vae.decode(x.to(self.vae.dtype)).sample.permute(0, 2, 1, 3, 4)
+            else:  # an image VAE decodes frame by frame
+                frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, *x.shape[3:])
+                dec = self.vae.decode(frames.to(self.vae.dtype)).sample  # (B*T, 3, H, W)
+                pix = dec.reshape(B, T, *dec.shape[1:])
+        return ((pix.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    loaded = load_weights(path, want_ema=use_ema)
+    if loaded.config is None:
+        raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
+                              "the model. Copy the training run's config.yaml next to the weights")
+    cfg: RunConfig = from_dict(loaded.config)
+    model = build_model(cfg.model)
+    weights = loaded.ema if (use_ema and loaded.ema) else loaded.model
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]} ...)")
+    model.to(device).eval()
+    return model, cfg, {"weights": "ema" if (use_ema and loaded.ema) else "model", "step": loaded.step,
+                        "source": loaded.source}
+
+
+def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
+    """Latent (h, w) when none is asked for: the demo's image size, else 32 x 32 (256 px at VAE x8)."""
+    if cfg.data.kind == "procedural":
+        return cfg.data.image_size, cfg.data.image_size
+    return 32, 32
+
+
+@torch.no_grad()
+def generate(model: HTHModel, cfg: RunConfig, specs: list[SampleSpec], encoder: TextEncoder,
+             steps: int, cfg_scale: float, latent_hw: tuple[int, int], frames: int = 1,
+             progress=None, device: torch.device = torch.device("cpu"), dtype=torch.float32) -> torch.Tensor:
+    """Latents (B, C, T, h, w) for a batch of prompts; noise from each spec's own seed."""
+    C = cfg.model.in_channels
+    h, w = latent_hw
+    T = frames
+    noise = torch.stack([torch.randn(C, T, h, w, generator=torch.Generator().manual_seed(s.seed)) for s in specs])
+    text, mask = encoder([s.prompt for s in specs])
+    neg_text = neg_mask = None
+    if any(s.negative_prompt for s in specs):
+        neg_text, neg_mask = encoder([s.negative_prompt or "" for s in specs])
+        neg_mask = neg_mask & torch.tensor([bool(s.negative_prompt) for s in specs], device=neg_mask.device)[:, None]
+    grid = model.patch_embed.grid((1, C, T, h, w))
+    shift = resolution_shift(cfg.diffusion, math.prod(grid))
+    fn = lambda x, t, y, m: model(x, t, y, m)  # noqa: E731
+    x = euler_sample(fn, noise.to(device, dtype), text.to(device, dtype), mask.to(device), steps, cfg_scale, shift,
+                     None if neg_text is None else neg_text.to(device, dtype), neg_mask, progress)
+    return x.float()
+
+
+def save_image(pixels: torch.Tensor, path: Path) -> None:
+    """pixels (3, H, W) in [0, 1] -> PNG."""
+    from PIL import Image
+
+    arr = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def save_video(frames: torch.Tensor, path: Path, fps: int) -> None:
+    """frames (T, 3, H, W) in [0, 1] -> H.264 MP4 (dimensions padded to even)."""
+    import av
+
+    T, _, H, W = frames.shape
+    arr = (frames.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    arr = np.pad(arr, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+        for f in arr:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def preview_images(trainer) -> Optional[torch.Tensor]:
+    """A few fixed-prompt samples from the training model for TensorBoard; every rank must call it."""
+    cfg = trainer.cfg
+    prompts = ["a red square at the top left", "a blue square at the bottom right",
+               "a green square at the top right", "a yellow square at the bottom left"]
+    encoder = TextEncoder(cfg.encoders, cfg.model, trainer.device)
+    dtype = torch.bfloat16 if trainer.engine.bfloat16_enabled() else torch.float32
+    model = trainer.engine.module
+    was_training = model.training
+    model.eval()
+    try:
+        lat = generate(model, cfg, [SampleSpec(p, seed=i) for i, p in enumerate(prompts)], encoder,
+                       steps=min(20, cfg.diffusion.sample_steps), cfg_scale=cfg.diffusion.cfg_scale,
+                       latent_hw=default_latent_hw(cfg), device=trainer.device, dtype=dtype)
+    finally:
+        model.train(was_training)
+    pix = LatentDecoder(cfg.encoders, trainer.device)(lat)  # (B, T, 3, H, W)
+    return pix[:, 0]
+
+
+def _outputs(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+def run_sample_command(args, prompts: list[dict], size: Optional[tuple[int, int]]) -> int:
+    """``megassm sample``: see ``megassm sample --help``."""
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
+    if args.vae:
+        cfg.encoders.vae = args.vae
+    if args.text_encoder:
+        cfg.encoders.text_encoder = args.text_encoder
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    model.to(dtype)
+    encoder = TextEncoder(cfg.encoders, cfg.model, device)
+    decoder = LatentDecoder(cfg.encoders, device)
+    steps = args.steps or cfg.diffusion.sample_steps
+    scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, item in enumerate(prompts):
+        hw = item.get("size") or size
+        if isinstance(hw, str):
+            hw = tuple(int(v) for v in hw.lower().split("x"))
+        specs.append((SampleSpec(item["prompt"], int(item.get("seed", args.seed + i)), *(hw or (None, None)),
+                                 int(item.get("frames", args.frames)), args.negative_prompt), item))
+    paths = _outputs(out, len(specs))
+    pf = cfg.model.patch_size
+    for start in range(0, len(specs), args.batch_size):
+        chunk = specs[start : start + args.batch_size]
+        # one batch must share a shape: group by (h, w, frames)
+        for key in sorted({(s.height, s.width, s.frames) for s, _ in chunk}, key=str):
+            group = [(j, s) for j, (s, _) in enumerate(chunk, start) if (s.height, s.width, s.frames) == key]
+            h, w, frames = key
+            if h is None:
+                lh, lw = default_latent_hw(cfg)
+            else:
+                if h % (decoder.factor * pf[1]) or w % (decoder.factor * pf[2]):
+                    raise ConfigError(f"size {h}x{w} is not a multiple of VAE factor x patch = "
+                                      f"{decoder.factor * pf[1]}x{decoder.factor * pf[2]}")
+                lh, lw = h // decoder.factor, w // decoder.factor
+            if frames < 1 or frames % pf[0]:
+                raise ConfigError(f"frames={frames} must be a positive multiple of the temporal patch {pf[0]}")
+            lat = generate(model, cfg, [s for _, s in group], encoder, steps, scale, (lh, lw), frames,
+                           progress=lambda r: tqdm(r, desc="denoise", unit="step"), device=device, dtype=dtype)
+            pix = decoder(lat)  # (B, T, 3, H, W)
+            for (j, s), p in zip(group, pix):
+                path = paths[j]
+                if p.shape[0] == 1 and path.suffix.lower() != ".mp4":
+                    save_image(p[0], path)
+                else:
+                    path = path.with_suffix(".mp4")
+                    save_video(p, path, args.fps)
+                side = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
+                        "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
+                        "steps": steps, "cfg_scale": scale, "shift": resolution_shift(
+                            cfg.diffusion, math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))),
+                        "precision": str(dtype).replace("torch.", ""), "device": device.type,
+                        "checkpoint": str(args.checkpoint), **info, "vae": cfg.encoders.vae,
+                        "text_encoder": cfg.encoders.text_encoder}
+                path.with_suffix(".json").write_text(json.dumps(side, indent=2))
+                print(f"wrote {path}")
+    return 0

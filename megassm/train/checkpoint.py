@@ -1,0 +1,118 @@
+"""Training checkpoints: DeepSpeed-native state + EMA shards + per-rank trainer state.
+
+    run_dir/checkpoints/
+        step_00000100/          DeepSpeed tag directory (model, optimizer, LR scheduler)
+            ema/shard_*.safetensors
+            trainer/rank_*.json + rank_*.safetensors   (step, data position, RNG states)
+            COMPLETE            written last, after every rank finished
+        latest                  "step_00000100", replaced atomically after COMPLETE
+
+A crash mid-save leaves a tag directory without COMPLETE and ``latest`` still naming the previous,
+whole checkpoint; the next save or resume ignores and removes such leftovers. Nothing is pickled
+except DeepSpeed's own files, which it reads itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_latest(ckpt_dir: Path) -> Optional[str]:
+    """Tag named by ``latest`` if it exists and is complete, else None."""
+    f = Path(ckpt_dir) / LATEST
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    if not (Path(ckpt_dir) / tag / COMPLETE).is_file():
+        raise RuntimeError(
+            f"{f} names {tag!r} but {Path(ckpt_dir) / tag} is not a complete checkpoint; "
+            "restore the directory or point 'latest' at an older step_* directory that has a COMPLETE file"
+        )
+    return tag
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                            float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save_trainer_state(tag_dir: Path, rank: int, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    d = tag_dir / "trainer"
+    d.mkdir(parents=True, exist_ok=True)
+    rng_t, rng_meta = _rng_state()
+    save_file({**{f"rng.{k}": v for k, v in rng_t.items()}, **tensors}, str(d / f"rank_{rank:05d}.safetensors"))
+    atomic_write_text(d / f"rank_{rank:05d}.json", json.dumps({**state, "rng": rng_meta}))
+
+
+def load_trainer_state(tag_dir: Path, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    d = tag_dir / "trainer"
+    jf, tf = d / f"rank_{rank:05d}.json", d / f"rank_{rank:05d}.safetensors"
+    if not jf.is_file() or not tf.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {tag_dir} has no trainer state for rank {rank} ({jf.name}); it was written by a "
+            "run with fewer ranks. Resume with the same world size, or warm-start with init_from=<dir>"
+        )
+    state = json.loads(jf.read_text())
+    tensors = load_file(str(tf))
+    _set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, state.pop("rng"))
+    return state, {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+def finalize(ckpt_dir: Path, tag: str, keep_last: int, is_writer: bool) -> None:
+    """Mark ``tag`` complete, point ``latest`` at it and prune old / partial checkpoints."""
+    if dist.is_initialized():
+        dist.barrier()
+    if is_writer:
+        atomic_write_text(ckpt_dir / tag / COMPLETE, tag)
+        atomic_write_text(ckpt_dir / LATEST, tag)
+        complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+        for old in complete[: max(0, len(complete) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in ckpt_dir.glob("step_*"):
+            if partial.name != tag and not (partial / COMPLETE).exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
