@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -26,10 +25,10 @@ from megassm.models import HTHModel, build_model
 class SampleSpec:
     prompt: str
     seed: int = 0
-    height: Optional[int] = None  # latent-space size is height / vae_factor
-    width: Optional[int] = None
+    height: int | None = None  # latent-space size is height / vae_factor
+    width: int | None = None
     frames: int = 1
-    negative_prompt: Optional[str] = None
+    negative_prompt: str | None = None
 
 
 class TextEncoder:
@@ -174,7 +173,7 @@ def save_video(frames: torch.Tensor, path: Path, fps: int) -> None:
             out.mux(packet)
 
 
-def preview_images(trainer) -> Optional[torch.Tensor]:
+def preview_images(trainer) -> torch.Tensor | None:
     """A few fixed-prompt samples from the training model for TensorBoard; every rank must call it."""
     cfg = trainer.cfg
     prompts = ["a red square at the top left", "a blue square at the bottom right",
@@ -200,7 +199,7 @@ def _outputs(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def run_sample_command(args, prompts: list[dict], size: Optional[tuple[int, int]]) -> int:
+def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) -> int:
     """``megassm sample``: see ``megassm sample --help``."""
     from tqdm import tqdm
 

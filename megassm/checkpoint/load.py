@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -25,20 +24,20 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedWeights:
     model: dict[str, torch.Tensor]
-    ema: Optional[dict[str, torch.Tensor]]
-    config: Optional[dict]  # the RunConfig dict stored with the checkpoint, if any
-    step: Optional[int]
+    ema: dict[str, torch.Tensor] | None
+    config: dict | None  # the RunConfig dict stored with the checkpoint, if any
+    step: int | None
     source: str
 
 
-def _read_config(*candidates: Path) -> Optional[dict]:
+def _read_config(*candidates: Path) -> dict | None:
     for c in candidates:
         if c.is_file():
             return yaml.safe_load(c.read_text()) if c.suffix in (".yaml", ".yml") else json.loads(c.read_text())
     return None
 
 
-def _load_safetensors_dir(d: Path, stem: str) -> Optional[dict[str, torch.Tensor]]:
+def _load_safetensors_dir(d: Path, stem: str) -> dict[str, torch.Tensor] | None:
     single = d / f"{stem}.safetensors"
     if single.is_file():
         return load_file(str(single))

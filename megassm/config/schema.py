@@ -9,7 +9,6 @@ validates it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 # Token-mixer symbols of a layer pattern: one character per block.
 PATTERN_SYMBOLS = {
@@ -82,7 +81,7 @@ class EncoderConfig:
 
     vae: str = "builtin:pixels"
     text_encoder: str = "builtin:words"
-    tokenizer: Optional[str] = None  # defaults to text_encoder's directory
+    tokenizer: str | None = None  # defaults to text_encoder's directory
     vae_scale: float = 1.0  # latents fed to the model = (vae_latent - vae_shift) * vae_scale
     vae_shift: float = 0.0
 
@@ -94,7 +93,7 @@ class DiffusionConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     # Timestep shift s: t' = s t / (1 + (s - 1) t). None -> from token count (sqrt(L / base_tokens)).
-    shift: Optional[float] = None
+    shift: float | None = None
     shift_base_tokens: int = 256
     caption_dropout: float = 0.1
     sample_steps: int = 30
@@ -155,4 +154,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: str = "smoke"
     run_dir: str = "runs/${stage}"
-    init_from: Optional[str] = None  # checkpoint of the previous stage to warm-start from
+    init_from: str | None = None  # checkpoint of the previous stage to warm-start from

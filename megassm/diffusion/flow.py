@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,7 +42,7 @@ def drop_captions(text_mask: Tensor, p: float, generator=None) -> Tensor:
 
 def flow_matching_loss(
     model: Callable, x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig,
-    seq_len: int, generator: Optional[torch.Generator] = None,
+    seq_len: int, generator: torch.Generator | None = None,
 ) -> Tensor:
     """Mean squared error between predicted and true velocity. All randomness from ``generator``."""
     B = x0.shape[0]
@@ -59,8 +58,8 @@ def flow_matching_loss(
 @torch.no_grad()
 def euler_sample(
     model: Callable, noise: Tensor, text: Tensor, text_mask: Tensor, steps: int, cfg_scale: float,
-    shift: float, neg_text: Optional[Tensor] = None, neg_mask: Optional[Tensor] = None,
-    progress: Optional[Callable] = None,
+    shift: float, neg_text: Tensor | None = None, neg_mask: Tensor | None = None,
+    progress: Callable | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to 0 with classifier-free guidance.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +19,7 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         """x: (B, L, d); rope: (L, head_dim/2) angles for the tokens' positions."""
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, -1, self.head_dim)  # (B, L, 3, heads, hd); heads may be a TP shard
@@ -47,7 +45,7 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """x: (B, L, d); text: (B, Lt, d); text_mask: (B, Lt) bool, True = valid token."""
         B, L, _ = x.shape
         Lt = text.shape[1]

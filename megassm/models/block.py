@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.utils.checkpoint as tcp
@@ -24,13 +23,13 @@ class TokenGrid:
     rope_head_dim: int = 0
     rope_theta: float = 10000.0
     _perms: dict = field(default_factory=dict)
-    _rope: Optional[Tensor] = None
+    _rope: Tensor | None = None
 
     @property
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
-    def perm(self, order: str) -> Optional[tuple[Tensor, Tensor]]:
+    def perm(self, order: str) -> tuple[Tensor, Tensor] | None:
         """(perm, inverse) for a scan order, or None when the order is the identity here."""
         if is_identity(order, self.grid):
             return None

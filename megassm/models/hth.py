@@ -7,7 +7,6 @@ embeddings to a velocity of the latents' shape.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +67,7 @@ class HTHModel(nn.Module):
             rope_head_dim=self.cfg.d_model // self.cfg.num_heads, rope_theta=self.cfg.rope_theta,
         )
 
-    def embed_text(self, text: Tensor, text_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def embed_text(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """text (B, Lt, text_dim), mask (B, Lt) -> (B, Lt, d), mask; empty captions become y_null."""
         B, Lt, Dt = text.shape
         if Dt != self.cfg.text_dim:
@@ -83,7 +82,7 @@ class HTHModel(nn.Module):
         text_mask = text_mask | empty[:, None]
         return self.y_embedder(text), text_mask
 
-    def forward(self, latents: Tensor, t: Tensor, text: Tensor, text_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, latents: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, Lt, text_dim), text_mask (B, Lt) bool.
 
         Returns the predicted velocity, (B, C, T, H, W).

@@ -91,14 +91,26 @@ class Hydra(nn.Module):
 
         Returns shift(fwd) + flip(shift(bwd)) + diagonal term, (B, L, d_inner).
         """
+        y = self.scan_pair(x, bc, dt, self.dt_bias, self.A_log)
+        diag = F.linear(x, self.fc_D.weight, self.D)  # (B, L, h)
+        return y + x * diag.repeat_interleave(self.headdim, dim=-1)
+
+    def scan_pair(self, x: Tensor, bc: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor) -> Tensor:
+        """shift(fwd) + flip(shift(bwd)), (B, L, h*headdim): the two SSD directions without the D term.
+
+        Shapes as ``bidirectional_scan``; h and the B/C groups are read from x and bc, and dt_bias /
+        A_log (h,) are passed in, so a tensor- or context-parallel caller can run it on its own
+        heads (megassm.parallel.hydra).
+        """
         batch, seqlen, _ = x.shape
         h, p, g, n = x.shape[-1] // self.headdim, self.headdim, bc.shape[-1] // (4 * self.d_state), self.d_state
         dt = torch.cat([dt[..., :h], dt[..., h:].flip(1)], dim=0)  # (2B, L, h)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp32 inputs, fp64 stays fp64
+        dt = F.softplus(dt.to(acc) + dt_bias.to(acc))
         xs = torch.cat([x, x.flip(1)], dim=0)  # (2B, L, d_inner)
         bcs = torch.cat([bc[..., : 2 * g * n], bc[..., 2 * g * n :].flip(1)], dim=0)  # (2B, L, 2gn)
         Bm, Cm = bcs.split(g * n, dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(A_log.to(acc))
         y = ssd_scan(
             xs.reshape(2 * batch, seqlen, h, p),  # (2B, L, h, p)
             dt,  # fp32: the decay exp(dt*A) is sensitive to rounding
@@ -111,5 +123,4 @@ class Hydra(nn.Module):
         # shift by one: position i sees tokens strictly before it (the diagonal is the D term)
         y = F.pad(y[:, :-1], (0, 0, 1, 0))
         y_fwd, y_bwd = y[:batch], y[batch:].flip(1)
-        diag = F.linear(x, self.fc_D.weight, self.D)  # (B, L, h)
-        return y_fwd + y_bwd + x * diag.repeat_interleave(p, dim=-1)
+        return y_fwd + y_bwd

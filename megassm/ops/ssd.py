@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 _TRITON_SCAN = None
-_TRITON_IMPORT_ERROR: Optional[str] = None
+_TRITON_IMPORT_ERROR: str | None = None
 
 
 def _load_triton_scan():
@@ -85,7 +84,7 @@ def ssd_scan_ref(
     B: Tensor,
     C: Tensor,
     chunk_size: int = 256,
-    initial_states: Optional[Tensor] = None,
+    initial_states: Tensor | None = None,
     return_final_states: bool = False,
 ):
     """Chunked SSD in pure PyTorch. Computes in fp32 (fp64 stays fp64); returns x's dtype."""
@@ -137,7 +136,7 @@ def ssd_scan_ref(
 
 
 def ssd_naive(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Optional[Tensor] = None
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """O(L^2) oracle: y = M x with M[i, j] = C_i . B_j * dt_j * prod_{k=j+1}^{i} exp(dt_k A)."""
     b, seqlen, h, p, g, n = _check_shapes(x, dt, A, B, C)
@@ -166,7 +165,7 @@ def ssd_scan(
     B: Tensor,
     C: Tensor,
     chunk_size: int = 256,
-    initial_states: Optional[Tensor] = None,
+    initial_states: Tensor | None = None,
     return_final_states: bool = False,
     impl: str = "auto",
 ):

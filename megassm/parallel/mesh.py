@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -73,28 +72,68 @@ class ParallelDims:
             groups.append(ranks)
         return groups
 
-    def check_model(self, model_cfg, seq_len: Optional[int] = None) -> None:
-        """Raise MeshError naming the size that a degree does not divide."""
+    def check_model(self, model_cfg, seq_len: int | None = None, sequence_parallel: bool = False) -> None:
+        """Raise MeshError naming the size that a degree does not divide, and the valid degrees.
+
+        ``seq_len``: tokens per sample; it must split evenly over the CP ranks (and over CP x TP
+        with Megatron sequence parallelism), see ``check_seq_len``.
+        """
         m = model_cfg
         d_inner = m.expand * m.d_model
         hydra_heads = d_inner // m.headdim
+        has_hydra = any(c != "A" for c in m.pattern)
+        has_attn = "A" in m.pattern
         checks = [
-            ("tp", self.tp, "attention heads (model.num_heads)", m.num_heads),
-            ("tp", self.tp, "Hydra heads (expand*d_model/headdim)", hydra_heads),
+            ("tp", self.tp, "attention heads (model.num_heads)", m.num_heads),  # cross-attention: every block
             ("tp", self.tp, "FFN width (d_model*mlp_ratio)", int(m.d_model * m.mlp_ratio)),
-            ("cp", self.cp, "attention heads per TP rank", m.num_heads // self.tp),
-            ("cp", self.cp, "Hydra heads per TP rank", hydra_heads // self.tp),
         ]
-        if m.ngroups > 1 or self.tp == 1:
-            checks.append(("tp", self.tp, "Hydra B/C groups (model.ngroups)", m.ngroups))
-        if seq_len is not None:
-            checks.append(("cp", self.cp, "sequence length (tokens)", seq_len))
+        if has_hydra:
+            checks.append(("tp", self.tp, "Hydra heads (expand*d_model/headdim)", hydra_heads))
+        if has_attn:
+            checks.append(("cp", self.cp, "attention heads per TP rank (num_heads/tp)", m.num_heads // self.tp))
+        if has_hydra:
+            checks.append(("cp", self.cp, "Hydra heads per TP rank (expand*d_model/headdim/tp)",
+                           hydra_heads // self.tp))
         for name, deg, what, size in checks:
             if size % deg:
-                valid = [d for d in _divisors(size) if d <= max(size, 1)]
-                raise MeshError(f"parallel.{name}={deg} does not divide the {what} = {size}; valid: {valid}")
+                raise MeshError(f"parallel.{name}={deg} does not divide the {what} = {size}; "
+                                f"valid parallel.{name}: {_divisors(size)}")
+        if has_hydra and self.tp > 1 and m.ngroups > 1 and m.ngroups % self.tp:
+            raise MeshError(
+                f"parallel.tp={self.tp} does not divide the Hydra B/C groups (model.ngroups) = {m.ngroups}: "
+                f"groups are split over TP ranks, or replicated on each when ngroups=1; valid parallel.tp: "
+                f"{_divisors(m.ngroups)}, or set model.ngroups=1")
+        if has_hydra and self.cp > 1:
+            # Ulysses: each CP rank scans hydra_heads/(tp*cp) heads, which must fall in whole B/C groups
+            # or inside one group (B/C are all-gathered along the sequence and the needed groups kept).
+            g_local = m.ngroups // self.tp if m.ngroups % self.tp == 0 else m.ngroups
+            if g_local % self.cp and self.cp % g_local:
+                per_tp = hydra_heads // self.tp
+                valid = [c for c in _divisors(per_tp) if g_local % c == 0 or c % g_local == 0]
+                raise MeshError(
+                    f"parallel.cp={self.cp} with {g_local} Hydra B/C group(s) per TP rank: a CP rank's heads must "
+                    f"cover whole groups (cp divides {g_local}) or lie inside one group (cp a multiple of "
+                    f"{g_local}); valid parallel.cp: {valid}")
+        if seq_len is not None:
+            self.check_seq_len(seq_len, sequence_parallel)
         if self.pp > len(m.pattern):
-            raise MeshError(f"parallel.pp={self.pp} exceeds the number of blocks ({len(m.pattern)})")
+            raise MeshError(f"parallel.pp={self.pp} exceeds the number of blocks ({len(m.pattern)}); "
+                            f"valid parallel.pp: 1..{len(m.pattern)}")
+
+    def seq_shards(self, sequence_parallel: bool = False) -> int:
+        """How many pieces a sample's token sequence is cut into: cp, times tp under Megatron-SP."""
+        return self.cp * (self.tp if sequence_parallel and self.tp > 1 else 1)
+
+    def check_seq_len(self, seq_len: int, sequence_parallel: bool = False) -> None:
+        """Token counts that do not split evenly are rejected (not padded): see docs/parallelism.md."""
+        n = self.seq_shards(sequence_parallel)
+        if seq_len % n:
+            near = [v for v in (seq_len // n * n, (seq_len // n + 1) * n) if v > 0]
+            what = f"cp*tp = {self.cp}*{self.tp}" if n != self.cp else f"cp = {self.cp}"
+            raise MeshError(
+                f"sequence length {seq_len} tokens is not divisible by {what} = {n} (each rank holds an "
+                f"equal slice); nearest valid lengths: {' or '.join(map(str, near))} tokens -- change the "
+                f"latent size (T'*H'*W' tokens after patchify) or the parallel degrees")
 
 
 def _divisors(n: int) -> list[int]:
@@ -128,7 +167,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: int = 1800) -> DistEnv:
+def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistEnv:
     """Initialise torch.distributed from the environment; a lone process makes its own 1-rank group."""
     info = read_dist_env()
     if dist.is_initialized():
@@ -160,8 +199,11 @@ class ParallelMesh:
     (DP x CP) when CP > 1, and checkpoints per ``get_model_parallel_rank`` (TP x PP position).
     """
 
-    def __init__(self, dims: ParallelDims, rank: Optional[int] = None):
+    def __init__(self, dims: ParallelDims, rank: int | None = None, zero_stage: int | None = None):
         self.dims = dims
+        # which ZeRO stage DeepSpeed will run (None: unknown); parallelize_hth derives the CP
+        # gradient scale from it (docs/parallelism.md, "Gradient reduction under CP")
+        self.zero_stage = zero_stage
         self.rank = dist.get_rank() if rank is None else rank
         if dist.is_initialized() and dist.get_world_size() != dims.world:
             raise MeshError(f"ParallelDims.world={dims.world} but torch.distributed has {dist.get_world_size()}")
@@ -177,7 +219,8 @@ class ParallelMesh:
 
     @classmethod
     def from_config(cls, parallel_cfg) -> ParallelMesh:
-        return cls(ParallelDims(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.pp))
+        return cls(ParallelDims(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.pp),
+                   zero_stage=getattr(parallel_cfg, "zero_stage", None))
 
     def group(self, *dims: str):
         return self._groups[tuple(dims)][0]

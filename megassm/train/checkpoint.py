@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_latest(ckpt_dir: Path) -> Optional[str]:
+def read_latest(ckpt_dir: Path) -> str | None:
     """Tag named by ``latest`` if it exists and is complete, else None."""
     f = Path(ckpt_dir) / LATEST
     if not f.is_file():

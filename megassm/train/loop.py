@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,7 @@ class _SignalFlag:
     """Set by SIGUSR1 / SIGTERM; the loop checkpoints and exits at the next step boundary."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old = {}
 
     def install(self):
@@ -176,7 +175,7 @@ class Trainer:
         self.metrics.event({"event": "resume", "step": self.step})
 
     # -- one optimizer step ----------------------------------------------------------------
-    def _micro_step(self, batch) -> tuple[Optional[float], bool]:
+    def _micro_step(self, batch) -> tuple[float | None, bool]:
         """Forward + backward of one micro-batch; returns (loss, ok)."""
         x0 = batch["latents"].to(self.device)
         text = batch["text"].to(self.device)

@@ -1,0 +1,25 @@
+# make demo: install (CPU torch if none) and run the CPU demo: train on built-in data, then sample.
+# make test: install and run the test suite (the command CI runs).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/megassm_torch_extensions
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e ".[dev]"
+
+demo: install
+	megassm train configs/smoke.yaml
+	megassm sample runs/smoke --prompt "a red square at the top left" --prompt "a blue square at the bottom right" \
+		--prompt "a green square at the top right" --prompt "a yellow square at the bottom left" --out samples/demo.png
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check megassm tests tools benchmarks
