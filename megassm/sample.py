@@ -113,7 +113,8 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]} ...)")
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match the stored config ({first} ...)") from None
     model.to(device).eval()
     return model, cfg, {"weights": "ema" if (use_ema and loaded.ema) else "model", "step": loaded.step,
                         "source": loaded.source}
@@ -129,8 +130,9 @@ def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
 @torch.no_grad()
 def generate(model: HTHModel, cfg: RunConfig, specs: list[SampleSpec], encoder: TextEncoder,
              steps: int, cfg_scale: float, latent_hw: tuple[int, int], frames: int = 1,
-             progress=None, device: torch.device = torch.device("cpu"), dtype=torch.float32) -> torch.Tensor:
+             progress=None, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
     """Latents (B, C, T, h, w) for a batch of prompts; noise from each spec's own seed."""
+    device = device or torch.device("cpu")
     C = cfg.model.in_channels
     h, w = latent_hw
     T = frames
@@ -252,10 +254,10 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
                 else:
                     path = path.with_suffix(".mp4")
                     save_video(p, path, args.fps)
+                n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
                 side = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
                         "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
-                        "steps": steps, "cfg_scale": scale, "shift": resolution_shift(
-                            cfg.diffusion, math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))),
+                        "steps": steps, "cfg_scale": scale, "shift": resolution_shift(cfg.diffusion, n_tokens),
                         "precision": str(dtype).replace("torch.", ""), "device": device.type,
                         "checkpoint": str(args.checkpoint), **info, "vae": cfg.encoders.vae,
                         "text_encoder": cfg.encoders.text_encoder}

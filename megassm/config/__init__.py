@@ -12,5 +12,6 @@ from megassm.config.schema import (
 
 __all__ = [
     "ConfigError", "load_config", "to_yaml", "to_dict", "from_dict", "validate",
-    "RunConfig", "ModelConfig", "DataConfig", "DiffusionConfig", "EncoderConfig", "OptimConfig", "ParallelConfig", "TrainConfig",
+    "RunConfig", "ModelConfig", "DataConfig", "DiffusionConfig", "EncoderConfig", "OptimConfig",
+    "ParallelConfig", "TrainConfig",
 ]

@@ -62,6 +62,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     prefetch: int = 2  # batches prefetched per DataLoader worker (shards)
+    # dtype of batch["text"]: float32, or bfloat16 to halve host memory traffic for large text
+    # encoders (T5-XXL: 4096 x text_len per sample); the model casts to its compute dtype anyway
+    text_dtype: str = "float32"
     # latent normalisation applied on load: (latent - shift) * scale, with scale/shift from
     # latent_norm=manifest: each dataset's manifest (the VAE's own values, per channel for Wan)
     # latent_norm=config: latent_scale / latent_shift below, for every dataset
