@@ -27,3 +27,49 @@ def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.Co
 @pytest.fixture
 def cli():
     return run_cli
+
+
+TINY_OVERRIDES = [
+    "model.d_model=32", "model.num_heads=2", "model.headdim=16", "model.d_state=8", "model.chunk_size=16",
+    "model.text_dim=16", "model.max_text_len=8", "model.in_channels=3", "data.kind=procedural",
+    "data.image_size=8", "encoders.vae=builtin:pixels", "encoders.text_encoder=builtin:words",
+    "train.micro_batch_size=4", "train.progress_bar=false", "train.log_every=1", "init_from=null",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(config, *overrides, nproc: int = 1) -> list[str]:
+    """Command line for `megassm train` on ``nproc`` local gloo ranks (torchrun for nproc > 1)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "megassm", "train", str(config), *map(str, overrides)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "megassm", "train", str(config), *map(str, overrides)]
+
+
+def run_train(config, *overrides, nproc: int = 1, timeout: int = 600, check: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(train_cmd(config, *overrides, nproc=nproc), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    f = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+def losses_by_step(run_dir) -> dict[int, float]:
+    """Step -> loss; a step logged again after a resume keeps its latest value."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

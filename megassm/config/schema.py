@@ -55,6 +55,7 @@ class DataConfig:
     kind: str = "procedural"  # procedural | shards
     # procedural (built-in coloured-shapes data set)
     image_size: int = 16
+    frames: int = 1  # > 1: short clips of the square sliding one pixel per frame
     # shards (WebDataset latent shards written by `megassm preprocess`)
     paths: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
@@ -143,6 +144,7 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 0  # 0 disables periodic sample images
     max_consecutive_nonfinite: int = 5
+    peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name
     progress_bar: bool = True
 
 

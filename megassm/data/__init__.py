@@ -12,7 +12,7 @@ def build_dataloader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size:
     if cfg.kind == "procedural":
         from megassm.data.procedural import ProceduralShapes
 
-        return ProceduralShapes(cfg.image_size, batch_size, text_dim, text_len, dp_rank, dp_size, seed)
+        return ProceduralShapes(cfg.image_size, batch_size, text_dim, text_len, dp_rank, dp_size, seed, cfg.frames)
     from megassm.data.reader import build_shard_loader
 
     return build_shard_loader(cfg, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,

@@ -86,10 +86,12 @@ class ProceduralShapes:
     """Infinite stream of batches {"latents", "text", "text_mask", "captions"} (see data contract)."""
 
     def __init__(self, image_size: int, batch_size: int, text_dim: int, text_len: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, frames: int = 1):
         if image_size < 4 or image_size % 2:
             raise ValueError(f"data.image_size={image_size} must be an even number >= 4")
-        self.image_size, self.batch_size = image_size, batch_size
+        if frames < 1:
+            raise ValueError(f"data.frames={frames} must be >= 1")
+        self.image_size, self.batch_size, self.frames = image_size, batch_size, frames
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.encoder = WordEmbeddingEncoder(text_dim, text_len)
         self.position = 0  # batches handed out on this rank
@@ -101,10 +103,17 @@ class ProceduralShapes:
         pi = torch.randint(len(positions), (self.batch_size,), generator=gen)
         jit = torch.randint(-1, 2, (self.batch_size, 2), generator=gen)
         caps = [caption(colours[c], positions[p]) for c, p in zip(ci.tolist(), pi.tolist())]
-        imgs = torch.stack([render(colours[c], positions[p], self.image_size, j)
-                            for c, p, j in zip(ci.tolist(), pi.tolist(), jit)])
+        imgs = torch.stack([self._clip(colours[c], positions[p], j)
+                            for c, p, j in zip(ci.tolist(), pi.tolist(), jit)])  # (B, 3, T, S, S)
         text, mask = self.encoder(caps)
         return {"latents": imgs, "text": text, "text_mask": mask, "captions": caps}
+
+    def _clip(self, colour: str, position: str, jitter: Tensor) -> Tensor:
+        if self.frames == 1:
+            return render(colour, position, self.image_size, jitter)
+        # the square slides right within its quadrant, one pixel per frame (clamped at the edge)
+        return torch.cat([render(colour, position, self.image_size, jitter + torch.tensor([0, f]))
+                          for f in range(self.frames)], dim=1)
 
     def __iter__(self):
         while True:

@@ -60,7 +60,7 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int) -> dic
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-    return {
+    ds = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * dp_world,
@@ -72,6 +72,11 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int) -> dic
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if p.pp > 1:  # pipeline (megassm/parallel/pipeline_trainer.py): one step accumulates its micro-batches
+        ds["gradient_accumulation_steps"] = p.micro_batches
+        ds["train_batch_size"] = cfg.train.micro_batch_size * p.micro_batches * dp_world
+        ds["bf16"]["check_grad_overflow"] = True  # ZeRO-1's step() then skips non-finite gradients under bf16 too
+    return ds
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):

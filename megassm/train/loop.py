@@ -93,7 +93,7 @@ class Trainer:
                 self._info(line)
         self._apply_parallelism(model)
         self._apply_activation_checkpointing(model)
-        self.engine, self.scheduler = build_engine(model.to(self.device), cfg, self.device, self.mesh)
+        self.engine, self.scheduler = self._build_engine(model)
         self.model = self.engine.module
         self.ema = ShardedEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
@@ -125,6 +125,10 @@ class Trainer:
                 f"parallel.tp={p.tp} cp={p.cp} pp={p.pp}: this build has no parallel layers yet ({e})"
             ) from None
         parallelize_hth(model, self.mesh)
+
+    def _build_engine(self, model):
+        """(engine, scheduler); PipelineTrainer overrides it to wrap only this rank's pipeline stage."""
+        return build_engine(model.to(self.device), self.cfg, self.device, self.mesh)
 
     def _apply_activation_checkpointing(self, model) -> None:
         mode, k = self.cfg.train.activation_checkpointing, self.cfg.train.checkpoint_every_k
@@ -227,7 +231,7 @@ class Trainer:
         flag = _SignalFlag().install()
         data_iter = iter(self.data)
         world = dist.get_world_size()
-        peak = peak_flops(self.device)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
         bar = self.metrics.progress(total=cfg.steps, initial=self.step, enabled=cfg.progress_bar)
         try:
             while self.step < cfg.steps:
@@ -310,7 +314,12 @@ def train(cfg: RunConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls collectives that torch marks deprecated; one warning per step buries the log.
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use.*", category=FutureWarning)
-    trainer = Trainer(cfg)
+    if cfg.parallel.pp > 1:  # pipeline parallelism: megassm/parallel/pipeline_trainer.py
+        from megassm.parallel.pipeline_trainer import PipelineTrainer
+
+        trainer = PipelineTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
     code = trainer.fit()
     return code
 
