@@ -32,74 +32,74 @@ class SampleSpec:
 
 
 class TextEncoder:
-    """builtin:words, or a local transformers encoder directory (T5-style)."""
+    """builtin:words, or a local transformers encoder directory (T5-style) via megassm.data.encoders."""
 
     def __init__(self, enc: EncoderConfig, model_cfg: ModelConfig, device: torch.device):
         self.max_len, self.device = model_cfg.max_text_len, device
+        self.builtin = None
         if enc.text_encoder == "builtin:words":
             from megassm.data.procedural import WordEmbeddingEncoder
 
             self.builtin = WordEmbeddingEncoder(model_cfg.text_dim, model_cfg.max_text_len)
             return
-        self.builtin = None
-        path = Path(enc.text_encoder)
-        if not path.is_dir():
+        if not Path(enc.text_encoder).is_dir():
             raise ConfigError(f"encoders.text_encoder={enc.text_encoder!r} is not a local directory (nothing is "
                               "downloaded); give the path of a saved transformers encoder or 'builtin:words'")
-        from transformers import AutoTokenizer, T5EncoderModel
+        from megassm.data.encoders import TextEncoder as HFTextEncoder
 
-        self.tokenizer = AutoTokenizer.from_pretrained(enc.tokenizer or str(path))
-        self.model = T5EncoderModel.from_pretrained(str(path)).to(device).eval()
-        if self.model.config.d_model != model_cfg.text_dim:
-            raise ConfigError(f"text encoder {path} has width {self.model.config.d_model}, the checkpoint's model "
-                              f"expects text_dim={model_cfg.text_dim}")
+        self.hf = HFTextEncoder(enc.text_encoder, device, torch.float32, max_length=self.max_len,
+                                tokenizer_path=enc.tokenizer)
+        if self.hf.hidden_size != model_cfg.text_dim:
+            raise ConfigError(f"text encoder {enc.text_encoder} has width {self.hf.hidden_size}, the checkpoint's "
+                              f"model expects text_dim={model_cfg.text_dim}")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> text (B, max_text_len, text_dim) float32, mask (B, max_text_len) bool."""
         if self.builtin is not None:
             text, mask = self.builtin(prompts)
-            return text.to(self.device), mask.to(self.device)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_len,
-                             return_tensors="pt").to(self.device)
-        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-        return out.float(), tok.attention_mask.bool()
+        else:
+            text, mask, _ = self.hf.encode(prompts)
+            pad = self.max_len - text.shape[1]
+            text, mask = torch.nn.functional.pad(text.float(), (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
+        return text.to(self.device), mask.to(self.device)
 
 
 class LatentDecoder:
-    """builtin:pixels (latents are pixels in [-1, 1]) or a local diffusers VAE directory."""
+    """builtin:pixels (latents are pixels in [-1, 1]) or a local diffusers VAE directory.
 
-    def __init__(self, enc: EncoderConfig, device: torch.device):
-        self.enc, self.device, self.vae = enc, device, None
-        self.factor = 1
+    Model latents are normalised as in preprocessing: z = (vae_latent - shift) * scale, with scale/shift
+    from encoders.vae_scale / vae_shift or else the VAE's own config (per channel for Wan-style VAEs).
+    """
+
+    def __init__(self, enc: EncoderConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.vae = None
+        self.factor, self.temporal_factor = 1, 1
         if enc.vae == "builtin:pixels":
             return
         if not Path(enc.vae).is_dir():
             raise ConfigError(f"encoders.vae={enc.vae!r} is not a local directory; give a saved diffusers VAE "
                               "or 'builtin:pixels'")
-        import diffusers
+        from megassm.data.encoders import VAEEncoder
 
-        cfg_file = json.loads((Path(enc.vae) / "config.json").read_text())
-        cls = getattr(diffusers, cfg_file.get("_class_name", "AutoencoderKL"))
-        self.vae = cls.from_pretrained(enc.vae).to(device).eval()
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if hasattr(self.vae, "enable_tiling"):
-            self.vae.enable_tiling()  # keeps 2K / long-video decoding within memory
+        self.vae = VAEEncoder(enc.vae, device, dtype, latent_scale=enc.vae_scale, latent_shift=enc.vae_shift,
+                              tiling=True)  # tiling keeps 2K / long-video decoding within memory
+        self.factor, self.temporal_factor = self.vae.spatial_stride, self.vae.temporal_stride
+
+    def _per_channel(self, v, z: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1, 1).to(z.device) if isinstance(v, list) \
+            else torch.tensor(float(v))
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, h, w) model latents -> (B, T, 3, H, W) pixels in [0, 1]."""
-        x = latents.float() / self.enc.vae_scale + self.enc.vae_shift
+        """(B, C, T, h, w) model latents -> (B, T', 3, H, W) pixels in [0, 1] on the CPU."""
+        z = latents.float()
         if self.vae is None:
-            pix = x.permute(0, 2, 1, 3, 4)
+            pix = z
         else:
-            B, C, T = x.shape[:3]
-            if "Wan" in type(self.vae).__name__ or "CogVideo" in type(self.vae).__name__:
-                pix = self.vae.decode(x.to(self.vae.dtype)).sample.permute(0, 2, 1, 3, 4)
-            else:  # an image VAE decodes frame by frame
-                frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, *x.shape[3:])
-                dec = self.vae.decode(frames.to(self.vae.dtype)).sample  # (B*T, 3, H, W)
-                pix = dec.reshape(B, T, *dec.shape[1:])
-        return ((pix.float().clamp(-1, 1) + 1) / 2).cpu()
+            z = z / self._per_channel(self.vae.latent_scale, z) + self._per_channel(self.vae.latent_shift, z)
+            pix = self.vae.decode(z)  # (B, 3, T', H, W) in [-1, 1]
+        return ((pix.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).cpu()
 
 
 def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -249,7 +249,8 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
             pix = decoder(lat)  # (B, T, 3, H, W)
             for (j, s), p in zip(group, pix):
                 path = paths[j]
-                if p.shape[0] == 1 and path.suffix.lower() != ".mp4":
+                if p.shape[0] == 1:  # one frame is an image, whatever --out's suffix
+                    path = path.with_suffix(".png")
                     save_image(p[0], path)
                 else:
                     path = path.with_suffix(".mp4")

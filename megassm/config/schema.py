@@ -86,8 +86,10 @@ class EncoderConfig:
     vae: str = "builtin:pixels"
     text_encoder: str = "builtin:words"
     tokenizer: str | None = None  # defaults to text_encoder's directory
-    vae_scale: float = 1.0  # latents fed to the model = (vae_latent - vae_shift) * vae_scale
-    vae_shift: float = 0.0
+    # latents fed to the model = (vae_latent - vae_shift) * vae_scale; None: from the VAE's config
+    # (scaling_factor / shift_factor, or per-channel latents_mean / latents_std), as preprocessing does
+    vae_scale: float | None = None
+    vae_shift: float | None = None
 
 
 @dataclass
