@@ -262,6 +262,11 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
                         "precision": str(dtype).replace("torch.", ""), "device": device.type,
                         "checkpoint": str(args.checkpoint), **info, "vae": cfg.encoders.vae,
                         "text_encoder": cfg.encoders.text_encoder}
+                if cfg.encoders.vae == "builtin:pixels" and p.shape[0] == 1:
+                    from megassm.data.procedural import parse_caption, prompt_following
+
+                    if parse_caption(s.prompt) and p.shape[-1] == p.shape[-2]:  # a demo prompt: score it
+                        side["prompt_following"] = prompt_following(p[0], s.prompt)
                 path.with_suffix(".json").write_text(json.dumps(side, indent=2))
                 print(f"wrote {path}")
     return 0

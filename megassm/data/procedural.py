@@ -126,3 +126,29 @@ class ProceduralShapes:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def prompt_following(image: Tensor, prompt: str) -> dict:
+    """How well an image (3, S, S) in [0, 1] follows a demo prompt.
+
+    Returns the fraction of the named quadrant's pixels closest to the named colour (among the
+    palette and the background) and the same fraction in the other quadrants; a prompt-following
+    sample has a high ``in_region`` and a low ``elsewhere``.
+    """
+    parsed = parse_caption(prompt)
+    if parsed is None:
+        raise ValueError(f"prompt {prompt!r} names no demo colour and position; e.g. {caption('red', 'top left')!r}")
+    colour, position = parsed
+    palette = {**COLOURS, "background": (BACKGROUND,) * 3}
+    names = list(palette)
+    ref = (torch.tensor([palette[n] for n in names]) + 1) / 2  # (K, 3) in [0, 1]
+    S = image.shape[-1]
+    q = S // 2
+    nearest = ((image.permute(1, 2, 0)[:, :, None, :] - ref) ** 2).sum(-1).argmin(-1)  # (S, S)
+    hit = nearest == names.index(colour)
+    r, c = POSITIONS[position]
+    region = torch.zeros(S, S, dtype=torch.bool)
+    region[r * q:(r + 1) * q, c * q:(c + 1) * q] = True
+    side = max(2, q * 3 // 4)
+    return {"in_region": hit[region].float().mean().item(), "elsewhere": hit[~region].float().mean().item(),
+            "ideal_in_region": side * side / (q * q)}
