@@ -171,6 +171,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}"
         )
+    _choice("data.latent_norm", cfg.data.latent_norm, ["manifest", "config"])
+    _choice("data.text_dtype", cfg.data.text_dtype, ["float32", "bfloat16"])
+    if cfg.data.frames < 1 or cfg.data.prefetch < 1 or cfg.data.num_workers < 0:
+        raise ConfigError("data.frames and data.prefetch must be >= 1 and data.num_workers >= 0")
     _choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
     _choice("train.precision", cfg.train.precision, ["auto", "fp32", "bf16"])
     _choice("train.activation_checkpointing", cfg.train.activation_checkpointing, ["none", "all", "every_k"])

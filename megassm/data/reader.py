@@ -1,0 +1,353 @@
+"""Streaming reader of latent shards for training: ``build_shard_loader``.
+
+The chain, per DataLoader worker (one logical worker = one deterministic stream):
+
+    SampleStream per dataset (shards split by DP rank and worker / resampled, tar, shuffle)
+      -> weighted mix of the datasets (one RNG draw per sample)
+      -> ShapeBucketer (same latent shape -> one batch tensor)
+      -> collate: decode safetensors, normalise (x - shift) * scale, pad text to text_len
+
+Every batch carries its worker's position; ``ShardLoader`` keeps the position of the last
+batch the trainer *received* from each worker (prefetched batches do not count), so
+``state_dict()`` after step N restores to exactly batch N+1. See docs/shard_format.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megassm.config.schema import DataConfig
+from megassm.data.buckets import ShapeBucketer
+from megassm.data.format import load_tensors
+from megassm.data.manifest import load_manifest
+from megassm.data.stream import SampleStream, rng_from, rng_state
+from megassm.data.tario import RawSample
+
+log = logging.getLogger("megassm.data")
+STATE_VERSION = 1
+TEXT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    shards: list[str]
+    counts: list[int]
+    scale: torch.Tensor  # (C, 1, 1, 1) or scalar tensor
+    shift: torch.Tensor
+    fingerprint: str
+
+
+def _norm_tensor(v: float | list[float]) -> torch.Tensor:
+    t = torch.tensor(v, dtype=torch.float32)
+    return t.view(-1, 1, 1, 1) if t.dim() == 1 else t
+
+
+def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
+    """Manifests of ``cfg.paths``, checked to be mixable (same latent channels and text dim)."""
+    if not cfg.paths:
+        raise ValueError("data.paths is empty; list dataset directories written by `megassm preprocess`")
+    norm = getattr(cfg, "latent_norm", "manifest")
+    if norm not in ("manifest", "config"):
+        raise ValueError(f"data.latent_norm={norm!r}; valid: manifest (each dataset's VAE scale/shift), "
+                         "config (data.latent_scale / data.latent_shift for all)")
+    specs, first = [], None
+    for p in cfg.paths:
+        m = load_manifest(p)
+        if not m["shards"]:
+            raise ValueError(f"dataset {p}: manifest lists no shards (every input was skipped? see "
+                             f"{Path(p) / m.get('skip_report', 'skipped.json')})")
+        dims = (m.get("latent_channels"), m.get("text_dim"))
+        if first is None:
+            first = (p, dims, m["vae"].get("fingerprint"))
+        elif dims != first[1]:
+            raise ValueError(f"datasets {first[0]} and {p} differ in (latent channels, text dim): {first[1]} vs "
+                             f"{dims}; one model cannot train on both")
+        elif m["vae"].get("fingerprint") != first[2]:
+            warnings.warn(f"datasets {first[0]} and {p} were encoded with different VAEs", stacklevel=2)
+        scale, shift = ((m["latent_scale"], m["latent_shift"]) if norm == "manifest"
+                        else (cfg.latent_scale, cfg.latent_shift))
+        specs.append(DatasetSpec(str(p), [str(Path(p) / s["path"]) for s in m["shards"]],
+                                 [int(s["samples"]) for s in m["shards"]], _norm_tensor(scale), _norm_tensor(shift),
+                                 f"{len(m['shards'])}:{m['num_samples']}"))
+    return specs
+
+
+def pack(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int,
+         with_keys: bool) -> dict[str, Any]:
+    """Worker side: [(dataset, sample)] of one latent shape -> a compact batch.
+
+    latents: float32 (B, C, T, H, W), normalised; text stays in its stored dtype with only
+    the stored tokens, concatenated: text (sum L_i, D), mask (sum L_i,), lengths [L_i] --
+    4-8x fewer bytes through the worker->trainer shared memory than padded float32, which
+    ``expand`` builds in the trainer process. Outputs go straight into shared memory.
+    """
+    tensors = [load_tensors(s.key, s.st_bytes, "") for _, s in items]
+    lengths = [min(text_len, t["text"].shape[0]) for t in tensors]
+    first = tensors[0]
+    shared = get_worker_info() is not None
+    lat = torch.empty((len(items), *first["latent"].shape), dtype=torch.float32)
+    text = torch.empty(sum(lengths), first["text"].shape[1], dtype=first["text"].dtype)
+    mask = torch.empty(sum(lengths), dtype=torch.bool)
+    if shared:
+        lat, text, mask = lat.share_memory_(), text.share_memory_(), mask.share_memory_()
+    pos = 0
+    for i, ((d, _), t, n) in enumerate(zip(items, tensors, lengths)):
+        lat[i].copy_(t["latent"]).sub_(specs[d].shift).mul_(specs[d].scale)  # (x - shift) * scale
+        text[pos:pos + n].copy_(t["text"][:n])
+        mask[pos:pos + n].copy_(t["text_mask"][:n])
+        pos += n
+    out = {"latents": lat, "text": text, "mask": mask, "lengths": lengths,
+           "captions": [str(s.meta.get("caption", "")) for _, s in items]}
+    if with_keys:
+        out["keys"] = [f"{Path(specs[d].path).name}/{s.key}" for d, s in items]
+    return out
+
+
+def expand(packed: dict[str, Any], text_len: int, text_dtype: torch.dtype, pin: bool) -> dict[str, Any]:
+    """Trainer side: compact batch -> {"latents", "text" (B, text_len, D), "text_mask" (B, text_len), ...}."""
+    lengths = packed["lengths"]
+    B, D = len(lengths), packed["text"].shape[1]
+    text = torch.empty(B, text_len, D, dtype=text_dtype, pin_memory=pin)
+    mask = torch.empty(B, text_len, dtype=torch.bool, pin_memory=pin)
+    pos = 0
+    for i, n in enumerate(lengths):
+        text[i, :n].copy_(packed["text"][pos:pos + n])  # every element written once (no zero-fill pass)
+        text[i, n:].zero_()
+        mask[i, :n].copy_(packed["mask"][pos:pos + n])
+        mask[i, n:].zero_()
+        pos += n
+    lat = packed["latents"].pin_memory() if pin else packed["latents"]
+    batch = {"latents": lat, "text": text, "text_mask": mask, "captions": packed["captions"]}
+    if "keys" in packed:
+        batch["keys"] = packed["keys"]
+    return batch
+
+
+def collate(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int, with_keys: bool,
+            text_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """[(dataset, sample)] -> trainer batch in one step (``pack`` then ``expand``)."""
+    return expand(pack(items, specs, text_len, with_keys), text_len, text_dtype, False)
+
+
+def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, depth: int = 2):
+    """Expand compact batches in a background thread (torch ops release the GIL), ``depth`` ahead.
+
+    The thread owns the DataLoader iterator and shuts its workers down when the consumer stops
+    (generator closed, or interpreter exit via threading's atexit hook).
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run():
+        it = iter(loader)
+        try:
+            for packed, pos in it:
+                if not put((expand(packed, text_len, text_dtype, pin), pos)):
+                    return
+            put(None)
+        except BaseException as e:  # hand worker errors (e.g. FormatError) to the consumer
+            put(e)
+        finally:
+            del it  # shuts the DataLoader workers down
+
+    if hasattr(threading, "_register_atexit"):  # stop before the interpreter joins threads at exit
+        threading._register_atexit(stop.set)
+    t = threading.Thread(target=run, name="megassm-batch-expand")
+    t.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=30)
+
+
+class LatentBatchStream(IterableDataset):
+    """The per-worker pipeline. Yields (batch, position) pairs; picklable for DataLoader workers."""
+
+    def __init__(self, specs: list[DatasetSpec], weights: list[float], *, batch_size: int, text_len: int,
+                 seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
+                 shuffle_buffer: int, epochs: int | None, drop_last: bool, with_keys: bool,
+                 restore: dict | None, rotation: int, generation: int, start_epoch: int,
+                 text_dtype: torch.dtype = torch.float32):
+        self.specs, self.weights = specs, weights
+        self.kw = dict(seed=seed, dp_rank=dp_rank, dp_size=dp_size, resampled=resampled,
+                       shuffle_buffer=shuffle_buffer, epochs=epochs, generation=generation,
+                       start_epoch=start_epoch)
+        self.batch_size, self.text_len, self.num_workers = batch_size, text_len, max(1, num_workers)
+        self.seed, self.dp_rank, self.drop_last, self.with_keys = seed, dp_rank, drop_last, with_keys
+        self.restore, self.rotation, self.generation = restore or {}, rotation, generation
+        self.text_dtype = text_dtype
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info else 0
+        torch.set_num_threads(1)
+        logical = (physical + self.rotation) % self.num_workers
+        streams = [SampleStream(i, s.shards, s.counts, worker=logical, num_workers=self.num_workers, **self.kw)
+                   for i, s in enumerate(self.specs)]
+        mix_rng = np.random.default_rng([self.seed, self.dp_rank, logical, self.generation, 3])
+        bucketer = ShapeBucketer(self.batch_size)
+        batches = 0
+        saved = self.restore.get(str(logical))
+        if saved is not None:
+            for st, ss in zip(streams, saved["streams"]):
+                st.restore(ss)
+            mix_rng, batches = rng_from(saved["mix_rng"]), saved["batches"]
+            bucketer.restore([(tuple(shape), [(d, streams[d].files.read(sh, off)) for d, sh, off in items])
+                              for shape, items in saved["pending"]])
+        live = [not s.finished for s in streams]
+        w = np.asarray(self.weights, dtype=np.float64)
+
+        def position() -> dict:
+            return {"logical": logical, "batches": batches, "mix_rng": rng_state(mix_rng),
+                    "streams": [s.state() for s in streams],
+                    "pending": [[list(shape), [[d, s.shard, s.offset] for d, s in items]]
+                                for shape, items in bucketer.pending()]}
+
+        while any(live):
+            p = w * np.asarray(live)
+            d = int(mix_rng.choice(len(streams), p=p / p.sum())) if len(streams) > 1 else 0
+            s = streams[d].next()
+            if s is None:
+                live[d] = False
+                continue
+            full = bucketer.add((d, s), s.shape)
+            if full is not None:
+                batches += 1
+                yield pack(full, self.specs, self.text_len, self.with_keys), position()
+        if not self.drop_last:
+            for items in list(bucketer.flush()):
+                batches += 1
+                yield pack(items, self.specs, self.text_len, self.with_keys), position()
+
+
+class ShardLoader:
+    """Iterable of training batches with a saveable position.
+
+    ``iter(loader)`` starts (or continues) from the current position; ``state_dict()`` is the
+    position after the last batch yielded; ``load_state_dict()`` must come before ``iter``.
+    """
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 text_len: int, epochs: int | None = None, drop_last: bool = True, return_keys: bool = False):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if batch_size < 1 or text_len < 1:
+            raise ValueError(f"batch_size={batch_size} and text_len={text_len} must be >= 1")
+        self.cfg, self.specs = cfg, load_datasets(cfg)
+        weights = list(cfg.weights) or [1.0] * len(self.specs)
+        if len(weights) != len(self.specs) or any(x < 0 for x in weights) or sum(weights) <= 0:
+            raise ValueError(f"data.weights={list(cfg.weights)} must be {len(self.specs)} non-negative numbers "
+                             "with a positive sum (one per data.paths entry)")
+        self.weights = weights
+        self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
+        self.text_len, self.epochs, self.drop_last, self.return_keys = text_len, epochs, drop_last, return_keys
+        self.num_workers = int(cfg.num_workers)
+        tdt = getattr(cfg, "text_dtype", "float32")
+        if tdt not in TEXT_DTYPES:
+            raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
+        self.text_dtype = TEXT_DTYPES[tdt]
+        nw = max(1, self.num_workers)
+        if not cfg.resampled:
+            for s in self.specs:
+                if len(s.shards) < dp_size * nw:
+                    raise ValueError(f"dataset {s.path} has {len(s.shards)} shards, fewer than dp_size x workers = "
+                                     f"{dp_size} x {nw}; without resampling each worker needs a shard. Use "
+                                     "data.resampled=true, fewer data.num_workers, or more shards")
+        self._workers: dict[str, dict] = {}
+        self._next, self._generation, self._start_epoch = 0, 0, 0
+
+    def _layout(self) -> dict[str, Any]:
+        return {"dp_size": self.dp_size, "dp_rank": self.dp_rank, "num_workers": max(1, self.num_workers),
+                "seed": self.seed, "batch_size": self.batch_size, "resampled": bool(self.cfg.resampled),
+                "shuffle_buffer": int(self.cfg.shuffle_buffer), "weights": self.weights,
+                "datasets": [[s.path, s.fingerprint] for s in self.specs]}
+
+    def __iter__(self):
+        ds = LatentBatchStream(
+            self.specs, self.weights, batch_size=self.batch_size, text_len=self.text_len, seed=self.seed,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
+            resampled=bool(self.cfg.resampled), shuffle_buffer=int(self.cfg.shuffle_buffer), epochs=self.epochs,
+            drop_last=self.drop_last, with_keys=self.return_keys, restore=copy.deepcopy(self._workers),
+            rotation=self._next, generation=self._generation, start_epoch=self._start_epoch,
+            text_dtype=self.text_dtype)
+        kw = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
+            self._workers[str(pos["logical"])] = pos
+            self._next = (pos["logical"] + 1) % max(1, self.num_workers)
+            yield batch
+
+    def stats(self) -> dict[str, Any]:
+        """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
+        skipped: Counter[str] = Counter()
+        for pos in self._workers.values():
+            for st in pos["streams"]:
+                skipped.update(st["skipped"])
+        return {"batches": sum(p["batches"] for p in self._workers.values()), "skipped": dict(skipped),
+                "epochs": [max((p["streams"][i]["epoch"] for p in self._workers.values()), default=0)
+                           for i in range(len(self.specs))]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "layout": self._layout(), "workers": copy.deepcopy(self._workers),
+                "next_worker": self._next, "generation": self._generation, "start_epoch": self._start_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data position has version {state.get('version')!r}; this reader writes "
+                             f"{STATE_VERSION}")
+        if state["layout"] == self._layout():
+            self._workers, self._next = copy.deepcopy(state["workers"]), int(state["next_worker"])
+            self._generation, self._start_epoch = state["generation"], state["start_epoch"]
+            return
+        # A different layout (dp_size, workers, datasets...) cannot continue the same streams:
+        # start fresh ones from the furthest epoch reached, with new resampling seeds.
+        old = state["layout"]
+        diff = sorted(k for k in old if old.get(k) != self._layout().get(k))
+        epoch = max((st["epoch"] for p in state["workers"].values() for st in p["streams"]), default=0)
+        log.warning("data position saved with a different layout (%s differ); not exact: restarting streams at "
+                    "epoch %d with fresh shuffles", ", ".join(diff), epoch)
+        self._workers, self._next = {}, 0
+        self._generation, self._start_epoch = int(state.get("generation", 0)) + 1, epoch
+
+
+def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                       text_len: int, **kwargs: Any) -> ShardLoader:
+    """Training batches from latent shards, split by *data-parallel* rank.
+
+    Yields {"latents": float32 (B, C, T, H, W) normalised as (x - shift) * scale,
+            "text": (B, text_len, D) float32 (or ``cfg.text_dtype``), zero beyond each caption,
+            "text_mask": bool (B, text_len) True = token, "captions": list[str]},
+    every batch one latent shape. Infinite unless ``epochs=`` is given (kwargs: epochs,
+    drop_last, return_keys -- for evaluation/tests). Position: ``state_dict()`` /
+    ``load_state_dict()``; corrupt-sample counts: ``stats()``.
+    """
+    return ShardLoader(cfg, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                       text_len=text_len, **kwargs)
