@@ -36,7 +36,8 @@ def drop_captions(text_mask: Tensor, p: float, generator=None) -> Tensor:
     """Return a mask whose dropped rows are all False (the model then uses its null caption)."""
     if p <= 0:
         return text_mask
-    keep = torch.rand(text_mask.shape[0], generator=generator, device=text_mask.device) >= p
+    # drawn on the CPU (the generator's device) so the same seed gives the same drops on any device
+    keep = (torch.rand(text_mask.shape[0], generator=generator) >= p).to(text_mask.device)
     return text_mask & keep[:, None]
 
 

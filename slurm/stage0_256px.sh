@@ -1,0 +1,41 @@
+#!/bin/bash
+# megassm stage 0 (256px): 256x256 images (256 tokens/sample), HTH-5B from scratch, ZeRO-3 data parallel
+# (configs/stage0_256px.yaml). One task per GPU.
+#
+#   sbatch slurm/stage0_256px.sh [key=value ...]        # from the repository root
+#
+# Arguments are config overrides for `megassm train`, e.g. data.paths=[/lustre/lat256].
+# Resources: sbatch options on the command line win over the #SBATCH lines below
+# (sbatch --nodes=4 --time=4:00:00 slurm/stage0_256px.sh). Keep --time above the
+# --signal lead (300 s).
+#
+# Preemption: SIGUSR1 arrives 300 s before the time limit (or with
+# `scancel --signal=USR1 --batch JOBID`); the tasks checkpoint, the job requeues itself
+# and resumes from runs/megassm-stage0-256px-JOBID/checkpoints/latest.
+#
+# Environment: MEGASSM_ENV_SETUP (e.g. "source /opt/venvs/megassm/bin/activate"),
+# MEGASSM_RUN_DIR, MEGASSM_RUNS, MEGASSM_EXTRA_OVERRIDES, MEGASSM_DEVICE,
+# MEGASSM_SRUN_ARGS, MEGASSM_SIGNAL_GRACE, ...: see slurm/common.sh and docs/cluster.md.
+#
+# CPU smoke run of this same script (tiny model, built-in procedural data, 2 gloo ranks):
+#   MEGASSM_DEVICE=cpu MEGASSM_EXTRA_OVERRIDES="$(cat slurm/cpu_tiny.overrides)" \
+#   sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 --time=30 \
+#     slurm/stage0_256px.sh train.steps=20
+#
+#SBATCH --job-name=megassm-stage0-256px
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+
+# sbatch runs a spool copy of this file: find the checkout from the submitted path.
+_root=${MEGASSM_ROOT:-$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/ ]*$|\1|p')}
+source "${_root:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh" || exit 2
+megassm_train configs/stage0_256px.yaml "$@"

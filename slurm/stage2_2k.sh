@@ -1,0 +1,42 @@
+#!/bin/bash
+# megassm stage 2 (2K): 2048x2048 images (16,384 tokens/sample), HTH-5B warm-started from stage 1, ZeRO-3 + CP
+# (configs/stage2_2k.yaml). One task per GPU.
+#
+#   sbatch slurm/stage2_2k.sh [key=value ...]        # from the repository root
+#
+# Arguments are config overrides for `megassm train`, e.g. init_from=runs/megassm-stage1-1k-1234.
+# Resources: sbatch options on the command line win over the #SBATCH lines below
+# (sbatch --nodes=4 --time=4:00:00 slurm/stage2_2k.sh). Keep --time above the
+# --signal lead (600 s).
+#
+# Preemption: SIGUSR1 arrives 600 s before the time limit (or with
+# `scancel --signal=USR1 --batch JOBID`); the tasks checkpoint, the job requeues itself
+# and resumes from runs/megassm-stage2-2k-JOBID/checkpoints/latest.
+#
+# Environment: MEGASSM_ENV_SETUP (e.g. "source /opt/venvs/megassm/bin/activate"),
+# MEGASSM_RUN_DIR, MEGASSM_RUNS, MEGASSM_EXTRA_OVERRIDES, MEGASSM_DEVICE,
+# MEGASSM_SRUN_ARGS, MEGASSM_SIGNAL_GRACE, ...: see slurm/common.sh and docs/cluster.md.
+#
+# CPU smoke run of this same script (tiny model, built-in procedural data, 2 gloo ranks):
+#   MEGASSM_DEVICE=cpu MEGASSM_EXTRA_OVERRIDES="$(cat slurm/cpu_tiny.overrides)" \
+#   sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 --time=30 \
+#     slurm/stage2_2k.sh train.steps=20
+#
+#SBATCH --job-name=megassm-stage2-2k
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+
+: "${MEGASSM_SIGNAL_GRACE:=480}"  # ZeRO-3 checkpoint of 5B + requeue within the 600 s lead
+# sbatch runs a spool copy of this file: find the checkout from the submitted path.
+_root=${MEGASSM_ROOT:-$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/ ]*$|\1|p')}
+source "${_root:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh" || exit 2
+megassm_train configs/stage2_2k.yaml "$@"
