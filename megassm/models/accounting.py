@@ -107,21 +107,33 @@ def train_flops(m: ModelConfig, seq_len: int, batch: int = 1, recompute: bool = 
 
 
 def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 2) -> int:
-    """Activation memory saved for backward per token of one block (no recomputation).
+    """Activation memory one block keeps for backward, per token (no recomputation), block input included.
 
-    Counts the tensors autograd keeps: block inputs/normed inputs, projections, conv outputs,
-    scan outputs (two directions), attention q/k/v/out (flash attention keeps no L x L matrix),
-    FFN hidden pre/post activation.
+    Tensor by tensor what autograd keeps (checked against torch.cuda.memory_allocated on an H100 at
+    hth-5b width: within 1% for 'h' and 'A', benchmarks/results/layers_h100.json, memory_plan rows):
+      every block   input, LayerNorm outputs and modulated inputs (x3 norms), the mixer output under
+                    its gate, cross-attention (input, q, normed q, SDPA out, head-merge copy), FFN hidden
+                    before/after GELU and its output under the gate: 14 d + 2 hidden
+      'A'           qkv (3d), roped q and k (2d), SDPA output (d), head-merge copy (d): 7 d
+      Hydra (fused path, megassm.ops.hydra_fused, what CUDA runs): in_proj output, x in both scan
+                    orders, B/C, dt, the scan output, diag, the normed output: d_in_proj + 2 d_inner
+                    + 2 d_bc + 2 h + 2 d_inner + h + d_inner
+    plus fp32 statistics (norm rstd, attention log-sum-exp), a few hundred bytes.
     """
     d = m.d_model
     hidden = int(d * m.mlp_ratio)
-    common = 6 * d + 2 * hidden  # residual stream copies, norms, cross-attn q/out, FFN in/act
+    heads = m.num_heads
+    common = 14 * d + 2 * hidden
+    fp32_extra = 4 * (2 * 3 + 2 * heads + 2 * heads)  # LayerNorm stats, cross-attn q-norm rstd + lse
     if symbol == "A":
-        mixer = 2 * d + 4 * d  # normed input, q, k, v, attn out
+        mixer = 7 * d
+        fp32_extra += 4 * (2 * heads + heads)  # q/k-norm rstd, lse
     else:
         hd = HydraDims.of(m)
-        mixer = 2 * d + hd.d_in_proj + 2 * hd.conv_dim + 4 * hd.d_inner + hd.nheads * 4
-    return (common + mixer) * bytes_per_el
+        d_bc = 2 * m.ngroups * m.d_state
+        mixer = hd.d_in_proj + 2 * hd.d_inner + 2 * d_bc + 2 * hd.nheads + 2 * hd.d_inner + hd.nheads + hd.d_inner
+        fp32_extra += 4  # gated-norm rstd
+    return (common + mixer) * bytes_per_el + fp32_extra
 
 
 def summary(m: ModelConfig, seq_len: int) -> dict:

@@ -42,7 +42,10 @@ class Hydra(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         ssd_impl: str = "auto",
+        fused: bool | None = None,
     ):
+        """``fused``: None (auto) runs ``megassm.ops.hydra_fused`` on CUDA when its kernels import and
+        ssd_impl is not "ref"; False always runs the reference path below; True requires the fused path."""
         super().__init__()
         if (expand * d_model) % headdim:
             raise ValueError(f"Hydra: expand*d_model={expand * d_model} not divisible by headdim={headdim}")
@@ -55,6 +58,11 @@ class Hydra(nn.Module):
         if self.nheads % ngroups:
             raise ValueError(f"Hydra: nheads={self.nheads} not divisible by ngroups={ngroups}")
         self.chunk_size, self.ssd_impl = chunk_size, ssd_impl
+        self.fused = fused
+        # ZeRO-3: gather all of Hydra's parameters at its entry; both paths read submodule weights
+        # (fc_D, and conv1d / norm in the fused path) without calling those submodules.
+        self._z3_leaf = True
+        self.fused_scan_impl = "triton"  # "ref" runs the fused path's own kernels around the PyTorch scan (tests)
         self.d_bc = 2 * ngroups * d_state  # one direction's B and C
 
         d_in_proj = 2 * self.d_inner + 2 * self.d_bc + 2 * self.nheads
@@ -78,6 +86,8 @@ class Hydra(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         """u: (B, L, d_model) -> (B, L, d_model)."""
         assert u.dim() == 3 and u.shape[-1] == self.d_model, f"Hydra input must be (B, L, {self.d_model})"
+        if self._use_fused(u):
+            return self.out_proj(self._fused_mix(self.in_proj(u)))
         z, xbc, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_bc, 2 * self.nheads], dim=-1
         )
@@ -85,6 +95,29 @@ class Hydra(nn.Module):
         x, bc = torch.split(xbc, [self.d_inner, 2 * self.d_bc], dim=-1)
         y = self.bidirectional_scan(x, bc, dt)
         return self.out_proj(self.norm(y, z))
+
+    def _use_fused(self, u: Tensor) -> bool:
+        if self.fused is False or (self.fused is None and (not u.is_cuda or self.ssd_impl == "ref" or self.d_conv > 9)):
+            return False
+        from megassm.ops.hydra_fused import fused_available
+
+        if self.fused is None:
+            return fused_available()
+        if u.is_cuda and not fused_available():
+            raise RuntimeError("Hydra(fused=True) needs triton and mamba-ssm's SSD kernels on CUDA")
+        return True
+
+    def _fused_mix(self, zxbcdt: Tensor) -> Tensor:
+        """The same function as the reference path between in_proj and out_proj, fused (megassm.ops)."""
+        from megassm.ops.hydra_fused import hydra_mix_fused
+
+        if self.norm.group_size is not None:
+            raise NotImplementedError("the fused Hydra path normalises over all of d_inner (group_size=None)")
+        return hydra_mix_fused(
+            zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+            self.fc_D.weight, self.D, self.norm.weight, self.norm.eps, self.headdim, self.d_state, self.ngroups,
+            self.chunk_size, scan_impl=self.fused_scan_impl,
+        )
 
     def bidirectional_scan(self, x: Tensor, bc: Tensor, dt: Tensor) -> Tensor:
         """x (B, L, d_inner), bc (B, L, 2*d_bc) = [B_f|C_f|B_b|C_b], dt (B, L, 2*nheads) pre-softplus.

@@ -1,0 +1,247 @@
+"""``megassm plan``: predict per-GPU memory and step time of a stage config, and pick a layout that fits.
+
+    megassm plan configs/stage3_video.yaml --gpus 8
+
+Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (ARCHITECTURE §3) and TP dividing the weights:
+  params 2P, grads 2P (bf16), fp32 master 4P and Adam m, v 8P, each / (tp * dp * cp);
+  ZeRO-3 working set: the gathered bf16 weights of the block running and the one prefetched, and the
+  fp32 gradient copy of one optimizer sub-group during the step (sub_group_size 1e9);
+  activations from ``accounting.activation_bytes_per_token`` (measured within 1% per block on an H100),
+  tokens per GPU = micro_batch * seq_len / cp, per checkpointing mode:
+    none      every block keeps all its activations;
+    all       every block keeps its input; one block's activations are live again in its recompute;
+    every_k   blocks i % k == 0 as 'all', the others as 'none';
+  plus the backward's working set (activation gradients, one block's unsharded weight gradients) and
+  a fixed allowance for CUDA / cuBLAS / Triton workspaces and allocator rounding.
+Step time: model FLOPs (accounting.train_flops, x4/3 for recomputed blocks) / (tp x cp x peak x MFU) with an
+assumed MFU, plus TP (all-gather / reduce-scatter) and Ulysses all-to-all volumes at an assumed link
+bandwidth, not overlapped. The recommended layout is the fastest per sample among those that fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from megassm.config.schema import ModelConfig, RunConfig
+from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
+
+# tokens per sample of each stage (ARCHITECTURE §7); other configs pass --seq-len
+STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "stage3_video": 29040}
+GiB = 1024**3
+GB = 1e9
+SUB_GROUP = 1e9  # DeepSpeed ZeRO-3 default sub_group_size (elements)
+REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements)
+WORKSPACE = 0.25 * GB  # cuBLAS / Triton workspaces in torch's allocator
+HEADROOM = 0.9  # fit predicted allocated bytes into this share of the budget (fragmentation, CUDA context)
+
+
+@dataclass
+class Layout:
+    gpus: int = 1
+    tp: int = 1
+    cp: int = 1
+    micro_batch: int = 1
+    checkpointing: str = "all"  # none | all | every_k
+    every_k: int = 2
+    zero_stage: int = 3
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.cp)
+
+    def checkpointed(self, i: int) -> bool:
+        return self.checkpointing == "all" or (self.checkpointing == "every_k" and i % self.every_k == 0)
+
+    def describe(self) -> str:
+        ck = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
+        return f"tp={self.tp} cp={self.cp} dp={self.dp} micro_batch={self.micro_batch} checkpointing={ck}"
+
+
+def _block_params(m: ModelConfig, symbol: str) -> int:
+    one = copy.deepcopy(m)
+    one.pattern = symbol
+    p = param_counts(one)
+    return p["hydra_mixers"] + p["attention_mixers"] + p["cross_attention"] + p["ffn"] + p["modulation_tables"]
+
+
+def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "deepspeed") -> dict[str, float]:
+    """Peak bytes allocated per GPU, by component (and 'total'), for a micro-batch step of ``m`` at ``seq_len``.
+
+    engine="deepspeed": ZeRO-``layout.zero_stage`` with bf16 weights and fp32 master/Adam (megassm.train);
+    engine="torch": bf16 weights, grads and Adam states, nothing sharded (benchmarks/bench_step.py --engine torch).
+    The peak is the static part plus the larger of two phases that never overlap: forward/backward
+    (activations and the backward's working set) and the optimizer step (fp32 gradient copy).
+    """
+    P = param_counts(m)["total"] / layout.tp
+    shard = layout.dp * layout.cp
+    d = m.d_model
+    big_block = max(_block_params(m, s) for s in set(m.pattern)) / layout.tp
+    out: dict[str, float] = {}
+    if engine == "torch":
+        out.update(params=2 * P, grads=2 * P, optimizer=4 * P)
+        step_phase = 0.0
+    else:
+        z = layout.zero_stage
+        out["params"] = 2 * P / (shard if z >= 3 else 1)
+        out["grads"] = 2 * P / (shard if z >= 2 else 1)
+        out["optimizer"] = 12 * P / shard  # fp32 master + m + v
+        out["zero_buckets"] = 2 * min(REDUCE_BUCKET, P)  # the reduce bucket (bf16), allocated once
+        out["zero_gathered"] = 2 * 2 * big_block if (z >= 3 and shard > 1) else 0.0
+        step_phase = 4 * min(P / shard, SUB_GROUP)  # fp32 grads of one sub-group during optimizer.step()
+    tokens = layout.micro_batch * seq_len / layout.cp
+    per_block = [activation_bytes_per_token(m, s) / layout.tp for s in m.pattern]
+    kept = sum(2 * d if layout.checkpointed(i) else per_block[i] for i in range(len(per_block)))
+    recomputed = max((per_block[i] for i in range(len(per_block)) if layout.checkpointed(i)), default=0.0)
+    act = {
+        "activations": tokens * (kept + recomputed),
+        # gradients w.r.t. activations inside one block (~5 d per token in bf16 beyond what it keeps) and
+        # that block's unsharded weight gradients before ZeRO reduces them
+        "backward": tokens * 10 * d / layout.tp + 2 * big_block,
+        # patch embedding input/output (the head's activations are freed before the blocks' backward);
+        # text embeddings and their per-block k/v
+        "embed_text": tokens * (2 * m.in_channels * math.prod(m.patch_size) + 2 * d)
+        + layout.micro_batch * m.max_text_len * (2 * m.text_dim + 2 * d * (1 + 2 * len(m.pattern))),
+        "workspace": WORKSPACE,
+    }
+    act_phase = sum(act.values())
+    out.update(act)
+    out["optimizer_step"] = step_phase
+    out["total"] = sum(v for k, v in out.items() if k not in act and k != "optimizer_step") + max(act_phase,
+                                                                                                   step_phase)
+    return out
+
+
+def predict_step_seconds(m: ModelConfig, seq_len: int, layout: Layout, mfu: float, peak_tflops: float,
+                         link_gbps: float) -> dict[str, float]:
+    """Compute time from FLOPs at an assumed MFU, plus Ulysses all-to-all time; per micro-batch."""
+    n = len(m.pattern)
+    ck = sum(layout.checkpointed(i) for i in range(n)) / n
+    flops = train_flops(m, seq_len, layout.micro_batch) * (1 + ck / 3)  # recompute: one more forward
+    compute = flops / (layout.tp * layout.cp) / (peak_tflops * 1e12 * mfu)
+    comm = 0.0
+    tokens = layout.micro_batch * seq_len / layout.cp
+    if layout.tp > 1:
+        # Megatron TP + SP: an all-gather before and a reduce-scatter after mixer, cross-attention and FFN,
+        # in the forward, the backward and the recomputed forward, of (tokens, d) bf16 each
+        per = tokens * 2 * m.d_model * (layout.tp - 1) / layout.tp
+        comm += n * 6 * per * (2 + ck) / (link_gbps * 1e9)
+    if layout.cp > 1:
+        # per mixer: 2 all-to-alls forward, 2 backward (+2 recomputed), of (tokens, d_mixer) bf16 each,
+        # (cp-1)/cp of it leaving the GPU; Hydra's in/out widths are ~2 d, attention's ~3 d and d
+        per = tokens * 2 * (4 * m.d_model) * (layout.cp - 1) / layout.cp
+        comm += n * per * (2 + 2 + 2 * ck) / (link_gbps * 1e9)
+    return {"compute_s": compute, "comm_s": comm, "total_s": compute + comm}
+
+
+def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, every_k: int) -> list[Layout]:
+    hydra_heads = m.expand * m.d_model // m.headdim
+    out = []
+    for tp in (1, 2, 4, 8):
+        for cp in range(1, gpus + 1):
+            if gpus % (tp * cp) or seq_len % cp:
+                continue
+            if (m.num_heads % (tp * cp)) or (hydra_heads % (tp * cp)):
+                continue  # Ulysses / TP split heads: both mixers' heads must divide
+            for ck in ("none", "every_k", "all"):
+                out.append(Layout(gpus, tp, cp, micro_batch, ck, every_k))
+    return out
+
+
+def choose_layout(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, budget_bytes: float, mfu: float,
+                  peak_tflops: float, link_gbps: float, every_k: int = 2):
+    """The fastest candidate (predicted step time per sample) whose predicted memory fits the budget."""
+    best = None
+    for lay in candidate_layouts(m, seq_len, gpus, micro_batch, every_k):
+        mem = predict_memory(m, seq_len, lay)["total"]
+        if mem > HEADROOM * budget_bytes:
+            continue
+        t = predict_step_seconds(m, seq_len, lay, mfu, peak_tflops, link_gbps)["total_s"] / lay.dp
+        key = (t, lay.tp, lay.cp)
+        if best is None or key < best[0]:
+            best = (key, lay, mem)
+    return None if best is None else (best[1], best[2])
+
+
+def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float, peak_tflops: float,
+         link_gbps: float) -> dict:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    configured = Layout(gpus, p.tp, p.cp, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k,
+                        p.zero_stage)
+    budget = gpu_mem_gb * GB
+    res = {"model": m.name, "params": param_counts(m)["total"], "seq_len": seq_len, "gpus": gpus,
+           "budget_gb": gpu_mem_gb, "assumed_mfu": mfu, "peak_tflops": peak_tflops}
+    if gpus % (p.tp * p.cp) == 0:
+        mem = predict_memory(m, seq_len, configured)
+        step = predict_step_seconds(m, seq_len, configured, mfu, peak_tflops, link_gbps)
+        res["configured"] = {"layout": asdict(configured), "memory_gb": {k: v / GB for k, v in mem.items()},
+                             "fits": mem["total"] <= HEADROOM * budget, "step": step,
+                             "tokens_per_s_per_gpu": t.micro_batch_size * seq_len / step["total_s"] / configured.tp
+                             / configured.cp}
+    pick = choose_layout(m, seq_len, gpus, t.micro_batch_size, budget, mfu, peak_tflops, link_gbps,
+                         t.checkpoint_every_k)
+    if pick is not None:
+        lay, mem = pick
+        res["recommended"] = {"layout": asdict(lay), "describe": lay.describe(), "memory_gb": mem / GB,
+                              "step": predict_step_seconds(m, seq_len, lay, mfu, peak_tflops, link_gbps)}
+    return res
+
+
+def _print(res: dict) -> None:
+    print(f"{res['model']}: {res['params'] / 1e9:.2f}B parameters, {res['seq_len']:,} tokens/sample, "
+          f"{res['gpus']} GPU(s), budget {res['budget_gb']:.0f} GB/GPU, assumed MFU {res['assumed_mfu']:.0%}")
+    c = res.get("configured")
+    if c:
+        lay = Layout(**c["layout"])
+        print(f"\nconfigured layout: {lay.describe()}  ->  {'fits' if c['fits'] else 'DOES NOT FIT'}")
+        for k, v in c["memory_gb"].items():
+            print(f"  {k:<15} {v:8.2f} GB")
+        print(f"  step (one micro-batch): {c['step']['total_s'] * 1e3:.0f} ms "
+              f"(compute {c['step']['compute_s'] * 1e3:.0f}, TP/CP communication {c['step']['comm_s'] * 1e3:.0f}); "
+              f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
+    r = res.get("recommended")
+    if r:
+        print(f"\nrecommended: {r['describe']}  ({r['memory_gb']:.1f} GB/GPU, "
+              f"{r['step']['total_s'] * 1e3:.0f} ms per micro-batch)")
+    else:
+        print("\nno layout fits: more GPUs, a smaller micro-batch or optimizer offload are needed")
+
+
+def _cmd_plan(args) -> int:
+    from megassm.config.load import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    seq_len = args.seq_len or STAGE_SEQ_LEN.get(cfg.stage)
+    if seq_len is None:
+        raise ConfigError(f"stage {cfg.stage!r} has no known sequence length; pass --seq-len "
+                          f"(known: {', '.join(f'{k}={v}' for k, v in STAGE_SEQ_LEN.items())})")
+    if args.micro_batch:
+        cfg.train.micro_batch_size = args.micro_batch
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
+    res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        _print(res)
+    return 0
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="predict per-GPU memory / step time and pick a parallel layout",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="stage config YAML, e.g. configs/stage3_video.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: from the stage name)")
+    p.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU to fit in, GB (default 80)")
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOP utilisation (default 0.35, "
+                   "measured for a reduced-depth hth-5b on one H100: docs/performance.md)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
+    p.add_argument("--link-gbps", type=float, default=150.0, help="all-to-all bandwidth per GPU, GB/s")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.set_defaults(func=_cmd_plan)

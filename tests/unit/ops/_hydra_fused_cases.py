@@ -1,0 +1,127 @@
+"""Checks of the fused Hydra mixer against its references, runnable on CPU (Triton interpreter) or CUDA.
+
+Run by tests/unit/ops/test_hydra_fused.py in a child process with TRITON_INTERPRET=1 (the interpreter
+must be switched on before triton is first imported), and by tests/gpu on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from megassm.models.hydra import Hydra
+from megassm.ops.hydra_fused import conv_silu_ref, hydra_mix_fused, hydra_mix_ref
+
+
+def fix_interpreter() -> None:
+    """Triton 3.6's interpreter turns a loop bound into int(np.array([n])), which numpy >= 2.4 refuses;
+    index with the array's single element instead (only the interpreter is touched)."""
+    import triton.runtime.interpreter as ti
+
+    if getattr(ti, "_megassm_patched", False):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+    ti._megassm_patched = True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fix_interpreter()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch=2, seqlen=37, d_model=32, headdim=16, d_state=8, ngroups=1, dtype=torch.float64,
+                device="cpu", seed=0, chunk_size=16, conv_bias=True, d_conv=7):
+    torch.manual_seed(seed)
+    m = Hydra(d_model, d_state=d_state, d_conv=d_conv, expand=2, headdim=headdim, ngroups=ngroups,
+              chunk_size=chunk_size, ssd_impl="ref", conv_bias=conv_bias)
+    with torch.no_grad():  # non-trivial values everywhere (the defaults make A = -1, D = 1, norm = 1)
+        m.A_log.uniform_(-1.0, 1.0)
+        m.D.normal_()
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.fc_D.weight.normal_(0.0, 0.1)
+    m = m.to(device=device, dtype=dtype)
+    u = torch.randn(batch, seqlen, d_model, device=device, dtype=dtype)
+    return m, u
+
+
+def mix_args(m: Hydra):
+    return (m.conv1d.weight, m.conv1d.bias, m.dt_bias, -torch.exp(m.A_log.float()), m.fc_D.weight, m.D,
+            m.norm.weight, m.norm.eps, m.headdim, m.d_state, m.ngroups, m.chunk_size)
+
+
+def check_conv(device="cpu", dtype=torch.float32):
+    from megassm.ops.hydra_fused import _launch_conv_fwd
+
+    m, u = make_inputs(device=device, dtype=dtype, seqlen=45)
+    zxbcdt = m.in_proj(u).detach()
+    xbc = zxbcdt[..., m.d_inner: 2 * m.d_inner + 2 * m.d_bc]
+    xs, bcs = _launch_conv_fwd(xbc, m.conv1d.weight.reshape(xbc.shape[-1], -1).contiguous(), m.conv1d.bias,
+                               m.d_inner, m.d_bc)
+    xs_r, bcs_r = conv_silu_ref(xbc, m.conv1d.weight, m.conv1d.bias, m.d_inner)
+    return {"conv_xs": _rel(xs, xs_r), "conv_bcs": _rel(bcs, bcs_r)}
+
+
+def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", **kw):
+    """Fused Function vs the autograd-composed twins: output and all gradients."""
+    m, u = make_inputs(device=device, dtype=dtype, **kw)
+    zxbcdt = m.in_proj(u).detach().requires_grad_()
+    params = [m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.fc_D.weight, m.D, m.norm.weight]
+    params = [p for p in params if p is not None]
+    out = hydra_mix_fused(zxbcdt, *mix_args(m), scan_impl=scan_impl)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [zxbcdt] + params, g_out)
+    out_r = hydra_mix_ref(zxbcdt, *mix_args(m))
+    grads_r = torch.autograd.grad(out_r, [zxbcdt] + params, g_out)
+    names = ["zxbcdt", "conv_w", "conv_b", "dt_bias", "A_log", "fc_D", "D", "norm_w"]
+    if m.conv1d.bias is None:
+        names.remove("conv_b")
+    res = {"out": _rel(out, out_r)}
+    res.update({f"grad_{n}": _rel(a, b) for n, a, b in zip(names, grads, grads_r)})
+    return res
+
+
+def check_module(device="cpu", dtype=torch.float64, scan_impl="ref", **kw):
+    """Hydra(fused=True) vs Hydra(fused=False) (the reference path): output and parameter grads."""
+    m, u = make_inputs(device=device, dtype=dtype, **kw)
+    u.requires_grad_()
+    res = {}
+    outs = {}
+    for fused in (False, True):
+        m.fused = fused
+        m.fused_scan_impl = scan_impl
+        out = m(u)
+        g = torch.autograd.grad(out, [u] + list(m.parameters()), torch.ones_like(out) * 0.1 + out.detach())
+        outs[fused] = (out, g)
+    res["module_out"] = _rel(outs[True][0], outs[False][0])
+    names = ["u"] + [n for n, _ in m.named_parameters()]
+    for n, a, b in zip(names, outs[True][1], outs[False][1]):
+        res[f"module_grad_{n}"] = _rel(a, b)
+    return res
+
+
+def run_all(device="cpu", scan_impl="ref"):
+    res = {}
+    res.update(check_conv(device))
+    res.update(check_mix(device, torch.float64, scan_impl))
+    res.update({f"L1_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, seqlen=1).items()})
+    res.update({f"nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, conv_bias=False,
+                                                       ngroups=2, batch=1, seqlen=20, d_conv=3).items()})
+    res.update(check_module(device, torch.float64, scan_impl))
+    return res
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run_all(*sys.argv[1:]), indent=1))
