@@ -1,0 +1,199 @@
+"""``parallelize_hth``: apply TP (+ Megatron-SP) and Ulysses CP to an unsharded HTHModel, in place.
+
+Called once, before DeepSpeed wraps the model, on a model with identical weights on every rank
+(torchtitan's ``parallelize_llama`` pattern). The model code stays free of parallelism:
+
+1. parameters are cut to this TP rank's shard (``sharding.shard_state_dict``'s plan);
+2. mixers become ``ParallelHydra`` / ``ParallelSelfAttention`` (``takes_grid``: they own their
+   layout), cross-attention and FFN linears become column/row-parallel;
+3. gradient hooks sum over TP the gradients that each TP rank holds only part of;
+4. forward hooks cut the token sequence after ``patch_embed`` and gather it after ``final_layer``.
+
+Gradient contract (docs/parallelism.md): after backward, a TP-sharded parameter's grad is its
+shard of the full gradient and a TP-replicated one's is the full gradient; over CP each rank holds
+a partial gradient, and their sum over CP ranks is ``cp_grad_scale`` times the full gradient
+(scale 1: the reducer must SUM over CP; a reducer that averages over DP x CP needs scale cp --
+``ParallelMesh.deepspeed_mpu`` / ``cp_grad_scale`` keep the two consistent for DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megassm.models.attention import SelfAttention
+from megassm.models.hydra import Hydra
+from megassm.parallel.attention import (
+    ParallelSelfAttention,
+    parallelize_cross_attention,
+    parallelize_feed_forward,
+)
+from megassm.parallel.comm import copy_to_group, gather_replicated, sum_grad_hook
+from megassm.parallel.hydra import ParallelHydra
+from megassm.parallel.mesh import MeshError
+from megassm.parallel.sharding import bc_sharded, shard_spec, shard_tensor
+from megassm.parallel.tensor import ParallelContext
+
+
+def parallelize_hth(
+    model: nn.Module,
+    mesh,
+    *,
+    sequence_parallel: bool = True,
+    cp_grad_scale: float | None = None,
+    check_inputs: bool = True,
+) -> ParallelContext | None:
+    """Shard ``model`` (an HTHModel) in place for ``mesh``'s TP and CP degrees; returns the context.
+
+    sequence_parallel: Megatron-SP on top of TP (ignored when tp=1).
+    cp_grad_scale:     multiplies every gradient under CP (see module doc); None takes
+                       ``mesh.cp_grad_scale()``, which matches the reduction of ``mesh.deepspeed_mpu()``.
+    check_inputs:      on the first forward, verify that all TP x CP ranks of a sample got the same
+                       latents, t, text and mask (their losses must be one loss); raises if not.
+    """
+    dims = mesh.dims
+    if dims.pp > 1:
+        raise NotImplementedError(
+            f"parallel.pp={dims.pp}: pipeline stages are not built by parallelize_hth (the pipeline "
+            "schedule lives in megassm.parallel.pipeline); use pp=1 with tp/cp, or the pipeline engine")
+    if dims.tp == 1 and dims.cp == 1:
+        return None
+    if getattr(model, "parallel_context", None) is not None:
+        raise RuntimeError("parallelize_hth was already applied to this model")
+    cfg = model.cfg
+    dims.check_model(cfg)
+    ctx = ParallelContext.from_mesh(mesh, sequence_parallel)
+    if cp_grad_scale is None:
+        cp_grad_scale = mesh.cp_grad_scale() if hasattr(mesh, "cp_grad_scale") else 1.0
+
+    _shard_parameters(model, cfg, ctx)
+    bc_split = bc_sharded(cfg, ctx.tp)
+    for blk in model.blocks:
+        if isinstance(blk.mixer, Hydra):
+            blk.mixer = ParallelHydra(blk.mixer, ctx, bc_split)
+            blk.mixer._z3_leaf = True  # ZeRO-3: gather all its parameters at entry (used outside submodule calls)
+        elif isinstance(blk.mixer, SelfAttention):
+            blk.mixer = ParallelSelfAttention(blk.mixer, ctx)
+        else:
+            raise TypeError(f"parallelize_hth: unknown mixer {type(blk.mixer).__name__}")
+        if ctx.tp > 1:
+            blk.cross_attn = parallelize_cross_attention(blk.cross_attn, ctx)
+            parallelize_feed_forward(blk.mlp, ctx)
+    if ctx.tp > 1:
+        _register_tp_grad_sums(model, ctx)
+    _split_sequence(model, ctx, float(cp_grad_scale), check_inputs)
+    model.parallel_context = ctx
+    return ctx
+
+
+def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> None:
+    """Cut every TP-split parameter to this rank's shard, keeping the Parameter objects."""
+    if ctx.tp == 1:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            spec = shard_spec(name, cfg, ctx.tp)
+            if spec is None:
+                continue
+            p.data = shard_tensor(p.data, spec, ctx.tp_rank, ctx.tp, name).clone()
+            # Megatron's attributes: DeepSpeed counts such parameters on every model-parallel rank in
+            # the gradient norm (the replicated B/C rows inside in_proj/conv1d are then counted tp times)
+            p.tensor_model_parallel, p.partition_dim = True, spec.dim
+
+
+def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
+    """Hook every TP-replicated parameter whose gradient each TP rank holds only part of; returns names.
+
+    Always: parameters shared by heads that TP splits -- qk-norm weights (attention, cross-attention)
+    and Hydra's replicated B/C rows of in_proj / conv1d (ngroups=1). Under SP also everything that
+    acts on sequence slices: the blocks' replicated parameters (modulation table, norm2, biases of
+    row-parallel layers), patch embedding and final layer. (The timestep modulation is summed as an
+    activation, see ``_split_sequence``; the text path is never sequence-split.)
+    """
+    hooked = []
+
+    def hook(name: str, p: nn.Parameter, rows=None):
+        p.register_hook(sum_grad_hook(ctx.tp_group, rows))
+        hooked.append(name if rows is None else f"{name}[{rows[0]}:{rows[1]}]")
+
+    for i, blk in enumerate(model.blocks):
+        prefix = f"blocks.{i}."
+        for name, p in blk.named_parameters():
+            sharded = getattr(p, "tensor_model_parallel", False)
+            if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not sharded):
+                hook(prefix + name, p)
+        m = blk.mixer
+        if isinstance(m, ParallelHydra) and m.g_local == m.ngroups:  # B/C replicated over TP
+            di = m.h_local * m.headdim
+            rows = (("in_proj.weight", m.in_proj.weight, 2 * di), ("in_proj.bias", m.in_proj.bias, 2 * di),
+                    ("conv1d.weight", m.conv1d.weight, di), ("conv1d.bias", m.conv1d.bias, di))
+            for name, p, start in rows:
+                if p is not None:
+                    hook(f"{prefix}mixer.{name}", p, (start, start + m.bc_local))
+    if ctx.sequence_parallel:
+        for mod_name in ("patch_embed", "final_layer"):
+            for name, p in getattr(model, mod_name).named_parameters():
+                hook(f"{mod_name}.{name}", p)
+    model._tp_grad_sums = hooked
+    return hooked
+
+
+def _split_sequence(model: nn.Module, ctx: ParallelContext, grad_scale: float, check_inputs: bool) -> None:
+    """Cut the tokens after patch_embed and gather them after final_layer (forward hooks)."""
+    n, r = ctx.seq_shards, ctx.seq_rank
+
+    def cut_tokens(module, args, out):  # (B, L, d) -> (B, L/n, d), this rank's contiguous slice
+        L = out.shape[1]
+        if L % n:
+            raise MeshError(_seq_len_message(module.grid(args[0].shape), n, ctx))
+        return out.narrow(1, r * (L // n), L // n)
+
+    def gather_tokens(module, args, out):  # (B, L/n, c) -> (B, L, c) on every rank
+        return gather_replicated(out, ctx.seq_group, dim=1, grad_scale=grad_scale)
+
+    model.patch_embed.register_forward_hook(cut_tokens)
+    model.final_layer.register_forward_hook(gather_tokens)
+    if ctx.sequence_parallel:
+        # t_mod and t_emb are replicated but meet sequence slices: their gradients are partial on each
+        # TP rank. Summing the (B, 6d) / (B, d) activation gradients is far cheaper than summing
+        # the gradients of t_block's 6d x d weight.
+        model.t_block.register_forward_hook(lambda m, a, out: copy_to_group(out, ctx.tp_group))
+        model.final_layer.register_forward_pre_hook(lambda m, a: (a[0], copy_to_group(a[1], ctx.tp_group), *a[2:]))
+    if check_inputs and ctx.tpcp_group is not None:
+        handle = None
+
+        def check(module, args, kwargs):
+            handle.remove()  # first forward only: a per-rank seeding bug shows at once
+            _check_same_inputs([*args, *kwargs.values()], ctx.tpcp_group)
+
+        handle = model.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def _check_same_inputs(inputs, group) -> None:
+    sig = torch.stack([t.detach().double().sum() for t in inputs if torch.is_tensor(t)])
+    both = torch.cat([sig, -sig])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not (torch.equal(both[: len(sig)], sig) and torch.equal(-both[len(sig) :], sig)):
+        raise RuntimeError(
+            "parallelize_hth: the TP/CP ranks of one sample got different model inputs (latents, t, text or "
+            "mask); they compute one sample together, so its noise, timestep and caption dropout must be drawn "
+            "identically on them (seed those generators by the data-parallel rank, not the global rank)")
+
+
+def _seq_len_message(grid: tuple[int, int, int], n: int, ctx: ParallelContext) -> str:
+    T, H, W = grid
+    L = T * H * W
+    what = f"cp*tp = {ctx.cp}*{ctx.tp} = {n}" if ctx.sequence_parallel else f"cp = {n}"
+    near = [v for v in (L // n * n, (L // n + 1) * n) if v > 0]
+    hint = ""
+    for dw in range(1, W + 1):  # nearest token grid that differs in the width only
+        for w in (W - dw, W + dw):
+            if w > 0 and (T * H * w) % n == 0:
+                hint = f"; e.g. a token grid (T', H', W') = ({T}, {H}, {w})"
+                break
+        if hint:
+            break
+    return (f"token grid (T', H', W') = {grid} has {L} tokens, not divisible by {what}; nearest valid "
+            f"lengths: {' or '.join(map(str, near))} tokens{hint}. Sequences are not padded under CP/SP "
+            f"(docs/parallelism.md): change the latent size or the parallel degrees")

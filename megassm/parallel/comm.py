@@ -1,0 +1,230 @@
+"""Differentiable collectives for TP, Megatron-SP and Ulysses CP (each with its adjoint as backward).
+
+    op                         forward                    backward
+    copy_to_group              identity                   all-reduce        (Megatron "f")
+    reduce_from_group          all-reduce                 identity          (Megatron "g")
+    all_reduce_sum             all-reduce                 all-reduce        (each rank uses the sum differently)
+    gather_along               all-gather along dim       reduce-scatter    (SP: before column-parallel)
+    reduce_scatter_along       reduce-scatter along dim   all-gather        (SP: after row-parallel)
+    all_to_all                 all-to-all (scatter a, gather b)  all-to-all (scatter b, gather a)
+    gather_replicated          all-gather along dim       own slice * scale (output consumed by a loss
+                                                                             that every rank computes)
+
+Every call goes through ``torch.distributed`` at call time (``dist.all_reduce``, ``all_to_all_single``,
+``all_gather_single`` / ``reduce_scatter_single`` or their pre-2.13 names), on flat contiguous
+buffers, so tests can count bytes by wrapping those functions. A group of size 1
+makes every op the identity without communicating.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd import Function
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+# -- raw (non-differentiable) collectives along a dimension ---------------------------------------
+def _all_gather_flat():  # torch >= 2.13 renamed all_gather_into_tensor (the old name warns)
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_flat():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_reduce(x: Tensor, group) -> Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: Tensor, group, dim: int) -> Tensor:
+    """(…, s, …) on each rank -> (…, n*s, …), rank-major along ``dim``."""
+    n, dim = group_size(group), dim % x.dim()
+    x = x.contiguous()
+    out = x.new_empty((n,) + tuple(x.shape))  # (n, *x.shape)
+    _all_gather_flat()(out.view(-1), x.view(-1), group=group)
+    return out.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _reduce_scatter(x: Tensor, group, dim: int) -> Tensor:
+    """(…, n*s, …) summed over ranks, rank r keeps block r along ``dim``: (…, s, …)."""
+    n, dim = group_size(group), dim % x.dim()
+    if x.shape[dim] % n:
+        raise ValueError(f"reduce-scatter: size {x.shape[dim]} along dim {dim} not divisible by group size {n}")
+    stacked = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()  # (n, …, s, …)
+    out = x.new_empty(stacked.shape[1:])
+    _reduce_scatter_flat()(out.view(-1), stacked.view(-1), group=group)
+    return out
+
+
+def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Split ``scatter_dim`` into n blocks, send block j to rank j, concatenate what arrives along
+    ``gather_dim`` in rank order: (…, n*a, …, b, …) -> (…, a, …, n*b, …)."""
+    n = group_size(group)
+    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+    if x.shape[scatter_dim] % n:
+        raise ValueError(f"all-to-all: size {x.shape[scatter_dim]} along dim {scatter_dim} not divisible by {n}")
+    send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()  # (n, …, a, …)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+    # recv[j] is rank j's block for this rank; its shape is x's with scatter_dim shrunk to a
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+def _own_slice(x: Tensor, group, dim: int) -> Tensor:
+    n, r = group_size(group), dist.get_rank(group)
+    s = x.shape[dim] // n
+    return x.narrow(dim, r * s, s)
+
+
+# -- autograd functions -------------------------------------------------------------------------
+class _CopyToGroup(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromGroup(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _AllReduceSum(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _GatherAlong(Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterAlong(Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, ctx.dim), None, None
+
+
+class _AllToAll(Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(g, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+class _GatherReplicated(Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, grad_scale):
+        ctx.group, ctx.dim, ctx.scale = group, dim, grad_scale
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = _own_slice(g, ctx.group, ctx.dim)
+        return (g * ctx.scale if ctx.scale != 1.0 else g.contiguous()), None, None, None
+
+
+# -- public wrappers: the identity for a group of one -------------------------------------------
+def copy_to_group(x: Tensor, group) -> Tensor:
+    """Forward identity, backward all-reduce: a replicated input to a rank-local computation."""
+    return x if group_size(group) == 1 else _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x: Tensor, group) -> Tensor:
+    """Forward all-reduce, backward identity: partial sums whose total every rank then uses alike."""
+    return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    """Forward and backward all-reduce: a sum that each rank then uses with its own tensors."""
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+def gather_along(x: Tensor, group, dim: int = 1) -> Tensor:
+    """All-gather along ``dim`` (rank order); backward reduce-scatters the gradient."""
+    return x if group_size(group) == 1 else _GatherAlong.apply(x, group, dim)
+
+
+def reduce_scatter_along(x: Tensor, group, dim: int = 1) -> Tensor:
+    """Sum over ranks and keep this rank's block along ``dim``; backward all-gathers."""
+    return x if group_size(group) == 1 else _ReduceScatterAlong.apply(x, group, dim)
+
+
+def all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Ulysses re-layout: split ``scatter_dim`` over ranks, concatenate ``gather_dim`` from them."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def gather_replicated(x: Tensor, group, dim: int = 1, grad_scale: float = 1.0) -> Tensor:
+    """All-gather a result that every rank then feeds to the *same* loss; backward keeps this rank's
+    slice of the (identical) gradient, times ``grad_scale`` -- no communication."""
+    if group_size(group) == 1:
+        return x if grad_scale == 1.0 else _scale_grad(x, grad_scale)
+    return _GatherReplicated.apply(x, group, dim, float(grad_scale))
+
+
+class _ScaleGrad(Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _scale_grad(x: Tensor, scale: float) -> Tensor:
+    return _ScaleGrad.apply(x, scale)
+
+
+def sum_grad_hook(group, rows: tuple[int, int] | None = None):
+    """A ``Tensor.register_hook`` hook that all-reduces a parameter's gradient over ``group``
+    (only ``rows`` [start, stop) of dim 0 when given) before it is accumulated -- so it is summed
+    before DeepSpeed's own gradient hooks see it."""
+
+    def hook(g: Tensor) -> Tensor:
+        g = g.clone(memory_format=torch.contiguous_format)
+        target = g if rows is None else g.narrow(0, rows[0], rows[1] - rows[0])
+        dist.all_reduce(target, group=group)  # rows of dim 0 of a contiguous tensor are contiguous
+        return g
+
+    return hook

@@ -1,0 +1,150 @@
+"""Analytic communication volume of HTH under TP, TP+SP and Ulysses CP (docs/parallelism.md §4).
+
+``block_collectives`` lists every collective one block issues in one training step (forward +
+backward, no activation recomputation; with recomputation the forward ones happen twice), with
+its payload S in bytes:
+
+    all_reduce      S = the tensor          wire bytes per rank (ring) 2 (n-1)/n S
+    all_gather      S = the gathered output                               (n-1)/n S
+    reduce_scatter  S = the full input                                    (n-1)/n S
+    all_to_all      S = the input (= output)                              (n-1)/n S
+
+Groups: "tp" (the TP ranks), "cp" (the CP ranks), "tpcp" (all TP x CP ranks of a sample).
+Tests count the real collectives and compare them with this model, entry by entry.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+@dataclass(frozen=True)
+class Collective:
+    op: str  # one of OPS
+    group: str  # "tp" | "cp" | "tpcp"
+    nbytes: int  # payload S
+    what: str  # which tensor, and forward / backward
+
+
+def block_collectives(
+    model_cfg, symbol: str, batch: int, seq_len: int, text_len: int, tp: int = 1, cp: int = 1,
+    sequence_parallel: bool = True, act_bytes: int = 2, param_bytes: int = 2,
+) -> list[Collective]:
+    """Collectives of one block ('h'/'v'/'t' Hydra, 'A' attention) per training step.
+
+    seq_len: tokens per sample (L); text_len: text tokens (Lt); act_bytes / param_bytes: element
+    sizes of activations and of parameter gradients (2 for bf16, 4 for fp32).
+    """
+    m = model_cfg
+    B, L, Lt, d = batch, seq_len, text_len, m.d_model
+    Lc = L // cp  # tokens of one CP rank (all of its TP ranks together)
+    sp = sequence_parallel and tp > 1
+    act = B * Lc * d * act_bytes  # one residual-stream tensor of a CP rank
+    out: list[Collective] = []
+    add = lambda op, group, n, what: out.append(Collective(op, group, int(n), what))
+
+    if tp > 1:  # Megatron around mixer, cross-attention and FFN
+        for sub in ("mixer", "cross_attn", "mlp"):
+            if sp:
+                add("all_gather", "tp", act, f"{sub} input, fwd")
+                add("reduce_scatter", "tp", act, f"{sub} input grad, bwd")
+                add("reduce_scatter", "tp", act, f"{sub} output, fwd")
+                add("all_gather", "tp", act, f"{sub} output grad, bwd")
+            else:
+                add("all_reduce", "tp", act, f"{sub} input grad, bwd")
+                add("all_reduce", "tp", act, f"{sub} output, fwd")
+        add("all_reduce", "tp", B * Lt * d * act_bytes, "cross_attn text grad, bwd")
+        hd = d // m.num_heads
+        norms = ["cross_attn"] + (["mixer"] if symbol == "A" else [])
+        if m.qk_norm:
+            for sub in norms:
+                add("all_reduce", "tp", hd * param_bytes, f"{sub}.q_norm.weight grad")
+                add("all_reduce", "tp", hd * param_bytes, f"{sub}.k_norm.weight grad")
+        if sp:
+            add("all_reduce", "tp", 6 * d * param_bytes, "scale_shift_table grad")
+            add("all_reduce", "tp", d * param_bytes, "norm2.weight grad")
+            add("all_reduce", "tp", d * param_bytes, "norm2.bias grad")
+            if symbol == "A":
+                add("all_reduce", "tp", d * param_bytes, "mixer.proj.bias grad")
+            add("all_reduce", "tp", d * param_bytes, "cross_attn.proj.bias grad")
+            add("all_reduce", "tp", d * param_bytes, "mlp.fc2.bias grad")
+
+    if symbol == "A":
+        if cp > 1:
+            for what, width in (("qkv", 3 * d // tp), ("attention output", d // tp)):
+                add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what}, fwd")
+                add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what} grad, bwd")
+        return out
+
+    d_inner = m.expand * d
+    nheads = d_inner // m.headdim
+    bc_split = tp > 1 and m.ngroups % tp == 0
+    bc_width = 4 * (m.ngroups // tp if bc_split else m.ngroups) * m.d_state  # B/C columns per TP rank
+    if tp > 1:
+        add("all_reduce", "tp", B * Lc * 4, "gated-norm sum of squares (fp32), fwd")
+        add("all_reduce", "tp", B * Lc * 4, "gated-norm sum of squares grad, bwd")
+        if not bc_split:  # B/C replicated over TP: their rows of in_proj and conv1d
+            add("all_reduce", "tp", bc_width * d * param_bytes, "in_proj B/C rows grad")
+            add("all_reduce", "tp", bc_width * m.d_conv * param_bytes, "conv1d B/C rows weight grad")
+            add("all_reduce", "tp", bc_width * param_bytes, "conv1d B/C rows bias grad")
+    if tp * cp > 1:
+        add("reduce_scatter", "tpcp", B * L * nheads * act_bytes, "fc_D partial products, fwd")
+        add("all_gather", "tpcp", B * L * nheads * act_bytes, "fc_D grad, bwd")
+    if cp > 1:
+        for what, width in (("x", d_inner // tp), ("dt", 2 * nheads // tp), ("y", d_inner // tp)):
+            add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what}, fwd")
+            add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what} grad, bwd")
+        add("all_gather", "cp", B * L * bc_width * act_bytes, "B/C, fwd")
+        add("reduce_scatter", "cp", B * L * bc_width * act_bytes, "B/C grad, bwd")
+    return out
+
+
+def model_collectives(
+    model_cfg, batch: int, seq_len: int, text_len: int, tp: int = 1, cp: int = 1,
+    sequence_parallel: bool = True, act_bytes: int = 2, param_bytes: int = 2,
+) -> list[Collective]:
+    """Every block's collectives plus the model-level ones (token gather, SP timestep/embedding grads).
+
+    Not included: the one-off input check of the first forward, and DeepSpeed's gradient reduction
+    over DP x CP (about the local parameter bytes, reduce-scattered or all-reduced per step).
+    """
+    import math
+
+    m = model_cfg
+    out = [c for s in m.pattern for c in block_collectives(
+        m, s, batch, seq_len, text_len, tp, cp, sequence_parallel, act_bytes, param_bytes)]
+    sp = sequence_parallel and tp > 1
+    d, c_out = m.d_model, m.in_channels * math.prod(m.patch_size)
+    if sp or cp > 1:
+        out.append(Collective("all_gather", "tpcp" if sp else "cp", batch * seq_len * c_out * act_bytes,
+                              "final layer tokens, fwd"))
+    if sp:
+        out.append(Collective("all_reduce", "tp", batch * 6 * d * act_bytes, "t_mod grad, bwd"))
+        out.append(Collective("all_reduce", "tp", batch * d * act_bytes, "t_emb grad (final layer), bwd"))
+        for name, numel in (("patch_embed.proj.weight", c_out * d), ("patch_embed.proj.bias", d),
+                            ("final_layer.linear.weight", d * c_out), ("final_layer.linear.bias", c_out),
+                            ("final_layer.scale_shift_table", 2 * d)):
+            out.append(Collective("all_reduce", "tp", numel * param_bytes, f"{name} grad"))
+    return out
+
+
+def summarize(collectives: list[Collective]) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(op, group): (number of calls, total payload bytes)}."""
+    acc: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for c in collectives:
+        acc[(c.op, c.group)][0] += 1
+        acc[(c.op, c.group)][1] += c.nbytes
+    return {k: (v[0], v[1]) for k, v in acc.items()}
+
+
+def wire_bytes(collectives: list[Collective], group_sizes: dict[str, int]) -> float:
+    """Bytes each rank sends with bandwidth-optimal (ring / pairwise) algorithms."""
+    total = 0.0
+    for c in collectives:
+        n = group_sizes[c.group]
+        if n > 1:
+            total += (2 if c.op == "all_reduce" else 1) * (n - 1) / n * c.nbytes
+    return total

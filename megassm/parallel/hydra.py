@@ -1,0 +1,118 @@
+"""Hydra under TP (+SP) and Ulysses CP, computing exactly ``megassm.models.hydra.Hydra``.
+
+Per block, for TP rank t of T and CP rank c of C (h = nheads/T local heads, hc = h/C):
+
+    u (B, L/C[/T], d) --enter_tp--> (B, L/C, d) --in_proj (column-parallel)--> z, x, B/C, dt
+    x, dt:  all-to-all over CP -> (B, L, hc heads)       B/C: all-gather over CP -> (B, L, all groups)
+    scan permutation -> depthwise conv (this rank's channels) -> SSD both directions (hc heads)
+    diagonal  x * (fc_D(x) + D): fc_D sums over *all* channels, so each rank multiplies its channels
+              and the partial (B, L, nheads) is reduce-scattered over TP x CP to its hc heads
+    inverse permutation -> all-to-all back -> (B, L/C, h*p)
+    gated RMSNorm over all d_inner: sum of squares all-reduced over TP
+    out_proj (row-parallel) --exit_tp--> (B, L/C[/T], d)
+
+z never leaves its rank (the norm is token-local). B/C with ngroups=1 are replicated over TP and
+shared by all heads: their parameters' gradients are summed over TP (``apply``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megassm.models.hydra import Hydra
+from megassm.models.scan import apply_scan
+from megassm.parallel.comm import reduce_scatter_along
+from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
+from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
+
+
+class ParallelHydra(nn.Module):
+    """Takes over an (already TP-sharded) Hydra's parameters; same parameter names."""
+
+    takes_grid = True  # HTHBlock.mix hands over the token grid and scan order (layout is ours)
+
+    def __init__(self, hydra: Hydra, ctx: ParallelContext, bc_sharded: bool):
+        super().__init__()
+        self.ctx = ctx
+        for k in ("d_model", "d_state", "d_conv", "headdim", "ngroups", "d_inner", "nheads", "chunk_size",
+                  "ssd_impl"):
+            setattr(self, k, getattr(hydra, k))
+        self.in_proj = ColumnParallelLinear.from_linear(hydra.in_proj, ctx)
+        self.conv1d = hydra.conv1d
+        self.dt_bias, self.A_log, self.D = hydra.dt_bias, hydra.A_log, hydra.D
+        self.fc_D, self.norm = hydra.fc_D, hydra.norm
+        self.out_proj = RowParallelLinear.from_linear(hydra.out_proj, ctx)
+        tp, cp = ctx.tp, ctx.cp
+        self.h_local = self.nheads // tp  # heads of this TP rank
+        self.g_local = self.ngroups // tp if bc_sharded else self.ngroups
+        self.h_cp = self.h_local // cp  # heads this rank scans under CP
+        self.bc_local = 4 * self.g_local * self.d_state  # [B_f | C_f | B_b | C_b] width on this TP rank
+        # B/C groups covering this CP rank's heads (all of them without CP)
+        per_group = self.h_local // self.g_local
+        g0 = ctx.cp_rank * self.h_cp // per_group
+        g1 = ((ctx.cp_rank + 1) * self.h_cp - 1) // per_group + 1
+        self.groups = (g0, g1)
+        n = self.d_state
+        bc_idx = torch.cat([s * self.g_local * n + torch.arange(g0 * n, g1 * n) for s in range(4)])
+        keep_all = g1 - g0 == self.g_local
+        di_local = self.h_local * self.headdim
+        x_rows = torch.arange(ctx.cp_rank * self.h_cp * self.headdim, (ctx.cp_rank + 1) * self.h_cp * self.headdim)
+        conv_rows = torch.cat([x_rows, di_local + bc_idx])  # conv channels of [x (my heads) | B/C]
+        # index buffers (not in the state dict) follow the model to its device; None: take everything
+        self.register_buffer("_bc_idx", None if keep_all else bc_idx, persistent=False)
+        self.register_buffer("_conv_rows", None if keep_all and cp == 1 else conv_rows, persistent=False)
+
+    def _split_heads_over_cp(self, x: Tensor, bc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L/cp, ·) token slices -> full sequence: x (B, L, hc*p), bc (B, L, kept groups), dt (B, L, 2hc)."""
+        B, Lc = x.shape[:2]
+        g = self.ctx.cp_group
+        x = seq_to_heads(x.view(B, Lc, self.h_local, self.headdim), g, head_dim=2)  # (B, L, hc, p)
+        dt = seq_to_heads(dt.view(B, Lc, 2, self.h_local), g, head_dim=3)  # (B, L, 2, hc): [fwd | bwd]
+        bc = gather_seq(bc, g)  # (B, L, bc_local): shared by all heads, so every rank needs it whole
+        if self._bc_idx is not None:
+            bc = bc.index_select(-1, self._bc_idx)
+        L = x.shape[1]
+        return x.reshape(B, L, self.h_cp * self.headdim), bc, dt.reshape(B, L, 2 * self.h_cp)
+
+    def _diagonal(self, x: Tensor) -> Tensor:
+        """fc_D(x) + D for this rank's heads. x: (B, L, hc*p), post-conv, this rank's channels -> (B, L, hc)."""
+        ctx, p = self.ctx, self.headdim
+        c0 = ctx.cp_rank * self.h_cp * p
+        partial = F.linear(x, self.fc_D.weight[:, c0 : c0 + self.h_cp * p])  # (B, L, nheads): my channels only
+        if ctx.tp * ctx.cp > 1:
+            B, L = x.shape[:2]
+            # global head blocks are ordered (tp, cp); the TP x CP group's ranks are ordered (cp, tp)
+            partial = partial.view(B, L, ctx.tp, ctx.cp, self.h_cp).transpose(2, 3).reshape(B, L, self.nheads)
+            partial = reduce_scatter_along(partial, ctx.tpcp_group, dim=-1)  # (B, L, hc), summed over channels
+        h0 = ctx.cp_rank * self.h_cp
+        return partial + self.D[h0 : h0 + self.h_cp]
+
+    def forward(self, u: Tensor, grid, scan_order: str) -> Tensor:
+        """u: (B, L/cp, d), or (B, L/(cp*tp), d) under SP, canonical token order -> same shape."""
+        ctx, p = self.ctx, self.headdim
+        di = self.h_local * p
+        z, x, bc, dt = torch.split(self.in_proj(u), [di, di, self.bc_local, 2 * self.h_local], dim=-1)
+        if ctx.cp > 1:
+            x, bc, dt = self._split_heads_over_cp(x, bc, dt)
+        perm = grid.perm(scan_order)
+        if perm is not None:  # the conv and scan run in scan order; everything else is token-local
+            x, bc, dt = (apply_scan(t, perm[0]) for t in (x, bc, dt))
+        w, b = self.conv1d.weight, self.conv1d.bias
+        if self._conv_rows is not None:
+            w = w.index_select(0, self._conv_rows)
+            b = None if b is None else b.index_select(0, self._conv_rows)
+        xbc = torch.cat([x, bc], dim=-1).transpose(1, 2)  # (B, C, L)
+        xbc = F.silu(F.conv1d(xbc, w, b, padding=self.d_conv // 2, groups=xbc.shape[1]).transpose(1, 2))
+        x, bc = xbc.split([x.shape[-1], bc.shape[-1]], dim=-1)
+        h0 = ctx.cp_rank * self.h_cp
+        y = Hydra.scan_pair(self, x, bc, dt, self.dt_bias[h0 : h0 + self.h_cp], self.A_log[h0 : h0 + self.h_cp])
+        y = y + x * self._diagonal(x).repeat_interleave(p, dim=-1)  # (B, L, hc*p)
+        if perm is not None:
+            y = apply_scan(y, perm[1])
+        if ctx.cp > 1:
+            B, L = y.shape[:2]
+            y = heads_to_seq(y.view(B, L, self.h_cp, p), ctx.cp_group, head_dim=2).reshape(B, -1, di)
+        y = gated_rms_norm_tp(y, z, self.norm.weight, self.norm.eps, self.d_inner, ctx, self.norm.group_size)
+        return self.out_proj(y)

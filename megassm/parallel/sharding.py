@@ -1,0 +1,208 @@
+"""Tensor-parallel layout of HTH parameters: shard a full state dict for TP rank r of k, merge k back.
+
+One plan (``tp_shard_plan``) says, for every parameter, along which dimension it is split and how
+that dimension is made of *segments* that are split separately or kept whole. Packed projections
+need the segments: Hydra's ``in_proj`` is [z | x | B_f | C_f | B_b | C_b | dt_f | dt_b] and rank r
+keeps the r-th block of every split segment (its heads' z, x, dt; its B/C groups), concatenated in
+the same order. The parallel layers (``megassm.parallel.apply``) shard a live model with this same
+plan, so ``model.state_dict()`` after ``parallelize_hth`` equals ``shard_state_dict`` of the
+unsharded one (a test checks it).
+
+    Hydra        in_proj (rows: z, x, dt by head; B/C by group or replicated when ngroups=1),
+                 conv1d (channels: x by head; B/C as in_proj), dt_bias/A_log/D (heads),
+                 fc_D (input channels, all heads), norm.weight (channels), out_proj (input cols)
+    attention    qkv / q / kv rows by head, proj input cols; q_norm/k_norm replicated
+    FFN          fc1 rows, fc2 input cols
+    everything else (embedders, modulation tables, norms, biases of row-parallel layers,
+    final layer) is replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Split ``dim`` of a tensor; ``segments`` lists (length, split?) along it, in order."""
+
+    dim: int
+    segments: tuple[tuple[int, bool], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for n, _ in self.segments)
+
+    def local_size(self, tp_size: int) -> int:
+        return sum(n // tp_size if split else n for n, split in self.segments)
+
+    def local_segments(self, tp_size: int) -> list[tuple[int, int, bool]]:
+        """(start, stop, split?) of each segment in the *local* tensor."""
+        out, start = [], 0
+        for n, split in self.segments:
+            m = n // tp_size if split else n
+            out.append((start, start + m, split))
+            start += m
+        return out
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.(mixer|cross_attn|mlp)\.(.+)$")
+
+
+def bc_sharded(model_cfg, tp_size: int) -> bool:
+    """Hydra's B/C groups are split over TP when ngroups is a multiple of tp, else replicated."""
+    return tp_size > 1 and model_cfg.ngroups % tp_size == 0
+
+
+def _hydra_specs(m, tp_size: int) -> dict[str, ShardSpec]:
+    d_inner = m.expand * m.d_model
+    nheads = d_inner // m.headdim
+    gn = m.ngroups * m.d_state
+    bc = bc_sharded(m, tp_size)
+    rows = ((d_inner, True), (d_inner, True), (gn, bc), (gn, bc), (gn, bc), (gn, bc), (nheads, True), (nheads, True))
+    conv = ((d_inner, True), (gn, bc), (gn, bc), (gn, bc), (gn, bc))
+    return {
+        "in_proj.weight": ShardSpec(0, rows), "in_proj.bias": ShardSpec(0, rows),
+        "conv1d.weight": ShardSpec(0, conv), "conv1d.bias": ShardSpec(0, conv),
+        "dt_bias": ShardSpec(0, ((nheads, True),)), "A_log": ShardSpec(0, ((nheads, True),)),
+        "D": ShardSpec(0, ((nheads, True),)),
+        # fc_D maps all of d_inner to every head: split its input channels (row-parallel)
+        "fc_D.weight": ShardSpec(1, ((d_inner, True),)),
+        "norm.weight": ShardSpec(0, ((d_inner, True),)),
+        "out_proj.weight": ShardSpec(1, ((d_inner, True),)),
+    }
+
+
+def _attention_specs(m) -> dict[str, ShardSpec]:
+    d = m.d_model
+    return {
+        "qkv.weight": ShardSpec(0, ((d, True),) * 3), "qkv.bias": ShardSpec(0, ((d, True),) * 3),
+        "proj.weight": ShardSpec(1, ((d, True),)),
+    }
+
+
+def _cross_specs(m) -> dict[str, ShardSpec]:
+    d = m.d_model
+    return {
+        "q.weight": ShardSpec(0, ((d, True),)), "q.bias": ShardSpec(0, ((d, True),)),
+        "kv.weight": ShardSpec(0, ((d, True),) * 2), "kv.bias": ShardSpec(0, ((d, True),) * 2),
+        "proj.weight": ShardSpec(1, ((d, True),)),
+    }
+
+
+def _mlp_specs(m) -> dict[str, ShardSpec]:
+    hidden = int(m.d_model * m.mlp_ratio)
+    return {
+        "fc1.weight": ShardSpec(0, ((hidden, True),)), "fc1.bias": ShardSpec(0, ((hidden, True),)),
+        "fc2.weight": ShardSpec(1, ((hidden, True),)),
+    }
+
+
+def shard_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
+    """The TP split of parameter ``name`` (any prefix, e.g. ``module.``), or None if replicated."""
+    match = _BLOCK.search(name)
+    if match is None:
+        return None
+    block, part, leaf = int(match.group(1)), match.group(2), match.group(3)
+    if block >= len(model_cfg.pattern):
+        raise KeyError(f"{name}: block {block} but model.pattern={model_cfg.pattern!r} has "
+                       f"{len(model_cfg.pattern)} blocks")
+    if part == "mixer":
+        specs = _attention_specs(model_cfg) if model_cfg.pattern[block] == "A" else _hydra_specs(model_cfg, tp_size)
+    elif part == "cross_attn":
+        specs = _cross_specs(model_cfg)
+    else:
+        specs = _mlp_specs(model_cfg)
+    return specs.get(leaf)
+
+
+def shard_tensor(t: Tensor, spec: ShardSpec, tp_rank: int, tp_size: int, name: str = "tensor") -> Tensor:
+    """Rank ``tp_rank``'s piece of ``t``: the tp_rank-th block of each split segment, concatenated."""
+    if t.shape[spec.dim] != spec.size:
+        raise ValueError(f"{name}: size {t.shape[spec.dim]} along dim {spec.dim}, the model config implies "
+                         f"{spec.size} (shape {tuple(t.shape)}); wrong model config for this checkpoint?")
+    pieces, start = [], 0
+    for n, split in spec.segments:
+        if split:
+            if n % tp_size:
+                raise ValueError(f"{name}: segment of {n} along dim {spec.dim} does not split over tp={tp_size}")
+            m = n // tp_size
+            pieces.append(t.narrow(spec.dim, start + tp_rank * m, m))
+        else:
+            pieces.append(t.narrow(spec.dim, start, n))
+        start += n
+    return torch.cat(pieces, dim=spec.dim).contiguous()
+
+
+def merge_tensors(shards: Sequence[Tensor], spec: ShardSpec, name: str = "tensor") -> Tensor:
+    """Inverse of ``shard_tensor`` over all ranks; replicated segments come from rank 0."""
+    tp_size = len(shards)
+    local = spec.local_size(tp_size)
+    for r, s in enumerate(shards):
+        if s.shape[spec.dim] != local:
+            raise ValueError(f"{name}: TP shard {r} has size {s.shape[spec.dim]} along dim {spec.dim}, "
+                             f"expected {local} for tp={tp_size}")
+    pieces = []
+    for start, stop, split in spec.local_segments(tp_size):
+        if split:
+            pieces.extend(s.narrow(spec.dim, start, stop - start) for s in shards)
+        else:
+            pieces.append(shards[0].narrow(spec.dim, start, stop - start))
+    return torch.cat(pieces, dim=spec.dim).contiguous()
+
+
+def _check_tp(model_cfg, tp_size: int) -> None:
+    from megassm.parallel.mesh import ParallelDims
+
+    ParallelDims(world=tp_size, tp=tp_size).check_model(model_cfg)
+
+
+def shard_state_dict(full_sd: Mapping[str, Tensor], model_cfg, tp_rank: int, tp_size: int) -> dict:
+    """The state dict TP rank ``tp_rank`` of ``tp_size`` holds. Replicated tensors are shared, not copied.
+
+    ``full_sd``: an unsharded HTHModel state dict (keys may carry a prefix such as ``module.``).
+    Raises ``MeshError`` when tp_size does not divide the heads / groups / FFN width.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} must be in [0, {tp_size})")
+    _check_tp(model_cfg, tp_size)
+    out = {}
+    for name, t in full_sd.items():
+        spec = shard_spec(name, model_cfg, tp_size) if tp_size > 1 else None
+        out[name] = t if spec is None else shard_tensor(t, spec, tp_rank, tp_size, name)
+    return out
+
+
+def merge_state_dicts(tp_sds: Sequence[Mapping[str, Tensor]], model_cfg, check_replicated: bool = False) -> dict:
+    """Gather the TP shards (list index = TP rank) back into one unsharded state dict.
+
+    Replicated tensors are taken from rank 0; ``check_replicated=True`` raises if another rank's
+    copy differs (replicas drift only through non-deterministic reductions).
+    """
+    tp_size = len(tp_sds)
+    if tp_size == 0:
+        raise ValueError("merge_state_dicts needs at least one state dict")
+    keys = list(tp_sds[0].keys())
+    for r, sd in enumerate(tp_sds[1:], 1):
+        if set(sd.keys()) != set(keys):
+            diff = sorted(set(sd.keys()) ^ set(keys))[:5]
+            raise ValueError(f"TP shard {r} has different keys from shard 0, e.g. {diff}")
+    _check_tp(model_cfg, tp_size)
+    out = {}
+    for name in keys:
+        shards = [sd[name] for sd in tp_sds]
+        spec = shard_spec(name, model_cfg, tp_size) if tp_size > 1 else None
+        if spec is None:
+            if check_replicated:
+                for r, s in enumerate(shards[1:], 1):
+                    if not torch.equal(s, shards[0]):
+                        raise ValueError(f"{name}: replicated tensor differs between TP rank 0 and rank {r}")
+            out[name] = shards[0]
+        else:
+            out[name] = merge_tensors(shards, spec, name)
+    return out

@@ -1,0 +1,156 @@
+"""Megatron tensor parallelism (+ sequence parallelism) for HTH: the parallel context, column- and
+row-parallel linears, and the TP gated RMSNorm.
+
+With sequence parallelism (SP) the residual stream between sub-layers holds a 1/tp slice of the
+tokens (norms, modulation, gates and residual adds run on the slice); a column-parallel layer
+all-gathers the sequence first and a row-parallel layer reduce-scatters its partial sums back to
+slices. Without SP the stream is replicated, the column-parallel input is an identity whose
+gradient is all-reduced and the row-parallel output is all-reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megassm.parallel.comm import (
+    all_reduce_sum,
+    copy_to_group,
+    gather_along,
+    reduce_from_group,
+    reduce_scatter_along,
+)
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """The groups a parallel layer talks to, passed explicitly (no global state).
+
+    ``seq_*``: the group over which the residual stream's sequence is split: TP x CP ranks under
+    SP (rank order cp-major, tp-minor = chunk order), else the CP ranks.
+    """
+
+    tp: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: Any = None
+    tpcp_group: Any = None  # all TP x CP ranks of this (dp, pp) position, rank = cp*tp_size + tp
+    sequence_parallel: bool = False
+
+    @classmethod
+    def from_mesh(cls, mesh, sequence_parallel: bool = True) -> ParallelContext:
+        d = mesh.dims
+        return cls(
+            tp=d.tp, tp_rank=mesh.coords["tp"], tp_group=mesh.group("tp") if d.tp > 1 else None,
+            cp=d.cp, cp_rank=mesh.coords["cp"], cp_group=mesh.group("cp") if d.cp > 1 else None,
+            tpcp_group=mesh.group("tp", "cp") if d.tp * d.cp > 1 else None,
+            sequence_parallel=sequence_parallel and d.tp > 1,
+        )
+
+    def __deepcopy__(self, memo):  # process groups are handles: copies of a model share them
+        return self
+
+    @property
+    def seq_shards(self) -> int:
+        return self.cp * (self.tp if self.sequence_parallel else 1)
+
+    @property
+    def seq_rank(self) -> int:
+        return self.cp_rank * self.tp + self.tp_rank if self.sequence_parallel else self.cp_rank
+
+    @property
+    def seq_group(self):
+        return self.tpcp_group if self.sequence_parallel else self.cp_group
+
+
+def enter_tp(x: Tensor, ctx: ParallelContext) -> Tensor:
+    """Input of a column-parallel layer. x: (B, L/(cp*tp), d) under SP else (B, L/cp, d) -> (B, L/cp, d)."""
+    if ctx.tp == 1:
+        return x
+    return gather_along(x, ctx.tp_group, dim=1) if ctx.sequence_parallel else copy_to_group(x, ctx.tp_group)
+
+
+def exit_tp(x: Tensor, ctx: ParallelContext) -> Tensor:
+    """Output of a row-parallel layer (partial sums). (B, L/cp, d) -> (B, L/(cp*tp), d) under SP."""
+    if ctx.tp == 1:
+        return x
+    return reduce_scatter_along(x, ctx.tp_group, dim=1) if ctx.sequence_parallel else reduce_from_group(x, ctx.tp_group)
+
+
+def replicated_input(x: Tensor, ctx: ParallelContext) -> Tensor:
+    """Input of a column-parallel layer that is never sequence-split (the text for cross-attention)."""
+    return copy_to_group(x, ctx.tp_group) if ctx.tp > 1 else x
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Output features split over TP (weight/bias rows hold this rank's shard).
+
+    ``sequence_input``: the input is the (SP-split) residual stream; False for replicated inputs.
+    """
+
+    ctx: ParallelContext
+    sequence_input: bool
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ctx: ParallelContext, sequence_input: bool = True):
+        return _adopt(cls, linear, ctx=ctx, sequence_input=sequence_input)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = enter_tp(x, self.ctx) if self.sequence_input else replicated_input(x, self.ctx)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """Input features split over TP; partial products are summed (SP: reduce-scattered), then the
+    replicated bias is added once."""
+
+    ctx: ParallelContext
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ctx: ParallelContext):
+        return _adopt(cls, linear, ctx=ctx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = exit_tp(F.linear(x, self.weight), self.ctx)
+        return y if self.bias is None else y + self.bias
+
+
+def _adopt(cls, linear: nn.Linear, **attrs):
+    """A ``cls`` instance that owns ``linear``'s Parameter objects (names, hooks and attributes kept)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.weight, new.bias = linear.weight, linear.bias
+    new.out_features, new.in_features = linear.weight.shape
+    for k, v in attrs.items():
+        object.__setattr__(new, k, v)  # plain attributes, not submodules / buffers
+    return new
+
+
+def gated_rms_norm_tp(
+    x: Tensor, z: Tensor, weight: Tensor, eps: float, width: int, ctx: ParallelContext,
+    group_size: int | None = None,
+) -> Tensor:
+    """``megassm.ops.norm.gated_rms_norm_ref`` on a TP channel shard. x, z: (B, L, width/tp); weight (width/tp,).
+
+    With ``group_size=None`` (normalise over all ``width`` channels, the reference's default) the
+    sum of squares is all-reduced over TP ranks; grouped norms must not straddle ranks.
+    """
+    if group_size is not None:
+        from megassm.ops.norm import gated_rms_norm_ref
+
+        if x.shape[-1] % group_size:
+            raise ValueError(f"gated norm group_size={group_size} straddles TP shards of width {x.shape[-1]}")
+        return gated_rms_norm_ref(x, z, weight, eps, group_size)
+    dtype = x.dtype
+    xf = x.float()
+    sumsq = xf.square().sum(dim=-1, keepdim=True)  # (B, L, 1) over this rank's channels
+    if ctx.tp > 1:
+        sumsq = all_reduce_sum(sumsq, ctx.tp_group)  # each rank scales its own channels by it
+    rstd = torch.rsqrt(sumsq / width + eps)
+    return (xf * rstd * weight.float() * F.silu(z.float())).to(dtype)

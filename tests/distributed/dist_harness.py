@@ -1,0 +1,44 @@
+"""Run a function on N gloo processes from inside pytest (torch.multiprocessing spawn)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    backend = "gloo"
+    if os.environ.get("MEGASSM_TEST_DEVICE") == "cuda":  # the same checks on GPUs over NCCL
+        backend = "nccl"
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, out_dir, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` processes; returns each rank's (JSON) result.
+
+    ``fn`` must be importable (module level). An exception on any rank fails the call with its
+    traceback.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it before they import torch
+    mp.spawn(_entry, args=(fn, world, _free_port(), str(out_dir), args), nprocs=world, join=True)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
