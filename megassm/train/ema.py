@@ -33,18 +33,25 @@ class ShardedEMA:
         for n, p in self.params.items():
             self.shadow[n].lerp_(_local(p).float(), 1.0 - self.decay)
 
-    def save(self, directory: Path, shard_rank: int, write: bool) -> None:
-        """Write this rank's slices as ``ema/shard_{shard_rank}.safetensors`` (``write``: this rank's turn)."""
+    @staticmethod
+    def filename(shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> str:
+        """``shard_R`` (R: rank in the ZeRO partition group); ``mp_M_shard_R`` under TP/PP (M: model-parallel rank)."""
+        stem = f"shard_{shard_rank:05d}" if mp_world == 1 else f"mp_{mp_rank:02d}_shard_{shard_rank:05d}"
+        return stem + ".safetensors"
+
+    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
+        """Write this rank's slices to ``ema/<filename>`` (``write``: this rank's turn)."""
         if not write:
             return
         d = Path(directory) / "ema"
         d.mkdir(parents=True, exist_ok=True)
         meta = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in self.params.items()}
-        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(d / f"shard_{shard_rank:05d}.safetensors"),
+        path = d / self.filename(shard_rank, mp_rank, mp_world)
+        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
                   metadata={"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)})
 
-    def load(self, directory: Path, shard_rank: int) -> None:
-        path = Path(directory) / "ema" / f"shard_{shard_rank:05d}.safetensors"
+    def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
+        path = Path(directory) / "ema" / self.filename(shard_rank, mp_rank, mp_world)
         if not path.is_file():
             raise FileNotFoundError(f"EMA shard missing: {path} (was the checkpoint written with ema_decay=0?)")
         state = load_file(str(path))
@@ -58,13 +65,28 @@ class ShardedEMA:
             self.shadow[n].copy_(state[n])
 
     @staticmethod
-    def consolidate(directory: Path) -> dict[str, torch.Tensor]:
-        """Whole fp32 tensors from all ``ema/shard_*.safetensors`` of a checkpoint (rank order)."""
+    def consolidate(directory: Path, model_cfg=None) -> dict[str, torch.Tensor]:
+        """Whole fp32 tensors from a checkpoint's ``ema/`` shards (rank order); TP shards are merged with
+        ``megassm.parallel.sharding.merge_state_dicts`` (needs ``model_cfg``)."""
+        ema_dir = Path(directory) / "ema"
+        mp_files = sorted(ema_dir.glob("mp_*_shard_*.safetensors"))
+        if not mp_files:
+            return ShardedEMA._consolidate_files(sorted(ema_dir.glob("shard_*.safetensors")), ema_dir)
+        if model_cfg is None:
+            raise ValueError(f"{ema_dir} holds tensor-parallel EMA shards; pass the model config to merge them")
+        from megassm.parallel.sharding import merge_state_dicts
+
+        ranks = sorted({f.name.split("_")[1] for f in mp_files})
+        per_mp = [ShardedEMA._consolidate_files(sorted(ema_dir.glob(f"mp_{m}_shard_*.safetensors")), ema_dir)
+                  for m in ranks]
+        return merge_state_dicts(per_mp, model_cfg)
+
+    @staticmethod
+    def _consolidate_files(files: list[Path], where: Path) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        files = sorted((Path(directory) / "ema").glob("shard_*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no EMA shards under {directory}/ema")
+            raise FileNotFoundError(f"no EMA shards under {where}")
         with safe_open(str(files[0]), "pt") as f:
             meta = f.metadata()
         shapes = json.loads(meta["shapes"])

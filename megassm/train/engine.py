@@ -83,15 +83,14 @@ def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):
     """Wrap ``model`` in a DeepSpeed engine with AdamW + LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
-    dp_world = mesh.get_data_parallel_world_size() * mesh.get_sequence_parallel_world_size()
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.steps))
-    # DeepSpeed sizes its batch bookkeeping by the data-parallel world; with CP, ZeRO shards and
-    # gradients reduce over DP x CP (the mpu's sequence-data-parallel group).
-    ds_cfg = deepspeed_config(cfg, device, mesh.get_data_parallel_world_size())
+    # ZeRO shards and gradients reduce over DP x CP. Under ZeRO-3 with CP the mpu folds CP into data
+    # parallelism (docs/parallelism.md §5), so DeepSpeed's batch bookkeeping counts the mpu's DP world.
+    mpu = mesh.deepspeed_mpu()
+    ds_cfg = deepspeed_config(cfg, device, mpu.get_data_parallel_world_size())
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mesh if dp_world else None,
-        dist_init_required=False,
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False,
     )
     return engine, scheduler

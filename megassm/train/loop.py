@@ -101,8 +101,9 @@ class Trainer:
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
                                      text_len=cfg.model.max_text_len)
-        # all training randomness (t, noise, caption dropout) comes from this generator
-        self.gen = torch.Generator().manual_seed(cfg.train.seed * 100003 + self.rank)
+        # all training randomness (t, noise, caption dropout) comes from this generator; TP/CP ranks that
+        # share a sample must draw the same values, so it is seeded by the data-parallel rank
+        self.gen = torch.Generator().manual_seed(cfg.train.seed * 100003 + dp_rank)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -146,15 +147,18 @@ class Trainer:
         dist.barrier()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
                                     client_state={"megassm_step": self.step})
-        shard_rank = self.mesh.get_sequence_data_parallel_rank()
         if self.ema is not None:
-            write = self.ema.partitioned or shard_rank == 0
-            self.ema.save(tag_dir, shard_rank, write and self.mesh.get_model_parallel_rank() == 0)
+            shard_rank = self.mesh.get_sequence_data_parallel_rank()
+            # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
+            self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "data": self.data.state_dict(), "world": dist.get_world_size()}
         ckpt.save_trainer_state(tag_dir, self.rank, state, {"gen": self.gen.get_state()})
         ckpt.finalize(self.ckpt_dir, tag, self.cfg.train.keep_last, is_writer=self.rank == 0)
         self._info(f"checkpoint {tag_dir} written ({reason}) at step {self.step}")
+
+    def _mp(self) -> tuple[int, int]:
+        return self.mesh.get_model_parallel_rank(), self.mesh.get_model_parallel_world_size()
 
     def resume(self) -> None:
         tag = ckpt.read_latest(self.ckpt_dir)
@@ -174,7 +178,7 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         self.gen.set_state(tensors["gen"])
         if self.ema is not None:
-            self.ema.load(tag_dir, self.mesh.get_sequence_data_parallel_rank())
+            self.ema.load(tag_dir, self.mesh.get_sequence_data_parallel_rank(), *self._mp())
         self._info(f"resumed from step {self.step} ({tag_dir})")
         self.metrics.event({"event": "resume", "step": self.step})
 
@@ -230,7 +234,9 @@ class Trainer:
         cfg = self.cfg.train
         flag = _SignalFlag().install()
         data_iter = iter(self.data)
-        world = dist.get_world_size()
+        # ranks of one TP x CP group work on the same samples: throughput counts data-parallel replicas
+        replicas = self.mesh.get_data_parallel_world_size()
+        model_parallel = self.cfg.parallel.tp * self.cfg.parallel.cp
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
         bar = self.metrics.progress(total=cfg.steps, initial=self.step, enabled=cfg.progress_bar)
         try:
@@ -250,10 +256,10 @@ class Trainer:
                             f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
                             f"earlier checkpoint in {self.ckpt_dir}")
                 flops = train_flops(self.cfg.model, out["seq_len"], out["samples"],
-                                    recompute=cfg.activation_checkpointing != "none")
+                                    recompute=cfg.activation_checkpointing != "none") / model_parallel
                 row = {"step": self.step, "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0],
-                       "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * world / out["time"],
-                       "tokens_per_s": out["tokens"] * world / out["time"],
+                       "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
+                       "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
                        "data_wait_s": out["data_wait"], "peak_mem_gb": _peak_mem_gb(self.device),
                        "skipped_steps": self.nonfinite_total}
