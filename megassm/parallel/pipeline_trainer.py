@@ -78,7 +78,7 @@ class StageEMA(ShardedEMA):
     def _path(self, directory: Path) -> Path:
         return Path(directory) / "ema" / f"mp_rank_{self.mesh.get_model_parallel_rank():02d}.safetensors"
 
-    def save(self, directory: Path, shard_rank: int, write: bool) -> None:
+    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
         """Trainer.save's ``shard_rank`` / ``write`` describe the ZeRO-3 layout; here the first DP x CP
         rank of each (pp, tp) position writes its stage."""
         if self.mesh.get_sequence_data_parallel_rank() != 0:
@@ -90,7 +90,7 @@ class StageEMA(ShardedEMA):
                   metadata={"shapes": json.dumps(meta), "partitioned": "False", "decay": str(self.decay),
                             "layout": "pipeline"})
 
-    def load(self, directory: Path, shard_rank: int) -> None:
+    def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
         path = self._path(directory)
         if not path.is_file():
             raise FileNotFoundError(f"EMA of this stage missing: {path} (written with ema_decay=0, or by a run "
