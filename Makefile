@@ -16,7 +16,8 @@ install:
 demo: install
 	megassm train configs/smoke.yaml
 	megassm sample runs/smoke --prompt "a red square at the top left" --prompt "a blue square at the bottom right" \
-		--prompt "a green square at the top right" --prompt "a yellow square at the bottom left" --out samples/demo.png
+		--prompt "a green square at the top right" --prompt "a yellow square at the bottom left" \
+		--prompt "a white square at the top left" --prompt "a red square at the bottom right" --out samples/demo.png
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images/videos from a checkpoint", description=(
         "Text to image/video with the Euler flow-matching sampler and classifier-free guidance. Writes PNG "
-        "(images) or MP4 (videos) plus a JSON sidecar with every setting."))
+        "(images) or MP4 (videos) plus a JSON sidecar with every setting. Under torchrun/srun with N ranks the "
+        "token sequence is split over all N (Ulysses context parallel) and rank 0 writes the outputs."))
     s.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint (step_*) or consolidated directory")
     s.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames")
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     s.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
     s.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
+    s.add_argument("--save-latents", action="store_true", help="also write each sample's final latents "
+                   "(.latents.safetensors) next to it")
     s.set_defaults(func=_cmd_sample)
 
     i = sub.add_parser("inspect", help="inspect a model config, a data set or a checkpoint")

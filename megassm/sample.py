@@ -201,12 +201,29 @@ def _outputs(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
+def _context_parallel(model: HTHModel, device: torch.device, env) -> int:
+    """Under a multi-rank launch, shard the model's sequence over all ranks (Ulysses CP); returns the rank."""
+    if env.world == 1:
+        return 0
+    from megassm.parallel.apply import parallelize_hth
+    from megassm.parallel.mesh import ParallelDims, ParallelMesh, init_distributed
+
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    parallelize_hth(model, ParallelMesh(ParallelDims(env.world, cp=env.world)))
+    return env.rank
+
+
 def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) -> int:
     """``megassm sample``: see ``megassm sample --help``."""
     from tqdm import tqdm
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from megassm.parallel.mesh import read_dist_env
+
+    env = read_dist_env()
+    default = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device or default)
     model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
+    rank = _context_parallel(model, device, env)  # several ranks (torchrun / srun): Ulysses CP over all
     if args.vae:
         cfg.encoders.vae = args.vae
     if args.text_encoder:
@@ -245,9 +262,12 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
             if frames < 1 or frames % pf[0]:
                 raise ConfigError(f"frames={frames} must be a positive multiple of the temporal patch {pf[0]}")
             lat = generate(model, cfg, [s for _, s in group], encoder, steps, scale, (lh, lw), frames,
-                           progress=lambda r: tqdm(r, desc="denoise", unit="step"), device=device, dtype=dtype)
+                           progress=(lambda r: tqdm(r, desc="denoise", unit="step")) if rank == 0 else None,
+                           device=device, dtype=dtype)
+            if rank != 0:  # every CP rank holds the same latents; rank 0 decodes and writes
+                continue
             pix = decoder(lat)  # (B, T, 3, H, W)
-            for (j, s), p in zip(group, pix):
+            for k, ((j, s), p) in enumerate(zip(group, pix)):
                 path = paths[j]
                 if p.shape[0] == 1:  # one frame is an image, whatever --out's suffix
                     path = path.with_suffix(".png")
@@ -268,5 +288,9 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
                     if parse_caption(s.prompt) and p.shape[-1] == p.shape[-2]:  # a demo prompt: score it
                         side["prompt_following"] = prompt_following(p[0], s.prompt)
                 path.with_suffix(".json").write_text(json.dumps(side, indent=2))
+                if args.save_latents:
+                    from safetensors.torch import save_file
+
+                    save_file({"latents": lat[k].contiguous()}, str(path.with_suffix(".latents.safetensors")))
                 print(f"wrote {path}")
     return 0

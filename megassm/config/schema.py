@@ -39,6 +39,9 @@ class ModelConfig:
     num_heads: int = 4
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    # fixed 3D sin-cos absolute position embedding added after patchify (no parameters). Off for the
+    # paper's HTH (Hydra needs none); the demo's prompts name absolute positions ("top left").
+    abs_pos_embed: bool = False
     # FFN
     mlp_ratio: float = 4.0
     # text conditioning

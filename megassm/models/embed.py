@@ -15,9 +15,9 @@ class PatchEmbed(nn.Module):
     shared by images (T = 1) and video.
     """
 
-    def __init__(self, in_channels: int, patch_size: tuple[int, int, int], d_model: int):
+    def __init__(self, in_channels: int, patch_size: tuple[int, int, int], d_model: int, abs_pos: bool = False):
         super().__init__()
-        self.in_channels, self.patch_size = in_channels, tuple(patch_size)
+        self.in_channels, self.patch_size, self.abs_pos = in_channels, tuple(patch_size), abs_pos
         self.proj = nn.Linear(in_channels * math.prod(self.patch_size), d_model)
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -42,7 +42,16 @@ class PatchEmbed(nn.Module):
         pt, ph, pw = self.patch_size
         x = x.reshape(B, C, T, pt, H, ph, W, pw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, T * H * W, C * pt * ph * pw)  # (B, L, C*pt*ph*pw)
-        return self.proj(x)
+        x = self.proj(x)
+        if self.abs_pos:
+            x = x + sincos_position((T, H, W), x.shape[-1], x.device).to(x.dtype)
+        return x
+
+
+def sincos_position(grid: tuple[int, int, int], dim: int, device=None) -> Tensor:
+    """Fixed axial 3D sin-cos embedding of each token's (t, h, w): (L, dim), canonical token order."""
+    angles = rope_axial(grid, dim - dim % 2, theta=10000.0, device=device)  # (L, dim // 2)
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=-1), (0, dim % 2))
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch_size, channels: int) -> Tensor:

@@ -35,7 +35,7 @@ class HTHModel(nn.Module):
         validate_model(cfg)
         self.cfg = cfg
         d = cfg.d_model
-        self.patch_embed = PatchEmbed(cfg.in_channels, tuple(cfg.patch_size), d)
+        self.patch_embed = PatchEmbed(cfg.in_channels, tuple(cfg.patch_size), d, cfg.abs_pos_embed)
         self.t_embedder = TimestepEmbedder(d)
         # AdaLN-single: one shared projection of the timestep to 6 modulation vectors per block
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
