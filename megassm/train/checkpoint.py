@@ -15,7 +15,6 @@ except DeepSpeed's own files, which it reads itself.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from megassm.data.writer import atomic_write_bytes
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -34,12 +35,8 @@ def tag_for(step: int) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Temporary file + fsync + rename (shared with the shard writer)."""
+    atomic_write_bytes(path, text.encode())
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
