@@ -13,9 +13,19 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mega
 os.environ.setdefault("MEGASSM_DEVICE", "cpu")
 
 
+# torch.distributed rendezvous variables a child must not inherit (an in-process test may have set them,
+# and its process group still holds that port)
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def child_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
     """Run ``python -m megassm ARGS`` in a fresh process; returns the completed process."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = child_env(**(env or {}))
     proc = subprocess.run([sys.executable, "-m", "megassm", *map(str, args)], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -54,7 +64,7 @@ def train_cmd(config, *overrides, nproc: int = 1) -> list[str]:
 
 
 def run_train(config, *overrides, nproc: int = 1, timeout: int = 600, check: bool = True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(train_cmd(config, *overrides, nproc=nproc), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
 
@@ -452,7 +454,7 @@ def test_corrupt_and_partial_checkpoints_are_refused(zero3, zero3_2rank, tp2, tm
 
 
 def test_inspect_and_stage_on_deepspeed(zero3, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
 
     def inspect(*args):
         return subprocess.run([sys.executable, "-m", "megassm", "inspect", "checkpoint", *map(str, args)], cwd=REPO,

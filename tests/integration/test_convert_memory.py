@@ -9,12 +9,13 @@ and recorded in docs/checkpoints.md; DeepSpeed's own consolidation is measured f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
@@ -61,7 +62,7 @@ print(json.dumps({"imports": imports, "baseline": base, "peak": peak(), "largest
 
 
 def _probe(mode: str, src: Path, out: Path, shard: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", PROBE, mode, str(src), str(out), str(shard)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,7 +72,7 @@ def _probe(mode: str, src: Path, out: Path, shard: int) -> dict:
 @pytest.fixture(scope="module")
 def mid_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("mid") / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MEGASSM_DEVICE": "cpu"}
+    env = child_env(OMP_NUM_THREADS="1", MEGASSM_DEVICE="cpu")
     args = ["configs/smoke.yaml", f"run_dir={run}", "train.steps=1", "train.ckpt_every=1", "train.micro_batch_size=1",
             "train.progress_bar=false", "train.ema_decay=0.9", *MID]
     proc = subprocess.run([sys.executable, "-m", "megassm", "train", *args], cwd=REPO, env=env, capture_output=True,

@@ -1,7 +1,6 @@
 """The training engine (CPU, gloo): exact kill-and-resume, SIGTERM checkpoints, ZeRO-3 vs ZeRO-0 on two
 ranks, staged warm starts with scan-order revisions, TensorBoard scalars, non-finite guards."""
 
-import os
 import signal
 import subprocess
 import time
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from megassm.train.ema import ShardedEMA
-from tests.conftest import REPO, TINY_OVERRIDES, losses_by_step, read_metrics, run_train, train_cmd
+from tests.conftest import REPO, TINY_OVERRIDES, child_env, losses_by_step, read_metrics, run_train, train_cmd
 
 pytestmark = pytest.mark.slow
 SMOKE = "configs/smoke.yaml"
@@ -29,7 +28,7 @@ def _wait_for_step(run_dir, step: int, proc: subprocess.Popen, timeout: float = 
 
 
 def _popen(run_dir, *overrides):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(train_cmd(SMOKE, *TINY_OVERRIDES, f"run_dir={run_dir}", *overrides), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -156,6 +155,12 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
 
     monkeypatch.setattr(loop, "compute_loss", flaky)
+    # this test builds a Trainer in the pytest process: give it its own rendezvous, undone afterwards
+    from tests.conftest import free_port
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
     cfg = load_config(SMOKE, [*TINY_OVERRIDES, f"run_dir={tmp_path}", "train.steps=10",
                               "train.max_consecutive_nonfinite=3", "train.ckpt_every=100"])
     trainer = loop.Trainer(cfg)
