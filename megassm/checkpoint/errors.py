@@ -6,3 +6,15 @@ from __future__ import annotations
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt, inconsistent with its config, or of a layout this
     build cannot read. The message names the file and what would be valid."""
+
+
+def read_exact_into(path, offset: int, view: memoryview, what: str) -> None:
+    """Fill ``view`` with the bytes of ``path`` from ``offset``; a short file is a CheckpointError naming ``what``."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{path}: unexpected end of file {what}")
+            done += got

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megassm.checkpoint.errors import CheckpointError
+from megassm.checkpoint.errors import CheckpointError, read_exact_into
 
 DTYPE_CODES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -192,14 +192,7 @@ class SafetensorsFile:
         item = torch.empty((), dtype=spec.dtype).element_size()
         if count:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(self.data_start + begin + start * item)
-                done = 0
-                while done < len(view):
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise CheckpointError(f"{self.path}: unexpected end of file reading {name}")
-                    done += got
+            read_exact_into(self.path, self.data_start + begin + start * item, view, f"reading {name}")
         return out
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from megassm.checkpoint.errors import CheckpointError
+from megassm.checkpoint.errors import CheckpointError, read_exact_into
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -221,14 +221,7 @@ class TorchFile:
         elif out.dtype != ref.dtype or out.numel() != count or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {ref.dtype} tensor of {count} elements")
         view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(base + first)
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(f"{self.path}: unexpected end of file; the file is truncated")
-                done += n
+        read_exact_into(self.path, base + first, view, "; the file is truncated")
         return out
 
     def load(self, ref: TensorRef) -> torch.Tensor:
