@@ -5,8 +5,9 @@
 Rows (bench): hydra (megassm, fused path), hydra_reference (impl=goombalab: the public reference
 module, weights copied from megassm's; impl=megassm_reference_path: megassm's unfused path),
 mamba2_reference (mamba-ssm Mamba2, one direction, use_mem_eff_path=False), attention (qkv + RoPE +
-SDPA + proj), cross_attention (300 text tokens), ffn, block_step (a whole HTHBlock, mixer 'h' or
-'A'), memory_plan (activation bytes per token saved for backward by one block, for megassm plan).
+SDPA + proj; impl=sdpa_auto|sdpa_flash|sdpa_cudnn), cross_attention (300 text tokens), ffn, block_step
+(a whole HTHBlock, mixer 'h' or 'A'; impl *_eager_glue = without the compiled elementwise glue),
+memory_plan (activation bytes per token saved for backward by one block, for megassm plan).
 TFLOP/s use megassm.models.accounting's FLOP counts (x3 for forward + backward); MFU is against the
 datasheet bf16 peak and against an 8192^3 bf16 GEMM measured in the same run.
 """
@@ -159,8 +160,14 @@ def bench_case(b: Bench, m, mods, seq_len: int, batch: int, profile_path=None) -
         b.run("mamba2_reference", fwd_bwd_fn(mods["mamba2"], lambda: (x,), g),
               mamba2_flops_per_token(m, seq_len) * ntok, seq_len, batch, impl="mamba_ssm")
     rope = grid.rope()
-    row_a = b.run("attention", fwd_bwd_fn(mods["attention"], lambda: (x, rope), g),
-                  acc.mixer_flops_per_token(m, "A", seq_len) * ntok, seq_len, batch, impl="sdpa")
+    attn = mods["attention"]
+    row_a = None
+    for backend in ("auto", "flash", "cudnn"):  # auto = cuDNN first on Hopper (megassm's default)
+        attn.backend = backend
+        r = b.run("attention", fwd_bwd_fn(attn, lambda: (x, rope), g),
+                  acc.mixer_flops_per_token(m, "A", seq_len) * ntok, seq_len, batch, impl=f"sdpa_{backend}")
+        row_a = row_a or r
+    attn.backend = "auto"
     if row_a and row_f:
         row_f["speedup_vs_attention"] = row_a["ms"] / row_f["ms"]
         b.res.write()
@@ -177,14 +184,23 @@ def bench_case(b: Bench, m, mods, seq_len: int, batch: int, profile_path=None) -
     for sym in ("h", "A"):
         blk = mods[f"block_{sym}"]
         fl = acc.block_flops_per_token(m, sym, seq_len) * ntok
-        variants = [("megassm_fused", True), ("megassm_reference_path", False)] if sym == "h" else [("sdpa", None)]
-        for impl, fused in variants:
-            if fused is not None:
-                blk.mixer.fused = fused
+        # (impl, Hydra fused path / attention backend, compiled elementwise glue); the first is megassm's default
+        variants = ([("megassm_fused", True, True), ("megassm_fused_eager_glue", True, False),
+                     ("megassm_reference_path", False, False)] if sym == "h" else
+                    [("sdpa", "auto", True), ("sdpa_flash_eager_glue", "flash", False)])
+        for impl, mixer_opt, glue in variants:
+            if sym == "h":
+                blk.mixer.fused = mixer_opt
+            else:
+                blk.mixer.backend = mixer_opt
+            blk.fuse_elementwise = glue
             blk_rows[(sym, impl)] = b.run("block_step", fwd_bwd_fn(blk, lambda: (x, t_mod, text, mask, grid), g), fl,
                                           seq_len, batch, mixer=sym, impl=impl)
+        blk.fuse_elementwise = True
         if sym == "h":
             blk.mixer.fused = True
+        else:
+            blk.mixer.backend = "auto"
     fh, ra = blk_rows.get(("h", "megassm_fused")), blk_rows.get(("A", "sdpa"))
     if fh and ra:
         fh["speedup_vs_attention"] = ra["ms"] / fh["ms"]

@@ -1,12 +1,17 @@
-"""Whole-model training steps of hth-5b width at reduced depth on one GPU: tokens/s, MFU, peak memory,
-and the same with an all-attention stack (speedup_vs_attention).
+"""Whole-model training steps of hth-5b width at reduced depth on one GPU: tokens/s, MFU, peak memory
+against the memory plan, and the same with an all-attention stack (speedup_vs_attention).
 
-    python benchmarks/bench_step.py [--depth-pattern hvhA] [--engine deepspeed|torch] [--seq-lens ...]
+    python benchmarks/bench_step.py [--seq-lens 16384,29040] [--engine deepspeed|torch] [--profile 29040]
 
-engine=deepspeed: DeepSpeed ZeRO-3 (one rank), bf16, torch AdamW, as megassm.train.engine builds it;
+Each stage runs as its config says (configs/<stage>.yaml: micro-batch, activation checkpointing) at its
+full sequence length on one GPU (Ulysses CP would split the same work over cp GPUs, per-GPU FLOPs / cp).
+Depth: the most blocks of hth-5b's pattern, in whole units of 4 (3 Hydra : 1 attention, as hth-5b), that
+``megassm plan``'s memory model fits into --mem-fraction of the card; the all-attention stack has the same
+depth. If no depth fits with the configured checkpointing, every_k and then all are tried (recorded).
+engine=deepspeed: DeepSpeed ZeRO-3 (one rank), bf16, fused torch AdamW, as megassm.train.engine builds it;
 engine=torch: bf16 weights with a plain torch AdamW (no fp32 master), for when DeepSpeed is not there.
-Every block is activation-checkpointed. MFU counts model FLOPs (3 x forward, accounting.train_flops);
-``hw_mfu`` adds the recomputed forward (4 x). Rows: bench=model_step per (stage, stack).
+MFU counts model FLOPs (3 x forward, accounting.train_flops); ``hw_mfu`` adds recomputed forwards.
+Rows: bench=model_step per (stage, stack). Each case runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -32,23 +37,52 @@ from common import Results, out_dir  # noqa: E402
 from megassm.models.accounting import param_counts, train_flops  # noqa: E402
 from megassm.models.hth import HTHModel  # noqa: E402
 
-STAGES = [("stage0_256px", 256, 64), ("stage1_1k", 4096, 8), ("stage2_2k", 16384, 1), ("stage3_video", 29040, 1),
-          ("long_65k", 65536, 1)]
-COLUMNS = ["bench", "stage", "pattern", "engine", "seq_len", "batch", "ms", "tokens_per_s", "tflops", "mfu",
-           "hw_mfu", "speedup_vs_attention", "peak_mem_gb", "static_mem_gb", "predicted_mem_gb"]
+REPO = Path(__file__).resolve().parents[1]
+STAGES = [("stage0_256px", 256), ("stage1_1k", 4096), ("stage2_2k", 16384), ("stage3_video", 29040),
+          ("long_65k", 65536)]
+DEPTHS = (32, 24, 16, 12, 8, 4)
+COLUMNS = ["bench", "stage", "pattern", "activation_checkpointing", "seq_len", "batch", "ms", "tokens_per_s_per_gpu",
+           "tflops", "mfu", "hw_mfu", "speedup_vs_attention", "peak_mem_gb", "predicted_mem_gb", "mem_error"]
+
+
+def stage_settings(stage: str) -> tuple[int, str, int]:
+    """(micro_batch, activation_checkpointing, every_k) from configs/<stage>.yaml; long_65k: (1, none, 2)."""
+    path = REPO / "configs" / f"{stage}.yaml"
+    if not path.exists():
+        return 1, "none", 2
+    from megassm.config.load import load_config
+
+    t = load_config(path).train
+    return t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k
+
+
+def pick_depth(m, seq_len: int, batch: int, mode: str, every_k: int, budget_gb: float):
+    """Largest depth (and the checkpointing mode used) whose hybrid and all-attention stacks both fit."""
+    from megassm.plan import Layout, predict_memory
+
+    for ck in dict.fromkeys((mode, "every_k", "all")):
+        for n in DEPTHS:
+            fits = True
+            for pat in (m.pattern[:n], "A" * n):
+                cfg = copy.deepcopy(m)
+                cfg.pattern = pat
+                lay = Layout(gpus=1, micro_batch=batch, checkpointing=ck, every_k=every_k)
+                fits &= predict_memory(cfg, seq_len, lay)["total"] / 1e9 <= budget_gb
+            if fits:
+                return n, ck
+    return None, None
 
 
 def make_engine(model, engine: str):
     from megassm.config.schema import RunConfig
     from megassm.train.engine import deepspeed_config, param_groups
 
-    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5)
     if engine == "torch":
         model = model.to(torch.bfloat16)
-        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5)
-        return model, opt
+        return model, torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5, fused=True)
     import deepspeed
 
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5, fused=True)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29511"}.items():
         os.environ.setdefault(k, v)
@@ -75,17 +109,19 @@ def one_step(model, opt, batch):
     return loss
 
 
-def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: int, engine: str, steps: int) -> dict:
+def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: int, engine: str, steps: int,
+              ck: str = "all", every_k: int = 2, profile_path: str | None = None) -> dict:
     """Build the stack, take 2 warm-up and ``steps`` timed optimizer steps; returns the result row."""
     cfg = copy.deepcopy(m)
     cfg.pattern = pattern
     gc.collect()
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()  # whatever an earlier engine left behind is not this run's
+    base = torch.cuda.memory_allocated()
     torch.manual_seed(0)
-    model = HTHModel(cfg).cuda()
-    for blk in model.blocks:
-        blk.grad_checkpoint = True
+    with torch.device("cuda"):  # initialise on the GPU: a 24-block stack is ~4B parameters
+        model = HTHModel(cfg)
+    for i, blk in enumerate(model.blocks):
+        blk.grad_checkpoint = ck == "all" or (ck == "every_k" and i % every_k == 0)
     model, opt = make_engine(model, engine)
     T, H, W = GRIDS[seq_len]
     pt, ph, pw = cfg.patch_size
@@ -109,77 +145,101 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"non-finite loss {loss}"
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    if profile_path:
+        write_profile(lambda: one_step(model, opt, data), profile_path, f"{stage} {pattern} L={seq_len} x{batch}")
     ms = statistics.median(times) * 1e3
+    n_ck = sum(blk.grad_checkpoint for blk in (model.module if hasattr(model, "module") else model).blocks)
     flops = train_flops(cfg, seq_len, batch)
+    hw_flops = flops + (train_flops(cfg, seq_len, batch, recompute=True) - flops) * n_ck / len(pattern)
     peak_tf = res.info["datasheet_bf16_tflops"] or 989.0
-    row = {"bench": "model_step", "stage": stage, "pattern": pattern, "engine": engine, "seq_len": seq_len,
-           "batch": batch, "ms": ms, "step_ms_all": [x * 1e3 for x in times],
-           "tokens_per_s": batch * seq_len / (ms * 1e-3), "tflops": flops / (ms * 1e-3) / 1e12,
-           "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf,
-           "hw_mfu": train_flops(cfg, seq_len, batch, recompute=True) / (ms * 1e-3) / 1e12 / peak_tf,
-           "params": param_counts(cfg)["total"], "activation_checkpointing": "all",
-           "peak_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "static_mem_gb": static / 1e9,
-           "leftover_from_earlier_runs_gb": base / 1e9,
+    tok_s = batch * seq_len / (ms * 1e-3)
+    row = {"bench": "model_step", "stage": stage, "pattern": pattern, "depth": len(pattern), "engine": engine,
+           "seq_len": seq_len, "batch": batch, "ms": ms, "step_ms_all": [x * 1e3 for x in times],
+           "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s, "tflops": flops / (ms * 1e-3) / 1e12,
+           "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf, "hw_mfu": hw_flops / (ms * 1e-3) / 1e12 / peak_tf,
+           "params": param_counts(cfg)["total"], "activation_checkpointing": ck, "checkpointed_blocks": n_ck,
+           "peak_mem_gb": peak, "static_mem_gb": static / 1e9, "leftover_from_earlier_runs_gb": base / 1e9,
            "reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
-    try:
-        from megassm.plan import Layout, predict_memory
+    from megassm.plan import Layout, predict_memory
 
-        pred = predict_memory(cfg, seq_len, Layout(gpus=1, micro_batch=batch, checkpointing="all"),
-                              engine=engine)
-        row["predicted_mem_gb"] = pred["total"] / 1e9
-        row["predicted_breakdown_gb"] = {k: v / 1e9 for k, v in pred.items()}
-    except ImportError:
-        pass
-    del model, opt, data
-    torch.cuda.empty_cache()
-    return row
+    pred = predict_memory(cfg, seq_len, Layout(gpus=1, micro_batch=batch, checkpointing=ck, every_k=every_k),
+                          engine=engine)
+    row["predicted_mem_gb"] = pred["total"] / 1e9
+    row["mem_error"] = row["predicted_mem_gb"] / peak - 1
+    row["predicted_breakdown_gb"] = {k: v / 1e9 for k, v in pred.items()}
+    return row  # the caller is a one-case child process: its exit frees the engine
 
 
-def run_isolated(args, stage: str, seq_len: int, batch: int, pattern: str) -> dict:
+def write_profile(step, path: str, title: str) -> None:
+    """CUDA kernel time of one more step, top 40 (where the step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=80)
+    with open(path, "a") as f:
+        f.write(f"==== one training step, {title}\n{table}\n")
+
+
+def run_isolated(args, case: dict) -> dict:
     """One (stage, stack) in a fresh process: a DeepSpeed engine leaves ~12 GB behind when dropped
     (seen on an H100), which would inflate the next run's memory and OOM the later ones."""
     with tempfile.TemporaryDirectory() as tmp:
         row_path = Path(tmp) / "row.json"
-        cmd = [sys.executable, __file__, "--child", f"{stage},{seq_len},{batch},{pattern}", "--row-out", str(row_path),
+        cmd = [sys.executable, __file__, "--child", json.dumps(case), "--row-out", str(row_path),
                "--engine", args.engine, "--steps", str(args.steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0 and row_path.exists():
             return json.loads(row_path.read_text())
-        return {"bench": "model_step", "stage": stage, "pattern": pattern, "seq_len": seq_len, "batch": batch,
-                "engine": args.engine, "error": proc.stderr[-600:]}
+        return {"bench": "model_step", **case, "engine": args.engine, "error": proc.stderr[-600:]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth-pattern", default="hvhA", help="reduced-depth layer pattern (hth-5b width)")
     p.add_argument("--engine", default="deepspeed", choices=["deepspeed", "torch"])
     p.add_argument("--seq-lens", default=None, help="comma-separated, in the order to run")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--mem-fraction", type=float, default=0.85, help="share of the card's memory to plan into")
+    p.add_argument("--max-depth", type=int, default=32)
+    p.add_argument("--profile", default="", help="comma-separated seq lens whose hybrid step is profiled")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     m = hth5b()
     if args.child:  # one case, in this process; the parent collects the row
-        stage, seq_len, batch, pattern = args.child.split(",")
+        c = json.loads(args.child)
         res = Results(Path(tempfile.mkdtemp()), "child", COLUMNS)
         try:
-            row = run_stack(res, m, pattern, stage, int(seq_len), int(batch), args.engine, args.steps)
+            row = run_stack(res, m, c["pattern"], c["stage"], c["seq_len"], c["batch"], args.engine, args.steps,
+                            c["activation_checkpointing"], c["every_k"], c.get("profile_path"))
         except torch.cuda.OutOfMemoryError as e:
-            row = {"bench": "model_step", "stage": stage, "pattern": pattern, "seq_len": int(seq_len),
-                   "batch": int(batch), "engine": args.engine, "error": f"OOM {e}"[:300]}
+            row = {"bench": "model_step", **c, "engine": args.engine, "error": f"OOM {e}"[:300]}
         Path(args.row_out).write_text(json.dumps(row))
         return 0
-    res = Results(Path(args.out) if args.out else out_dir(), f"step_{args.engine}", COLUMNS,
-                  extra={"model": f"hth-5b width, pattern {args.depth_pattern}"})
-    by_len = {s[1]: s for s in STAGES}
-    order = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else list(by_len)
-    for stage, seq_len, batch in (by_len[n] for n in order):
+    out = Path(args.out) if args.out else out_dir()
+    res = Results(out, f"step_{args.engine}", COLUMNS, extra={"model": "hth-5b width, reduced depth"})
+    budget = torch.cuda.get_device_properties(0).total_memory / 1e9 * args.mem_fraction
+    by_len = {n: st for st, n in STAGES}
+    order = [int(x) for x in args.seq_lens.split(",")] if args.seq_lens else list(by_len)
+    profiled = {int(x) for x in args.profile.split(",") if x}
+    for seq_len in order:
+        stage = by_len[seq_len]
+        batch, mode, every_k = stage_settings(stage)
+        depth, ck = pick_depth(m, seq_len, batch, mode, every_k, budget)
+        depth = min(depth or 4, args.max_depth)
         rows = {}
-        for pattern in (args.depth_pattern, "A" * len(args.depth_pattern)):
-            rows[pattern] = run_isolated(args, stage, seq_len, batch, pattern)
+        for pattern in (m.pattern[:depth], "A" * depth):
+            case = {"stage": stage, "seq_len": seq_len, "batch": batch, "pattern": pattern,
+                    "activation_checkpointing": ck or "all", "configured_checkpointing": mode, "every_k": every_k}
+            if seq_len in profiled and pattern != "A" * depth:
+                case["profile_path"] = str(out / f"profile_step_{res.json_path.stem.split('_')[-1]}.txt")
+            rows[pattern] = run_isolated(args, case)
             res.add(rows[pattern])
-        hy, at = rows[args.depth_pattern], rows["A" * len(args.depth_pattern)]
+        hy, at = rows[m.pattern[:depth]], rows["A" * depth]
         if "ms" in hy and "ms" in at:
             hy["speedup_vs_attention"] = at["ms"] / hy["ms"]
             res.write()

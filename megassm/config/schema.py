@@ -17,6 +17,8 @@ PATTERN_SYMBOLS = {
     "t": "Hydra, temporal-major scan (h, w, t)",
     "A": "self-attention (axial RoPE)",
 }
+# SDPA kernel choices for self-attention (megassm/models/attention.py)
+ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass
@@ -39,6 +41,11 @@ class ModelConfig:
     num_heads: int = 4
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    # SDPA kernel for self-attention on CUDA: auto (cuDNN first on Hopper+) | default | flash | cudnn |
+    # efficient | math (megassm/models/attention.py)
+    attention_backend: str = "auto"
+    # torch.compile the blocks' LayerNorm/modulation/residual glue on CUDA (eager on CPU; both tested equal)
+    fuse_elementwise: bool = True
     # fixed 3D sin-cos absolute position embedding added after patchify (no parameters). Off for the
     # paper's HTH (Hydra needs none); the demo's prompts name absolute positions ("top left").
     abs_pos_embed: bool = False

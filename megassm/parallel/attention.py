@@ -11,10 +11,9 @@ rank's local queries attend to the whole (replicated) text, with no communicatio
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megassm.models.attention import CrossAttention, SelfAttention
+from megassm.models.attention import CrossAttention, SelfAttention, self_attention
 from megassm.models.block import FeedForward
 from megassm.models.embed import apply_rope
 from megassm.parallel.context import heads_to_seq, seq_to_heads
@@ -29,7 +28,7 @@ class ParallelSelfAttention(nn.Module):
     def __init__(self, attn: SelfAttention, ctx: ParallelContext):
         super().__init__()
         self.ctx = ctx
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.num_heads, self.head_dim, self.backend = attn.num_heads, attn.head_dim, attn.backend
         self.qkv = ColumnParallelLinear.from_linear(attn.qkv, ctx)
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.proj = RowParallelLinear.from_linear(attn.proj, ctx)
@@ -45,7 +44,7 @@ class ParallelSelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         rope = grid.rope()  # (L, hd/2) for the whole canonical sequence
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, hc, hd)
+        out = self_attention(q, k, v, self.backend).transpose(1, 2)  # (B, L, hc, hd)
         if self.ctx.cp > 1:
             out = heads_to_seq(out, self.ctx.cp_group, head_dim=2)  # (B, L/cp, h, hd)
         return self.proj(out.reshape(B, Lc, -1))

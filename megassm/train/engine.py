@@ -84,7 +84,9 @@ def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):
     import deepspeed
 
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused: one multi-tensor kernel for the whole update on CUDA (torch's foreach path launches several)
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.steps))
     # ZeRO shards and gradients reduce over DP x CP. Under ZeRO-3 with CP the mpu folds CP into data
     # parallelism (docs/parallelism.md §5), so DeepSpeed's batch bookkeeping counts the mpu's DP world.

@@ -255,8 +255,8 @@ class Trainer:
                             f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at "
                             f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
                             f"earlier checkpoint in {self.ckpt_dir}")
-                flops = train_flops(self.cfg.model, out["seq_len"], out["samples"],
-                                    recompute=cfg.activation_checkpointing != "none") / model_parallel
+                # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
+                flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
                 row = {"step": self.step, "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
