@@ -113,7 +113,8 @@ def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 
     hth-5b width: within 1% for 'h' and 'A', benchmarks/results/layers_h100.json, memory_plan rows):
       every block   input, LayerNorm outputs and modulated inputs (x3 norms), the mixer output under
                     its gate, cross-attention (input, q, normed q, SDPA out, head-merge copy), FFN hidden
-                    before/after GELU and its output under the gate: 14 d + 2 hidden
+                    before/after GELU and its output under the gate: 14 d + 2 hidden; 12 d + 2 hidden
+                    with ``fuse_elementwise`` (megassm.ops.modulate keeps no LayerNorm outputs)
       'A'           qkv (3d), roped q and k (2d), SDPA output (d), head-merge copy (d): 7 d
       Hydra (fused path, megassm.ops.hydra_fused, what CUDA runs): in_proj output, x in both scan
                     orders, B/C, dt, the scan output, diag, the normed output: d_in_proj + 2 d_inner
@@ -123,7 +124,7 @@ def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 
     d = m.d_model
     hidden = int(d * m.mlp_ratio)
     heads = m.num_heads
-    common = 14 * d + 2 * hidden
+    common = (12 if getattr(m, "fuse_elementwise", False) else 14) * d + 2 * hidden
     fp32_extra = 4 * (2 * 3 + 2 * heads + 2 * heads)  # LayerNorm stats, cross-attn q-norm rstd + lse
     if symbol == "A":
         mixer = 7 * d

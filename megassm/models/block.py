@@ -13,6 +13,7 @@ from megassm.models.attention import CrossAttention, SelfAttention
 from megassm.models.embed import rope_axial
 from megassm.models.hydra import Hydra
 from megassm.models.scan import SYMBOL_TO_ORDER, apply_scan, is_identity, scan_permutation
+from megassm.ops.modulate import FusedGlue
 
 
 @dataclass
@@ -48,10 +49,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-# The block's memory-bound glue: parameter-free LayerNorm + AdaLN modulation, and the gated residuals.
-# Eager, each is 2-4 passes over (B, L, d) forward and more backward (~9% of a Hydra block at hth-5b
-# width, L=29,040 on an H100); torch.compile fuses each into one kernel per direction. Parameters never
-# enter these functions (ZeRO-3 gathers a module's weights only inside its own forward).
+# The block's memory-bound glue (LayerNorm + AdaLN modulation, gated residuals) as plain autograd ops:
+# the reference for megassm.ops.modulate.FusedGlue, which the block uses on CUDA (``fuse_elementwise``).
 def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
@@ -65,25 +64,14 @@ def residual_modulated_norm(x: Tensor, y: Tensor, shift: Tensor, scale: Tensor, 
     return h, modulated_norm(h, shift, scale, eps)
 
 
-class Elementwise:
-    """The glue functions, eager (the reference) or torch.compile'd (``compiled()``, built once)."""
-
-    _compiled: Elementwise | None = None
-
-    def __init__(self, compile_fn=None):
-        wrap = compile_fn or (lambda f: f)
-        self.modulated_norm = wrap(modulated_norm)
-        self.gated_residual = wrap(gated_residual)
-        self.residual_modulated_norm = wrap(residual_modulated_norm)
-
-    @classmethod
-    def compiled(cls) -> Elementwise:
-        if cls._compiled is None:
-            cls._compiled = cls(lambda f: torch.compile(f, dynamic=False))
-        return cls._compiled
+class EagerGlue:
+    modulated_norm = staticmethod(modulated_norm)
+    gated_residual = staticmethod(gated_residual)
+    residual_modulated_norm = staticmethod(residual_modulated_norm)
 
 
-EAGER = Elementwise()
+EAGER = EagerGlue()
+FUSED = FusedGlue(compiled=True)
 
 
 class FeedForward(nn.Module):
@@ -146,7 +134,7 @@ class HTHBlock(nn.Module):
         B, d = x.shape[0], x.shape[-1]
         mod = self.scale_shift_table[None] + t_mod.view(B, 6, d)  # (B, 6, d)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, d)
-        ew = Elementwise.compiled() if (self.fuse_elementwise and x.is_cuda) else EAGER
+        ew = FUSED if (self.fuse_elementwise and x.is_cuda) else EAGER
         x = ew.gated_residual(x, gate1, self.mix(ew.modulated_norm(x, shift1, scale1, self.norm1.eps), grid))
         x, h = ew.residual_modulated_norm(x, self.cross_attn(self.norm2(x), text, text_mask), shift2, scale2,
                                           self.norm3.eps)
