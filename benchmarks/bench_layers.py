@@ -97,8 +97,11 @@ def rel_err(a, b) -> float:
 class Bench:
     def __init__(self, res: Results, gemm: float, peak: float):
         self.res, self.gemm, self.peak = res, gemm, peak
+        self.only: set[str] = set()
 
     def run(self, bench, fn, flops, seq_len, batch, **extra):
+        if self.only and bench not in self.only:
+            return None
         try:
             t = time_ms(fn)
             mem = peak_mem_gb(fn)
@@ -205,7 +208,7 @@ def bench_case(b: Bench, m, mods, seq_len: int, batch: int, profile_path=None) -
     if fh and ra:
         fh["speedup_vs_attention"] = ra["ms"] / fh["ms"]
         b.res.write()
-    if batch == 1 and seq_len in (4096, 16384):
+    if batch == 1 and seq_len in (4096, 16384) and (not b.only or "memory_plan" in b.only):
         for sym in ("h", "A"):
             saved_activation_row(b, mods[f"block_{sym}"], sym, x, t_mod, text, mask, grid, seq_len)
 
@@ -283,16 +286,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", default=None, help="comma-separated subset of " + ",".join(str(c[0]) for c in CASES))
     p.add_argument("--profile", action="store_true", help="also write a CUDA kernel profile of Hydra at 16,384")
+    p.add_argument("--only", default="", help="comma-separated bench names to run (default: all)")
+    p.add_argument("--stem", default="layers", help="result file name stem")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else out_dir()
     torch.backends.cuda.matmul.allow_tf32 = False
     m = hth5b()
     gemm = gemm_tflops()
-    res = Results(out, "layers", COLUMNS, extra={"gemm_8192_bf16_tflops": gemm, "model": "hth-5b width",
+    res = Results(out, args.stem, COLUMNS, extra={"gemm_8192_bf16_tflops": gemm, "model": "hth-5b width",
                                                  "dtype": "bf16"})
     print(f"{res.info['device']}: 8192^3 bf16 GEMM {gemm:.0f} TFLOP/s", flush=True)
     b = Bench(res, gemm, res.info["datasheet_bf16_tflops"])
+    b.only = {x for x in args.only.split(",") if x}
     mods = build_modules(m)
     batch_of = dict(CASES)
     order = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else [c[0] for c in CASES]

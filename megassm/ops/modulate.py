@@ -5,7 +5,7 @@ Eager, ``modulate(layer_norm(x), shift, scale)`` and ``x + gate * y`` are 2-4 pa
 activations forward and more backward (~9 % of a Hydra block at hth-5b width, L = 29,040, on an H100).
 Here each op is a ``torch.autograd.Function`` whose forward and backward are plain tensor functions that
 ``torch.compile`` fuses; the backward is written out (not derived by AOTAutograd), so gradient shapes
-are exactly the inputs' (AOTAutograd returned a (d,) gradient for a (1, 1, d) shift on an H100).
+are reshaped to the inputs' (inductor returned (d,) gradients for a (1, 1, d) shift on an H100).
 Math is fp32 (fp64 for fp64 inputs) inside and rounds once to the input dtype. LayerNorm saves only its input and the
 per-token mean / rstd, recomputing x̂ in the backward (eager keeps x̂ as well).
 
@@ -85,6 +85,12 @@ def compiled_kernels() -> _Kernels:
     return _COMPILED
 
 
+def _like(grad: Tensor, inp: Tensor) -> Tensor:
+    """The gradient in its input's shape and dtype: inductor on CUDA returned a (d,) tensor for a
+    (1, 1, d) ``sum_to_size`` (H100, torch 2.11), which autograd rejects."""
+    return grad.reshape(inp.shape).to(inp.dtype)
+
+
 class _ModulatedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps, k):
@@ -97,7 +103,7 @@ class _ModulatedNorm(torch.autograd.Function):
     def backward(ctx, gy):
         x, mean, rstd, shift, scale = ctx.saved_tensors
         gx, g_shift, g_scale = ctx.k.norm_bwd(gy.contiguous(), x, mean, rstd, shift, scale)
-        return gx.to(x.dtype), g_shift.to(shift.dtype), g_scale.to(scale.dtype), None, None
+        return _like(gx, x), _like(g_shift, shift), _like(g_scale, scale), None, None
 
 
 class _ResidualModulatedNorm(torch.autograd.Function):
@@ -114,7 +120,8 @@ class _ResidualModulatedNorm(torch.autograd.Function):
         gh = torch.zeros_like(h) if gh is None else gh.contiguous()
         gout = torch.zeros_like(h) if gout is None else gout.contiguous()
         g, g_shift, g_scale = ctx.k.residual_norm_bwd(gh, gout, h, mean, rstd, shift, scale)
-        return g, g, g_shift, g_scale, None, None
+        g = _like(g, h)
+        return g, g, _like(g_shift, shift), _like(g_scale, scale), None, None
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -128,7 +135,7 @@ class _GatedResidual(torch.autograd.Function):
     def backward(ctx, g):
         gate, y = ctx.saved_tensors
         gy, g_gate = ctx.k.gated_bwd(g.contiguous(), gate, y)
-        return g, g_gate, gy, None
+        return g, _like(g_gate, gate), _like(gy, y), None
 
 
 class FusedGlue:
