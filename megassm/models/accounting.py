@@ -124,7 +124,7 @@ def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 
     d = m.d_model
     hidden = int(d * m.mlp_ratio)
     heads = m.num_heads
-    common = (12 if getattr(m, "fuse_elementwise", False) else 14) * d + 2 * hidden
+    common = (12 if m.fuse_elementwise else 14) * d + 2 * hidden
     fp32_extra = 4 * (2 * 3 + 2 * heads + 2 * heads)  # LayerNorm stats, cross-attn q-norm rstd + lse
     if symbol == "A":
         mixer = 7 * d

@@ -111,7 +111,7 @@ class HTHBlock(nn.Module):
         # zero so that every residual branch starts closed.
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
         self.grad_checkpoint = False
-        self.fuse_elementwise = getattr(cfg, "fuse_elementwise", True)  # on CUDA only; eager elsewhere
+        self.fuse_elementwise = cfg.fuse_elementwise  # on CUDA only; eager elsewhere
 
     def set_scan_order(self, symbol: str) -> None:
         """Switch a Hydra block's scan order (e.g. spatial -> temporal-major for video)."""

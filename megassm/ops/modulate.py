@@ -32,7 +32,7 @@ def _norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
     return y.to(x.dtype), mean, rstd
 
 
-def _norm_bwd(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Tensor, scale: Tensor):
+def _norm_grads(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Tensor, scale: Tensor):
     """Gradients of y = x̂ (1 + scale) + shift, x̂ = (x - mean) rstd, w.r.t. x, shift, scale (fp32)."""
     gy = _up(gy)
     xhat = (_up(x) - mean) * rstd
@@ -43,6 +43,13 @@ def _norm_bwd(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Tensor, 
     return gx, g_shift, g_scale
 
 
+# The backward functions return every gradient in its input's dtype, cast inside the compiled kernel
+# (a full-size fp32 gradient cast afterwards would be one more pass over (B, L, d)).
+def _norm_bwd(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Tensor, scale: Tensor):
+    gx, g_shift, g_scale = _norm_grads(gy, x, mean, rstd, shift, scale)
+    return gx.to(x.dtype), g_shift.to(shift.dtype), g_scale.to(scale.dtype)
+
+
 def _residual_norm_fwd(x: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float):
     h = x + y
     out, mean, rstd = _norm_fwd(h, shift, scale, eps)
@@ -51,9 +58,8 @@ def _residual_norm_fwd(x: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: 
 
 def _residual_norm_bwd(gh: Tensor, gout: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, shift: Tensor,
                        scale: Tensor):
-    gx, g_shift, g_scale = _norm_bwd(gout, h, mean, rstd, shift, scale)
-    g = (gx + _up(gh)).to(h.dtype)
-    return g, g_shift.to(shift.dtype), g_scale.to(scale.dtype)
+    gx, g_shift, g_scale = _norm_grads(gout, h, mean, rstd, shift, scale)
+    return (gx + _up(gh)).to(h.dtype), g_shift.to(shift.dtype), g_scale.to(scale.dtype)
 
 
 def _gated_fwd(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
@@ -66,7 +72,7 @@ def _gated_bwd(g: Tensor, gate: Tensor, y: Tensor):
 
 
 class _Kernels:
-    """The six tensor functions, as written (eager) or compiled once (on first use)."""
+    """The forward and backward tensor functions, as written (eager) or compiled once (on first use)."""
 
     def __init__(self, wrap):
         self.norm_fwd, self.norm_bwd = wrap(_norm_fwd), wrap(_norm_bwd)
@@ -86,9 +92,9 @@ def compiled_kernels() -> _Kernels:
 
 
 def _like(grad: Tensor, inp: Tensor) -> Tensor:
-    """The gradient in its input's shape and dtype: inductor on CUDA returned a (d,) tensor for a
+    """The gradient in its input's shape (a view where possible): inductor on CUDA returned a (d,) tensor for a
     (1, 1, d) ``sum_to_size`` (H100, torch 2.11), which autograd rejects."""
-    return grad.reshape(inp.shape).to(inp.dtype)
+    return grad.reshape(inp.shape)
 
 
 class _ModulatedNorm(torch.autograd.Function):
