@@ -188,16 +188,49 @@ def validate(cfg: RunConfig) -> None:
     for k in ("tp", "cp", "pp"):
         if getattr(p, k) < 1:
             raise ConfigError(f"parallel.{k}={getattr(p, k)} must be >= 1")
-    if p.pp > 1 and p.zero_stage > 1:
+    if p.pp > 1 and p.zero_stage != 1:
         raise ConfigError(
             f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage} is not supported. megassm has two "
             "regimes: (a) ZeRO-3 + TP + CP (+DP), pp=1 -- the default for hth-5b; (b) PP + TP + CP with "
-            "zero_stage <= 1 (DeepSpeed's pipeline engine shards only optimizer state). "
-            "Set parallel.zero_stage=1 or parallel.pp=1."
+            "zero_stage=1 (DeepSpeed's ZeRO-2/3 do not run under a pipeline, and ZeRO-0's gradient clipping "
+            "would leave the later stages out of the gradient norm). Set parallel.zero_stage=1 or parallel.pp=1."
         )
-    if p.pp > 1 and len(cfg.model.pattern) < p.pp:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds the number of blocks ({len(cfg.model.pattern)})")
+    if p.pp > 1 and cfg.train.grad_accum != 1:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} with parallel.pp={p.pp}: the pipeline accumulates "
+                          f"its micro-batches; set parallel.micro_batches (now {p.micro_batches}) instead and "
+                          "train.grad_accum=1")
+    if p.micro_batches < 1 or p.virtual_stages < 1:
+        raise ConfigError(f"parallel.micro_batches={p.micro_batches} and parallel.virtual_stages={p.virtual_stages} "
+                          "must be >= 1")
+    if p.virtual_stages > 1:
+        if p.pp == 1:
+            raise ConfigError(f"parallel.virtual_stages={p.virtual_stages} needs parallel.pp > 1 (interleaved 1F1B)")
+        if p.micro_batches % p.pp:
+            raise ConfigError(f"parallel.virtual_stages={p.virtual_stages}: interleaved 1F1B needs "
+                              f"parallel.micro_batches ({p.micro_batches}) to be a multiple of parallel.pp ({p.pp})")
+    if p.pp * p.virtual_stages > len(cfg.model.pattern):
+        raise ConfigError(f"parallel.pp={p.pp} x parallel.virtual_stages={p.virtual_stages} stages exceed the "
+                          f"number of blocks ({len(cfg.model.pattern)}, model.pattern={cfg.model.pattern!r})")
+    _check_parallel_model(cfg)
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.steps < 0:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1, train.steps >= 0")
+
+
+def _check_parallel_model(cfg: RunConfig) -> None:
+    """The model sizes that tp / cp must divide, and the procedural data's tokens over cp, before any process
+    group or model exists (the same checks ``parallelize_hth`` makes)."""
+    from megassm.parallel.mesh import MeshError, ParallelDims
+
+    p = cfg.parallel
+    try:
+        ParallelDims(world=p.tp * p.cp * p.pp, tp=p.tp, cp=p.cp, pp=p.pp).check_model(cfg.model)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.kind == "procedural" and p.cp * p.tp > 1:
+        pt, ph, pw = cfg.model.patch_size
+        tokens = max(1, cfg.data.frames // pt) * (cfg.data.image_size // ph) * (cfg.data.image_size // pw)
+        if tokens % (p.cp * p.tp):
+            raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
+                              f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")

@@ -139,6 +139,7 @@ class ParallelConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     micro_batches: int = 1  # pipeline micro-batches per step (pp > 1)
+    virtual_stages: int = 1  # > 1: interleaved 1F1B with this many model chunks per pipeline rank
 
 
 @dataclass

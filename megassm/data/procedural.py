@@ -1,8 +1,9 @@
 """Built-in procedural data: coloured squares in image quadrants, with captions.
 
 "a red square at the top left" -> a 3 x S x S image in [-1, 1] (pixels stand in for VAE latents)
-whose top-left quadrant holds a red square on a dark background. Every batch is a pure function of
-(seed, data-parallel rank, batch index), so the data position is one integer and resume is exact.
+whose top-left quadrant holds a red square on a dark background. Every sample is a pure function of
+(seed, global sample index), so the data position is one integer, resume is exact, and a global batch
+holds the same samples under any data-parallel degree or micro-batching.
 
 ``WordEmbeddingEncoder`` is the demo's text encoder: a fixed (seeded, untrained) embedding per
 lower-cased word -- any prompt encodes, known words mean what training showed.
@@ -96,17 +97,28 @@ class ProceduralShapes:
         self.encoder = WordEmbeddingEncoder(text_dim, text_len)
         self.position = 0  # batches handed out on this rank
 
+    def sample_indices(self, index: int) -> list[int]:
+        """Global sample indices of this rank's batch ``index``: batch k of every data-parallel rank
+        together is one contiguous block of batch_size x dp_size samples, rank r holding its r-th slice."""
+        first = (index * self.dp_size + self.dp_rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
     def batch(self, index: int) -> dict:
-        gen = torch.Generator().manual_seed(hash((self.seed, self.dp_rank, self.dp_size, index)) & (2**62 - 1))
+        """Each sample is a function of (seed, its global index) alone: the same samples arrive in the same
+        optimizer step whatever the micro-batch size, accumulation or data-parallel degree."""
+        ids = self.sample_indices(index)
         colours, positions = list(COLOURS), list(POSITIONS)
-        ci = torch.randint(len(colours), (self.batch_size,), generator=gen)
-        pi = torch.randint(len(positions), (self.batch_size,), generator=gen)
-        jit = torch.randint(-1, 2, (self.batch_size, 2), generator=gen)
-        caps = [caption(colours[c], positions[p]) for c, p in zip(ci.tolist(), pi.tolist())]
-        imgs = torch.stack([self._clip(colours[c], positions[p], j)
-                            for c, p, j in zip(ci.tolist(), pi.tolist(), jit)])  # (B, 3, T, S, S)
+        caps, imgs = [], []
+        for i in ids:
+            gen = torch.Generator().manual_seed(hash((self.seed, i)) & (2**62 - 1))
+            c = int(torch.randint(len(colours), (1,), generator=gen))
+            p = int(torch.randint(len(positions), (1,), generator=gen))
+            jit = torch.randint(-1, 2, (2,), generator=gen)
+            caps.append(caption(colours[c], positions[p]))
+            imgs.append(self._clip(colours[c], positions[p], jit))
         text, mask = self.encoder(caps)
-        return {"latents": imgs, "text": text, "text_mask": mask, "captions": caps}
+        # latents (B, 3, T, S, S)
+        return {"latents": torch.stack(imgs), "text": text, "text_mask": mask, "captions": caps}
 
     def _clip(self, colour: str, position: str, jitter: Tensor) -> Tensor:
         if self.frames == 1:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,19 +42,72 @@ def drop_captions(text_mask: Tensor, p: float, generator=None) -> Tensor:
     return text_mask & keep[:, None]
 
 
-def flow_matching_loss(
-    model: Callable, x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig,
-    seq_len: int, generator: torch.Generator | None = None,
-) -> Tensor:
-    """Mean squared error between predicted and true velocity. All randomness from ``generator``."""
+def _mix64(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): distinct inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & (2**63 - 1)
+
+
+def sample_generator(seed: int, sample_index: int) -> torch.Generator:
+    """The CPU generator of one training sample's draws, keyed on (seed, global sample index).
+
+    The global sample index counts samples over the whole run (step x global batch + position in the
+    step's global batch), so a sample's t, noise and caption dropout are the same whatever the
+    micro-batch size, accumulation, data-parallel degree or resume point.
+    """
+    return torch.Generator().manual_seed(_mix64(seed, sample_index))
+
+
+@dataclass
+class FlowBatch:
+    """One micro-batch prepared for the model: inputs, and the target of the velocity loss."""
+
+    xt: Tensor  # (B, C, T, H, W) noisy latents, x0's dtype
+    t: Tensor  # (B,) float32: kept out of bf16, whose spacing (2^-8 near 1) aliases the embedding
+    text: Tensor  # (B, Lt, text_dim)
+    text_mask: Tensor  # (B, Lt) bool, dropped captions all False
+    target: Tensor  # (B, C, T, H, W) the velocity eps - x0
+
+
+def prepare_batch(x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig, seq_len: int,
+                  sample_index: Sequence[int], seed: int) -> FlowBatch:
+    """Draw t (logit-normal + shift), noise and caption dropout per sample, from
+    ``sample_generator(seed, sample_index[i])``, and build x_t and the target.
+
+    x0 (B, C, T, H, W); text (B, Lt, D); text_mask (B, Lt); sample_index: B global sample indices.
+    Ranks of one TP / CP group pass the same indices and so draw the same values.
+    """
     B = x0.shape[0]
-    t = sample_t(cfg, B, seq_len, generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    mask = drop_captions(text_mask, cfg.caption_dropout, generator)
+    if len(sample_index) != B:
+        raise ValueError(f"prepare_batch: {len(sample_index)} sample indices for a batch of {B}")
+    shift = resolution_shift(cfg, seq_len)
+    u, keep, noise = [], [], []
+    for idx in sample_index:  # order of draws per sample: t, caption dropout, noise
+        g = sample_generator(seed, idx)
+        u.append(torch.randn(1, generator=g))
+        keep.append(torch.rand(1, generator=g) >= cfg.caption_dropout)
+        noise.append(torch.randn(x0.shape[1:], generator=g))
+    t = shift_t(torch.sigmoid(torch.cat(u) * cfg.logit_std + cfg.logit_mean), shift).to(x0.device)  # (B,) fp32
+    noise = torch.stack(noise).to(x0.device, x0.dtype)
+    mask = text_mask & torch.cat(keep).to(text_mask.device)[:, None] if cfg.caption_dropout > 0 else text_mask
     tb = t.view(B, *([1] * (x0.dim() - 1))).to(x0.dtype)
-    xt = (1 - tb) * x0 + tb * noise
-    v = model(xt, t.to(x0.dtype), text, mask)
-    return torch.mean((v.float() - (noise - x0).float()) ** 2)
+    return FlowBatch((1 - tb) * x0 + tb * noise, t, text, mask, noise - x0)
+
+
+def velocity_loss(v: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every element, in fp32."""
+    return torch.mean((v.float() - target.float()) ** 2)
+
+
+def flow_matching_loss(model: Callable, x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig,
+                       seq_len: int, sample_index: Sequence[int], seed: int) -> Tensor:
+    """Mean squared error between predicted and true velocity; draws as in ``prepare_batch``."""
+    b = prepare_batch(x0, text, text_mask, cfg, seq_len, sample_index, seed)
+    return velocity_loss(model(b.xt, b.t, b.text, b.text_mask), b.target)
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megassm.config.schema import DiffusionConfig, ModelConfig
-from megassm.diffusion.flow import drop_captions, sample_t
+from megassm.config.schema import ModelConfig
+from megassm.diffusion.flow import FlowBatch, velocity_loss
 from megassm.models.accounting import block_flops_per_token
 from megassm.models.block import TokenGrid
 from megassm.models.embed import unpatchify
@@ -185,32 +185,9 @@ class PipelineStage(nn.Module):
 
 
 # -- inputs of one micro-batch --------------------------------------------------------------------
-@dataclass
-class MicroBatch:
-    """What the first stage feeds in: the noisy latents, t, text, (dropped) mask and the target."""
-
-    xt: Tensor  # (B, C, T, H, W)
-    t: Tensor  # (B,)
-    text: Tensor  # (B, Lt, text_dim)
-    text_mask: Tensor  # (B, Lt) bool
-    target: Tensor  # (B, C, T, H, W): the velocity eps - x0
-
-
-def flow_microbatch(x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig, seq_len: int,
-                    generator: torch.Generator | None = None) -> MicroBatch:
-    """The draws of ``megassm.diffusion.flow.flow_matching_loss``, in its order (t, noise, caption
-    dropout), so that ``mse(model(xt, t, text, mask), target)`` is that loss (a test checks it)."""
-    assert x0.dim() == 5 and text.dim() == 3 and text_mask.shape == text.shape[:2], "x0 (B,C,T,H,W), text (B,Lt,D)"
-    B = x0.shape[0]
-    t = sample_t(cfg, B, seq_len, generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    mask = drop_captions(text_mask, cfg.caption_dropout, generator)
-    tb = t.view(B, *([1] * (x0.dim() - 1))).to(x0.dtype)
-    return MicroBatch((1 - tb) * x0 + tb * noise, t.to(x0.dtype), text, mask, noise - x0)
-
-
-def flow_loss(v: Tensor, target: Tensor) -> Tensor:
-    return torch.mean((v.float() - target.float()) ** 2)
+# The first stage's input per micro-batch is a ``megassm.diffusion.flow.FlowBatch`` (noisy latents, fp32 t,
+# text, dropped mask, target), drawn once by ``prepare_batch`` -- the same draws as the dense trainer.
+MicroBatch = FlowBatch
 
 
 # -- one training step ----------------------------------------------------------------------------
@@ -273,7 +250,7 @@ def train_step_pipeline(
     engine: ``engine(chunk, *inputs, grid=...)`` runs ``stage``; ``engine.backward(loss,
         scale_wrt_gas=...)`` / ``set_gradient_accumulation_boundary`` as DeepSpeed's (its
         gradient_accumulation_steps must be ``micro_batches``: the loss is averaged over them).
-    batches: the first stage's micro-batches (``flow_microbatch``); other stages pass None.
+    batches: the first stage's micro-batches (``megassm.diffusion.flow.prepare_batch``); other stages pass None.
     dtype: the compute dtype of messages (the model's: bf16 under DeepSpeed bf16).
     """
     m, plan = micro_batches, stage.plan
@@ -342,7 +319,7 @@ class _Executor:
             inputs = (*leaves, y_mask > 0.5)
         out = self.engine(chunk, *inputs, grid=self.shapes.grid(mb))
         if vs == self.S - 1:
-            loss = flow_loss(out, target)
+            loss = velocity_loss(out, target)
             self.losses[mb] = loss.detach().double()
             self.saved[(vs, mb)] = (leaves, loss)
         else:

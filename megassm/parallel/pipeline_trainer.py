@@ -26,14 +26,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megassm.config.schema import RunConfig
-from megassm.parallel.pipeline import PipelineStage, flow_microbatch, partition_blocks, train_step_pipeline
+from megassm.diffusion.flow import prepare_batch
+from megassm.parallel.pipeline import PipelineStage, partition_blocks, train_step_pipeline
 from megassm.parallel.pipeline_comm import PipeGroup
 from megassm.train.ema import ShardedEMA
 from megassm.train.engine import build_engine
-from megassm.train.loop import Trainer, _any_rank
+from megassm.train.loop import Trainer
 
 log = logging.getLogger("megassm.train")
 
@@ -71,8 +73,8 @@ def typical_seq_len(cfg: RunConfig) -> int:
 class StageEMA(ShardedEMA):
     """EMA of one stage's (TP shard of its) parameters, whole tensors, one file per (pp, tp) position."""
 
-    def __init__(self, model, decay: float, mesh):
-        super().__init__(model, decay)
+    def __init__(self, model, decay: float, mesh, group=None):
+        super().__init__(model, decay, group)
         self.mesh = mesh
 
     def _path(self, directory: Path) -> Path:
@@ -80,13 +82,14 @@ class StageEMA(ShardedEMA):
 
     def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
         """Trainer.save's ``shard_rank`` / ``write`` describe the ZeRO-3 layout; here the first DP x CP
-        rank of each (pp, tp) position writes its stage."""
+        rank of each (pp, tp) position writes its stage (every rank calls: ZeRO-1's fragments are summed)."""
+        state = self.full_shadow()
         if self.mesh.get_sequence_data_parallel_rank() != 0:
             return
         path = self._path(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {n: list(p.shape) for n, p in self.params.items()}
-        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
+        save_file({n: t.contiguous() for n, t in state.items()}, str(path),
                   metadata={"shapes": json.dumps(meta), "partitioned": "False", "decay": str(self.decay),
                             "layout": "pipeline"})
 
@@ -101,6 +104,7 @@ class StageEMA(ShardedEMA):
                 raise ValueError(f"{path}: {n} missing or shaped {tuple(state[n].shape) if n in state else None}, "
                                  f"this stage expects {tuple(t.shape)} (different pipeline plan?)")
             t.copy_(state[n])
+        self.refresh()
 
 
 class _NoData:
@@ -129,20 +133,13 @@ class PipelineTrainer(Trainer):
 
     def _build_engine(self, model):
         cfg, p = self.cfg, self.cfg.parallel
-        if p.zero_stage != 1:
-            # ZeRO-0's clip_grad_norm_ counts a non-TP parameter only where mpu.get_model_parallel_rank()
-            # is 0, i.e. on the first stage (that rank spans TP x PP): later stages would be left out of
-            # the norm. ZeRO-1 de-duplicates by the TP rank and sums over TP x PP.
-            raise ValueError(f"parallel.pp={p.pp} needs parallel.zero_stage=1 (got {p.zero_stage}): DeepSpeed's "
-                             "ZeRO-0 gradient clipping would leave the later pipeline stages out of the gradient norm")
-        if cfg.train.grad_accum != 1:
-            raise ValueError(f"train.grad_accum={cfg.train.grad_accum} with parallel.pp={p.pp}: the pipeline "
-                             "accumulates its micro-batches; set parallel.micro_batches (now "
-                             f"{p.micro_batches}) instead and train.grad_accum=1")
+        # config/load.py has checked zero_stage == 1 (ZeRO-0's clipping would leave later stages out of
+        # the norm), grad_accum == 1 and the interleaving rules
         self.pipe = PipeGroup.from_mesh(self.mesh)
-        self.plan = partition_blocks(cfg.model, p.pp, typical_seq_len(cfg))
+        self.plan = partition_blocks(cfg.model, p.pp, typical_seq_len(cfg), virtual=p.virtual_stages)
         stage = PipelineStage(model, self.plan, self.pipe.rank)
-        self._info(f"pipeline: {p.pp} stages x {p.micro_batches} micro-batches (1F1B), blocks per stage "
+        schedule = "1F1B" if p.virtual_stages == 1 else f"interleaved 1F1B, {p.virtual_stages} chunks per rank"
+        self._info(f"pipeline: {p.pp} stages x {p.micro_batches} micro-batches ({schedule}), blocks per stage "
                    f"{[hi - lo for lo, hi in self.plan.bounds]} {list(self.plan.bounds)}, cost imbalance "
                    f"{self.plan.imbalance:.2f}")
         if p.micro_batches < p.pp:
@@ -154,11 +151,15 @@ class PipelineTrainer(Trainer):
         # Trainer.__init__ calls resume() once, last: set up what differs under PP before a checkpoint
         # (if any) restores its state.
         if self.ema is not None and not isinstance(self.ema, StageEMA):
-            self.ema = StageEMA(self.model, self.cfg.train.ema_decay, self.mesh)
-        self.gen = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + self.mesh.coords["dp"])
+            self.ema = StageEMA(self.model, self.cfg.train.ema_decay, self.mesh,
+                                getattr(self.engine.optimizer, "dp_process_group", None))
         if not self.is_first_stage:
             self.data = _NoData()  # only the first stage reads; no loader workers elsewhere
         super().resume()
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.cfg.parallel.micro_batches
 
     @property
     def is_first_stage(self) -> bool:
@@ -168,7 +169,7 @@ class PipelineTrainer(Trainer):
         """The first stage's micro-batches for one step, and the time spent waiting for data."""
         batches, wait = [], 0.0
         bf16 = self.engine.bfloat16_enabled()
-        for _ in range(self.cfg.parallel.micro_batches):
+        for m in range(self.cfg.parallel.micro_batches):
             tw = time.perf_counter()
             batch = next(data_iter)
             wait += time.perf_counter() - tw
@@ -176,8 +177,8 @@ class PipelineTrainer(Trainer):
             if bf16:
                 x0, text = x0.bfloat16(), text.bfloat16()
             seq_len = math.prod(self.model.patch_embed.grid(x0.shape))
-            batches.append(flow_microbatch(x0, text, batch["text_mask"].to(self.device), self.cfg.diffusion,
-                                           seq_len, self.gen))
+            batches.append(prepare_batch(x0, text, batch["text_mask"].to(self.device), self.cfg.diffusion, seq_len,
+                                         self.sample_indices(m, x0.shape[0]), self.cfg.train.seed))
         return batches, wait
 
     def train_step(self, data_iter) -> dict:
@@ -186,19 +187,24 @@ class PipelineTrainer(Trainer):
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         res = train_step_pipeline(self.engine, self.model, self.pipe, self.cfg.parallel.micro_batches, batches,
                                   dtype)
-        ok = not _any_rank(not all(math.isfinite(v) for v in res.losses), self.device)
+        # one collective: a non-finite loss anywhere, the replicas' loss sum, a stop request
+        stop = self._stop is not None and self._stop.signum is not None
+        flags = torch.tensor([float(not all(math.isfinite(v) for v in res.losses)), res.loss, float(stop)],
+                             device=self.device)
+        dist.all_reduce(flags)  # SUM over the world: every rank of a replica holds its losses
+        n_bad, loss_sum, n_stop = flags.tolist()
+        lr = self.scheduler.get_last_lr()[0]
         # ZeRO-1 reduced the gradients in the last backward; its step() finds non-finite ones (a
         # non-finite loss makes them so) and skips, clearing its accumulators: it runs either way
         skipped_before = self.engine.skipped_steps
         self.engine.step()
-        ok = ok and self.engine.skipped_steps == skipped_before
+        ok = n_bad == 0 and self.engine.skipped_steps == skipped_before
         if ok and self.ema is not None:
             self.ema.update()
-        # per-rank shares (Trainer.fit multiplies by the world size): every pp x tp x cp ranks share a batch
-        share = self.mesh.dims.pp * self.mesh.dims.tp * self.mesh.dims.cp
-        return {"loss": res.loss if ok else float("nan"), "ok": ok, "time": time.perf_counter() - t0,
-                "tokens": res.tokens / share, "samples": res.samples / share, "data_wait": wait,
-                "seq_len": res.tokens // max(res.samples, 1), "bubble": res.bubble_fraction}
+        # one data-parallel replica's work (Trainer.fit scales by dp and divides FLOPs by pp x tp x cp)
+        return {"loss": loss_sum / dist.get_world_size() if ok else float("nan"), "ok": ok, "lr": lr,
+                "time": time.perf_counter() - t0, "tokens": res.tokens, "samples": res.samples, "data_wait": wait,
+                "seq_len": res.tokens // max(res.samples, 1), "bubble": res.bubble_fraction, "stop": n_stop > 0}
 
     def log_samples(self) -> None:
         if not getattr(self, "_warned_samples", False):

@@ -1,9 +1,18 @@
-"""EMA of the weights that works on ZeRO-3 partitions.
+"""EMA of the optimizer's fp32 master weights, kept where the optimizer keeps them.
 
-Under ZeRO-3 each rank owns a flat slice (``param.ds_tensor``) of every parameter; the EMA keeps
-an fp32 copy of exactly that slice, so it costs 4 bytes/param / (DP x CP) per rank and never needs a
-gather to update. Without ZeRO-3 each rank holds whole tensors. Saving writes this rank's slices;
-``ShardedEMA.consolidate`` (or ``full_state_dict``) rebuilds whole tensors.
+The EMA follows the fp32 masters, never the bf16 module weights: at lr 2e-5 most updates are smaller
+than one bf16 step, and an EMA of bf16 values would move in a staircase. Three layouts, by what the
+DeepSpeed optimizer holds on this rank:
+
+- ``partitioned`` (ZeRO-3): each rank's fp32 master partition of every parameter (flat, the size of
+  ``param.ds_tensor``); 4 bytes/param / (DP x CP) per rank, no gather to update; saved per rank.
+- ``fragment`` (ZeRO-1/2, and ZeRO-0 under bf16, whose optimizer partitions the fp32 masters): whole
+  fp32 tensors, of which each rank updates the fragment its optimizer owns; saving sums the fragments
+  over the optimizer's data-parallel group (a collective) and the first rank writes one file.
+- ``whole`` (ZeRO-0 in fp32): the module parameters are the masters; one file.
+
+One ``torch._foreach_lerp_`` call updates every tensor. ``ShardedEMA.consolidate`` rebuilds whole
+tensors from a checkpoint's ``ema/`` files.
 """
 
 from __future__ import annotations
@@ -13,25 +22,89 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def _local(p: nn.Parameter) -> torch.Tensor:
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def _layout(p: nn.Parameter) -> str:
+    if hasattr(p, "ds_id"):
+        return "partitioned"
+    if hasattr(p, "_hp_mapping"):  # set (None where this rank owns no fragment) by ZeRO-1/2 and bf16 ZeRO-0
+        return "fragment"
+    return "whole"
 
 
 class ShardedEMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, group=None):
+        """``group``: the process group over which the optimizer partitions its fp32 masters (fragment layout)."""
+        self.decay, self.group = decay, group
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
-        self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
+        layouts = {_layout(p) for p in self.params.values()}
+        if len(layouts) > 1:
+            raise RuntimeError(f"EMA: parameters are held in mixed layouts {sorted(layouts)}; expected one")
+        self.layout = layouts.pop() if layouts else "whole"
+        self.partitioned = self.layout == "partitioned"
+        self._sources: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        if self.partitioned:
+            self.shadow = {n: self._master(p).detach().float().clone() for n, p in self.params.items()}
+        else:
+            self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.refresh()
+
+    @staticmethod
+    def _master(p: nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p).view(-1)
+
+    def refresh(self) -> None:
+        """(Re)collect the views of the fp32 masters and the EMA tensors they feed (after a checkpoint load)."""
+        self._sources, self._targets = [], []
+        for n, p in self.params.items():
+            if self.layout == "partitioned":
+                self._sources.append(self._master(p))
+                self._targets.append(self.shadow[n])
+            elif self.layout == "fragment":
+                m = p._hp_mapping
+                if m is None:  # no fragment of this parameter in this rank's partition
+                    continue
+                addr = m.lp_fragment_address
+                self._sources.append(m.hp_fragment.view(-1))
+                self._targets.append(self.shadow[n].view(-1).narrow(0, addr.start, addr.numel))
+            else:
+                self._sources.append(p.data)
+                self._targets.append(self.shadow[n])
+        bad = [t.dtype for t in self._sources if t.dtype != torch.float32]
+        if bad:
+            raise RuntimeError(f"EMA: expected fp32 master weights, found {bad[0]} ({self.layout} layout)")
 
     @torch.no_grad()
     def update(self) -> None:
+        if self._targets:
+            torch._foreach_lerp_(self._targets, self._sources, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_shadow(self) -> dict[str, torch.Tensor]:
+        """This rank's EMA tensors as they are saved; for the fragment layout a collective over ``group``
+        (every rank of it must call) that sums each rank's fragments into whole tensors."""
+        if self.layout != "fragment":
+            return self.shadow
+        out = {n: torch.zeros_like(t) for n, t in self.shadow.items()}
         for n, p in self.params.items():
-            self.shadow[n].lerp_(_local(p).float(), 1.0 - self.decay)
+            m = p._hp_mapping
+            if m is not None:
+                a = m.lp_fragment_address
+                out[n].view(-1).narrow(0, a.start, a.numel).copy_(self.shadow[n].view(-1).narrow(0, a.start, a.numel))
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            flat = torch.cat([t.view(-1) for t in out.values()])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for t in out.values():
+                t.view(-1).copy_(flat[offset:offset + t.numel()])
+                offset += t.numel()
+        return out
 
     @staticmethod
     def filename(shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> str:
@@ -40,18 +113,21 @@ class ShardedEMA:
         return stem + ".safetensors"
 
     def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
-        """Write this rank's slices to ``ema/<filename>`` (``write``: this rank's turn)."""
+        """Write this rank's EMA to ``ema/<filename>`` if ``write`` (partitioned: every rank of the ZeRO
+        partition group; otherwise its first rank). Every rank must call it (the fragment layout gathers)."""
+        state = self.full_shadow()
         if not write:
             return
         d = Path(directory) / "ema"
         d.mkdir(parents=True, exist_ok=True)
         meta = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in self.params.items()}
-        path = d / self.filename(shard_rank, mp_rank, mp_world)
-        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
+        path = d / self.filename(shard_rank if self.partitioned else 0, mp_rank, mp_world)
+        save_file({n: t.contiguous() for n, t in state.items()}, str(path),
                   metadata={"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)})
 
     def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
-        path = Path(directory) / "ema" / self.filename(shard_rank, mp_rank, mp_world)
+        """Partitioned: this rank's shard; otherwise the one whole-tensor file, read by every rank."""
+        path = Path(directory) / "ema" / self.filename(shard_rank if self.partitioned else 0, mp_rank, mp_world)
         if not path.is_file():
             raise FileNotFoundError(f"EMA shard missing: {path} (was the checkpoint written with ema_decay=0?)")
         state = load_file(str(path))
@@ -63,6 +139,7 @@ class ShardedEMA:
                 raise ValueError(f"EMA shard {path}: {n} has shape {tuple(state[n].shape)}, "
                                  f"this run expects {tuple(self.shadow[n].shape)} (different parallel layout?)")
             self.shadow[n].copy_(state[n])
+        self.refresh()
 
     @staticmethod
     def consolidate(directory: Path, model_cfg=None) -> dict[str, torch.Tensor]:

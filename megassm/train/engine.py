@@ -96,3 +96,14 @@ def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False,
     )
     return engine, scheduler
+
+
+def skip_update(engine) -> None:
+    """Close a gradient-accumulation window without an optimizer step (a micro-batch of it was non-finite).
+
+    Every micro-batch went through ``backward`` and all but the last through ``step``; instead of the
+    boundary ``step`` this drops the accumulated gradients and counts the micro-step, so the next
+    micro-batch opens a new window. The LR schedule and ``global_steps`` do not move (no update).
+    """
+    engine.optimizer.zero_grad()
+    engine.micro_steps += 1

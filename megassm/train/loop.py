@@ -4,6 +4,7 @@ signals, EMA, numerical guards and exact resume."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.train import checkpoint as ckpt
 from megassm.train.ema import ShardedEMA
-from megassm.train.engine import build_engine
+from megassm.train.engine import build_engine, skip_update
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.warm_start import warm_start
 
@@ -58,18 +59,13 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _grads_finite(engine) -> bool:
-    """After backward, for ZeRO-0 (DeepSpeed's ZeRO optimizers check overflow themselves)."""
-    for p in engine.module.parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return False
-    return True
+def _grads_nonfinite(engine) -> torch.Tensor:
+    """After backward, for ZeRO-0 (DeepSpeed's ZeRO optimizers check overflow themselves): a 0-d bool
+    tensor, computed without a host sync."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(False)
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().cpu()
 
 
 class Trainer:
@@ -95,19 +91,17 @@ class Trainer:
         self._apply_activation_checkpointing(model)
         self.engine, self.scheduler = self._build_engine(model)
         self.model = self.engine.module
-        self.ema = ShardedEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = self._build_ema() if cfg.train.ema_decay > 0 else None
 
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
                                      text_len=cfg.model.max_text_len)
-        # all training randomness (t, noise, caption dropout) comes from this generator; TP/CP ranks that
-        # share a sample must draw the same values, so it is seeded by the data-parallel rank
-        self.gen = torch.Generator().manual_seed(cfg.train.seed * 100003 + dp_rank)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True)
+        self._stop: _SignalFlag | None = None  # installed by fit()
         self.resume()
 
     # -- setup helpers ---------------------------------------------------------------------
@@ -131,6 +125,11 @@ class Trainer:
         """(engine, scheduler); PipelineTrainer overrides it to wrap only this rank's pipeline stage."""
         return build_engine(model.to(self.device), self.cfg, self.device, self.mesh)
 
+    def _build_ema(self) -> ShardedEMA:
+        # the group over which ZeRO-1/2 (and bf16 ZeRO-0) partition the fp32 masters the EMA follows
+        return ShardedEMA(self.model, self.cfg.train.ema_decay, group=getattr(self.engine.optimizer,
+                                                                             "dp_process_group", None))
+
     def _apply_activation_checkpointing(self, model) -> None:
         mode, k = self.cfg.train.activation_checkpointing, self.cfg.train.checkpoint_every_k
         for i, blk in enumerate(model.blocks):
@@ -153,7 +152,7 @@ class Trainer:
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "data": self.data.state_dict(), "world": dist.get_world_size()}
-        ckpt.save_trainer_state(tag_dir, self.rank, state, {"gen": self.gen.get_state()})
+        ckpt.save_trainer_state(tag_dir, self.rank, state, {})
         ckpt.finalize(self.ckpt_dir, tag, self.cfg.train.keep_last, is_writer=self.rank == 0)
         self._info(f"checkpoint {tag_dir} written ({reason}) at step {self.step}")
 
@@ -169,74 +168,101 @@ class Trainer:
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        state, tensors = ckpt.load_trainer_state(tag_dir, self.rank)
+        state, _ = ckpt.load_trainer_state(tag_dir, self.rank)
         if state.get("world") != dist.get_world_size():
             raise RuntimeError(f"checkpoint {tag_dir} was written by {state.get('world')} ranks, this run has "
                                f"{dist.get_world_size()}; resume with the same layout or use init_from")
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
         self.data.load_state_dict(state["data"])
-        self.gen.set_state(tensors["gen"])
+        # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
+        # (DeepSpeed does not restore its micro-step counter)
+        self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
         if self.ema is not None:
             self.ema.load(tag_dir, self.mesh.get_sequence_data_parallel_rank(), *self._mp())
         self._info(f"resumed from step {self.step} ({tag_dir})")
         self.metrics.event({"event": "resume", "step": self.step})
 
     # -- one optimizer step ----------------------------------------------------------------
-    def _micro_step(self, batch) -> tuple[float | None, bool]:
-        """Forward + backward of one micro-batch; returns (loss, ok)."""
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.cfg.train.grad_accum
+
+    def sample_indices(self, micro: int, batch_size: int) -> list[int]:
+        """Global indices of this rank's samples in micro-batch ``micro`` of the current step.
+
+        The step's global batch is samples [step x G, (step + 1) x G), G = micro_batch x grad_accum x dp;
+        micro-batch m of data-parallel rank r holds slice (m x dp + r) of it. A sample's flow-matching
+        draws are keyed on its index (``megassm.diffusion.flow.prepare_batch``), so they do not depend
+        on micro-batching, accumulation or layout (the procedural data uses the same indices).
+        """
+        mb, n = self.cfg.train.micro_batch_size, self.micro_batches_per_step
+        dp, r = self.mesh.get_data_parallel_world_size(), self.mesh.get_data_parallel_rank()
+        first = ((self.step * n + micro) * dp + r) * mb
+        return list(range(first, first + batch_size))
+
+    def _forward_loss(self, batch, micro: int) -> torch.Tensor:
         x0 = batch["latents"].to(self.device)
         text = batch["text"].to(self.device)
         mask = batch["text_mask"].to(self.device)
         if self.engine.bfloat16_enabled():
             x0, text = x0.bfloat16(), text.bfloat16()
-        seq_len = self.model.patch_embed.grid(x0.shape)
-        seq_len = seq_len[0] * seq_len[1] * seq_len[2]
-        loss = compute_loss(self.engine, x0, text, mask, self.cfg.diffusion, seq_len, self.gen)
-        bad = _any_rank(not torch.isfinite(loss).item(), self.device)
-        if bad:
-            return None, False
-        self.engine.backward(loss)
-        return loss.item(), True
+        seq_len = math.prod(self.model.patch_embed.grid(x0.shape))
+        return compute_loss(self.engine, x0, text, mask, self.cfg.diffusion, seq_len,
+                            self.sample_indices(micro, x0.shape[0]), self.cfg.train.seed)
 
     def train_step(self, data_iter) -> dict:
+        """One optimizer step over ``train.grad_accum`` micro-batches (DeepSpeed's managed accumulation:
+        ``backward`` + ``step`` per micro-batch, the last ``step`` at the boundary updates). One
+        collective per step decides, on every rank alike, whether the update is skipped (a non-finite
+        loss or, under ZeRO-0, gradient anywhere), gives the global-batch loss, and carries a stop signal.
+        """
         t0 = time.perf_counter()
-        losses, ok, wait = [], True, 0.0
-        tokens = samples = 0
-        for _ in range(self.cfg.train.grad_accum):
+        n = self.cfg.train.grad_accum
+        losses, wait, tokens, samples = [], 0.0, 0, 0
+        for m in range(n):
             tw = time.perf_counter()
             batch = next(data_iter)
             wait += time.perf_counter() - tw
             samples += batch["latents"].shape[0]
-            g = self.model.patch_embed.grid(batch["latents"].shape)
-            tokens += batch["latents"].shape[0] * g[0] * g[1] * g[2]
-            loss, good = self._micro_step(batch)
-            if not good:
-                ok = False
-                break
-            losses.append(loss)
-        skipped_before = self.engine.skipped_steps
-        if ok and self.cfg.parallel.zero_stage == 0:
-            ok = not _any_rank(not _grads_finite(self.engine), self.device)
+            tokens += batch["latents"].shape[0] * math.prod(self.model.patch_embed.grid(batch["latents"].shape))
+            loss = self._forward_loss(batch, m)
+            losses.append(loss.detach().float())
+            # a non-finite loss still goes through backward: the window is completed, then discarded
+            self.engine.backward(loss)
+            if m < n - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        local = torch.stack(losses)
+        bad = (~torch.isfinite(local)).any()
+        if self.cfg.parallel.zero_stage == 0:
+            bad = bad | _grads_nonfinite(self.engine)  # ZeRO-1..3 optimizers check their own partitions
+        stop = self._stop.signum is not None if self._stop is not None else False
+        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop))]).to(self.device)
+        dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
+        n_bad, loss_sum, n_stop = flags.tolist()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update applies
+        ok = n_bad == 0
         if ok:
-            self.engine.step()
+            skipped_before = self.engine.skipped_steps
+            self.engine.step()  # the boundary: reduce, clip, update, LR schedule
             ok = self.engine.skipped_steps == skipped_before  # ZeRO's own overflow check skipped it
         else:
-            self.engine.optimizer.zero_grad()
+            skip_update(self.engine)
         if ok and self.ema is not None:
             self.ema.update()
-        dt = time.perf_counter() - t0
-        return {"loss": sum(losses) / len(losses) if ok else float("nan"), "ok": ok, "time": dt,
-                "tokens": tokens, "samples": samples, "data_wait": wait, "seq_len": tokens // max(samples, 1)}
+        return {"loss": loss_sum / dist.get_world_size() if ok else float("nan"), "ok": ok, "lr": lr,
+                "time": time.perf_counter() - t0, "tokens": tokens, "samples": samples, "data_wait": wait,
+                "seq_len": tokens // max(samples, 1), "stop": n_stop > 0}
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg.train
-        flag = _SignalFlag().install()
+        flag = self._stop = _SignalFlag().install()
         data_iter = iter(self.data)
-        # ranks of one TP x CP group work on the same samples: throughput counts data-parallel replicas
+        # train_step reports one data-parallel replica's samples; the pp x tp x cp ranks of a replica
+        # share its work, so per-GPU FLOPs divide by that many
         replicas = self.mesh.get_data_parallel_world_size()
-        model_parallel = self.cfg.parallel.tp * self.cfg.parallel.cp
+        model_parallel = self.cfg.parallel.tp * self.cfg.parallel.cp * self.cfg.parallel.pp
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
         bar = self.metrics.progress(total=cfg.steps, initial=self.step, enabled=cfg.progress_bar)
         try:
@@ -257,7 +283,8 @@ class Trainer:
                             f"earlier checkpoint in {self.ckpt_dir}")
                 # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
                 flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
-                row = {"step": self.step, "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0],
+                row = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
+                       "optimizer_steps": self.engine.global_steps,
                        "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
@@ -267,8 +294,7 @@ class Trainer:
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.log_samples()
-                stop = _any_rank(flag.signum is not None, self.device)
-                if stop:
+                if out["stop"]:
                     self.save(f"signal {flag.signum}")
                     self._info(f"checkpoint written on signal at step {self.step}; exiting")
                     return 0
@@ -290,9 +316,9 @@ class Trainer:
             self.metrics.images("samples", imgs, self.step)
 
 
-def compute_loss(engine, x0, text, mask, diffusion_cfg, seq_len, gen):
+def compute_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed):
     """Module-level so tests can inject faults (e.g. a NaN) into a run."""
-    return flow_matching_loss(engine, x0, text, mask, diffusion_cfg, seq_len, gen)
+    return flow_matching_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed)
 
 
 def _grad_norm(engine) -> float:

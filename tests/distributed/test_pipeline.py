@@ -31,8 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megassm.config.schema import DiffusionConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
+from megassm.diffusion.flow import prepare_batch
+from megassm.diffusion.flow import velocity_loss as flow_loss
 from megassm.models.hth import HTHModel
-from megassm.parallel.pipeline import MicroBatch, PipelineStage, flow_loss, flow_microbatch, partition_blocks
+from megassm.parallel.pipeline import MicroBatch, PipelineStage, partition_blocks
 
 STEPS, M, B = 3, 4, 2
 LATENT = (4, 1, 8, 8)  # (C, T, H, W): 8x8 latents, patch 2 -> a 4x4 token grid
@@ -65,12 +67,13 @@ def make_batches(step: int, dp_rank: int, nan: bool = False) -> list[MicroBatch]
     gen = torch.Generator().manual_seed(1000 * step + dp_rank)
     diffusion = DiffusionConfig(caption_dropout=0.25)
     out = []
-    for _ in range(M):
+    for i in range(M):
         x0 = torch.randn(B, *LATENT, generator=gen)
         text = torch.randn(B, 5, 16, generator=gen)
         mask = torch.ones(B, 5, dtype=torch.bool)
         mask[1, 3:] = False
-        out.append(flow_microbatch(x0, text, mask, diffusion, SEQ_LEN, gen))
+        ids = [((step * 2 + dp_rank) * M + i) * B + j for j in range(B)]
+        out.append(prepare_batch(x0, text, mask, diffusion, SEQ_LEN, ids, seed=3))
     if nan:
         out[0].xt[0, 0, 0, 0, 0] = math.nan
     return out
@@ -248,18 +251,6 @@ def test_stages_chain_to_the_model():
         assert torch.equal(out, want), (pp, v)
         keys = [k for s in stages for k in s.state_dict()]
         assert sorted(keys) == sorted(model.state_dict()), "stages must hold each HTHModel tensor once"
-
-
-def test_flow_microbatch_is_flow_matching_loss():
-    from megassm.diffusion.flow import flow_matching_loss
-
-    model = reference_model()
-    x0, text = torch.randn(B, *LATENT), torch.randn(B, 5, 16)
-    mask = torch.ones(B, 5, dtype=torch.bool)
-    cfg = DiffusionConfig(caption_dropout=0.5)
-    want = flow_matching_loss(model, x0, text, mask, cfg, SEQ_LEN, torch.Generator().manual_seed(7))
-    b = flow_microbatch(x0, text, mask, cfg, SEQ_LEN, torch.Generator().manual_seed(7))
-    assert torch.equal(flow_loss(model(b.xt, b.t, b.text, b.text_mask), b.target), want)
 
 
 @pytest.mark.parametrize("pp,m,v", [(2, 4, 1), (4, 8, 1), (4, 2, 1), (3, 5, 1), (2, 1, 1), (2, 4, 2), (4, 8, 2),
