@@ -59,6 +59,13 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _fault_kill_step() -> int | None:
+    """``MEGASSM_FAULT_SIGKILL_AT_STEP=N``: every rank SIGKILLs itself right after step N is logged -- a
+    node failure between checkpoints, for the resume tests. Unset in real runs."""
+    v = os.environ.get("MEGASSM_FAULT_SIGKILL_AT_STEP")
+    return int(v) if v else None
+
+
 def _grads_nonfinite(engine) -> torch.Tensor:
     """After backward, for ZeRO-0 (DeepSpeed's ZeRO optimizers check overflow themselves): a 0-d bool
     tensor, computed without a host sync."""
@@ -294,6 +301,8 @@ class Trainer:
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.log_samples()
+                if self.step == _fault_kill_step():
+                    os.kill(os.getpid(), signal.SIGKILL)  # simulated node failure (tests)
                 if out["stop"]:
                     self.save(f"signal {flag.signum}")
                     self._info(f"checkpoint written on signal at step {self.step}; exiting")

@@ -94,22 +94,32 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.distributed
-def test_zero3_matches_zero0_on_two_ranks(tmp_path):
-    common = [*TINY_OVERRIDES, "train.steps=4", "train.ckpt_every=4", "train.ema_decay=0.5"]
+def test_zero_stages_agree_and_resume_their_ema_on_two_ranks(tmp_path):
+    """dp=2: ZeRO-3 (EMA of the fp32 master partitions, a file per rank) run through; ZeRO-0 (EMA of whole
+    tensors, one file) and ZeRO-2 (EMA fragments of the partitioned fp32 masters, gathered into one file)
+    each run 2 steps, then resume to 4 -- every rank reading the one EMA file."""
+    common = [*TINY_OVERRIDES, "train.steps=4", "train.ckpt_every=2", "train.ema_decay=0.5"]
     run_train(SMOKE, *common, f"run_dir={tmp_path / 'z3'}", "parallel.zero_stage=3", nproc=2)
-    run_train(SMOKE, *common, f"run_dir={tmp_path / 'z0'}", "parallel.zero_stage=0", nproc=2)
-    l3, l0 = losses_by_step(tmp_path / "z3"), losses_by_step(tmp_path / "z0")
-    assert sorted(l3) == [1, 2, 3, 4]
-    # Same weights and data; ZeRO-3 reduce-scatters gradients where ZeRO-0 all-reduces them, so fp32
-    # sums differ in the last bits (~1e-7 relative) and Adam carries that through 3 updates.
-    for s in l3:
-        assert abs(l3[s] - l0[s]) <= 1e-4 * abs(l0[s]), (s, l3[s], l0[s])
+    for z in (0, 2):
+        run_train(SMOKE, *common, f"run_dir={tmp_path / f'z{z}'}", f"parallel.zero_stage={z}", "train.steps=2",
+                  nproc=2)
+        run_train(SMOKE, *common, f"run_dir={tmp_path / f'z{z}'}", f"parallel.zero_stage={z}", nproc=2)
+        assert [r["step"] for r in read_metrics(tmp_path / f"z{z}") if r.get("event") == "resume"] == [2]
+    l3 = losses_by_step(tmp_path / "z3")
     e3 = ShardedEMA.consolidate(tmp_path / "z3" / "checkpoints" / "step_00000004")
-    e0 = ShardedEMA.consolidate(tmp_path / "z0" / "checkpoints" / "step_00000004")
-    assert set(e3) == set(e0)
-    for k in e0:  # EMA from ZeRO-3 partitions, gathered, equals the EMA of whole tensors
-        torch.testing.assert_close(e3[k], e0[k], rtol=1e-4, atol=1e-5)
+    assert sorted(l3) == [1, 2, 3, 4]
     assert len(list((tmp_path / "z3" / "checkpoints" / "step_00000004" / "ema").glob("shard_*"))) == 2
+    for z in (0, 2):
+        lz = losses_by_step(tmp_path / f"z{z}")
+        # Same weights and data; the stages reduce gradients differently (reduce-scatter vs all-reduce),
+        # so fp32 sums differ in the last bits (~1e-7 relative) and Adam carries that through 3 updates.
+        for s in l3:
+            assert abs(l3[s] - lz[s]) <= 1e-4 * abs(lz[s]), (z, s, l3[s], lz[s])
+        ez = ShardedEMA.consolidate(tmp_path / f"z{z}" / "checkpoints" / "step_00000004")
+        assert set(e3) == set(ez)
+        assert len(list((tmp_path / f"z{z}" / "checkpoints" / "step_00000004" / "ema").glob("shard_*"))) == 1
+        for k in ez:  # EMA from ZeRO-3 partitions, gathered, equals the EMA of whole tensors / fragments
+            torch.testing.assert_close(e3[k], ez[k], rtol=1e-4, atol=1e-5)
 
 
 STAGES = ["stage0_256px", "stage1_1k", "stage2_2k", "stage3_video"]
@@ -172,6 +182,39 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     for n, p in trainer.model.named_parameters():  # no NaN ever reached the weights
         assert torch.isfinite(p).all(), n
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(tmp_path, monkeypatch):
+    """grad_accum=2: a NaN in the second micro-batch of step 2 discards that step's window (no update, no
+    LR step), and the next step opens a fresh window: one optimizer step per good train step, the data
+    consumed two micro-batches per step."""
+    from megassm.config import load_config
+    from megassm.train import loop
+    from megassm.train.engine import lr_lambda
+    from tests.conftest import free_port
+
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", flaky)
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(SMOKE, [*TINY_OVERRIDES, f"run_dir={tmp_path}", "train.steps=4", "train.grad_accum=2",
+                              "train.ckpt_every=100", "optim.warmup_steps=3"])
+    trainer = loop.Trainer(cfg)
+    trainer.fit()
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert [r["optimizer_steps"] for r in rows] == [1, 1, 2, 3]
+    assert trainer.engine.global_steps == 3 and trainer.data.position == 8
+    f = lr_lambda(cfg.optim, cfg.train.steps)
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.optim.lr * f(s) for s in (0, 1, 1, 2)])
 
 
 @pytest.mark.distributed
