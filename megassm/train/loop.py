@@ -295,7 +295,8 @@ class Trainer:
                        "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
-                       "data_wait_s": out["data_wait"], "peak_mem_gb": _peak_mem_gb(self.device),
+                       "step_time_s": out["time"], "data_wait_s": out["data_wait"],
+                       "peak_mem_gb": _peak_mem_gb(self.device),
                        "skipped_steps": self.nonfinite_total}
                 self.metrics.step(row, tb=self.step % cfg.log_every == 0 or self.step == cfg.steps)
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])

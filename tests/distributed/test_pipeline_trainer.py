@@ -30,6 +30,8 @@ def test_pipeline_training_resumes_exactly_and_converts(tmp_path):
     assert "pipeline: 2 stages x 4 micro-batches" in proc.stderr
     losses = losses_by_step(ref)
     assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())  # finite (NaN != NaN)
+    for r in (r for r in read_metrics(ref) if "loss" in r):  # throughput counts the whole replica's batch once
+        assert r["samples_per_s"] * r["step_time_s"] == pytest.approx(4 * 4), r  # micro-batch 4 x 4 micro-batches
     assert {p.name for p in (ref / "checkpoints").glob("step_*")} == {"step_00000002", "step_00000004"}
     for f in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "ema/mp_rank_00.safetensors",
               "ema/mp_rank_01.safetensors"):

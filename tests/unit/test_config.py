@@ -55,6 +55,24 @@ def test_bad_values_and_combinations(override, message):
         load_config(CONFIGS / "smoke.yaml", [override, *extra])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.pp=2", "parallel.zero_stage=0"], r"parallel.pp=2 with parallel.zero_stage=0"),
+    (["parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=2"], r"train.grad_accum=2 with parallel.pp=2"),
+    (["parallel.pp=2", "parallel.zero_stage=1", "parallel.virtual_stages=2", "parallel.micro_batches=3"],
+     r"multiple of parallel.pp"),
+    (["parallel.virtual_stages=2"], r"needs parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.zero_stage=1", "parallel.virtual_stages=4", "parallel.micro_batches=4"],
+     r"exceed the number of blocks"),
+    (["parallel.tp=3"], r"parallel.tp=3 does not divide"),
+    (["parallel.cp=3"], r"parallel.cp=3 does not divide"),
+    (["parallel.cp=2", "data.image_size=6"], r"do not split over parallel.cp"),
+])
+def test_parallel_rules_fail_at_load_naming_the_key(overrides, message):
+    """Rules that used to fail only after dist init and a model build (PP engine, mesh checks)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "smoke.yaml", overrides)
+
+
 def test_pp_with_zero1_is_accepted():
     cfg = load_config(CONFIGS / "smoke.yaml", ["parallel.pp=2", "parallel.zero_stage=1"])
     assert cfg.parallel.pp == 2
