@@ -217,6 +217,34 @@ def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(tmp_path, m
     assert [r["lr"] for r in rows] == pytest.approx([cfg.optim.lr * f(s) for s in (0, 1, 1, 2)])
 
 
+def test_bf16_ema_follows_the_fp32_masters_not_the_bf16_weights(tmp_path, monkeypatch):
+    """ZeRO-3 in bf16 at a small LR: most Adam updates (~lr) are below one bf16 step of the weights, so the
+    bf16 partitions barely change while the fp32 masters do. An EMA of the bf16 values would stay put
+    (a staircase); the EMA of the masters moves nearly everywhere and matches them exactly at decay 0."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    from megassm.config import load_config
+    from megassm.train import loop
+    from tests.conftest import free_port
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(SMOKE, [*TINY_OVERRIDES, f"run_dir={tmp_path}", "train.steps=3", "train.precision=bf16",
+                              "optim.lr=1e-5", "optim.warmup_steps=0", "train.ema_decay=0.5", "train.ckpt_every=100"])
+    trainer = loop.Trainer(cfg)
+    name = "blocks.0.mixer.in_proj.weight"
+    p = trainer.ema.params[name]
+    lp0 = p.ds_tensor.detach().clone()
+    trainer.fit()
+    assert p.ds_tensor.dtype == torch.bfloat16 and trainer.ema.shadow[name].dtype == torch.float32
+    lp_moved = (p.ds_tensor != lp0).float().mean().item()
+    ema_moved = (trainer.ema.shadow[name] != lp0.float()).float().mean().item()
+    assert lp_moved < 0.5 < ema_moved, (lp_moved, ema_moved)
+    master = safe_get_local_fp32_param(p)
+    assert torch.allclose(trainer.ema.shadow[name], master, atol=3e-5)  # decay 0.5: within ~lr of the masters
+
+
 @pytest.mark.distributed
 def test_trainer_with_tp2_or_cp2_matches_one_rank(tmp_path):
     """The whole trainer (DeepSpeed ZeRO-3, EMA, checkpoints) with TP=2 or Ulysses CP=2 on 2 ranks gives the
