@@ -24,6 +24,7 @@ from megassm.train import checkpoint as ckpt
 from megassm.train.ema import ShardedEMA
 from megassm.train.engine import build_engine, skip_update
 from megassm.train.metrics import MetricsLogger, peak_flops
+from megassm.train.profiling import StepProfiler
 from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
@@ -110,6 +111,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True)
         self._stop: _SignalFlag | None = None  # installed by fit()
         self.resume()
+        self.profiler = StepProfiler(cfg.train.profile, self.run_dir / "profile", self.rank, dist.get_world_size(),
+                                     self.device, first_step=self.step + 1)  # after resume: knows the next step
 
     # -- setup helpers ---------------------------------------------------------------------
     def _info(self, msg: str) -> None:
@@ -276,6 +279,7 @@ class Trainer:
             while self.step < cfg.steps:
                 out = self.train_step(data_iter)
                 self.step += 1
+                self.profiler.step(self.step)
                 if out["ok"]:
                     self.nonfinite_run = 0
                 else:
@@ -313,6 +317,7 @@ class Trainer:
                 (self.run_dir / "DONE").write_text(str(self.step))
             return 0
         finally:
+            self.profiler.close()
             bar.close()
             flag.restore()
             self.metrics.close()
