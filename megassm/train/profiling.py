@@ -131,7 +131,7 @@ class StepProfiler:
         if self.memory and self.cuda:
             torch.cuda.memory._dump_snapshot(str(self.out_dir / f"{self.name}_memory.pickle"))
         s = summarize(prof.events(), averages, self.cuda)
-        tops = ", ".join(f"{name[:60]} {ms:.1f} ms ({pct:.0f}%)" for name, ms, pct in s["top"])
+        tops = ", ".join(f"{name[:60]} {ms:.3g} ms ({pct:.0f}%)" for name, ms, pct in s["top"])
         log.info(f"profile rank {self.rank} steps {self.window.first}-{self.window.last}: {trace} "
                  f"(open in ui.perfetto.dev); wall {s['wall_ms']:.1f} ms, {s['idle_what']} "
                  f"{100 * s['idle']:.1f}%; top {s['by']}: {tops}")
@@ -147,18 +147,13 @@ def summarize(events: list, averages: list, cuda: bool, top: int = TOP_OPS) -> d
     trainer's own bookkeeping and the profiler's overhead.
     Returns {"top": [(name, self_ms, percent of all ops' self time)], "by", "wall_ms", "idle", "idle_what"}.
     """
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
-    spans = ("ProfilerStep", STEP_LABEL)  # whole steps, not ops
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU]
     t0 = min((e.time_range.start for e in steps), default=0.0)
     t1 = max((e.time_range.end for e in steps), default=0.0)
-    if cuda:
-        busy = [e for e in events if e.device_type == DeviceType.CUDA]
-        ops = [a for a in averages if a.device_type == DeviceType.CUDA]
-        self_us = [a.self_device_time_total for a in ops]
-    else:
-        busy = [e for e in events if e.device_type == DeviceType.CPU and not e.name.startswith(spans)]
-        ops = [a for a in averages if a.device_type == DeviceType.CPU and not a.key.startswith(spans)]
-        self_us = [a.self_cpu_time_total for a in ops]
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
+    busy = [e for e in events if e.device_type == device and _is_op(e, e.name)]
+    ops = [a for a in averages if a.device_type == device and _is_op(a, a.key)]
+    self_us = [a.self_device_time_total if cuda else a.self_cpu_time_total for a in ops]
     total = sum(self_us) or 1.0
     ranked = sorted(zip(self_us, (a.key for a in ops)), reverse=True)[:top]
     wall = max(t1 - t0, 1e-9)
@@ -166,6 +161,11 @@ def summarize(events: list, averages: list, cuda: bool, top: int = TOP_OPS) -> d
     return {"top": [(name, us / 1e3, 100 * us / total) for us, name in ranked], "by": "kernels" if cuda else "ops",
             "wall_ms": wall / 1e3, "idle": max(0.0, 1.0 - covered / wall),
             "idle_what": "GPU idle" if cuda else "host outside ops"}
+
+
+def _is_op(event, name: str) -> bool:
+    """Not a span over whole steps or a user label: those (and their GPU-side twins) cover the ops."""
+    return not (name.startswith(("ProfilerStep", STEP_LABEL)) or getattr(event, "is_user_annotation", False))
 
 
 def _union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
