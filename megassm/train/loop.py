@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megassm.config.load import to_yaml
+from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
 from megassm.diffusion.flow import flow_matching_loss
@@ -108,7 +108,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True, wandb=cfg.logging.wandb,
+                                     run_config=to_dict(cfg))
         self._stop: _SignalFlag | None = None  # installed by fit()
         self.resume()
         self.profiler = StepProfiler(cfg.train.profile, self.run_dir / "profile", self.rank, dist.get_world_size(),
