@@ -1,5 +1,5 @@
 # make demo: install (CPU torch if none) and run the CPU demo: train on built-in data, then sample.
-# make test: install and run the test suite (the command CI runs).
+# make test: install (with the optional W&B extra, for its offline test) and run the test suite (the command CI runs).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,wandb]"  # wandb pulls no torch: the CPU build above stays
 
 demo: install
 	megassm train configs/smoke.yaml

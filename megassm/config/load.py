@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megassm.config.schema import ATTENTION_BACKENDS, PATTERN_SYMBOLS, RunConfig
+from megassm.config.schema import ATTENTION_BACKENDS, PATTERN_SYMBOLS, WANDB_MODES, RunConfig
 
 
 class ConfigError(ValueError):
@@ -51,12 +53,23 @@ def _known_keys(node: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
+def _field_default(node: Any, name: str) -> Any:
+    """node.name, or a default instance of its dataclass type where the default is None (``X | None``)."""
+    value = getattr(node, name, None)
+    if value is None and dataclasses.is_dataclass(node):
+        hint = typing.get_type_hints(type(node)).get(name)
+        for t in typing.get_args(hint):
+            if dataclasses.is_dataclass(t):
+                return t()
+    return value
+
+
 def _explain_key_error(e: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     obj: Any = RunConfig()
     for part in parent.split(".") if parent else []:
-        obj = getattr(obj, part, None)
+        obj = _field_default(obj, part)
     allowed = _known_keys(obj)
     leaf = key.rsplit(".", 1)[-1]
     hint = difflib.get_close_matches(leaf, allowed, n=1)
@@ -110,7 +123,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
+    check_extras(run)
     return run
+
+
+def check_extras(cfg: RunConfig) -> None:
+    """Optional packages the config asks for must be installed (checked when a config is loaded to run,
+    not when a checkpoint's stored config is read back)."""
+    if cfg.logging.wandb is not None and not _importable("wandb"):
+        raise ConfigError("logging.wandb is set but the wandb package is not installed: "
+                          "pip install megassm[wandb] (or drop logging.wandb / set logging.wandb=null)")
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -216,6 +245,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.steps < 0:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1, train.steps >= 0")
+    validate_profile(cfg.train.profile, cfg.train.steps)
+    if cfg.logging.wandb is not None:
+        _choice("logging.wandb.mode", cfg.logging.wandb.mode, list(WANDB_MODES))
+        if not cfg.logging.wandb.project:
+            raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
 
 def _check_parallel_model(cfg: RunConfig) -> None:
@@ -234,3 +268,17 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         if tokens % (p.cp * p.tp):
             raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
                               f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
+
+
+def validate_profile(p, train_steps: int) -> None:
+    if p.steps < 0:
+        raise ConfigError(f"train.profile.steps={p.steps} must be >= 0 (0 disables profiling)")
+    if p.start_step < 1:
+        raise ConfigError(f"train.profile.start_step={p.start_step} must be >= 1 (steps are numbered from 1)")
+    if not p.ranks or any(r < 0 for r in p.ranks) or len(set(p.ranks)) != len(p.ranks):
+        raise ConfigError(f"train.profile.ranks={list(p.ranks)} must be a non-empty list of distinct global "
+                          "ranks >= 0, e.g. [0] or [0, 8]")
+    last = p.start_step + p.steps - 1
+    if p.steps and last > train_steps:
+        raise ConfigError(f"train.profile covers steps {p.start_step}..{last} but train.steps={train_steps}; "
+                          f"lower train.profile.start_step or train.profile.steps")

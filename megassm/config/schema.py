@@ -143,6 +143,21 @@ class ParallelConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over whole train steps (megassm/train/profiling.py); steps=0 disables it.
+
+    Steps are numbered from 1, as in metrics.jsonl: start_step=10, steps=3 profiles steps 10, 11, 12
+    (step 9 is the profiler's warm-up). Traces go to run_dir/profile/.
+    """
+
+    start_step: int = 10
+    steps: int = 0
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that profile
+    # record allocations: the profiler's memory view, plus a CUDA memory snapshot (pickle) on GPU
+    memory: bool = False
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 8  # per data-parallel rank
@@ -159,6 +174,27 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name
     progress_bar: bool = True
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run (optional extra: pip install megassm[wandb]); rank 0 logs what TensorBoard gets."""
+
+    project: str = "megassm"
+    entity: str | None = None  # team or user; None: the logged-in user's default
+    mode: str = "online"  # online | offline (files under run_dir/wandb, `wandb sync` later) | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl and TensorBoard (megassm/train/metrics.py)."""
+
+    wandb: WandbConfig | None = None  # None: no W&B; `logging.wandb={}` turns it on with the defaults
 
 
 @dataclass
@@ -170,6 +206,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: str = "smoke"
     run_dir: str = "runs/${stage}"
     init_from: str | None = None  # checkpoint of the previous stage to warm-start from

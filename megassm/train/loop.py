@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megassm.config.load import to_yaml
+from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
 from megassm.diffusion.flow import flow_matching_loss
@@ -24,6 +24,7 @@ from megassm.train import checkpoint as ckpt
 from megassm.train.ema import ShardedEMA
 from megassm.train.engine import build_engine, skip_update
 from megassm.train.metrics import MetricsLogger, peak_flops
+from megassm.train.profiling import StepProfiler
 from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
@@ -107,9 +108,12 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True, wandb=cfg.logging.wandb,
+                                     run_config=to_dict(cfg))
         self._stop: _SignalFlag | None = None  # installed by fit()
         self.resume()
+        self.profiler = StepProfiler(cfg.train.profile, self.run_dir / "profile", self.rank, dist.get_world_size(),
+                                     self.device, first_step=self.step + 1)  # after resume: knows the next step
 
     # -- setup helpers ---------------------------------------------------------------------
     def _info(self, msg: str) -> None:
@@ -276,6 +280,7 @@ class Trainer:
             while self.step < cfg.steps:
                 out = self.train_step(data_iter)
                 self.step += 1
+                self.profiler.step(self.step)
                 if out["ok"]:
                     self.nonfinite_run = 0
                 else:
@@ -314,6 +319,7 @@ class Trainer:
                 (self.run_dir / "DONE").write_text(str(self.step))
             return 0
         finally:
+            self.profiler.close()
             bar.close()
             flag.restore()
             self.metrics.close()

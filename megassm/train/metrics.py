@@ -1,12 +1,18 @@
-"""Run logging on rank 0: metrics.jsonl (one line per step), TensorBoard scalars/images, a progress bar."""
+"""Run logging on rank 0: metrics.jsonl (one line per step), TensorBoard scalars/images, optionally
+Weights & Biases (the same scalars and images), a progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 
 import torch
+
+from megassm.config.schema import WandbConfig
+
+WANDB_RUN_ID = "wandb_run_id"  # in the run directory: a requeued or resumed job continues this W&B run
 
 # Dense bf16 peak (TFLOP/s) by device name, for MFU; datasheet numbers (SXM parts).
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GH200": 989.0}
@@ -40,11 +46,44 @@ class _Bar:
             self.bar.close()
 
 
+class WandbSink:
+    """One W&B run per run directory. Its id is kept in ``run_dir/wandb_run_id`` and passed back with
+    ``resume="allow"``, so a requeued or resumed job (or, offline, a later ``wandb sync``) continues it."""
+
+    def __init__(self, run_dir: Path, cfg: WandbConfig, run_config: dict | None = None):
+        import wandb
+
+        id_file = run_dir / WANDB_RUN_ID
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, tags=list(cfg.tags),
+                              id=run_id, resume="allow", name=run_dir.name, dir=str(run_dir), config=run_config)
+        # after a resume from an earlier checkpoint the trainer logs some steps again, but W&B's own step may
+        # only grow: charts use the trainer's step as their x-axis instead
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, "step": step})
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        """images: (N, 3, H, W) in [0, 1]."""
+        hwc = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        self.run.log({tag: [self.wandb.Image(im) for im in hwc], "step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tb: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tb: bool = True, wandb: WandbConfig | None = None,
+                 run_config: dict | None = None):
+        """enabled: this rank logs (rank 0); wandb: also log to Weights & Biases (run_config: its config panel)."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
@@ -52,32 +91,48 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tb"))
+            if wandb is not None:
+                self.wandb = WandbSink(run_dir, wandb, run_config)
 
     def progress(self, total: int, initial: int, enabled: bool) -> _Bar:
         return _Bar(total, initial, enabled and self.enabled)
 
     def step(self, row: dict, tb: bool) -> None:
+        """row: {"step": n, name: value}; every row goes to metrics.jsonl, the dashboards (TensorBoard,
+        W&B) get the finite scalars of rows with ``tb`` set (every train.log_every steps)."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                      for k, v in row.items()}) + "\n")
         self.jsonl.flush()
-        if tb and self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+        if not tb:
+            return
+        scalars = {f"train/{k}": v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, row["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.scalars(scalars, row["step"])
 
     def event(self, row: dict) -> None:
+        """row: {"event": name, "step": n, ...}; W&B marks it as ``event/<name>`` = 1 at that step."""
         if self.enabled:
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()
+            if self.wandb is not None and "step" in row:
+                self.wandb.scalars({f"event/{row['event']}": 1}, row["step"])
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         """images: (N, 3, H, W) in [0, 1]."""
-        if self.enabled and self.writer is not None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
             self.writer.add_images(tag, images, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.images(tag, images, step)
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -86,3 +141,6 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
