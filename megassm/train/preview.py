@@ -130,11 +130,11 @@ class Previews:
         by_index = self._gather(lat[: len(self.mine)])
         if by_index is None:
             return None
-        ordered = torch.stack([by_index[i] for i in range(len(self.prompts))])
         decoder = LatentDecoder(self.cfg.encoders, self.device, self.dtype)
-        pixels = decoder(ordered)  # (N, T', 3, H, W)
+        # one prompt at a time: a stage-3 video decodes to 129 frames; (1, T', 3, H, W) -> (1, 3, H, F * W)
+        images = [frame_grid(decoder(by_index[i][None])) for i in range(len(self.prompts))]
         del decoder
-        return frame_grid(pixels)
+        return torch.cat(images)
 
     def _gather(self, lat: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Every replica's latents on rank 0 as {prompt index: (C, T, h, w)}; None elsewhere."""

@@ -118,6 +118,29 @@ def test_previews_use_the_ema_weights_and_restore_the_training_ones():
         assert torch.equal(p, before[n]), n
 
 
+def test_previews_through_a_vae_and_a_t5_encoder_in_bf16(tmp_path, monkeypatch):
+    """A bf16 run: the text encoder is loaded in bf16, the latents decode through a (tiny) VAE on rank 0."""
+    from megassm.data.testing import make_tiny_text_encoder, make_tiny_vae
+
+    dtypes = []
+
+    class Spy(TextEncoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            dtypes.append(self.hf.model.dtype)
+
+    monkeypatch.setattr(preview, "TextEncoder", Spy)
+    vae, t5 = make_tiny_vae(tmp_path / "vae"), make_tiny_text_encoder(tmp_path / "t5", d_model=32)
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("model.in_channels", "model.text_dim", "encoders."))]
+    cfg = load_config(SMOKE, [*tiny, "model.in_channels=4", "model.text_dim=32", f"encoders.vae={vae}",
+                              f"encoders.text_encoder={t5}", "diffusion.sample_steps=2",
+                              "train.preview_prompts=[a red square,waves]"])
+    imgs = Previews(cfg, CPU, torch.bfloat16)(_model(cfg).to(torch.bfloat16))
+    assert dtypes == [torch.bfloat16]
+    assert imgs.shape == (2, 3, 16, 16) and imgs.dtype == torch.float32  # 8 x 8 latents, VAE stride 2
+    assert torch.isfinite(imgs).all() and not torch.equal(imgs[0], imgs[1])
+
+
 def _resident(params: dict) -> list[str]:
     """The ZeRO-3 parameters whose whole tensor is gathered now."""
     return [n for n, p in params.items() if p.ds_status.name == "AVAILABLE"]
