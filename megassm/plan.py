@@ -13,6 +13,10 @@ Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (ARCHITECTURE §3) and TP d
     every_k   blocks i % k == 0 as 'all', the others as 'none';
   plus the backward's working set (activation gradients, one block's unsharded weight gradients) and
   a fixed allowance for CUDA / cuBLAS / Triton workspaces and allocator rounding.
+Training previews (train.sample_every > 0) run between steps, beside the resident state: the larger of the
+text encoder in bf16 (first preview only), the sampler's forward (one block's activations at a time, both
+CFG branches of this replica's prompts) and the VAE decode (rank 0), plus one copy of the local weights
+while the EMA weights are swapped in.
 Step time: model FLOPs (accounting.train_flops, x4/3 for recomputed blocks) / (tp x cp x peak x MFU) with an
 assumed MFU, plus TP (all-gather / reduce-scatter) and Ulysses all-to-all volumes at an assumed link
 bandwidth, not overlapped. The recommended layout is the fastest per sample among those that fit.
@@ -25,8 +29,9 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from megassm.config.schema import ModelConfig, RunConfig
+from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
 from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
 
 # tokens per sample of each stage (ARCHITECTURE §7); other configs pass --seq-len
@@ -37,6 +42,10 @@ SUB_GROUP = 1e9  # DeepSpeed ZeRO-3 default sub_group_size (elements)
 REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements)
 WORKSPACE = 0.25 * GB  # cuBLAS / Triton workspaces in torch's allocator
 HEADROOM = 0.9  # fit predicted allocated bytes into this share of the budget (fragmentation, CUDA context)
+# previews, when the encoders' directories are not on this machine (assumed, not measured):
+ASSUMED_TEXT_ENCODER_PARAMS = 4.76e9  # the T5-v1.1-XXL encoder (text_dim 4096)
+ASSUMED_VAE_PARAMS = 1.27e8  # a Wan-2.1-sized video VAE
+VAE_DECODE_WORKSPACE = 4 * GB  # tiled VAE decode of one preview batch (an allowance)
 
 
 @dataclass
@@ -61,6 +70,68 @@ class Layout:
         return f"tp={self.tp} cp={self.cp} dp={self.dp} micro_batch={self.micro_batch} checkpointing={ck}"
 
 
+@dataclass
+class PreviewLoad:
+    """What a training preview adds on a GPU (train.sample_every > 0; megassm/train/preview.py)."""
+
+    prompts: int  # over all data-parallel replicas, which split them
+    seq_len: int  # tokens of one preview sample
+    text_encoder_params: float  # loaded once in bf16 at the first preview, freed after encoding
+    vae_params: float  # loaded on rank 0 for the decode
+    ema: bool  # the EMA weights are swapped in: the training weights' local copy is kept meanwhile
+
+    def bytes_per_gpu(self, m: ModelConfig, layout: Layout, local_weight_bytes: float) -> float:
+        d = m.d_model
+        tokens = 2 * math.ceil(self.prompts / layout.dp) * self.seq_len / layout.cp  # both CFG branches
+        # no autograd graph: one block's activations live at a time, beside the residual stream in and out
+        block = max(activation_bytes_per_token(m, s) for s in set(m.pattern)) / layout.tp
+        sampler = tokens * (block + 2 * 2 * d + 2 * m.in_channels * math.prod(m.patch_size))
+        encoder = 2 * self.text_encoder_params
+        vae = 2 * self.vae_params + VAE_DECODE_WORKSPACE if self.vae_params else 0.0
+        return (local_weight_bytes if self.ema else 0.0) + max(encoder, sampler, vae)
+
+
+def _safetensors_params(directory: str) -> float | None:
+    """Parameters in a local model directory's *.safetensors files (headers only); None if there are none."""
+    files = sorted(Path(directory).glob("**/*.safetensors")) if Path(directory).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return float(total)
+
+
+def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict[str, str]]:
+    """The preview of ``cfg`` (None without train.sample_every) and where the encoder sizes came from."""
+    t = cfg.train
+    if t.sample_every <= 0:
+        return None, {}
+    from megassm.train.preview import preview_prompts
+
+    enc: EncoderConfig = cfg.encoders
+    source: dict[str, str] = {}
+    text = 0.0
+    if not enc.text_encoder.startswith("builtin:"):
+        found = _safetensors_params(enc.text_encoder)
+        text = found if found is not None else ASSUMED_TEXT_ENCODER_PARAMS * (cfg.model.text_dim == 4096)
+        source["text_encoder"] = enc.text_encoder if found is not None else "assumed T5-v1.1-XXL encoder"
+    vae = 0.0
+    if not enc.vae.startswith("builtin:"):
+        found = _safetensors_params(enc.vae)
+        vae = found if found is not None else ASSUMED_VAE_PARAMS
+        source["vae"] = enc.vae if found is not None else "assumed Wan-2.1-sized VAE"
+    if t.preview_latent_shape is not None:
+        pt, ph, pw = cfg.model.patch_size
+        T, h, w = t.preview_latent_shape
+        seq_len = (T // pt) * (h // ph) * (w // pw)
+    prompts = len(t.preview_prompts) if t.preview_prompts is not None else len(preview_prompts(cfg))
+    return PreviewLoad(prompts, seq_len, text, vae, t.ema_decay > 0), source
+
+
 def _block_params(m: ModelConfig, symbol: str) -> int:
     one = copy.deepcopy(m)
     one.pattern = symbol
@@ -68,13 +139,15 @@ def _block_params(m: ModelConfig, symbol: str) -> int:
     return p["hydra_mixers"] + p["attention_mixers"] + p["cross_attention"] + p["ffn"] + p["modulation_tables"]
 
 
-def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "deepspeed") -> dict[str, float]:
+def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "deepspeed",
+                   preview: PreviewLoad | None = None) -> dict[str, float]:
     """Peak bytes allocated per GPU, by component (and 'total'), for a micro-batch step of ``m`` at ``seq_len``.
 
     engine="deepspeed": ZeRO-``layout.zero_stage`` with bf16 weights and fp32 master/Adam (megassm.train);
     engine="torch": bf16 weights, grads and Adam states, nothing sharded (benchmarks/bench_step.py --engine torch).
-    The peak is the static part plus the larger of two phases that never overlap: forward/backward
-    (activations and the backward's working set) and the optimizer step (fp32 gradient copy).
+    The peak is the static part plus the largest of phases that never overlap: forward/backward
+    (activations and the backward's working set), the optimizer step (fp32 gradient copy) and, with
+    ``preview``, a training preview between steps.
     """
     P = param_counts(m)["total"] / layout.tp
     shard = layout.dp * layout.cp
@@ -110,8 +183,11 @@ def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "
     act_phase = sum(act.values())
     out.update(act)
     out["optimizer_step"] = step_phase
-    out["total"] = sum(v for k, v in out.items() if k not in act and k != "optimizer_step") + max(act_phase,
-                                                                                                   step_phase)
+    local_weights = out["params"] if engine == "deepspeed" else 2 * P
+    out["preview"] = preview.bytes_per_gpu(m, layout, local_weights) if preview is not None else 0.0
+    phases = ("optimizer_step", "preview")
+    out["total"] = sum(v for k, v in out.items() if k not in act and k not in phases) + max(
+        act_phase, step_phase, out["preview"])
     return out
 
 
@@ -152,11 +228,11 @@ def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int,
 
 
 def choose_layout(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, budget_bytes: float, mfu: float,
-                  peak_tflops: float, link_gbps: float, every_k: int = 2):
+                  peak_tflops: float, link_gbps: float, every_k: int = 2, preview: PreviewLoad | None = None):
     """The fastest candidate (predicted step time per sample) whose predicted memory fits the budget."""
     best = None
     for lay in candidate_layouts(m, seq_len, gpus, micro_batch, every_k):
-        mem = predict_memory(m, seq_len, lay)["total"]
+        mem = predict_memory(m, seq_len, lay, preview=preview)["total"]
         if mem > HEADROOM * budget_bytes:
             continue
         t = predict_step_seconds(m, seq_len, lay, mfu, peak_tflops, link_gbps)["total_s"] / lay.dp
@@ -172,17 +248,20 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
     configured = Layout(gpus, p.tp, p.cp, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k,
                         p.zero_stage)
     budget = gpu_mem_gb * GB
+    preview, sources = preview_load(cfg, seq_len)
     res = {"model": m.name, "params": param_counts(m)["total"], "seq_len": seq_len, "gpus": gpus,
            "budget_gb": gpu_mem_gb, "assumed_mfu": mfu, "peak_tflops": peak_tflops}
+    if preview is not None:
+        res["preview"] = {**asdict(preview), "sizes_from": sources}
     if gpus % (p.tp * p.cp) == 0:
-        mem = predict_memory(m, seq_len, configured)
+        mem = predict_memory(m, seq_len, configured, preview=preview)
         step = predict_step_seconds(m, seq_len, configured, mfu, peak_tflops, link_gbps)
         res["configured"] = {"layout": asdict(configured), "memory_gb": {k: v / GB for k, v in mem.items()},
                              "fits": mem["total"] <= HEADROOM * budget, "step": step,
                              "tokens_per_s_per_gpu": t.micro_batch_size * seq_len / step["total_s"] / configured.tp
                              / configured.cp}
     pick = choose_layout(m, seq_len, gpus, t.micro_batch_size, budget, mfu, peak_tflops, link_gbps,
-                         t.checkpoint_every_k)
+                         t.checkpoint_every_k, preview)
     if pick is not None:
         lay, mem = pick
         res["recommended"] = {"layout": asdict(lay), "describe": lay.describe(), "memory_gb": mem / GB,
@@ -193,6 +272,10 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
 def _print(res: dict) -> None:
     print(f"{res['model']}: {res['params'] / 1e9:.2f}B parameters, {res['seq_len']:,} tokens/sample, "
           f"{res['gpus']} GPU(s), budget {res['budget_gb']:.0f} GB/GPU, assumed MFU {res['assumed_mfu']:.0%}")
+    pv = res.get("preview")
+    if pv:
+        sizes = ", ".join(f"{k} from {v}" for k, v in pv["sizes_from"].items())
+        print(f"previews: {pv['prompts']} prompts of {pv['seq_len']:,} tokens{' (' + sizes + ')' if sizes else ''}")
     c = res.get("configured")
     if c:
         lay = Layout(**c["layout"])

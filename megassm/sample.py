@@ -34,7 +34,8 @@ class SampleSpec:
 class TextEncoder:
     """builtin:words, or a local transformers encoder directory (T5-style) via megassm.data.encoders."""
 
-    def __init__(self, enc: EncoderConfig, model_cfg: ModelConfig, device: torch.device):
+    def __init__(self, enc: EncoderConfig, model_cfg: ModelConfig, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.max_len, self.device = model_cfg.max_text_len, device
         self.builtin = None
         if enc.text_encoder == "builtin:words":
@@ -47,7 +48,7 @@ class TextEncoder:
                               "downloaded); give the path of a saved transformers encoder or 'builtin:words'")
         from megassm.data.encoders import TextEncoder as HFTextEncoder
 
-        self.hf = HFTextEncoder(enc.text_encoder, device, torch.float32, max_length=self.max_len,
+        self.hf = HFTextEncoder(enc.text_encoder, device, dtype, max_length=self.max_len,
                                 tokenizer_path=enc.tokenizer)
         if self.hf.hidden_size != model_cfg.text_dim:
             raise ConfigError(f"text encoder {enc.text_encoder} has width {self.hf.hidden_size}, the checkpoint's "
@@ -55,7 +56,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> text (B, max_text_len, text_dim) float32, mask (B, max_text_len) bool."""
+        """-> text (B, max_text_len, text_dim) float32 (computed in the encoder's dtype), mask (B, max_text_len)."""
         if self.builtin is not None:
             text, mask = self.builtin(prompts)
         else:
@@ -127,27 +128,45 @@ def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
     return 32, 32
 
 
+def initial_noise(specs: list[SampleSpec], channels: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, T, h, w) float32 standard normal noise, each sample from its spec's own seed (CPU generator)."""
+    T, h, w = latent_shape
+    return torch.stack([torch.randn(channels, T, h, w, generator=torch.Generator().manual_seed(s.seed))
+                        for s in specs])
+
+
+@torch.no_grad()
+def denoise(model: HTHModel, cfg: RunConfig, noise: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+            steps: int, cfg_scale: float, neg_text: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None,
+            progress=None, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
+    """noise (B, C, T, h, w) -> latents (B, C, T, h, w) float32: the Euler sampler at the training timestep shift.
+
+    text (B, L, text_dim) and mask (B, L) as the encoder gives them; ``dtype`` is the model's compute dtype
+    (its inputs x and text), the sampler's state stays float32.
+    """
+    assert noise.dim() == 5 and text.shape[:2] == mask.shape and text.shape[0] == noise.shape[0], \
+        (noise.shape, text.shape, mask.shape)
+    device = device or torch.device("cpu")
+    shift = resolution_shift(cfg.diffusion, math.prod(model.patch_embed.grid(tuple(noise.shape))))
+    fn = lambda x, t, y, m: model(x, t, y, m)  # noqa: E731
+    x = euler_sample(fn, noise.to(device, torch.float32), text.to(device, dtype), mask.to(device), steps, cfg_scale,
+                     shift, None if neg_text is None else neg_text.to(device, dtype),
+                     None if neg_mask is None else neg_mask.to(device), progress, model_dtype=dtype)
+    return x.float()
+
+
 @torch.no_grad()
 def generate(model: HTHModel, cfg: RunConfig, specs: list[SampleSpec], encoder: TextEncoder,
              steps: int, cfg_scale: float, latent_hw: tuple[int, int], frames: int = 1,
              progress=None, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
-    """Latents (B, C, T, h, w) for a batch of prompts; noise from each spec's own seed."""
-    device = device or torch.device("cpu")
-    C = cfg.model.in_channels
-    h, w = latent_hw
-    T = frames
-    noise = torch.stack([torch.randn(C, T, h, w, generator=torch.Generator().manual_seed(s.seed)) for s in specs])
+    """Latents (B, C, T, h, w) float32 for a batch of prompts; noise from each spec's own seed."""
+    noise = initial_noise(specs, cfg.model.in_channels, (frames, *latent_hw))
     text, mask = encoder([s.prompt for s in specs])
     neg_text = neg_mask = None
     if any(s.negative_prompt for s in specs):
         neg_text, neg_mask = encoder([s.negative_prompt or "" for s in specs])
         neg_mask = neg_mask & torch.tensor([bool(s.negative_prompt) for s in specs], device=neg_mask.device)[:, None]
-    grid = model.patch_embed.grid((1, C, T, h, w))
-    shift = resolution_shift(cfg.diffusion, math.prod(grid))
-    fn = lambda x, t, y, m: model(x, t, y, m)  # noqa: E731
-    x = euler_sample(fn, noise.to(device, dtype), text.to(device, dtype), mask.to(device), steps, cfg_scale, shift,
-                     None if neg_text is None else neg_text.to(device, dtype), neg_mask, progress)
-    return x.float()
+    return denoise(model, cfg, noise, text, mask, steps, cfg_scale, neg_text, neg_mask, progress, device, dtype)
 
 
 def save_image(pixels: torch.Tensor, path: Path) -> None:
@@ -173,26 +192,6 @@ def save_video(frames: torch.Tensor, path: Path, fps: int) -> None:
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-
-
-def preview_images(trainer) -> torch.Tensor | None:
-    """A few fixed-prompt samples from the training model for TensorBoard; every rank must call it."""
-    cfg = trainer.cfg
-    prompts = ["a red square at the top left", "a blue square at the bottom right",
-               "a green square at the top right", "a yellow square at the bottom left"]
-    encoder = TextEncoder(cfg.encoders, cfg.model, trainer.device)
-    dtype = torch.bfloat16 if trainer.engine.bfloat16_enabled() else torch.float32
-    model = trainer.engine.module
-    was_training = model.training
-    model.eval()
-    try:
-        lat = generate(model, cfg, [SampleSpec(p, seed=i) for i, p in enumerate(prompts)], encoder,
-                       steps=min(20, cfg.diffusion.sample_steps), cfg_scale=cfg.diffusion.cfg_scale,
-                       latent_hw=default_latent_hw(cfg), device=trainer.device, dtype=dtype)
-    finally:
-        model.train(was_training)
-    pix = LatentDecoder(cfg.encoders, trainer.device)(lat)  # (B, T, 3, H, W)
-    return pix[:, 0]
 
 
 def _outputs(out: Path, n: int) -> list[Path]:

@@ -124,6 +124,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
     check_extras(run)
+    check_preview_sources(run)
     return run
 
 
@@ -251,6 +252,7 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.logging.wandb.project:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
+    validate_previews(cfg)
 
 def _check_parallel_model(cfg: RunConfig) -> None:
     """The model sizes that tp / cp must divide, and the procedural data's tokens over cp, before any process
@@ -282,3 +284,52 @@ def validate_profile(p, train_steps: int) -> None:
     if p.steps and last > train_steps:
         raise ConfigError(f"train.profile covers steps {p.start_step}..{last} but train.steps={train_steps}; "
                           f"lower train.profile.start_step or train.profile.steps")
+
+
+# -- training previews (megassm/train/preview.py) ------------------------------------------------------
+
+
+def read_prompt_lines(path: str | Path) -> list[str]:
+    """The prompts of a preview prompts file: one per line, blank lines and '#' comments skipped."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def validate_previews(cfg: RunConfig) -> None:
+    """The preview fields' own rules (those that hold for a stored config too)."""
+    t = cfg.train
+    if t.preview_prompts is not None and t.preview_prompts_file is not None:
+        raise ConfigError(f"train.preview_prompts ({len(t.preview_prompts)} prompts) and train.preview_prompts_file="
+                          f"{t.preview_prompts_file!r} are both set; give one of them")
+    if t.preview_prompts is not None:
+        if not t.preview_prompts:
+            raise ConfigError("train.preview_prompts=[] is empty; list at least one prompt, or leave it unset "
+                              "(null) for train.preview_prompts_file or the demo's prompts")
+        for i, p in enumerate(t.preview_prompts):
+            if not p.strip():
+                raise ConfigError(f"train.preview_prompts[{i}] is blank; every preview prompt needs some text")
+    shape = t.preview_latent_shape
+    if shape is not None:
+        pf = list(cfg.model.patch_size)
+        if len(shape) != 3 or any(s < 1 for s in shape) or any(s % p for s, p in zip(shape, pf)):
+            raise ConfigError(f"train.preview_latent_shape={list(shape)} must be three positive ints [frames, "
+                              f"height, width] of the latent, each a multiple of model.patch_size={pf}")
+
+
+def check_preview_sources(cfg: RunConfig) -> None:
+    """At load (not for a checkpoint's stored config): the prompts file exists and holds prompts, and a run
+    that previews data other than the demo's names its prompts."""
+    t = cfg.train
+    if t.preview_prompts_file is not None:
+        path = Path(t.preview_prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"train.preview_prompts_file={t.preview_prompts_file!r}: no such file "
+                              f"({path.resolve()}); give a text file with one prompt per line")
+        if not read_prompt_lines(path):
+            raise ConfigError(f"train.preview_prompts_file={t.preview_prompts_file!r} holds no prompts (only "
+                              "blank lines or '#' comments); write one prompt per line")
+    if t.sample_every > 0 and cfg.data.kind != "procedural" and t.preview_prompts is None \
+            and t.preview_prompts_file is None:
+        raise ConfigError(f"train.sample_every={t.sample_every} with data.kind={cfg.data.kind} needs "
+                          "train.preview_prompts or train.preview_prompts_file (the built-in prompts describe "
+                          "only the procedural demo data); or set train.sample_every=0")

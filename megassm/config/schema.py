@@ -171,6 +171,14 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3
     sample_every: int = 0  # 0 disables periodic sample images
+    # Training previews (every sample_every steps; megassm/train/preview.py). Prompts: this list, else one
+    # prompt per line of preview_prompts_file (blank lines and '#' comments skipped), else the demo's
+    # coloured-square prompts (procedural data only). Split across data-parallel replicas; seed = index.
+    preview_prompts: list[str] | None = None
+    preview_prompts_file: str | None = None
+    # latent [frames, height, width] of a preview; None: the data's (procedural: data.frames x
+    # data.image_size^2; shards: the most common latent shape in the datasets' manifests)
+    preview_latent_shape: list[int] | None = None
     max_consecutive_nonfinite: int = 5
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name
     progress_bar: bool = True

@@ -114,29 +114,35 @@ def flow_matching_loss(model: Callable, x0: Tensor, text: Tensor, text_mask: Ten
 def euler_sample(
     model: Callable, noise: Tensor, text: Tensor, text_mask: Tensor, steps: int, cfg_scale: float,
     shift: float, neg_text: Tensor | None = None, neg_mask: Tensor | None = None,
-    progress: Callable | None = None,
+    progress: Callable | None = None, model_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (noise) to 0 with classifier-free guidance.
+    """Integrate dx/dt = v from t = 1 (noise) to 0 with classifier-free guidance; returns x (B, ...) float32.
 
+    The state x and the timesteps stay float32 whatever the model computes in: only x is cast to
+    ``model_dtype`` (default: ``text``'s dtype) as the model's input, and t goes in as float32 (the
+    timestep embedding computes in fp32). A bf16 state would round every step's update dt * v against
+    x, and a bf16 t holds only ~3 significant digits.
     The unconditional branch uses ``neg_text`` if given, else the model's null caption
     (an all-False mask). Both branches run as one batch.
     """
     B = noise.shape[0]
+    model_dtype = model_dtype or text.dtype
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
     if neg_text is None:
         neg_text, neg_mask = torch.zeros_like(text), torch.zeros_like(text_mask)
     use_cfg = cfg_scale != 1.0
-    x = noise
+    x = noise.float()
     it = range(steps) if progress is None else progress(range(steps))
     for i in it:
         t, t_next = ts[i], ts[i + 1]
-        tt = torch.full((B,), t, device=x.device, dtype=x.dtype)
+        tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
+        xin = x.to(model_dtype)
         if use_cfg:
-            v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, neg_text]),
-                      torch.cat([text_mask, neg_mask]))
+            v = model(torch.cat([xin, xin]), torch.cat([tt, tt]), torch.cat([text, neg_text]),
+                      torch.cat([text_mask, neg_mask])).float()
             v_c, v_u = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)
         else:
-            v = model(x, tt, text, text_mask)
+            v = model(xin, tt, text, text_mask).float()
         x = x + (t_next - t) * v
     return x

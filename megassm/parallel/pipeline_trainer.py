@@ -207,7 +207,7 @@ class PipelineTrainer(Trainer):
                 "seq_len": res.tokens // max(res.samples, 1), "bubble": res.bubble_fraction, "stop": n_stop > 0}
 
     def log_samples(self) -> None:
-        if not getattr(self, "_warned_samples", False):
-            self._info("train.sample_every: preview samples need the whole model; skipped under parallel.pp > 1 "
-                       "(sample from a checkpoint with `megassm sample`)")
-            self._warned_samples = True
+        # said at every preview step, so that a log read from any point shows why no images appear
+        self._info(f"step {self.step}: no preview samples (train.sample_every={self.cfg.train.sample_every}): "
+                   "they need the whole model and are skipped under parallel.pp > 1; sample a checkpoint with "
+                   "`megassm sample`")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -175,3 +176,50 @@ class ShardedEMA:
             flat = torch.cat([p[n].reshape(-1) for p in parts])
             out[n] = flat[: math.prod(shape)].reshape(shape).clone()
         return out
+
+
+# -- sampling with the EMA weights (training previews) -------------------------------------------------
+
+
+def _zero3_resident(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """ZeRO-3 parameters whose whole tensor is gathered right now (the persistent small ones between steps):
+    their ``data`` is a copy of the partitions that a write to ``ds_tensor`` would leave stale."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
+
+
+def _write_local(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor],
+                 gathered: list[nn.Parameter]) -> None:
+    """Copy ``values`` into each parameter's local weights (ZeRO-3: its partition); afterwards exactly the ZeRO-3
+    parameters ``gathered`` hold whole tensors (showing the new values). Collective under ZeRO-3 (every rank
+    of the partition group calls it)."""
+    resident = _zero3_resident(list(params.values()))
+    if resident:
+        resident[0].partition(resident)  # frees the gathered copies; the partitions stay as they are
+    for n, p in params.items():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        local.copy_(values[n].reshape(local.shape))
+    if gathered:
+        gathered[0].all_gather(gathered)
+
+
+@contextmanager
+def applied(ema: ShardedEMA):
+    """``with applied(ema):`` the module computes with the EMA weights, its training weights restored on exit.
+
+    The shadow is cast to each parameter's dtype and written to its local weights (under ZeRO-3 the
+    partition ``ds_tensor``, which the next gather reads; otherwise ``data``). Costs one copy of the local
+    weights (the training values, kept for the restore). Under ZeRO-3 the parameters gathered on entry (the
+    persistent ones between steps) are re-gathered on both sides, and only they are left gathered on exit
+    (a no-grad forward may leave others gathered). Collective under ZeRO-3: all ranks enter and leave.
+    """
+    gathered = _zero3_resident(list(ema.params.values()))
+    saved = {n: (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().clone() for n, p in ema.params.items()}
+    with torch.no_grad():
+        _write_local(ema.params, ema.shadow, gathered)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            _write_local(ema.params, saved, gathered)

@@ -325,9 +325,13 @@ class Trainer:
             self.metrics.close()
 
     def log_samples(self) -> None:
-        from megassm.sample import preview_images
+        """Preview images of the EMA weights (the live ones without EMA) to TensorBoard; every rank calls it."""
+        from megassm.train.preview import Previews
 
-        imgs = preview_images(self)
+        if getattr(self, "_previews", None) is None:  # built at the first preview: prompts encoded once
+            dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+            self._previews = Previews.for_mesh(self.cfg, self.mesh, self.device, dtype)
+        imgs = self._previews(self.engine.module, self.ema)
         if imgs is not None:
             self.metrics.images("samples", imgs, self.step)
 

@@ -26,8 +26,10 @@ def _stage_weights(run, step: int) -> dict:
 
 def test_pipeline_training_resumes_exactly_and_converts(tmp_path):
     ref = tmp_path / "ref"
-    proc = run_train(SMOKE, *TINY_OVERRIDES, f"run_dir={ref}", *PP, "train.steps=4", nproc=2)
+    proc = run_train(SMOKE, *TINY_OVERRIDES, f"run_dir={ref}", *PP, "train.steps=4", "train.sample_every=2", nproc=2)
     assert "pipeline: 2 stages x 4 micro-batches" in proc.stderr
+    # no previews under PP, and the log says so at every preview step
+    assert [f"step {s}: no preview samples" in proc.stderr for s in (2, 4)] == [True, True]
     losses = losses_by_step(ref)
     assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())  # finite (NaN != NaN)
     for r in (r for r in read_metrics(ref) if "loss" in r):  # throughput counts the whole replica's batch once

@@ -96,3 +96,32 @@ def test_override_syntax_and_missing_files(tmp_path):
 def test_every_shipped_config_loads():
     for f in sorted(CONFIGS.rglob("*.yaml")):
         load_config(f)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.preview_prompts=[]"], r"train.preview_prompts=\[\] is empty"),
+    (["train.preview_prompts=[a cat,' ']"], r"train.preview_prompts\[1\] is blank"),
+    (["train.preview_prompts_file=/nonexistent/prompts.txt"], r"train.preview_prompts_file='/nonexistent/prompts.txt'"
+                                                               r": no such file"),
+    (["train.preview_prompts=[a]", "train.preview_prompts_file=p.txt"], "are both set"),
+    (["train.preview_latent_shape=[1,8]"], r"train.preview_latent_shape=\[1, 8\] must be three positive ints"),
+    (["train.preview_latent_shape=[1,8,7]"], r"multiple of model.patch_size=\[1, 2, 2\]"),
+    (["data.kind=shards", "data.paths=[/d]", "train.sample_every=10"], r"train.sample_every=10 with data.kind=shards "
+                                                                        "needs train.preview_prompts"),
+])
+def test_bad_preview_settings_fail_at_load_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "smoke.yaml", overrides)
+
+
+def test_preview_prompts_file_without_prompts_fails_at_load(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("# nothing yet\n\n")
+    with pytest.raises(ConfigError, match=r"train.preview_prompts_file=.*empty.txt' holds no prompts"):
+        load_config(CONFIGS / "smoke.yaml", [f"train.preview_prompts_file={f}"])
+    # a checkpoint's stored config does not need the file any more
+    good = tmp_path / "p.txt"
+    good.write_text("a cat\n")
+    stored = to_dict(load_config(CONFIGS / "smoke.yaml", [f"train.preview_prompts_file={good}"]))
+    good.unlink()
+    assert from_dict(stored).train.preview_prompts_file == str(good)

@@ -4,6 +4,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from megassm.cli import main
 from megassm.config.load import load_config
@@ -80,3 +81,35 @@ def test_cli_plan_needs_seq_len_for_unknown_stage(capsys):
     assert main(["plan", "configs/smoke.yaml", "--gpus", "1"]) == 2
     assert "--seq-len" in capsys.readouterr().err
     assert main(["plan", "configs/smoke.yaml", "--gpus", "1", "--seq-len", "64"]) == 0
+
+
+def test_plan_counts_preview_memory(tmp_path):
+    from megassm.plan import PreviewLoad, plan, preview_load
+
+    cfg = load_config("configs/stage3_video.yaml")
+    res = plan(cfg, 8, 29040, 80, 0.35, 989, 150)
+    mem = res["configured"]["memory_gb"]
+    # encoders not on this machine: the T5-v1.1-XXL encoder in bf16 (9.5 GB) is the largest preview phase,
+    # beside one copy of the local (ZeRO-3 partition of the) bf16 weights while the EMA weights are in
+    assert res["preview"]["prompts"] == 4 and res["preview"]["seq_len"] == 29040
+    assert mem["preview"] == pytest.approx(2 * 4.76 + mem["params"], rel=1e-6)
+    off = plan(load_config("configs/stage3_video.yaml", ["train.sample_every=0"]), 8, 29040, 80, 0.35, 989, 150)
+    assert "preview" not in off and off["configured"]["memory_gb"]["preview"] == 0
+    # a short-sequence step with recomputation: the preview, not the step, sets the peak
+    m = cfg.model
+    lay = Layout(gpus=8, micro_batch=1, checkpointing="all")
+    load, _ = preview_load(cfg, 256)
+    without, with_preview = predict_memory(m, 256, lay), predict_memory(m, 256, lay, preview=load)
+    static = sum(v for k, v in without.items() if k in ("params", "grads", "optimizer", "zero_buckets",
+                                                         "zero_gathered"))
+    assert with_preview["total"] == pytest.approx(static + with_preview["preview"])
+    assert with_preview["total"] > without["total"]
+    # encoders on this machine: their sizes from the safetensors headers
+    from safetensors.torch import save_file
+
+    (tmp_path / "t5").mkdir()
+    save_file({"w": torch.zeros(1000, 300), "b": torch.zeros(7)}, str(tmp_path / "t5" / "model.safetensors"))
+    local_cfg = load_config("configs/stage3_video.yaml", [f"encoders.text_encoder={tmp_path / 't5'}"])
+    local, sources = preview_load(local_cfg, 29040)
+    assert isinstance(local, PreviewLoad) and local.text_encoder_params == 300_007
+    assert sources["text_encoder"] == str(tmp_path / "t5")
