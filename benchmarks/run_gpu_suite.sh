@@ -5,6 +5,9 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+# compile caches (docs/performance.md, "Cold start and the compile caches"): one root for Triton and Inductor
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/megassm-cache/triton} \
+    TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/megassm-cache/inductor}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=$PWD:$PWD/.ref${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT/log.txt
 {

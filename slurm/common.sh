@@ -36,6 +36,10 @@
 #                            is requeued anyway (default 240; keep it below --signal's lead)
 #   MEGASSM_REQUEUE          1: requeue after USR1 (default); 0: checkpoint and stop
 #   MEGASSM_DRY_RUN          1: print the environment and the srun command, run nothing
+#   MEGASSM_CACHE_DIR        persistent per-user compile cache root (default: $HOME/.cache/megassm);
+#                            TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR default to subfolders of it
+#                            and TRITON_CACHE_AUTOTUNING=1, so only a job's first start autotunes
+#                            (docs/performance.md: ~119 s cold vs ~28 s warm to the first step on an H200)
 
 set -uo pipefail
 
@@ -59,6 +63,22 @@ _megassm_setup() {
     fi
     _megassm_dist_env
     _megassm_nccl_env
+    _megassm_cache_env
+}
+
+_megassm_cache_env() {
+    # Triton's compiled kernels + autotuning results and Inductor's compiled graphs on persistent
+    # storage, per user: later jobs (and requeues) skip the 1-2 minutes of autotuning and compiling
+    # before the first step. Kernels whose autotuning configs carry a pre_hook (some of mamba-ssm's
+    # backward kernels) are still re-timed each start, from cached binaries (a few seconds).
+    # The caches are keyed by GPU, driver, Triton and torch versions, so one directory can serve
+    # nodes of one kind; set MEGASSM_CACHE_DIR to a node-local or project path if $HOME is slow.
+    local root=${MEGASSM_CACHE_DIR:-${HOME:-/tmp}/.cache/megassm}
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/triton}
+    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$root/inductor}
+    export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
+    [[ ${MEGASSM_DRY_RUN:-0} == 1 ]] || mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" ||
+        _megassm_log "warning: cannot create compile cache directories under $root"
 }
 
 _megassm_port_in_use() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
