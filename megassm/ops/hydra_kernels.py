@@ -8,21 +8,48 @@ Kernels (all memory-bound; one read of each input where the layout allows):
   conv_silu_fwd        depthwise 'same' conv + bias + SiLU, written straight into the two-direction
                        layouts the scan reads: xs (2B, L, d_inner), bcs (2B, L, d_bc); the backward
                        half is stored at flipped positions, so no flip is ever materialised.
-  out_norm_fwd         y = shift(scan_f) + flip(shift(scan_b)) + x * diag, then gated RMSNorm.
+  out_norm_fwd         y = shift(scan_f) + flip(shift(scan_b)) + x * diag, then gated RMSNorm (NORM; without
+                       it, y: the cut path's combine).
   out_norm_bwd         its backward: dz, dy -> d(scan) in the scan's layout (shift/flip folded into
                        the store address), d(diag) per head, dy * diag, and norm-weight partials.
+  gated_norm_*         the cut path's norm (megassm.ops.hydra_mix): y given, the sum of squares (and in
+                       backward sum(dxhat * y)) reduced across ranks between two launches, or in one.
   conv_silu_bwd_act    gathers the conv output's gradient from the scan/diag/B/C grads (flips folded
                        into load addresses) and multiplies by SiLU' of the recomputed conv output.
   conv_bwd             transposed depthwise conv (input grad, written in place into d(in_proj out))
                        + weight / bias partial sums.
 
-The Triton interpreter (TRITON_INTERPRET=1) runs all of them on CPU tensors; tests/unit/ops uses it.
+The Triton interpreter (TRITON_INTERPRET=1) runs all of them on CPU tensors; the CPU tests use it, and so
+does a CPU run with ``model.hydra_path=fused``.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+
+def fix_interpreter() -> None:
+    """Triton 3.6's interpreter turns a loop bound into int(np.array([n])), which numpy >= 2.4 refuses;
+    index with the array's single element instead (only the interpreter is touched)."""
+    import triton.runtime.interpreter as ti
+
+    if getattr(ti, "_megassm_patched", False) or not hasattr(ti, "_patch_lang_tensor"):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+    ti._megassm_patched = True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fix_interpreter()
 
 
 @triton.jit
@@ -88,8 +115,9 @@ def _recompute_y(scan_ptr, xs_ptr, diag_ptr, b64, l, batch, seqlen, nheads, d_in
 def out_norm_fwd_kernel(
     scan_ptr, xs_ptr, diag_ptr, z_ptr, stride_zb, stride_zl, w_ptr, out_ptr, rstd_ptr,
     batch, seqlen, nheads, eps,
-    HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
 ):
+    """NORM: gated RMSNorm of y (z, w, rstd used); else y itself (the cut path's combine)."""
     l, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     d_inner = nheads * HEADDIM
     offs_h = tl.arange(0, BLOCK_H)
@@ -97,13 +125,16 @@ def out_norm_fwd_kernel(
     cols = offs_h[:, None] * HEADDIM + offs_p[None, :]  # (BLOCK_H, BLOCK_P): channel = head * p + i
     cmask = (offs_h < nheads)[:, None] & (offs_p < HEADDIM)[None, :]
     y, x, dg = _recompute_y(scan_ptr, xs_ptr, diag_ptr, b, l, batch, seqlen, nheads, d_inner, offs_h, cols, cmask)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / d_inner + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
-    out = y * rstd * w * (z * tl.sigmoid(z))
     row = b * seqlen + l
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / d_inner + eps)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
+        out = y * rstd * w * (z * tl.sigmoid(z))
+        tl.store(rstd_ptr + row, rstd)
+    else:
+        out = y
     tl.store(out_ptr + row * d_inner + cols, out.to(out_ptr.dtype.element_ty), mask=cmask)
-    tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
@@ -111,8 +142,9 @@ def out_norm_bwd_kernel(
     dout_ptr, scan_ptr, xs_ptr, diag_ptr, z_ptr, stride_zb, stride_zl, w_ptr, rstd_ptr,
     dz_ptr, stride_dzb, stride_dzl, dscan_ptr, ddiag_ptr, dxd_ptr, dw_ptr,
     batch, seqlen, nheads, rows_per_prog,
-    HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
 ):
+    """NORM: through the gated norm (dz, dw written); else dout is d(y) (the cut path's combine)."""
     pid = tl.program_id(0)
     d_inner = nheads * HEADDIM
     offs_h = tl.arange(0, BLOCK_H)
@@ -130,17 +162,20 @@ def out_norm_bwd_kernel(
         row = b * seqlen + l
         y, x, dg = _recompute_y(scan_ptr, xs_ptr, diag_ptr, b, l, batch, seqlen, nheads, d_inner, offs_h, cols,
                                 cmask)
-        rstd = tl.load(rstd_ptr + row)
-        z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
         do = tl.load(dout_ptr + row * d_inner + cols, mask=cmask, other=0.0).to(tl.float32)
-        xhat = y * rstd
-        sig = tl.sigmoid(z)
-        gate = z * sig
-        dw += do * xhat * gate
-        dxhat = do * w * gate
-        dy = (dxhat - xhat * (tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0) / d_inner)) * rstd
-        dz = do * xhat * w * sig * (1.0 + z * (1.0 - sig))
-        tl.store(dz_ptr + b * stride_dzb + l * stride_dzl + cols, dz.to(dz_ptr.dtype.element_ty), mask=cmask)
+        if NORM:
+            rstd = tl.load(rstd_ptr + row)
+            z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
+            xhat = y * rstd
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            dw += do * xhat * gate
+            dxhat = do * w * gate
+            dy = (dxhat - xhat * (tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0) / d_inner)) * rstd
+            dz = do * xhat * w * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + b * stride_dzb + l * stride_dzl + cols, dz.to(dz_ptr.dtype.element_ty), mask=cmask)
+        else:
+            dy = do
         tl.store(ddiag_ptr + row * nheads + offs_h, tl.sum(dy * x, axis=1), mask=hmask)
         tl.store(dxd_ptr + row * d_inner + cols, (dy * dg[:, None]).to(dxd_ptr.dtype.element_ty), mask=cmask)
         # d scan_f[l - 1] = dy[l]; the row nobody reads (L - 1) gets zeros from l = 0
@@ -153,7 +188,91 @@ def out_norm_bwd_kernel(
         row_b = (batch + b) * seqlen + tl.where(has_b, seqlen - 2 - l, seqlen - 1)
         tl.store(dscan_ptr + row_b * d_inner + cols, tl.where(has_b, dy, 0.0).to(dscan_ptr.dtype.element_ty),
                  mask=cmask)
-    tl.store(dw_ptr + pid.to(tl.int64) * d_inner + cols, dw, mask=cmask)
+    if NORM:
+        tl.store(dw_ptr + pid.to(tl.int64) * d_inner + cols, dw, mask=cmask)
+
+
+@triton.jit
+def gated_norm_row_sum_kernel(
+    y_ptr, z_ptr, stride_zb, stride_zl, w_ptr, dout_ptr, out_ptr, seqlen, width,
+    GRAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per token, over this rank's channels: sum(y * y) (forward), or sum(dout * w * silu(z) * y) (GRAD)."""
+    l, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < width
+    row = b * seqlen + l
+    y = tl.load(y_ptr + row * width + cols, mask=cmask, other=0.0).to(tl.float32)
+    if GRAD:
+        z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        do = tl.load(dout_ptr + row * width + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * do * w * (z * tl.sigmoid(z))
+    else:
+        y = y * y
+    tl.store(out_ptr + row, tl.sum(y, axis=0))
+
+
+@triton.jit
+def gated_norm_fwd_kernel(
+    y_ptr, z_ptr, stride_zb, stride_zl, w_ptr, sumsq_ptr, out_ptr, rstd_ptr, seqlen, width, total_width, eps,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = y * rstd * w * silu(z); rstd from this row (LOCAL) or from the summed sumsq_ptr."""
+    l, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < width
+    row = b * seqlen + l
+    y = tl.load(y_ptr + row * width + cols, mask=cmask, other=0.0).to(tl.float32)
+    if LOCAL:
+        sumsq = tl.sum(y * y, axis=0)
+    else:
+        sumsq = tl.load(sumsq_ptr + row)
+    rstd = 1.0 / tl.sqrt(sumsq / total_width + eps)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (y * rstd * w * (z * tl.sigmoid(z))).to(out_ptr.dtype.element_ty),
+             mask=cmask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def gated_norm_bwd_kernel(
+    dout_ptr, y_ptr, z_ptr, stride_zb, stride_zl, w_ptr, rstd_ptr, dot_ptr, dy_ptr, dz_ptr, dw_ptr,
+    batch, seqlen, width, total_width, rows_per_prog,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dy, dz (both (B, L, width), contiguous) and per-program dw partials. The row statistic
+    sum(dxhat * xhat) over all channels is this row's own (LOCAL) or rstd * the summed dot_ptr."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < width
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    r_start = pid * rows_per_prog
+    r_end = tl.minimum(r_start + rows_per_prog, batch * seqlen)
+    for r in range(r_start, r_end):
+        b = (r // seqlen).to(tl.int64)
+        l = (r % seqlen).to(tl.int64)
+        row = b * seqlen + l
+        y = tl.load(y_ptr + row * width + cols, mask=cmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * stride_zb + l * stride_zl + cols, mask=cmask, other=0.0).to(tl.float32)
+        do = tl.load(dout_ptr + row * width + cols, mask=cmask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = y * rstd
+        sig = tl.sigmoid(z)
+        gate = z * sig
+        dxhat = do * w * gate
+        if LOCAL:
+            dot = tl.sum(dxhat * xhat, axis=0)
+        else:
+            dot = tl.load(dot_ptr + row) * rstd
+        dy = (dxhat - xhat * (dot / total_width)) * rstd
+        dw += do * xhat * gate
+        tl.store(dy_ptr + row * width + cols, dy.to(dy_ptr.dtype.element_ty), mask=cmask)
+        dz = do * xhat * w * sig * (1.0 + z * (1.0 - sig))
+        tl.store(dz_ptr + row * width + cols, dz.to(dz_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dw_ptr + pid.to(tl.int64) * width + cols, dw, mask=cmask)
 
 
 @triton.jit

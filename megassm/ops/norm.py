@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def gated_rms_norm_ref(
-    x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-5, group_size: int | None = None
+    x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-5, group_size: int | None = None,
+    width: int | None = None, sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """x, z: (..., d); weight (d,). Normalises over groups of ``group_size`` (None: all of d).
 
-    Computes in fp32 and returns x's dtype.
+    ``sum_over_ranks`` (with ``group_size=None``): x holds d of each token's ``width`` channels, the
+    rest on other ranks; the (..., 1) sums of squares are summed across them with it (a differentiable
+    all-reduce, ``megassm.parallel``). Computes in fp32 and returns x's dtype.
     """
     dtype = x.dtype
     xf, zf = x.float(), z.float()
     d = xf.shape[-1]
+    if sum_over_ranks is not None:
+        if group_size is not None:
+            raise ValueError("gated norm: a channel-sharded norm (sum_over_ranks) needs group_size=None")
+        sumsq = sum_over_ranks(xf.square().sum(dim=-1, keepdim=True))  # (..., 1) over all ranks' channels
+        rstd = torch.rsqrt(sumsq / (width or d) + eps)
+        return (xf * rstd * weight.float() * F.silu(zf)).to(dtype)
     gs = d if group_size is None else group_size
     assert d % gs == 0, f"group_size={gs} must divide the width {d}"
     xg = xf.reshape(*xf.shape[:-1], d // gs, gs)  # (..., groups, gs)

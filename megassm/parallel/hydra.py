@@ -4,25 +4,29 @@ Per block, for TP rank t of T and CP rank c of C (h = nheads/T local heads, hc =
 
     u (B, L/C[/T], d) --enter_tp--> (B, L/C, d) --in_proj (column-parallel)--> z, x, B/C, dt
     x, dt:  all-to-all over CP -> (B, L, hc heads)       B/C: all-gather over CP -> (B, L, all groups)
-    scan permutation -> depthwise conv (this rank's channels) -> SSD both directions (hc heads)
-    diagonal  x * (fc_D(x) + D): fc_D sums over *all* channels, so each rank multiplies its channels
-              and the partial (B, L, nheads) is reduce-scattered over TP x CP to its hc heads
+    scan permutation -> local_mix: depthwise conv (this rank's channels), SSD both directions (hc heads),
+              and fc_D's partial products over this rank's channels (B, L, nheads)
+    diagonal  fc_D(x) + D sums over *all* channels: the partial products are reduce-scattered over
+              TP x CP to this rank's hc heads
+    combine   y = shift/flip/sum of the scan + x * diag
     inverse permutation -> all-to-all back -> (B, L/C, h*p)
     gated RMSNorm over all d_inner: sum of squares all-reduced over TP
     out_proj (row-parallel) --exit_tp--> (B, L/C[/T], d)
 
-z never leaves its rank (the norm is token-local). B/C with ngroups=1 are replicated over TP and
-shared by all heads: their parameters' gradients are summed over TP (``apply``).
+local_mix / combine / gated norm are ``megassm.ops.hydra_mix``'s parts, the functions the single-process
+Hydra runs; with the fused path (``fused``, as Hydra decides it) their Triton kernels, cut at the same
+two reductions. z never leaves its rank (the norm is token-local). B/C with ngroups=1 are replicated
+over TP and shared by all heads: their parameters' gradients are summed over TP (``apply``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megassm.models.hydra import Hydra
+from megassm.models.hydra import Hydra, decay_rates
 from megassm.models.scan import apply_scan
+from megassm.ops.hydra_mix import combine, default_fused_scan_impl, local_mix, use_fused_path
 from megassm.parallel.comm import reduce_scatter_along
 from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
@@ -37,8 +41,9 @@ class ParallelHydra(nn.Module):
         super().__init__()
         self.ctx = ctx
         for k in ("d_model", "d_state", "d_conv", "headdim", "ngroups", "d_inner", "nheads", "chunk_size",
-                  "ssd_impl"):
+                  "ssd_impl", "fused", "fused_scan_impl"):
             setattr(self, k, getattr(hydra, k))
+        self.path_taken: str | None = None  # "fused" or "reference" after a forward
         self.in_proj = ColumnParallelLinear.from_linear(hydra.in_proj, ctx)
         self.conv1d = hydra.conv1d
         self.dt_bias, self.A_log, self.D = hydra.dt_bias, hydra.A_log, hydra.D
@@ -76,23 +81,24 @@ class ParallelHydra(nn.Module):
         L = x.shape[1]
         return x.reshape(B, L, self.h_cp * self.headdim), bc, dt.reshape(B, L, 2 * self.h_cp)
 
-    def _diagonal(self, x: Tensor) -> Tensor:
-        """fc_D(x) + D for this rank's heads. x: (B, L, hc*p), post-conv, this rank's channels -> (B, L, hc)."""
-        ctx, p = self.ctx, self.headdim
-        c0 = ctx.cp_rank * self.h_cp * p
-        partial = F.linear(x, self.fc_D.weight[:, c0 : c0 + self.h_cp * p])  # (B, L, nheads): my channels only
+    def _diagonal(self, partial: Tensor) -> Tensor:
+        """fc_D(x) + D for this rank's heads, from this rank's channels' partial products (B, L, nheads)
+        (``local_mix``'s diag_partial) -> (B, L, hc)."""
+        ctx = self.ctx
         if ctx.tp * ctx.cp > 1:
-            B, L = x.shape[:2]
+            B, L = partial.shape[:2]
             # global head blocks are ordered (tp, cp); the TP x CP group's ranks are ordered (cp, tp)
             partial = partial.view(B, L, ctx.tp, ctx.cp, self.h_cp).transpose(2, 3).reshape(B, L, self.nheads)
             partial = reduce_scatter_along(partial, ctx.tpcp_group, dim=-1)  # (B, L, hc), summed over channels
         h0 = ctx.cp_rank * self.h_cp
-        return partial + self.D[h0 : h0 + self.h_cp]
+        return partial + self.D[h0 : h0 + self.h_cp].to(partial.dtype)
 
     def forward(self, u: Tensor, grid, scan_order: str) -> Tensor:
         """u: (B, L/cp, d), or (B, L/(cp*tp), d) under SP, canonical token order -> same shape."""
         ctx, p = self.ctx, self.headdim
         di = self.h_local * p
+        fused = use_fused_path(self.fused, self.ssd_impl, self.d_conv, self.norm.group_size, u.device)
+        self.path_taken = "fused" if fused else "reference"
         z, x, bc, dt = torch.split(self.in_proj(u), [di, di, self.bc_local, 2 * self.h_local], dim=-1)
         if ctx.cp > 1:
             x, bc, dt = self._split_heads_over_cp(x, bc, dt)
@@ -103,16 +109,21 @@ class ParallelHydra(nn.Module):
         if self._conv_rows is not None:
             w = w.index_select(0, self._conv_rows)
             b = None if b is None else b.index_select(0, self._conv_rows)
-        xbc = torch.cat([x, bc], dim=-1).transpose(1, 2)  # (B, C, L)
-        xbc = F.silu(F.conv1d(xbc, w, b, padding=self.d_conv // 2, groups=xbc.shape[1]).transpose(1, 2))
-        x, bc = xbc.split([x.shape[-1], bc.shape[-1]], dim=-1)
-        h0 = ctx.cp_rank * self.h_cp
-        y = Hydra.scan_pair(self, x, bc, dt, self.dt_bias[h0 : h0 + self.h_cp], self.A_log[h0 : h0 + self.h_cp])
-        y = y + x * self._diagonal(x).repeat_interleave(p, dim=-1)  # (B, L, hc*p)
+        h0 = ctx.cp_rank * self.h_cp  # this rank's heads within the TP shard: [h0, h0 + hc)
+        scan_impl = self.ssd_impl
+        if fused:
+            scan_impl = self.fused_scan_impl or default_fused_scan_impl(self.ssd_impl, u.device)
+        mix = local_mix(
+            torch.cat([x, bc], dim=-1), dt, w, b, self.dt_bias[h0 : h0 + self.h_cp],
+            decay_rates(self.A_log[h0 : h0 + self.h_cp]), self.fc_D.weight[:, h0 * p : (h0 + self.h_cp) * p],
+            headdim=p, d_state=self.d_state, chunk_size=self.chunk_size, fused=fused, scan_impl=scan_impl,
+        )
+        y = combine(mix.scan, mix.x, self._diagonal(mix.diag_partial), fused=fused)  # (B, L, hc*p)
         if perm is not None:
             y = apply_scan(y, perm[1])
         if ctx.cp > 1:
             B, L = y.shape[:2]
             y = heads_to_seq(y.view(B, L, self.h_cp, p), ctx.cp_group, head_dim=2).reshape(B, -1, di)
-        y = gated_rms_norm_tp(y, z, self.norm.weight, self.norm.eps, self.d_inner, ctx, self.norm.group_size)
+        y = gated_rms_norm_tp(y, z, self.norm.weight, self.norm.eps, self.d_inner, ctx, self.norm.group_size,
+                              fused=fused)
         return self.out_proj(y)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megassm.ops.hydra_mix import gated_norm
 from megassm.parallel.comm import (
     all_reduce_sum,
     copy_to_group,
@@ -134,23 +134,18 @@ def _adopt(cls, linear: nn.Linear, **attrs):
 
 def gated_rms_norm_tp(
     x: Tensor, z: Tensor, weight: Tensor, eps: float, width: int, ctx: ParallelContext,
-    group_size: int | None = None,
+    group_size: int | None = None, fused: bool = False,
 ) -> Tensor:
-    """``megassm.ops.norm.gated_rms_norm_ref`` on a TP channel shard. x, z: (B, L, width/tp); weight (width/tp,).
+    """``megassm.ops.hydra_mix.gated_norm`` on a TP channel shard. x, z: (B, L, width/tp); weight (width/tp,).
 
     With ``group_size=None`` (normalise over all ``width`` channels, the reference's default) the
     sum of squares is all-reduced over TP ranks; grouped norms must not straddle ranks.
+    ``fused``: the Triton kernels (``megassm.ops.hydra_fused.gated_norm_fused``), same reduction.
     """
-    if group_size is not None:
-        from megassm.ops.norm import gated_rms_norm_ref
-
-        if x.shape[-1] % group_size:
-            raise ValueError(f"gated norm group_size={group_size} straddles TP shards of width {x.shape[-1]}")
-        return gated_rms_norm_ref(x, z, weight, eps, group_size)
-    dtype = x.dtype
-    xf = x.float()
-    sumsq = xf.square().sum(dim=-1, keepdim=True)  # (B, L, 1) over this rank's channels
-    if ctx.tp > 1:
-        sumsq = all_reduce_sum(sumsq, ctx.tp_group)  # each rank scales its own channels by it
-    rstd = torch.rsqrt(sumsq / width + eps)
-    return (xf * rstd * weight.float() * F.silu(z.float())).to(dtype)
+    if group_size is not None and x.shape[-1] % group_size:
+        raise ValueError(f"gated norm group_size={group_size} straddles TP shards of width {x.shape[-1]}")
+    sum_over_ranks = None
+    if ctx.tp > 1 and group_size is None:
+        def sum_over_ranks(s: Tensor) -> Tensor:  # each rank scales its own channels by the total
+            return all_reduce_sum(s, ctx.tp_group)
+    return gated_norm(x, z, weight, eps, width, sum_over_ranks, group_size, fused=fused)

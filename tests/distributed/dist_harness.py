@@ -33,12 +33,22 @@ def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> N
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, out_dir, *args) -> list:
+def spawn(fn, world: int, out_dir, *args, env: dict[str, str] | None = None) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` processes; returns each rank's (JSON) result.
 
     ``fn`` must be importable (module level). An exception on any rank fails the call with its
-    traceback.
+    traceback. ``env``: variables the children start with (e.g. TRITON_INTERPRET=1, which must be set
+    before triton compiles anything); this process's environment is restored afterwards.
     """
     os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it before they import torch
-    mp.spawn(_entry, args=(fn, world, _free_port(), str(out_dir), args), nprocs=world, join=True)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        mp.spawn(_entry, args=(fn, world, _free_port(), str(out_dir), args), nprocs=world, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]

@@ -1,39 +1,19 @@
 """Checks of the fused Hydra mixer against its references, runnable on CPU (Triton interpreter) or CUDA.
 
 Run by tests/unit/ops/test_hydra_fused.py in a child process with TRITON_INTERPRET=1 (the interpreter
-must be switched on before triton is first imported), and by tests/gpu on CUDA.
+must be switched on before the kernels are first imported; ``megassm.ops.hydra_kernels`` then patches a
+Triton 3.6 interpreter bug), and by tests/gpu on CUDA.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 from megassm.models.hydra import Hydra
-from megassm.ops.hydra_fused import conv_silu_ref, hydra_mix_fused, hydra_mix_ref
-
-
-def fix_interpreter() -> None:
-    """Triton 3.6's interpreter turns a loop bound into int(np.array([n])), which numpy >= 2.4 refuses;
-    index with the array's single element instead (only the interpreter is touched)."""
-    import triton.runtime.interpreter as ti
-
-    if getattr(ti, "_megassm_patched", False):
-        return
-    orig = ti._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    ti._patch_lang_tensor = patched
-    ti._megassm_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    fix_interpreter()
+from megassm.ops.hydra_fused import hydra_mix_fused
+from megassm.ops.hydra_mix import conv_silu_ref, hydra_mix, hydra_mix_ref
 
 
 def _rel(a, b):
@@ -72,13 +52,18 @@ def check_conv(device="cpu", dtype=torch.float32):
     return {"conv_xs": _rel(xs, xs_r), "conv_bcs": _rel(bcs, bcs_r)}
 
 
-def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", **kw):
-    """Fused Function vs the autograd-composed twins: output and all gradients."""
+def _fused_parts(zxbcdt, *args, scan_impl="ref"):
+    return hydra_mix(zxbcdt, *args, fused=True, scan_impl=scan_impl)
+
+
+def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", fn=hydra_mix_fused, **kw):
+    """A fused composition (the uncut Function, or the cut parts) vs the autograd-composed reference
+    parts: output and all gradients."""
     m, u = make_inputs(device=device, dtype=dtype, **kw)
     zxbcdt = m.in_proj(u).detach().requires_grad_()
     params = [m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.fc_D.weight, m.D, m.norm.weight]
     params = [p for p in params if p is not None]
-    out = hydra_mix_fused(zxbcdt, *mix_args(m), scan_impl=scan_impl)
+    out = fn(zxbcdt, *mix_args(m), scan_impl=scan_impl)
     g_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [zxbcdt] + params, g_out)
     out_r = hydra_mix_ref(zxbcdt, *mix_args(m))
@@ -88,6 +73,28 @@ def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", **kw):
         names.remove("conv_b")
     res = {"out": _rel(out, out_r)}
     res.update({f"grad_{n}": _rel(a, b) for n, a, b in zip(names, grads, grads_r)})
+    return res
+
+
+def check_norm_across_ranks(device="cpu", dtype=torch.float64):
+    """The cut gated norm's two-launch path (a reduction between them) against the reference with the same
+    reduction: this token's channels are half of its width and the other half is taken to have the
+    same sum of squares (sum_over_ranks = 2x, its own adjoint)."""
+    from megassm.ops.hydra_mix import gated_norm
+
+    gen = torch.Generator().manual_seed(5)
+    y, z, dout = (torch.randn(2, 9, 24, generator=gen, dtype=dtype).to(device) for _ in range(3))
+    z = torch.randn(2, 9, 40, generator=gen, dtype=dtype).to(device)[..., 3:27]  # a strided view, as from in_proj
+    w = (torch.rand(24, generator=gen, dtype=dtype) + 0.5).to(device)
+    res = {}
+    outs = []
+    for fused in (False, True):
+        ins = [t.detach().clone().requires_grad_() for t in (y, z, w)]
+        out = gated_norm(*ins[:2], ins[2], 1e-5, width=48, sum_over_ranks=lambda s: 2 * s, fused=fused)
+        outs.append((out, torch.autograd.grad(out, ins, dout)))
+    res["ranks_norm_out"] = _rel(outs[1][0], outs[0][0])
+    for n, a, b in zip(("y", "z", "w"), outs[1][1], outs[0][1]):
+        res[f"ranks_norm_grad_{n}"] = _rel(a, b)
     return res
 
 
@@ -101,6 +108,7 @@ def check_module(device="cpu", dtype=torch.float64, scan_impl="ref", **kw):
         m.fused = fused
         m.fused_scan_impl = scan_impl
         out = m(u)
+        assert m.path_taken == ("fused" if fused else "reference"), m.path_taken
         g = torch.autograd.grad(out, [u] + list(m.parameters()), torch.ones_like(out) * 0.1 + out.detach())
         outs[fused] = (out, g)
     res["module_out"] = _rel(outs[True][0], outs[False][0])
@@ -118,6 +126,14 @@ def run_all(device="cpu", scan_impl="ref"):
     res.update({f"nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, conv_bias=False,
                                                        ngroups=2, batch=1, seqlen=20, d_conv=3).items()})
     res.update(check_module(device, torch.float64, scan_impl))
+    # the cut parts (what ParallelHydra runs) on one rank: ragged chunks, L = 1, ngroups 2 / d_conv 3 / no bias
+    res.update({f"parts_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_fused_parts).items()})
+    res.update({f"parts_L1_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_fused_parts,
+                                                         seqlen=1).items()})
+    res.update({f"parts_nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_fused_parts,
+                                                             conv_bias=False, ngroups=2, batch=1, seqlen=20,
+                                                             d_conv=3).items()})
+    res.update(check_norm_across_ranks(device))
     return res
 
 
