@@ -180,6 +180,8 @@ class TrainConfig:
     # data.image_size^2; shards: the most common latent shape in the datasets' manifests)
     preview_latent_shape: list[int] | None = None
     max_consecutive_nonfinite: int = 5
+    # resume at another layout with another global batch (micro_batch x grad_accum x dp); off: refused
+    allow_batch_change: bool = False
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name
     progress_bar: bool = True
     profile: ProfileConfig = field(default_factory=ProfileConfig)

@@ -142,6 +142,25 @@ class ShardedEMA:
             self.shadow[n].copy_(state[n])
         self.refresh()
 
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the EMA from whole tensors (``consolidate``'s output), sliced into this layout's partitions
+        (ZeRO-3: rank r of the parameter's partition group takes flat elements [r x n, (r + 1) x n), n its
+        partition size, zero-padded at the end) -- for a resume at another layout."""
+        missing = set(self.shadow) - set(full)
+        if missing:
+            raise KeyError(f"EMA to load lacks {sorted(missing)[:5]}...")
+        for n, t in self.shadow.items():
+            src = full[n].float().reshape(-1)
+            if self.partitioned:
+                group = self.params[n].ds_process_group
+                r, world = dist.get_rank(group), dist.get_world_size(group)
+                src = torch.nn.functional.pad(src, (0, t.numel() * world - src.numel()))
+                t.copy_(src[r * t.numel():(r + 1) * t.numel()])
+            else:
+                t.copy_(src.reshape(t.shape))
+        self.refresh()
+
     @staticmethod
     def consolidate(directory: Path, model_cfg=None) -> dict[str, torch.Tensor]:
         """Whole fp32 tensors from a checkpoint's ``ema/`` shards (rank order); TP shards are merged with

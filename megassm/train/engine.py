@@ -50,7 +50,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int,
+                     load_universal: bool = False) -> dict[str, Any]:
     p: ParallelConfig = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
@@ -72,6 +73,8 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int) -> dic
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # a resume at another layout (megassm/train/elastic.py)
+        ds["checkpoint"] = {"load_universal": True}
     if p.pp > 1:  # pipeline (megassm/parallel/pipeline_trainer.py): one step accumulates its micro-batches
         ds["gradient_accumulation_steps"] = p.micro_batches
         ds["train_batch_size"] = cfg.train.micro_batch_size * p.micro_batches * dp_world
@@ -79,7 +82,7 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int) -> dic
     return ds
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):
+def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with AdamW + LambdaLR; returns (engine, scheduler)."""
     import deepspeed
 
@@ -91,7 +94,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, device: torch.device, mesh):
     # ZeRO shards and gradients reduce over DP x CP. Under ZeRO-3 with CP the mpu folds CP into data
     # parallelism (docs/parallelism.md §5), so DeepSpeed's batch bookkeeping counts the mpu's DP world.
     mpu = mesh.deepspeed_mpu()
-    ds_cfg = deepspeed_config(cfg, device, mpu.get_data_parallel_world_size())
+    ds_cfg = deepspeed_config(cfg, device, mpu.get_data_parallel_world_size(), load_universal)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False,
     )

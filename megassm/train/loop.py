@@ -21,6 +21,7 @@ from megassm.models import build_model
 from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.train import checkpoint as ckpt
+from megassm.train import elastic
 from megassm.train.ema import ShardedEMA
 from megassm.train.engine import build_engine, skip_update
 from megassm.train.metrics import MetricsLogger, peak_flops
@@ -85,6 +86,8 @@ class Trainer:
         self.mesh = ParallelMesh.from_config(cfg.parallel)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # before anything is written: a checkpoint at another layout is bridged or refused here
+        self.resume_plan = elastic.plan_resume(cfg, self.ckpt_dir, dist.get_world_size())
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -134,7 +137,8 @@ class Trainer:
 
     def _build_engine(self, model):
         """(engine, scheduler); PipelineTrainer overrides it to wrap only this rank's pipeline stage."""
-        return build_engine(model.to(self.device), self.cfg, self.device, self.mesh)
+        return build_engine(model.to(self.device), self.cfg, self.device, self.mesh,
+                            load_universal=self.resume_plan.elastic)
 
     def _build_ema(self) -> ShardedEMA:
         # the group over which ZeRO-1/2 (and bf16 ZeRO-0) partition the fp32 masters the EMA follows
@@ -162,6 +166,8 @@ class Trainer:
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                 "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
+                 "dp_rank": self.mesh.get_data_parallel_rank(),
                  "data": self.data.state_dict(), "world": dist.get_world_size()}
         ckpt.save_trainer_state(tag_dir, self.rank, state, {})
         ckpt.finalize(self.ckpt_dir, tag, self.cfg.train.keep_last, is_writer=self.rank == 0)
@@ -171,28 +177,54 @@ class Trainer:
         return self.mesh.get_model_parallel_rank(), self.mesh.get_model_parallel_world_size()
 
     def resume(self) -> None:
-        tag = ckpt.read_latest(self.ckpt_dir)
-        if tag is None:
+        plan = self.resume_plan
+        if plan.tag is None:
             return
+        if plan.elastic:
+            return self._resume_elastic(plan)
+        tag = plan.tag
         tag_dir = self.ckpt_dir / tag
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         state, _ = ckpt.load_trainer_state(tag_dir, self.rank)
-        if state.get("world") != dist.get_world_size():
-            raise RuntimeError(f"checkpoint {tag_dir} was written by {state.get('world')} ranks, this run has "
-                               f"{dist.get_world_size()}; resume with the same layout or use init_from")
-        self.step = state["step"]
-        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        self._restore_counters(state)
         self.data.load_state_dict(state["data"])
-        # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
-        # (DeepSpeed does not restore its micro-step counter)
-        self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
         if self.ema is not None:
             self.ema.load(tag_dir, self.mesh.get_sequence_data_parallel_rank(), *self._mp())
         self._info(f"resumed from step {self.step} ({tag_dir})")
         self.metrics.event({"event": "resume", "step": self.step})
+
+    def _restore_counters(self, state: dict) -> None:
+        self.step = state["step"]
+        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
+        # (DeepSpeed does not restore its micro-step counter)
+        self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
+
+    def _resume_elastic(self, plan: elastic.ResumePlan) -> None:
+        """The latest checkpoint was written at another (dp, cp): megassm/train/elastic.py says how it carries over."""
+        tag_dir = self.ckpt_dir / plan.tag
+        self._info(f"elastic resume from {tag_dir}: {plan.describe()} (global batch {plan.old['global_batch']} -> "
+                   f"{plan.new['global_batch']}); converting to DeepSpeed's universal format")
+        root = elastic.convert_to_universal(self.ckpt_dir, plan.tag, is_writer=self.rank == 0)
+        dist.barrier()
+        with elastic.universal_load_fixes(self.engine):
+            load_path, _ = self.engine.load_checkpoint(str(root), tag=plan.tag, load_module_strict=True,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {root / plan.tag}")
+        state = elastic.read_rank0_state(tag_dir)
+        self._restore_counters(state)
+        if self.cfg.data.kind == "procedural":  # a function of the global sample index
+            self.data.load_state_dict({"position": self.step * self.micro_batches_per_step})
+        else:  # same dp (plan_resume checked): this dp rank's stream continues
+            self.data.load_state_dict(elastic.find_data_state(tag_dir, self.mesh.get_data_parallel_rank()))
+        if self.ema is not None:
+            self.ema.load_full(ShardedEMA.consolidate(tag_dir, self.cfg.model))
+        self._info(f"resumed from step {self.step} ({tag_dir}) at the new layout")
+        self.metrics.event({"event": "resume", "step": self.step, "elastic": plan.describe()})
 
     # -- one optimizer step ----------------------------------------------------------------
     @property

@@ -1,0 +1,169 @@
+"""Resume a run at another (dp, cp) layout with the same global batch.
+
+Mechanism: DeepSpeed's universal checkpoint for what DeepSpeed owns, megassm's own path for the rest.
+
+- ``deepspeed.checkpoint.ds_to_universal`` turns the saved ZeRO checkpoint into per-parameter fp32
+  weights and Adam moments (``exp_avg``, ``exp_avg_sq``) plus the optimizer step; an engine built with
+  ``checkpoint.load_universal`` re-partitions them over its own dp x cp group. It also restores
+  ``global_steps`` and the LR schedule from the model-states file.
+- The EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
+  layout's partitions (``ShardedEMA.load_full``).
+- The data cursor: the built-in procedural data is a function of the global sample index, so the
+  position is ``step x grad_accum`` at the new layout. Shard streams are per data-parallel rank: a
+  change of cp at the same dp keeps each dp rank's stream; a change of dp with shard data is refused.
+- Randomness: every training draw is keyed on (seed, global sample index), so no per-rank generator
+  has to carry over.
+
+What cannot be bridged fails in ``plan_resume``, before anything is written: another model, another
+tp or pp or ZeRO stage, or another global batch (unless ``train.allow_batch_change``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megassm.config.load import to_dict
+from megassm.config.schema import RunConfig
+from megassm.train import checkpoint as ckpt
+
+UNIVERSAL_DIR = "universal"  # under checkpoints/: <tag>/ in DeepSpeed's universal format
+
+
+class ElasticResumeError(ValueError):
+    pass
+
+
+def layout_of(cfg: RunConfig, world: int) -> dict:
+    """What a checkpoint records of the layout that wrote it."""
+    p, t = cfg.parallel, cfg.train
+    dp = world // (p.tp * p.cp * p.pp)
+    micro = p.micro_batches if p.pp > 1 else t.grad_accum
+    return {"world": world, "tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage,
+            "micro_batch_size": t.micro_batch_size, "micro_batches_per_step": micro,
+            "global_batch": t.micro_batch_size * micro * dp}
+
+
+@dataclass
+class ResumePlan:
+    tag: str | None = None
+    elastic: bool = False
+    old: dict | None = None
+    new: dict | None = None
+
+    def describe(self) -> str:
+        keys = ("world", "dp", "cp", "micro_batch_size", "micro_batches_per_step")
+        return ", ".join(f"{k} {self.old[k]} -> {self.new[k]}" for k in keys if self.old[k] != self.new[k])
+
+
+def read_rank0_state(tag_dir: Path) -> dict:
+    f = Path(tag_dir) / "trainer" / "rank_00000.json"
+    if not f.is_file():
+        raise ElasticResumeError(f"checkpoint {tag_dir} has no trainer state ({f}); it is incomplete")
+    return json.loads(f.read_text())
+
+
+def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
+    """Compare the latest checkpoint's layout and model with this run's; raise what cannot be bridged.
+
+    Reads only JSON; writes nothing.
+    """
+    tag = ckpt.read_latest(ckpt_dir)
+    if tag is None:
+        return ResumePlan()
+    tag_dir = Path(ckpt_dir) / tag
+    state = read_rank0_state(tag_dir)
+    new = layout_of(cfg, world)
+    old = state.get("layout")
+    if old is None:  # written before layouts were recorded
+        if state.get("world") != world:
+            raise ElasticResumeError(
+                f"checkpoint {tag_dir} was written by {state.get('world')} ranks and records no layout (an older "
+                f"megassm); resume it with {state.get('world')} ranks, or warm-start with init_from")
+        return ResumePlan(tag)
+    if state.get("model") is not None and state["model"] != to_dict(cfg.model):
+        diff = sorted(k for k in set(state["model"]) | set(to_dict(cfg.model))
+                      if state["model"].get(k) != to_dict(cfg.model).get(k))
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} holds another model (model.{', model.'.join(diff)} differ: "
+            f"{ {k: state['model'].get(k) for k in diff} } there, { {k: to_dict(cfg.model).get(k) for k in diff} } "
+            "here); resume with the same model, or start a new run with init_from")
+    if old == new:
+        return ResumePlan(tag, False, old, new)
+    fixed = [k for k in ("tp", "pp", "zero_stage") if old[k] != new[k]]
+    if fixed:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} was written at {', '.join(f'parallel.{k}={old[k]}' for k in fixed)}; this run has "
+            f"{', '.join(f'parallel.{k}={new[k]}' for k in fixed)}. A resume may change dp and cp (and the micro-"
+            "batching), not tp, pp or the ZeRO stage: keep them, or convert the checkpoint (`megassm convert`) and "
+            "warm-start with init_from")
+    if old["global_batch"] != new["global_batch"] and not cfg.train.allow_batch_change:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} trained with a global batch of {old['global_batch']} (micro-batch "
+            f"{old['micro_batch_size']} x {old['micro_batches_per_step']} x dp {old['dp']}); this layout gives "
+            f"{new['global_batch']} (micro-batch {new['micro_batch_size']} x {new['micro_batches_per_step']} x dp "
+            f"{new['dp']}). Set train.grad_accum / train.micro_batch_size to keep {old['global_batch']}, or "
+            "train.allow_batch_change=true to change the batch on purpose")
+    if old["dp"] != new["dp"] and cfg.data.kind != "procedural":
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir}: data.kind={cfg.data.kind} streams are per data-parallel rank, so dp cannot "
+            f"change on resume ({old['dp']} -> {new['dp']}); keep dp={old['dp']} (cp may change), or warm-start "
+            "with init_from")
+    if cfg.parallel.pp > 1:
+        raise ElasticResumeError(f"checkpoint {tag_dir}: a pipeline run resumes only at its own layout ({old})")
+    return ResumePlan(tag, True, old, new)
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str, is_writer: bool) -> Path:
+    """``checkpoints/universal/<tag>`` in DeepSpeed's universal format (made once, by ``is_writer``, atomically);
+    returns ``checkpoints/universal`` -- the directory to pass to ``engine.load_checkpoint``."""
+    root = Path(ckpt_dir) / UNIVERSAL_DIR
+    out = root / tag
+    if is_writer and not (out / ckpt.COMPLETE).exists():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = root / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(input_folder=str(Path(ckpt_dir) / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=False))
+        (tmp / ckpt.COMPLETE).write_text("")
+        tmp.rename(out)
+    return root
+
+
+@contextmanager
+def universal_load_fixes(engine):
+    """Undo two things DeepSpeed's ZeRO-3 universal load does to a torch optimizer (DeepSpeed 0.19):
+
+    - it gives every parameter group the hyperparameters of group 0, so the no-decay group would get the
+      decay group's weight decay: each group's own values (all but the scheduled ``lr``) are put back;
+    - it stores one ``step`` tensor object in the state of every parameter group, and torch's AdamW
+      increments it in place, once per group per update: the bias correction would then run ahead by the
+      number of groups. Each state gets its own copy.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
+    yield
+    for g, h in zip(inner.param_groups, own):
+        g.update(h)
+    for st in inner.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+
+
+def find_data_state(tag_dir: Path, dp_rank: int) -> dict:
+    """The data cursor of the old rank that had data-parallel rank ``dp_rank`` (same dp, other cp)."""
+    for f in sorted((Path(tag_dir) / "trainer").glob("rank_*.json")):
+        s = json.loads(f.read_text())
+        if s.get("dp_rank") == dp_rank:
+            return s["data"]
+    raise ElasticResumeError(f"checkpoint {tag_dir}: no rank recorded data-parallel rank {dp_rank}")
