@@ -63,8 +63,8 @@ def train_cmd(config, *overrides, nproc: int = 1) -> list[str]:
             f"--master_port={free_port()}", "-m", "megassm", "train", str(config), *map(str, overrides)]
 
 
-def run_train(config, *overrides, nproc: int = 1, timeout: int = 600, check: bool = True):
-    env = child_env(OMP_NUM_THREADS="1")
+def run_train(config, *overrides, nproc: int = 1, timeout: int = 600, check: bool = True, env: dict | None = None):
+    env = child_env(OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(train_cmd(config, *overrides, nproc=nproc), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
