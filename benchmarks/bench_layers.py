@@ -1,13 +1,18 @@
 """Forward + backward of HTH layers at hth-5b width on one GPU, with references in the same process.
 
     python benchmarks/bench_layers.py [--seq-lens 4096,16384] [--profile] [--out DIR]
+    TRITON_INTERPRET=1 python benchmarks/bench_layers.py --dry-run     # CPU: the hydra_cp_share rows, tiny
 
 Rows (bench): hydra (megassm, fused path), hydra_reference (impl=goombalab: the public reference
 module, weights copied from megassm's; impl=megassm_reference_path: megassm's unfused path),
 mamba2_reference (mamba-ssm Mamba2, one direction, use_mem_eff_path=False), attention (qkv + RoPE +
 SDPA + proj; impl=sdpa_auto|sdpa_flash|sdpa_cudnn), cross_attention (300 text tokens), ffn, block_step
 (a whole HTHBlock, mixer 'h' or 'A'; impl *_eager_glue = without the compiled elementwise glue),
-memory_plan (activation bytes per token saved for backward by one block, for megassm plan).
+memory_plan (activation bytes per token saved for backward by one block, for megassm plan),
+hydra_cp_share (one rank's share of a Hydra layer under Ulysses CP = cp: the full sequence with nheads/cp
+heads through megassm.ops.hydra_mix's parts -- local_mix, combine, and the gated norm on L/cp tokens of
+all heads -- impl=megassm_fused_parts (the kernels ParallelHydra runs) or megassm_reference_parts; no
+collectives).
 TFLOP/s use megassm.models.accounting's FLOP counts (x3 for forward + backward); MFU is against the
 datasheet bf16 peak and against an 8192^3 bf16 GEMM measured in the same run.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,13 +101,20 @@ def rel_err(a, b) -> float:
 
 
 class Bench:
-    def __init__(self, res: Results, gemm: float, peak: float):
+    def __init__(self, res: Results, gemm: float, peak: float, dry_run: bool = False):
         self.res, self.gemm, self.peak = res, gemm, peak
         self.only: set[str] = set()
+        self.dry_run = dry_run  # CPU: one untimed-quality call per row, to exercise the code
 
     def run(self, bench, fn, flops, seq_len, batch, **extra):
         if self.only and bench not in self.only:
             return None
+        if self.dry_run:
+            t0 = time.perf_counter()
+            fn()
+            self.res.add({"bench": bench, "seq_len": seq_len, "batch": batch, "ms": 1e3 * (time.perf_counter() - t0),
+                          **extra})
+            return self.res.rows[-1]
         try:
             t = time_ms(fn)
             mem = peak_mem_gb(fn)
@@ -208,9 +221,57 @@ def bench_case(b: Bench, m, mods, seq_len: int, batch: int, profile_path=None) -
     if fh and ra:
         fh["speedup_vs_attention"] = ra["ms"] / fh["ms"]
         b.res.write()
+    bench_cp_share(b, m, hyd, seq_len, batch, torch.device(dev), DT)
     if batch == 1 and seq_len in (4096, 16384) and (not b.only or "memory_plan" in b.only):
         for sym in ("h", "A"):
             saved_activation_row(b, mods[f"block_{sym}"], sym, x, t_mod, text, mask, grid, seq_len)
+
+
+def cp_share_fn(hyd: Hydra, cp: int, seq_len: int, batch: int, fused: bool, dev, dtype):
+    """fwd + bwd of CP rank 0's share of ``hyd`` (heads [0, nheads/cp), every B/C group), as ParallelHydra
+    runs it between its all-to-alls; the norm on the (B, L/cp, d_inner) token slice it gets after them."""
+    from megassm.models.hydra import decay_rates
+    from megassm.ops.hydra_mix import combine, gated_norm, local_mix
+
+    hc, p = hyd.nheads // cp, hyd.headdim
+    rows = torch.cat([torch.arange(hc * p), hyd.d_inner + torch.arange(2 * hyd.d_bc)]).to(dev)
+    ins = [torch.randn(batch, seq_len, hc * p + 2 * hyd.d_bc, device=dev, dtype=dtype),
+           torch.randn(batch, seq_len, 2 * hc, device=dev, dtype=dtype) - 2.0,
+           torch.randn(batch, seq_len // cp, hyd.d_inner, device=dev, dtype=dtype)]
+    for t in ins:
+        t.requires_grad_()
+    scan_impl = hyd.fused_scan_impl or ("triton" if dev.type == "cuda" else "ref")
+    params = [hyd.conv1d.weight, hyd.conv1d.bias, hyd.dt_bias, hyd.A_log, hyd.fc_D.weight, hyd.D, hyd.norm.weight]
+
+    def step():
+        for t in ins + params:
+            t.grad = None
+        xbc, dt, z = ins
+        mix = local_mix(xbc, dt, hyd.conv1d.weight[rows], hyd.conv1d.bias[rows], hyd.dt_bias[:hc],
+                        decay_rates(hyd.A_log[:hc]), hyd.fc_D.weight[:, : hc * p], headdim=p, d_state=hyd.d_state,
+                        chunk_size=hyd.chunk_size, fused=fused, scan_impl=scan_impl if fused else hyd.ssd_impl)
+        # (the reduce-scatter would sum the other ranks' partials and keep this rank's heads)
+        y = combine(mix.scan, mix.x, mix.diag_partial[..., :hc] + hyd.D[:hc].to(dtype), fused=fused)
+        # (the all-to-all would turn (B, L, hc*p) into (B, L/cp, d_inner): same bytes)
+        y = y.reshape(batch, seq_len // cp, hyd.d_inner)
+        out = gated_norm(y, z, hyd.norm.weight, hyd.norm.eps, fused=fused)
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+def bench_cp_share(b: Bench, m, hyd: Hydra, seq_len: int, batch: int, dev, dtype, cps=(2, 4)) -> None:
+    for cp in cps:
+        if hyd.nheads % cp or seq_len % cp:
+            continue
+        fl = acc.mixer_flops_per_token(m, "h", seq_len) * seq_len * batch / cp
+        rows = {impl: b.run("hydra_cp_share", cp_share_fn(hyd, cp, seq_len, batch, fused, dev, dtype), fl, seq_len,
+                            batch, impl=impl, cp=cp)
+                for impl, fused in (("megassm_fused_parts", True), ("megassm_reference_parts", False))}
+        if rows["megassm_fused_parts"] and rows["megassm_reference_parts"]:
+            rows["megassm_fused_parts"]["ratio_vs_reference"] = (rows["megassm_fused_parts"]["ms"]
+                                                                 / rows["megassm_reference_parts"]["ms"])
+            b.res.write()
 
 
 def saved_activation_row(b: Bench, blk, sym, x, t_mod, text, mask, grid, seq_len) -> None:
@@ -289,8 +350,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated bench names to run (default: all)")
     p.add_argument("--stem", default="layers", help="result file name stem")
     p.add_argument("--out", default=None)
+    p.add_argument("--dry-run", action="store_true", help="CPU, hth-tiny width, fp32: only the hydra_cp_share "
+                   "rows (the fused ones need TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else out_dir()
+    if args.dry_run:
+        return dry_run(out, args.stem)
     torch.backends.cuda.matmul.allow_tf32 = False
     m = hth5b()
     gemm = gemm_tflops()
@@ -307,6 +372,22 @@ def main(argv=None) -> int:
         prof = out / f"profile_{res.json_path.stem.split('_')[-1]}.txt" if args.profile and seq_len == 16384 else None
         bench_case(b, m, mods, seq_len, batch, prof)
         torch.cuda.empty_cache()
+    return 0
+
+
+def dry_run(out: Path, stem: str) -> int:
+    """The hydra_cp_share rows on CPU at hth-tiny width (kernels in Triton's interpreter): the code runs."""
+    import os
+
+    m = load_config(REPO / "configs" / "model" / "hth-tiny.yaml").model
+    res = Results(out, f"{stem}_dry_run", COLUMNS + ["cp"], extra={"model": "hth-tiny width", "dtype": "fp32"})
+    b = Bench(res, gemm=float("nan"), peak=None, dry_run=True)
+    hyd = Hydra(m.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, headdim=m.headdim, ngroups=m.ngroups,
+                chunk_size=m.chunk_size, ssd_impl="ref")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        b.only = {"none"}  # the fused parts cannot run on CPU without the interpreter
+        print("TRITON_INTERPRET=1 not set: nothing to run on CPU", flush=True)
+    bench_cp_share(b, m, hyd, 32, 1, torch.device("cpu"), torch.float32)
     return 0
 
 

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megassm.config.schema import ATTENTION_BACKENDS, PATTERN_SYMBOLS, WANDB_MODES, RunConfig
+from megassm.config.schema import ATTENTION_BACKENDS, HYDRA_PATHS, PATTERN_SYMBOLS, WANDB_MODES, RunConfig
 
 
 class ConfigError(ValueError):
@@ -188,6 +188,7 @@ def validate_model(m) -> None:
         raise ConfigError(f"model.d_conv={m.d_conv} must be odd (non-causal 'same' convolution)")
     _choice("model.ssd_impl", m.ssd_impl, ["auto", "ref", "triton"])
     _choice("model.attention_backend", m.attention_backend, list(ATTENTION_BACKENDS))
+    _choice("model.hydra_path", m.hydra_path, list(HYDRA_PATHS))
     for k in ("d_model", "d_state", "chunk_size", "text_dim", "max_text_len"):
         if getattr(m, k) < 1:
             raise ConfigError(f"model.{k}={getattr(m, k)} must be >= 1")

@@ -19,6 +19,10 @@ PATTERN_SYMBOLS = {
 }
 # SDPA kernel choices for self-attention (megassm/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
+# Hydra's path -> the layers' ``fused`` argument: auto = the fused Triton kernels (megassm/ops/hydra_fused.py)
+# on CUDA when they import; fused = always (on CPU only in Triton's interpreter, TRITON_INTERPRET=1);
+# reference = the PyTorch reference parts (megassm/ops/hydra_mix.py)
+HYDRA_PATHS = {"auto": None, "fused": True, "reference": False}
 
 
 @dataclass
@@ -56,6 +60,8 @@ class ModelConfig:
     max_text_len: int = 32
     # which SSD implementation: auto (Triton on CUDA if mamba-ssm is installed), ref, triton
     ssd_impl: str = "auto"
+    # Hydra's path: auto | fused | reference (HYDRA_PATHS); the SSD scan inside the fused one follows ssd_impl
+    hydra_path: str = "auto"
 
 
 @dataclass

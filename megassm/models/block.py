@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 from torch import Tensor, nn
 
+from megassm.config.schema import HYDRA_PATHS
 from megassm.models.attention import CrossAttention, SelfAttention
 from megassm.models.embed import rope_axial
 from megassm.models.hydra import Hydra
@@ -100,6 +101,7 @@ class HTHBlock(nn.Module):
             self.mixer = Hydra(
                 d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
                 ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
+                fused=HYDRA_PATHS[cfg.hydra_path],
             )
         else:
             raise ValueError(f"unknown block symbol {symbol!r}; valid: 'h', 'v', 't', 'A'")

@@ -77,6 +77,12 @@ def _grads_nonfinite(engine) -> torch.Tensor:
     return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().cpu()
 
 
+def _hydra_paths(model) -> str:
+    """Which path each Hydra mixer took in the last forward ("fused" / "reference"), for the log."""
+    paths = [m.path_taken for m in model.modules() if hasattr(m, "path_taken")]
+    return f"Hydra mixers: {paths.count('fused')} fused, {paths.count('reference')} reference path"
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -309,10 +315,14 @@ class Trainer:
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
         bar = self.metrics.progress(total=cfg.steps, initial=self.step, enabled=cfg.progress_bar)
         try:
+            first = True
             while self.step < cfg.steps:
                 out = self.train_step(data_iter)
                 self.step += 1
                 self.profiler.step(self.step)
+                if first:
+                    self._info(_hydra_paths(self.model))
+                    first = False
                 if out["ok"]:
                     self.nonfinite_run = 0
                 else:

@@ -28,9 +28,10 @@ def test_fused_parallel_hydra_matches_reference_and_single_process(world, tmp_pa
 
 def test_broken_collectives_are_detected_on_fused_path(tmp_path):
     """Each break of parallel_cases.BREAKS (a skipped fc_D sum, norm sum of squares, TP gradient sum,
-    column-parallel input-gradient all-reduce, or B/C gather reduce-scatter) fails the fused checks."""
+    column-parallel input-gradient all-reduce, or B/C gather reduce-scatter), and the fused norm's backward
+    without its cross-rank sum, fails the fused checks."""
     report = spawn(hfc.run_broken_fused_checks, 2, tmp_path, env=INTERPRET)[0]
-    assert set(report) == set(pc.BREAKS)
+    assert set(report) == set(pc.BREAKS) | set(hfc.FUSED_BREAKS)
     for name, r in report.items():
         assert r["clean"] == 0, f"{name}: the unbroken fused layout already fails: {r['example']}"
         assert r["broken"] > 0, f"{name}: breaking it went unnoticed on the fused path"

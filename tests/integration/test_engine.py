@@ -248,13 +248,25 @@ def test_bf16_ema_follows_the_fp32_masters_not_the_bf16_weights(tmp_path, monkey
 @pytest.mark.distributed
 def test_trainer_with_tp2_or_cp2_matches_one_rank(tmp_path):
     """The whole trainer (DeepSpeed ZeRO-3, EMA, checkpoints) with TP=2 or Ulysses CP=2 on 2 ranks gives the
-    single-rank run's losses and EMA weights: dp=1 in all three, so data and noise are the same."""
+    single-rank run's losses and EMA weights: dp=1 in all three, so data and noise are the same.
+
+    Where triton imports, the TP and CP runs take Hydra's fused path (the cut kernels in Triton's interpreter
+    around the PyTorch scan) and the one-rank run the reference path (auto on CPU): the log says which ran."""
+    import importlib.util
+
     from megassm.config import load_config
 
     common = [*TINY_OVERRIDES, "train.steps=3", "train.ema_decay=0.5"]
-    run_train(SMOKE, *common, f"run_dir={tmp_path / 'one'}")
-    run_train(SMOKE, *common, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2", nproc=2)
-    run_train(SMOKE, *common, f"run_dir={tmp_path / 'cp2'}", "parallel.cp=2", nproc=2)
+    fused = importlib.util.find_spec("triton") is not None
+    par = ["model.hydra_path=fused"] if fused else []
+    env = {"TRITON_INTERPRET": "1"} if fused else None
+    one = run_train(SMOKE, *common, f"run_dir={tmp_path / 'one'}")
+    tp2 = run_train(SMOKE, *common, *par, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2", nproc=2, env=env)
+    cp2 = run_train(SMOKE, *common, *par, f"run_dir={tmp_path / 'cp2'}", "parallel.cp=2", nproc=2, env=env)
+    assert "Hydra mixers: 0 fused, 3 reference path" in one.stdout + one.stderr  # hth-tiny: pattern hvAh
+    if fused:
+        for proc in (tp2, cp2):
+            assert "Hydra mixers: 3 fused, 0 reference path" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     ref = losses_by_step(tmp_path / "one")
     model_cfg = load_config(SMOKE, TINY_OVERRIDES).model
     ema_ref = ShardedEMA.consolidate(tmp_path / "one" / "checkpoints" / "step_00000003")
