@@ -35,7 +35,7 @@ from megassm.models.attention import CrossAttention, SelfAttention  # noqa: E402
 from megassm.models.block import FeedForward, HTHBlock, TokenGrid  # noqa: E402
 from megassm.models.hydra import Hydra  # noqa: E402
 
-# token grids (T, H, W) of the stages' sequence lengths (ARCHITECTURE §7) and of the 65,536 case
+# token grids (T, H, W) of the stages' sequence lengths (docs/architecture.md §7) and of the 65,536 case
 GRIDS = {256: (1, 16, 16), 4096: (1, 64, 64), 16384: (1, 128, 128), 29040: (33, 22, 40), 65536: (1, 256, 256)}
 CASES = [(256, 64), (4096, 1), (16384, 1), (29040, 1), (65536, 1)]  # (seq_len, batch)
 COLUMNS = ["bench", "impl", "seq_len", "batch", "ms", "tflops", "mfu", "mfu_vs_gemm", "ratio_vs_reference",

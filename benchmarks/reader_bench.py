@@ -36,8 +36,8 @@ from megassm.config.schema import DataConfig
 from megassm.data.reader import build_shard_loader
 from megassm.data.testing import write_synthetic_dataset
 
-# What one GPU consumes (samples/s), HTH-5B on one H100 in bf16. From ARCHITECTURE.md §2's
-# measured per-layer forward+backward times (d_model 3072, 32 blocks = 24 Hydra + 8 attention,
+# What one GPU consumes (samples/s), HTH-5B on one H100 in bf16. From the per-layer
+# forward+backward times measured on an H100 (docs/performance.md) (d_model 3072, 32 blocks = 24 Hydra + 8 attention,
 # each with an FFN): 2K (L = 16,384) 24 x (33.3 + 11.6) + 8 x (27.2 + 11.6) ms = 1.39 s/sample;
 # video (L = 29,040) 24 x (59.6 + 21.4) + 8 x (76.5 + 21.4) ms = 2.73 s/sample; cross-attention
 # and the rest only add to that. 256px (L = 256) is bounded by FLOPs: 6 x 5e9 x 256 = 7.7 TFLOP
@@ -126,7 +126,7 @@ def to_markdown(machine: str, rows: list[dict], load: tuple[float, ...]) -> str:
                    f"| {r['headroom_x']}x |")
     out += ["", "## Per-GPU consumption assumption", "",
             "HTH-5B (d_model 3072, 32 blocks: 24 Hydra + 8 attention, FFN 4x) on one H100, bf16, one sample per "
-            "micro-batch. From the per-layer forward+backward times measured in ARCHITECTURE.md §2:",
+            "micro-batch. From the per-layer forward+backward times measured on an H100 (docs/performance.md):",
             "- 2K (16,384 tokens): 24 x (33.3 Hydra + 11.6 FFN) + 8 x (27.2 attention + 11.6 FFN) ms = 1.39 s per "
             "sample -> 0.72 samples/s per GPU (cross-attention, norms and optimizer only slow it further).",
             "- video 360p, 129 frames (29,040 tokens): 24 x (59.6 + 21.4) + 8 x (76.5 + 21.4) ms = 2.73 s "

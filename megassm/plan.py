@@ -2,7 +2,7 @@
 
     megassm plan configs/stage3_video.yaml --gpus 8
 
-Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (ARCHITECTURE §3) and TP dividing the weights:
+Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (docs/architecture.md §3) and TP dividing the weights:
   params 2P, grads 2P (bf16), fp32 master 4P and Adam m, v 8P, each / (tp * dp * cp);
   ZeRO-3 working set: the gathered bf16 weights of the block running and the one prefetched, and the
   fp32 gradient copy of one optimizer sub-group during the step (sub_group_size 1e9);
@@ -34,7 +34,7 @@ from pathlib import Path
 from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
 from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
 
-# tokens per sample of each stage (ARCHITECTURE §7); other configs pass --seq-len
+# tokens per sample of each stage (docs/architecture.md §7); other configs pass --seq-len
 STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "stage3_video": 29040}
 GiB = 1024**3
 GB = 1e9

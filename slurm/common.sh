@@ -10,7 +10,7 @@
 # with MASTER_ADDR / MASTER_PORT / WORLD_SIZE exported and RANK / LOCAL_RANK set per task
 # from SLURM_PROCID / SLURM_LOCALID.
 #
-# Preemption (ARCHITECTURE §6, §7). The batch shell traps
+# Preemption (docs/architecture.md §6, §7; docs/cluster.md). The batch shell traps
 #   USR1  sent by `--signal=B:USR1@<s>` before the time limit, or by
 #         `scancel --signal=USR1 --batch JOBID`: forwarded to the tasks through srun; the
 #         trainer writes a checkpoint and exits 0; then `scontrol requeue`. The requeued

@@ -1,6 +1,6 @@
 #!/bin/bash
 # megassm preprocessing: encode images/videos + captions into latent shards with the VAE and
-# text encoder (ARCHITECTURE §5), one `megassm preprocess` task per GPU; each task takes
+# text encoder (docs/architecture.md §5), one `megassm preprocess` task per GPU; each task takes
 # its share of the input (RANK / WORLD_SIZE) and the last one to finish writes the manifest.
 #
 #   sbatch slurm/preprocess.sh --input /data/imgs --output /lustre/lat256 \

@@ -27,7 +27,7 @@ HYDRA_PATHS = {"auto": None, "fused": True, "reference": False}
 
 @dataclass
 class ModelConfig:
-    """HTH backbone hyper-parameters (ARCHITECTURE §2)."""
+    """HTH backbone hyper-parameters (docs/architecture.md §2)."""
 
     name: str = "hth-tiny"
     in_channels: int = 4  # latent channels C
@@ -110,7 +110,7 @@ class EncoderConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Rectified flow / flow matching (ARCHITECTURE §4)."""
+    """Rectified flow / flow matching (docs/architecture.md §4)."""
 
     logit_mean: float = 0.0
     logit_std: float = 1.0

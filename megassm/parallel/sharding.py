@@ -1,6 +1,6 @@
 """Tensor-parallel layout of HTH parameters: shard a full state dict for TP rank r of k, merge k back.
 
-One plan (``tp_shard_plan``) says, for every parameter, along which dimension it is split and how
+One plan (``shard_spec``) says, for every parameter, along which dimension it is split and how
 that dimension is made of *segments* that are split separately or kept whole. Packed projections
 need the segments: Hydra's ``in_proj`` is [z | x | B_f | C_f | B_b | C_b | dt_f | dt_b] and rank r
 keeps the r-th block of every split segment (its heads' z, x, dt; its B/C groups), concatenated in

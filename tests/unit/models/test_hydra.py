@@ -1,4 +1,4 @@
-"""Hydra against its closed-form quasiseparable matrix (ARCHITECTURE §2), forward and gradients."""
+"""Hydra against its closed-form quasiseparable matrix (docs/architecture.md §2), forward and gradients."""
 
 import pytest
 import torch
