@@ -132,22 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands(sub, isub) -> None:
-    """Commands whose modules live elsewhere in the package (data, checkpoint tools, planning)."""
-    try:
-        from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
-    except ImportError:
-        pass
-    else:
-        add_preprocess_parser(sub)
-        add_inspect_data_parser(isub)
-    for module, fn in (("megassm.checkpoint.cli", "add_convert_parser"), ("megassm.plan", "add_plan_parser"),
-                       ("megassm.checkpoint.cli", "add_inspect_checkpoint_parser")):
-        try:
-            mod = __import__(module, fromlist=[fn])
-        except ImportError:
-            continue
-        if hasattr(mod, fn):
-            getattr(mod, fn)(isub if "inspect" in fn else sub)
+    """Commands whose parsers live beside their code (data, checkpoint tools, planning)."""
+    from megassm.checkpoint.cli import add_convert_parser, add_inspect_checkpoint_parser
+    from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
+    from megassm.plan import add_plan_parser
+
+    add_preprocess_parser(sub)
+    add_inspect_data_parser(isub)
+    add_convert_parser(sub)
+    add_plan_parser(sub)
+    add_inspect_checkpoint_parser(isub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,7 +135,6 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
         for mod_name in ("patch_embed", "final_layer"):
             for name, p in getattr(model, mod_name).named_parameters():
                 hook(f"{mod_name}.{name}", p)
-    model._tp_grad_sums = hooked
     return hooked
 
 

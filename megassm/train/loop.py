@@ -133,12 +133,8 @@ class Trainer:
         p = self.cfg.parallel
         if p.tp == 1 and p.cp == 1 and p.pp == 1:
             return
-        try:
-            from megassm.parallel.apply import parallelize_hth
-        except ImportError as e:
-            raise NotImplementedError(
-                f"parallel.tp={p.tp} cp={p.cp} pp={p.pp}: this build has no parallel layers yet ({e})"
-            ) from None
+        from megassm.parallel.apply import parallelize_hth
+
         parallelize_hth(model, self.mesh)
 
     def _build_engine(self, model):
