@@ -19,6 +19,7 @@ from megassm.config.load import ConfigError, from_dict
 from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
 from megassm.diffusion.flow import euler_sample, resolution_shift
 from megassm.models import HTHModel, build_model
+from megassm.runtime import compute_dtype, default_device
 
 
 @dataclass
@@ -219,16 +220,14 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     from megassm.parallel.mesh import read_dist_env
 
     env = read_dist_env()
-    default = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device or default)
+    device = torch.device(args.device) if args.device else default_device(env.local_rank)
     model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
     rank = _context_parallel(model, device, env)  # several ranks (torchrun / srun): Ulysses CP over all
     if args.vae:
         cfg.encoders.vae = args.vae
     if args.text_encoder:
         cfg.encoders.text_encoder = args.text_encoder
-    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else torch.float32
+    dtype = compute_dtype(args.precision, device)
     model.to(dtype)
     encoder = TextEncoder(cfg.encoders, cfg.model, device)
     decoder = LatentDecoder(cfg.encoders, device)

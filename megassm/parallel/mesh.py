@@ -173,8 +173,9 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistE
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), info.local_rank, info.launcher)
     if backend is None:
-        use_cuda = torch.cuda.is_available() and os.environ.get("MEGASSM_DEVICE", "") != "cpu"
-        backend = "nccl" if use_cuda else "gloo"
+        from megassm.runtime import cuda_enabled
+
+        backend = "nccl" if cuda_enabled() else "gloo"
     if info.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

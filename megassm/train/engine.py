@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from megassm.config.schema import OptimConfig, ParallelConfig, RunConfig
+from megassm.runtime import use_bf16
 
 # Parameters that never get weight decay (besides biases and every 1-D tensor): SSM dynamics
 # and modulation tables.
@@ -44,10 +45,6 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def deepspeed_config(cfg: RunConfig, device: torch.device, dp_world: int,

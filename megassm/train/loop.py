@@ -20,6 +20,7 @@ from megassm.diffusion.flow import flow_matching_loss
 from megassm.models import build_model
 from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
+from megassm.runtime import default_device
 from megassm.train import checkpoint as ckpt
 from megassm.train import elastic
 from megassm.train.ema import ShardedEMA
@@ -55,12 +56,6 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("MEGASSM_DEVICE", "") != "cpu":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _fault_kill_step() -> int | None:
     """``MEGASSM_FAULT_SIGKILL_AT_STEP=N``: every rank SIGKILLs itself right after step N is logged -- a
     node failure between checkpoints, for the resume tests. Unset in real runs."""
@@ -87,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.env = init_distributed()
-        self.device = _device()
+        self.device = default_device()
         self.rank = dist.get_rank()
         self.mesh = ParallelMesh.from_config(cfg.parallel)
         self.run_dir = Path(cfg.run_dir)
