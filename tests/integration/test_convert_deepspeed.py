@@ -45,7 +45,9 @@ with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=N
     gathered = {n: p.detach().clone() for n, p in model.named_parameters()}
 save_file(gathered, str(out / f"gathered_rank{rank}.safetensors"))
 if trainer.ema is not None:
-    save_file({n: t.contiguous() for n, t in trainer.ema.shadow.items()}, str(out / f"ema_rank{rank}.safetensors"))
+    # this rank's EMA as it is saved (ZeRO-1/2: the fragments of all ranks summed, a collective)
+    save_file({n: t.contiguous() for n, t in trainer.ema.full_shadow().items()},
+              str(out / f"ema_rank{rank}.safetensors"))
 if cfg.parallel.pp > 1:  # a stage cannot run the whole model
     dist.barrier()
     sys.exit(0)
@@ -310,7 +312,7 @@ def test_zero1_two_ranks(zero1_2rank, tmp_path):
     _assert_same(model, _zero_to_fp32(tag_dir))
     _assert_same(model, load_file(str(zero1_2rank / "gathered_rank0.safetensors")))
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["source_format"] == "deepspeed-zero1"
-    # without ZeRO-3 every rank holds whole EMA tensors; shard 0 is the EMA
+    # without ZeRO-3 the EMA is whole tensors (each rank updates its optimizer's fragment); shard 0 is the EMA
     _assert_same(load_file(str(tmp_path / "c" / "ema.safetensors")),
                  load_file(str(zero1_2rank / "ema_rank0.safetensors")))
 
