@@ -1,4 +1,4 @@
-"""``megassm <command>``: train, sample, preprocess, inspect, convert, plan."""
+"""``megassm <command>``: train, sample, eval, preprocess, inspect, convert, plan."""
 
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def _optional_commands(sub, isub) -> None:
         add_preprocess_parser(sub)
         add_inspect_data_parser(isub)
     for module, fn in (("megassm.checkpoint.cli", "add_convert_parser"), ("megassm.plan", "add_plan_parser"),
-                       ("megassm.checkpoint.cli", "add_inspect_checkpoint_parser")):
+                       ("megassm.checkpoint.cli", "add_inspect_checkpoint_parser"),
+                       ("megassm.eval.cli", "add_eval_parser")):
         try:
             mod = __import__(module, fromlist=[fn])
         except ImportError:
