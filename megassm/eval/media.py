@@ -60,13 +60,16 @@ def frame_features(net: torch.nn.Module, clips: list[Tensor]) -> Tensor:
     return torch.cat([image_features(net, c) for c in clips])
 
 
-def load_video_features(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
-    """A TorchScript video network: videos (N, T, 3, H, W) in [0, 1] -> features (N, D), resizing and normalising
-    inside (e.g. I3D, wrapped and saved with torch.jit.save)."""
+def load_video_features(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """A video network: videos (N, T, 3, H, W) in [0, 1] -> features (N, D), resizing and normalising inside
+    (e.g. I3D, wrapped), saved with torch.export.save (``.pt2``) or as TorchScript (torch.jit.save)."""
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"video feature model not found at {path} (nothing is downloaded): give a "
-                                  "TorchScript file mapping (N, T, 3, H, W) videos in [0, 1] to (N, D) features")
+                                  "torch.export (.pt2) or TorchScript file mapping (N, T, 3, H, W) videos in [0, 1] "
+                                  "to (N, D) features")
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module().to(device)
     return torch.jit.load(str(path), map_location=device).eval()
 
 

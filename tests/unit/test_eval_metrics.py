@@ -177,3 +177,40 @@ def test_plan_counts_the_eval_extractors(tmp_path):
     assert load.eval_extractor_params == pytest.approx(INCEPTION_PARAMS + clip_params, rel=0.01)
     assert sources["clip_model"] == str(clip)
     assert preview_load(_cfg(), 16)[0] is None  # neither previews nor evaluation
+
+
+class _MeanColourOverTime(torch.nn.Module):
+    """A stand-in video network: videos (N, T, 3, H, W) -> (N, 6) mean and spread of each colour over time."""
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        per_frame = videos.mean((3, 4))  # (N, T, 3)
+        return torch.cat([per_frame.mean(1), per_frame.std(1)], dim=1)
+
+
+def test_videos_get_fid_over_frames_and_fvd(tmp_path):
+    from megassm.config.schema import EvalConfig
+    from megassm.eval.media import load_reference
+    from megassm.eval.suite import FeatureModels, fvd, kid, wanted
+    from megassm.eval.testing import save_random_inception
+    from megassm.sample import save_video
+
+    g = torch.Generator().manual_seed(0)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    clips = [torch.rand(3, 3, 16, 16, generator=g) * (0.5 + i / 8) for i in range(4)]  # (T, 3, H, W)
+    for i, c in enumerate(clips):
+        save_video(c, ref / f"{i}.mp4", fps=8)
+    assert [tuple(c.shape) for c in load_reference(ref)] == [(3, 3, 16, 16)] * 4
+    torch.export.save(torch.export.export(_MeanColourOverTime(), (torch.rand(1, 3, 3, 16, 16),),
+                                          dynamic_shapes=None), tmp_path / "video.pt2")
+    e = EvalConfig(inception=str(save_random_inception(tmp_path / "inc.pth")), reference=str(ref),
+                   video_features=str(tmp_path / "video.pt2"))
+    assert wanted(e, videos=True, offline=True) == ["fid", "kid", "fvd"]
+    assert wanted(e, videos=True, offline=False) == ["kid"]  # during training: no FID / FVD
+    models = FeatureModels(e, CPU)
+    near, far = fvd(models, clips), fvd(models, [c * 0.2 for c in clips])
+    assert near["generated_videos"] == 4 and 0 <= near["value"] < far["value"]  # H.264 is lossy: not exactly 0
+    frames = kid(models, clips[:2])  # over frames like FID (whose 2,048-d eigh takes ~10 s: the e2e test has one)
+    assert frames["generated_frames"] == 6 and frames["reference_frames"] == 12 and frames["subset_size"] == 6
+    with pytest.raises(MissingWeightsError, match="torch.export"):
+        fvd(FeatureModels(EvalConfig(video_features=str(tmp_path / "none.pt"), reference=str(ref)), CPU), clips)
