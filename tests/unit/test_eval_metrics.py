@@ -214,3 +214,21 @@ def test_videos_get_fid_over_frames_and_fvd(tmp_path):
     assert frames["generated_frames"] == 6 and frames["reference_frames"] == 12 and frames["subset_size"] == 6
     with pytest.raises(MissingWeightsError, match="torch.export"):
         fvd(FeatureModels(EvalConfig(video_features=str(tmp_path / "none.pt"), reference=str(ref)), CPU), clips)
+
+
+def test_heldout_set_and_reference_from_shards(tmp_path):
+    """Validation shards are read once, in order, to eval.samples; the same shards serve as a reference set
+    (latents decoded with the run's VAE: builtin:pixels here)."""
+    from megassm.data.testing import write_synthetic_dataset
+    from megassm.eval.media import load_reference
+
+    write_synthetic_dataset(tmp_path / "val", [(3, 1, 8, 8), (3, 1, 4, 8)], num_samples=10, samples_per_shard=4,
+                            text_dim=16, max_text=8)
+    cfg = _cfg("eval.samples=7", "eval.batch_size=3", f"eval.paths=[{tmp_path / 'val'}]")
+    a, b = heldout_batches(cfg), heldout_batches(cfg)
+    assert sum(len(x["index"]) for x in a) == 7
+    assert [x["index"] for x in a] == [x["index"] for x in b]
+    assert all(x["latents"].equal(y["latents"]) for x, y in zip(a, b))
+    assert {tuple(x["latents"].shape[2:]) for x in a} <= {(1, 8, 8), (1, 4, 8)}
+    clips = load_reference(tmp_path / "val", cfg, limit=5)
+    assert len(clips) == 5 and all(c.shape[:2] == (1, 3) and 0 <= c.min() and c.max() <= 1 for c in clips)
