@@ -38,7 +38,8 @@ class CLIPScorer:
                 "patch14').save_pretrained(DIR) plus CLIPProcessor...save_pretrained(DIR) on a machine with access")
         from transformers import AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.device, self.dtype = device, dtype
         self.image_size = int(self.model.config.vision_config.image_size)

@@ -37,8 +37,9 @@ def test_eval_every_on_two_ranks_then_megassm_eval(extractors, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     d, run = extractors, tmp_path / "run"
+    # 10 held-out samples in batches of 4: 3 batches over 2 replicas, replica 1 runs a stand-in (ZeRO-3 in step)
     run_train(REPO / "configs" / "smoke.yaml", *TINY_OVERRIDES, f"run_dir={run}", "train.steps=4",
-              "train.eval_every=2", "train.ckpt_every=4", "eval.samples=8", "eval.batch_size=4",
+              "train.eval_every=2", "train.ckpt_every=4", "eval.samples=10", "eval.batch_size=4",
               f"eval.clip_model={d / 'clip'}", f"eval.inception={d / 'inception.pth'}", f"eval.reference={d / 'ref'}",
               "diffusion.sample_steps=2", nproc=2)
     acc = EventAccumulator(str(run / "tb"))
