@@ -65,6 +65,11 @@ def _apply_args(cfg, args) -> None:
         cfg.diffusion.sample_steps = args.steps
     if args.cfg_scale is not None:
         cfg.diffusion.cfg_scale = args.cfg_scale
+    _check_paths(e)
+
+
+def _check_paths(e) -> None:
+    """Every model / reference path given (on the command line or in ``e``) exists."""
     for key in ("clip_model", "inception", "reference", "video_features"):
         path = getattr(e, key)
         if path is not None and not Path(path).exists():
@@ -108,6 +113,7 @@ def run_eval_command(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise ConfigError(f"--prompts {args.prompts} does not exist; give a text file with one prompt per line")
+    _check_paths(args)  # before the checkpoint loads: a wrong path fails at once
     default = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device or default)
     model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
