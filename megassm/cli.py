@@ -1,4 +1,4 @@
-"""``megassm <command>``: train, sample, preprocess, inspect, convert, plan."""
+"""``megassm <command>``: train, sample, eval, preprocess, inspect, convert, plan."""
 
 from __future__ import annotations
 
@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands(sub, isub) -> None:
-    """Commands whose parsers live beside their code (data, checkpoint tools, planning)."""
+    """Commands whose parsers live beside their code (data, checkpoint tools, planning, evaluation)."""
     from megassm.checkpoint.cli import add_convert_parser, add_inspect_checkpoint_parser
     from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
+    from megassm.eval.cli import add_eval_parser
     from megassm.plan import add_plan_parser
 
     add_preprocess_parser(sub)
@@ -142,6 +143,7 @@ def _optional_commands(sub, isub) -> None:
     add_convert_parser(sub)
     add_plan_parser(sub)
     add_inspect_checkpoint_parser(isub)
+    add_eval_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

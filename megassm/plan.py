@@ -46,6 +46,8 @@ HEADROOM = 0.9  # fit predicted allocated bytes into this share of the budget (f
 ASSUMED_TEXT_ENCODER_PARAMS = 4.76e9  # the T5-v1.1-XXL encoder (text_dim 4096)
 ASSUMED_VAE_PARAMS = 1.27e8  # a Wan-2.1-sized video VAE
 VAE_DECODE_WORKSPACE = 4 * GB  # tiled VAE decode of one preview batch (an allowance)
+ASSUMED_CLIP_PARAMS = 4.28e8  # CLIP ViT-L/14, when eval.clip_model is not on this machine
+INCEPTION_PARAMS = 2.18e7  # InceptionV3 up to pool3 (megassm/eval/inception.py)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class PreviewLoad:
     text_encoder_params: float  # loaded once in bf16 at the first preview, freed after encoding
     vae_params: float  # loaded on rank 0 for the decode
     ema: bool  # the EMA weights are swapped in: the training weights' local copy is kept meanwhile
+    # train.eval_every: CLIP / Inception, loaded once in bf16 on rank 0 and kept there (megassm/eval/)
+    eval_extractor_params: float = 0.0
 
     def bytes_per_gpu(self, m: ModelConfig, layout: Layout, local_weight_bytes: float) -> float:
         d = m.d_model
@@ -88,7 +92,8 @@ class PreviewLoad:
         sampler = tokens * (block + 2 * 2 * d + 2 * m.in_channels * math.prod(m.patch_size))
         encoder = 2 * self.text_encoder_params
         vae = 2 * self.vae_params + VAE_DECODE_WORKSPACE if self.vae_params else 0.0
-        return (local_weight_bytes if self.ema else 0.0) + max(encoder, sampler, vae)
+        extractors = 2 * self.eval_extractor_params  # resident on rank 0 from the first evaluation on
+        return (local_weight_bytes if self.ema else 0.0) + extractors + max(encoder, sampler, vae)
 
 
 def _safetensors_params(directory: str) -> float | None:
@@ -106,9 +111,10 @@ def _safetensors_params(directory: str) -> float | None:
 
 
 def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict[str, str]]:
-    """The preview of ``cfg`` (None without train.sample_every) and where the encoder sizes came from."""
+    """The preview of ``cfg`` (None without train.sample_every / train.eval_every, whose generations are
+    previews too) and where the encoder sizes came from."""
     t = cfg.train
-    if t.sample_every <= 0:
+    if t.sample_every <= 0 and t.eval_every <= 0:
         return None, {}
     from megassm.train.preview import preview_prompts
 
@@ -129,7 +135,20 @@ def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict
         T, h, w = t.preview_latent_shape
         seq_len = (T // pt) * (h // ph) * (w // pw)
     prompts = len(t.preview_prompts) if t.preview_prompts is not None else len(preview_prompts(cfg))
-    return PreviewLoad(prompts, seq_len, text, vae, t.ema_decay > 0), source
+    extractors = 0.0
+    if t.eval_every > 0:
+        from megassm.eval.during_training import eval_prompts
+
+        e = cfg.eval
+        if e.clip_model is not None or e.inception is not None:
+            prompts = max(prompts, len(eval_prompts(cfg)))
+        if e.inception is not None:
+            extractors += INCEPTION_PARAMS
+        if e.clip_model is not None:
+            found = _safetensors_params(e.clip_model)
+            extractors += found if found is not None else ASSUMED_CLIP_PARAMS
+            source["clip_model"] = e.clip_model if found is not None else "assumed CLIP ViT-L/14"
+    return PreviewLoad(prompts, seq_len, text, vae, t.ema_decay > 0, extractors), source
 
 
 def _block_params(m: ModelConfig, symbol: str) -> int:
@@ -276,6 +295,9 @@ def _print(res: dict) -> None:
     if pv:
         sizes = ", ".join(f"{k} from {v}" for k, v in pv["sizes_from"].items())
         print(f"previews: {pv['prompts']} prompts of {pv['seq_len']:,} tokens{' (' + sizes + ')' if sizes else ''}")
+        if pv.get("eval_extractor_params"):
+            print(f"eval extractors (CLIP / Inception, bf16 on rank 0): {pv['eval_extractor_params'] / 1e6:,.0f} M "
+                  "parameters")
     c = res.get("configured")
     if c:
         lay = Layout(**c["layout"])

@@ -125,6 +125,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     validate(run)
     check_extras(run)
     check_preview_sources(run)
+    check_eval_sources(run)
     return run
 
 
@@ -254,6 +255,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
     validate_previews(cfg)
+    validate_eval(cfg)
+
 
 def _check_parallel_model(cfg: RunConfig) -> None:
     """The model sizes that tp / cp must divide, and the procedural data's tokens over cp, before any process
@@ -334,3 +337,45 @@ def check_preview_sources(cfg: RunConfig) -> None:
         raise ConfigError(f"train.sample_every={t.sample_every} with data.kind={cfg.data.kind} needs "
                           "train.preview_prompts or train.preview_prompts_file (the built-in prompts describe "
                           "only the procedural demo data); or set train.sample_every=0")
+
+
+# -- evaluation (megassm/eval/) ------------------------------------------------------------------------
+
+
+def validate_eval(cfg: RunConfig) -> None:
+    """The eval fields' own rules (those that hold for a stored config too)."""
+    e, t = cfg.eval, cfg.train
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 disables evaluation during training)")
+    for k in ("samples", "batch_size", "kid_subset_size", "kid_subsets"):
+        if getattr(e, k) < 1:
+            raise ConfigError(f"eval.{k}={getattr(e, k)} must be >= 1")
+    if e.prompts is not None and e.prompts_file is not None:
+        raise ConfigError(f"eval.prompts ({len(e.prompts)} prompts) and eval.prompts_file={e.prompts_file!r} are "
+                          "both set; give one of them")
+    if e.prompts is not None and (not e.prompts or any(not p.strip() for p in e.prompts)):
+        raise ConfigError("eval.prompts must list non-blank prompts, or be null for the previews' prompts")
+    if (e.inception is None) != (e.reference is None) and t.eval_every > 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: KID needs both eval.inception ({e.inception!r}) and "
+                          f"eval.reference ({e.reference!r}); set both, or neither")
+    if t.eval_every > 0 and cfg.parallel.pp > 1:
+        raise ConfigError(f"train.eval_every={t.eval_every} with parallel.pp={cfg.parallel.pp}: evaluation during "
+                          "training runs without pipeline parallelism; set train.eval_every=0 and run `megassm eval`")
+
+
+def check_eval_sources(cfg: RunConfig) -> None:
+    """At load (not for a checkpoint's stored config): the files train.eval_every will read exist."""
+    e = cfg.eval
+    if cfg.train.eval_every <= 0:
+        return
+    if not e.paths and cfg.data.kind != "procedural":
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} with data.kind={cfg.data.kind} needs eval.paths "
+                          "(validation datasets written by `megassm preprocess`) for the held-out loss")
+    for key in ("clip_model", "inception", "reference", "prompts_file", "video_features"):
+        path = getattr(e, key)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"eval.{key}={path!r}: no such file or directory ({Path(path).resolve()}); nothing is "
+                              "downloaded, give a local path (README: Evaluation)")
+    for p in e.paths:
+        if not Path(p).is_dir():
+            raise ConfigError(f"eval.paths: {p!r} is not a dataset directory written by `megassm preprocess`")

@@ -177,6 +177,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3
     sample_every: int = 0  # 0 disables periodic sample images
+    # every eval_every steps: the held-out loss, plus CLIP score / KID on eval.prompts when eval.clip_model /
+    # eval.inception + eval.reference are set (megassm/eval/during_training.py); 0 disables it
+    eval_every: int = 0
     # Training previews (every sample_every steps; megassm/train/preview.py). Prompts: this list, else one
     # prompt per line of preview_prompts_file (blank lines and '#' comments skipped), else the demo's
     # coloured-square prompts (procedural data only). Split across data-parallel replicas; seed = index.
@@ -191,6 +194,28 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name
     progress_bar: bool = True
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a stage (``megassm eval`` and train.eval_every; megassm/eval/). Nothing is downloaded:
+    every model path is a local file or directory."""
+
+    # held-out flow-matching loss: validation datasets written by `megassm preprocess` (empty: the procedural
+    # data at a held-out seed); the first ``samples`` samples, at fixed timesteps / noise drawn from ``seed``
+    paths: list[str] = field(default_factory=list)
+    samples: int = 64
+    batch_size: int = 8
+    seed: int = 1234
+    # prompts that are generated for CLIP score / KID (one per line in prompts_file); None: the previews'
+    prompts: list[str] | None = None
+    prompts_file: str | None = None
+    clip_model: str | None = None  # local transformers CLIP directory (CLIPModel + tokenizer)
+    inception: str | None = None  # InceptionV3 weights file, pytorch-fid layout (megassm/eval/inception.py)
+    reference: str | None = None  # reference set for KID / FID: an image directory or a shard dataset
+    video_features: str | None = None  # TorchScript video feature model for FVD (videos only)
+    kid_subset_size: int = 1000  # clipped to the smaller set
+    kid_subsets: int = 100
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -223,6 +248,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stage: str = "smoke"
     run_dir: str = "runs/${stage}"
     init_from: str | None = None  # checkpoint of the previous stage to warm-start from

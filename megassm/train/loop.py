@@ -340,6 +340,8 @@ class Trainer:
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.log_samples()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
                 if self.step == _fault_kill_step():
                     os.kill(os.getpid(), signal.SIGKILL)  # simulated node failure (tests)
                 if out["stop"]:
@@ -367,6 +369,16 @@ class Trainer:
         imgs = self._previews(self.engine.module, self.ema)
         if imgs is not None:
             self.metrics.images("samples", imgs, self.step)
+
+    def evaluate(self) -> None:
+        """Held-out loss (and CLIP score / KID when configured) of the EMA weights to TensorBoard; every rank
+        calls it (megassm/eval/during_training.py)."""
+        from megassm.eval.during_training import TrainingEvaluator
+
+        if getattr(self, "_evaluator", None) is None:
+            dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+            self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, dtype, self.rank)
+        self.metrics.scalars("eval", self._evaluator(self.engine.module, self.ema), self.step)
 
 
 def compute_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed):

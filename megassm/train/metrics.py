@@ -116,6 +116,21 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.scalars(scalars, row["step"])
 
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """``{prefix}/{name}`` scalars at ``step`` (e.g. eval/heldout_loss), to metrics.jsonl and the dashboards."""
+        if not self.enabled or not values:
+            return
+        tagged = {f"{prefix}/{k}": float(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **tagged}) + "\n")
+        self.jsonl.flush()
+        finite = {k: v for k, v in tagged.items() if math.isfinite(v)}
+        if self.writer is not None:
+            for k, v in finite.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.scalars(finite, step)
+
     def event(self, row: dict) -> None:
         """row: {"event": name, "step": n, ...}; W&B marks it as ``event/<name>`` = 1 at that step."""
         if self.enabled:

@@ -79,20 +79,23 @@ class Previews:
     """The preview samples of one rank; build once per run, call every train.sample_every steps on all ranks."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype, dp_rank: int = 0, dp_size: int = 1,
-                 leader: bool = True):
+                 leader: bool = True, prompts: list[str] | None = None,
+                 latent_shape: tuple[int, int, int] | None = None):
         """dtype: the model's compute dtype (the text encoder runs in it too). leader: this rank sends its
-        replica's latents to rank 0 (one rank of each TP x CP group)."""
+        replica's latents to rank 0 (one rank of each TP x CP group). prompts / latent_shape: other than the
+        config's previews (evaluation generates its own prompts)."""
         self.cfg, self.device, self.dtype, self.leader = cfg, device, dtype, leader
-        self.prompts = preview_prompts(cfg)
-        self.latent_shape = preview_latent_shape(cfg)
+        self.prompts = list(prompts) if prompts is not None else preview_prompts(cfg)
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else preview_latent_shape(cfg)
         self.mine = list(range(dp_rank, len(self.prompts), dp_size))  # prompt indices of this replica
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sources: dict[int, int] = {}  # on rank 0 after a call: prompt index -> rank that generated it
 
     @classmethod
-    def for_mesh(cls, cfg: RunConfig, mesh, device: torch.device, dtype: torch.dtype) -> Previews:
+    def for_mesh(cls, cfg: RunConfig, mesh, device: torch.device, dtype: torch.dtype, **kw) -> Previews:
         leader = mesh.coords["tp"] == 0 and mesh.coords["cp"] == 0
-        return cls(cfg, device, dtype, mesh.get_data_parallel_rank(), mesh.get_data_parallel_world_size(), leader)
+        return cls(cfg, device, dtype, mesh.get_data_parallel_rank(), mesh.get_data_parallel_world_size(), leader,
+                   **kw)
 
     def _specs(self) -> list[SampleSpec]:
         # a replica without prompts (more replicas than prompts) generates prompt 0 and drops it
@@ -120,6 +123,11 @@ class Previews:
 
     def __call__(self, model: torch.nn.Module, ema: ShardedEMA | None = None) -> torch.Tensor | None:
         """Images (N, 3, H, W x frames) in [0, 1] on rank 0, in prompt order; None on the other ranks."""
+        pixels = self.pixels(model, ema)
+        return None if pixels is None else torch.cat([frame_grid(p[None]) for p in pixels])
+
+    def pixels(self, model: torch.nn.Module, ema: ShardedEMA | None = None) -> list[torch.Tensor] | None:
+        """On rank 0, per prompt in order, its decoded frames (T', 3, H, W) in [0, 1] (CPU); None elsewhere."""
         was_training = model.training
         model.eval()
         try:
@@ -131,10 +139,10 @@ class Previews:
         if by_index is None:
             return None
         decoder = LatentDecoder(self.cfg.encoders, self.device, self.dtype)
-        # one prompt at a time: a stage-3 video decodes to 129 frames; (1, T', 3, H, W) -> (1, 3, H, F * W)
-        images = [frame_grid(decoder(by_index[i][None])) for i in range(len(self.prompts))]
+        # one prompt at a time: a stage-3 video decodes to 129 frames; (1, C, T, h, w) -> (T', 3, H, W)
+        pixels = [decoder(by_index[i][None])[0] for i in range(len(self.prompts))]
         del decoder
-        return torch.cat(images)
+        return pixels
 
     def _gather(self, lat: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Every replica's latents on rank 0 as {prompt index: (C, T, h, w)}; None elsewhere."""

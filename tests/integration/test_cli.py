@@ -5,7 +5,7 @@ import pytest
 from megassm.cli import build_parser, main
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["inspect"], ["inspect", "model"]])
+@pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["eval"], ["inspect"], ["inspect", "model"]])
 def test_help_for_every_command(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*argv, "--help"])
@@ -19,7 +19,7 @@ def test_optional_commands_are_registered(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("train", "sample", "inspect"):
+    for cmd in ("train", "sample", "eval", "inspect"):
         assert cmd in out
 
 
@@ -39,3 +39,10 @@ def test_inspect_model_prints_counts(capsys):
 def test_python_dash_m_works(cli):
     proc = cli("--help")
     assert "train" in proc.stdout
+
+
+def test_eval_names_a_missing_model_path(tmp_path, capsys):
+    # the paths are checked before the checkpoint loads
+    code = main(["eval", str(tmp_path / "no_run"), "--inception", str(tmp_path / "inception.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and f"eval.inception='{tmp_path / 'inception.pth'}'" in err

@@ -1,0 +1,3 @@
+"""Evaluation of a stage: held-out flow-matching loss (``heldout``), CLIP score (``clip_score``), FID / KID / FVD
+(``frechet`` over ``inception`` / video features), for ``megassm eval`` (``cli``) and train.eval_every
+(``during_training``)."""
