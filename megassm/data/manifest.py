@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megassm import __version__
+from megassm.data import remote
 from megassm.data.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SKIP_REPORT_NAME, FormatError
 from megassm.data.writer import atomic_write_json
 
@@ -87,16 +88,25 @@ def try_finalize(out: Path) -> dict | None:
 
 
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """Read and check a dataset's manifest.json; errors say what is wrong and how to fix it."""
-    d = Path(dataset_dir)
-    p = d / MANIFEST_NAME
-    if not p.is_file():
+    """Read and check a dataset's manifest.json (local, URL or pipe:); errors say what is wrong and how to fix it."""
+    d = str(dataset_dir)
+    remote.check_location(d, "dataset")
+    p = remote.join(d, MANIFEST_NAME)
+    try:
+        raw = remote.read_bytes(p)
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:
+        raise FormatError(f"dataset {d}: cannot read {MANIFEST_NAME} ({e}); check the URL, the network "
+                          "and the filesystem's credentials") from None
+    if raw is None or (remote.is_local(d) and not Path(p).is_file()):
+        unfinished = (Path(d) / PROGRESS_DIR).is_dir() if remote.is_local(d) else False
         hint = (" Preprocessing has not finished (a .progress/ folder exists): re-run the same "
-                "`megassm preprocess` command to complete it." if (d / PROGRESS_DIR).is_dir() else
+                "`megassm preprocess` command to complete it." if unfinished else
                 " Write one with `megassm preprocess --input ... --output DIR`.")
         raise FormatError(f"dataset {d}: no {MANIFEST_NAME}.{hint}")
     try:
-        m = json.loads(p.read_text())
+        m = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{p}: not valid JSON ({e})") from None
     if m.get("format") != FORMAT_NAME:
