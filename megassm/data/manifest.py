@@ -28,14 +28,15 @@ def record_path(out: Path, task: int) -> Path:
     return Path(out) / PROGRESS_DIR / f"shard-{task:06d}.json"
 
 
-def load_record(out: Path, task: int) -> dict | None:
+def load_record(out: Path, task: int, exists=None) -> dict | None:
+    """Task ``task``'s record if it and its shard exist (``exists(rel)``: at the destination; default: in ``out``)."""
     p = record_path(out, task)
     try:
         rec = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     shard = rec.get("shard")
-    if shard and not (Path(out) / shard["path"]).is_file():
+    if shard and not (exists(shard["path"]) if exists else (Path(out) / shard["path"]).is_file()):
         return None  # record without its shard (deleted by hand): redo the task
     return rec
 
@@ -74,11 +75,11 @@ def build_manifest(out: Path, run: dict[str, Any], records: list[dict]) -> tuple
     return manifest, report
 
 
-def try_finalize(out: Path) -> dict | None:
+def try_finalize(out: Path, exists=None) -> dict | None:
     """Write manifest.json + skipped.json if every task has a record; else return None."""
     out = Path(out)
     run = json.loads((out / PROGRESS_DIR / RUN_INFO).read_text())
-    records = [load_record(out, i) for i in range(run["num_tasks"])]
+    records = [load_record(out, i, exists) for i in range(run["num_tasks"])]
     if any(r is None for r in records):
         return None
     manifest, report = build_manifest(out, run, records)
