@@ -155,3 +155,22 @@ def s3_server(bucket: str = "megassm-test") -> Iterator[tuple[str, Any]]:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
         srv.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m megassm.data.servers http ROOT`` | ``s3 BUCKET``: print the URL, serve until killed (benchmarks)."""
+    import sys
+    import time as _time
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("http", "s3"):
+        raise SystemExit("usage: python -m megassm.data.servers {http ROOT | s3 BUCKET}")
+    ctx = http_server(args[1]) if args[0] == "http" else s3_server(args[1])
+    with ctx as got:
+        print(got if args[0] == "http" else got[0], flush=True)
+        while True:
+            _time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,20 @@ def test_remote_stream_equals_local_and_resumes_exactly(ds, http, s3, reference,
         assert "resuming by reading and discarding" in caplog.text
 
 
+def test_remote_resume_with_dataloader_workers(ds, http):
+    """Forked DataLoader workers each open their own connections; resume stays exact.
+
+    (HTTP only: over S3 the same path costs ~40 s here, each worker building its botocore session.)
+    """
+    url = _url("http", ds, http)
+    full = _take(_loader(url, workers=2, resampled=True), 12)
+    first = _loader(url, workers=2, resampled=True)
+    _take(first, 5)
+    resumed = _loader(url, workers=2, resampled=True)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [b["keys"] for b in _take(resumed, 7)] == [b["keys"] for b in full[5:]]
+
+
 def test_http_resume_seeks_with_range_requests_and_retries_dropped_connections(ds, http, reference):
     """The resumed stream's open shard starts with a Range GET at the saved offset, not at byte 0."""
     first = _loader(f"{http}/a")
