@@ -186,7 +186,8 @@ class Preprocessor:
         if self.remote:
             self.remote.push_run_info()
         mine = rank_tasks(tasks, self.rank, self.world)
-        todo = [t for t in mine if load_record(self.out, t.index, exists) is None]
+        todo = [t for t in mine if load_record(self.out, t.index, exists) is None
+                or (self.remote and not self.remote.exists(self.remote.record_rel(record_path(self.out, t.index))))]
         log.info("rank %d/%d: %d tasks total, %d mine, %d already done", self.rank, self.world, len(tasks),
                  len(mine), len(mine) - len(todo))
         for t in todo:  # temporary shards of a run that died (any rank, any pid): never trusted, removed

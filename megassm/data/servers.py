@@ -110,7 +110,7 @@ def http_server(root: str | Path, drops: dict[str, int] | None = None) -> Iterat
 
 
 class _Base(str):
-    """The server's base URL; ``.gets`` lists the GET requests it served, ``.drops`` what is left to drop."""
+    """The server's base URL; ``.gets`` lists the GET requests it served, ``.handler.drops`` what is left to drop."""
 
     def __new__(cls, url: str, handler):
         s = super().__new__(cls, url)

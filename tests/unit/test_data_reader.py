@@ -77,6 +77,12 @@ def test_batches_are_uniform_normalised_and_text_padded(ds):
     assert n == 60  # 20 per shape, batch 4: nothing left over
 
 
+def test_reader_leaves_the_trainers_thread_count_alone(ds):
+    before = torch.get_num_threads()
+    _take(_loader(_cfg(ds)), 3)  # the expand thread runs with one intra-op thread, for itself only
+    assert torch.get_num_threads() == before
+
+
 def test_config_normalisation_overrides_manifest(ds):
     cfg = _cfg(ds, latent_norm="config", latent_scale=2.0, latent_shift=0.0)
     b1 = next(iter(_loader(cfg)))
