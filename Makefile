@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[dev,wandb]"  # wandb pulls no torch: the CPU build above stays
+	$(PIP) install -e ".[dev,wandb,remote]"  # wandb and remote (fsspec, s3fs, moto) pull no torch: the CPU build above stays
 
 demo: install
 	megassm train configs/smoke.yaml

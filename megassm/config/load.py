@@ -204,6 +204,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}"
         )
+    if cfg.data.kind == "shards":
+        from megassm.data.remote import check_location
+
+        for i, p in enumerate(cfg.data.paths):
+            try:
+                check_location(str(p), f"data.paths[{i}]")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     _choice("data.latent_norm", cfg.data.latent_norm, ["manifest", "config"])
     _choice("data.text_dtype", cfg.data.text_dtype, ["float32", "bfloat16"])
     if cfg.data.frames < 1 or cfg.data.prefetch < 1 or cfg.data.num_workers < 0:

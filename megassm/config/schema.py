@@ -72,16 +72,17 @@ class DataConfig:
     # procedural (built-in coloured-shapes data set)
     image_size: int = 16
     frames: int = 1  # > 1: short clips of the square sliding one pixel per frame
-    # shards (WebDataset latent shards written by `megassm preprocess`)
+    # shards (WebDataset latent shards written by `megassm preprocess`): local directories or
+    # URLs -- s3://, gs://, http(s)://, file:///, pipe:CMD-with-{path} (docs/shard_format.md)
     paths: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     resampled: bool = True
     shuffle_buffer: int = 1000
     num_workers: int = 0
     prefetch: int = 2  # batches prefetched per DataLoader worker (shards)
-    # dtype of batch["text"]: float32, or bfloat16 to halve host memory traffic for large text
-    # encoders (T5-XXL: 4096 x text_len per sample); the model casts to its compute dtype anyway
-    text_dtype: str = "float32"
+    # dtype of batch["text"]: bfloat16 (as stored; half the host memory traffic of float32 for
+    # T5-XXL's 4096 x text_len per sample) or float32; the model casts to its compute dtype anyway
+    text_dtype: str = "bfloat16"
     # latent normalisation applied on load: (latent - shift) * scale, with scale/shift from
     # latent_norm=manifest: each dataset's manifest (the VAE's own values, per channel for Wan)
     # latent_norm=config: latent_scale / latent_shift below, for every dataset

@@ -39,7 +39,12 @@ def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--input", "-i", action="append", required=True, metavar="PATH",
                    help="folder of images/videos (+ sidecar captions), a .csv/.jsonl manifest (columns path, "
                    "caption), or a folder/file of WebDataset .tar shards; repeatable")
-    g.add_argument("--output", "-o", required=True, help="dataset directory to write (shards + manifest.json)")
+    g.add_argument("--output", "-o", required=True,
+                   help="dataset directory to write (shards + manifest.json): a local path, or s3://bucket/prefix, "
+                   "gs://bucket/prefix (shards are staged locally and uploaded one by one; credentials from the "
+                   "usual AWS_* / GOOGLE_* environment)")
+    g.add_argument("--staging", help="local directory for shards before upload when --output is a URL "
+                   "(default: a folder in the system temp directory named after the URL)")
     g.add_argument("--caption-ext", default="txt", help="sidecar caption extension (default: txt)")
     g.add_argument("--missing-caption", choices=["skip", "empty"], default="skip",
                    help="skip samples without caption (default) or encode them with an empty caption")
@@ -69,6 +74,11 @@ def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
     g.add_argument("--video-batch-size", type=int, default=1, help="videos per encoder batch")
     g.add_argument("--num-workers", type=int, default=4, help="decoding processes per rank")
+    g.add_argument("--decode-isolation", choices=["process", "none"], default="process",
+                   help="process (default): decode each file in a child process, so a crash or hang in "
+                   "PyAV/Pillow skips that file only; none: decode in the worker (faster, a crash ends the run)")
+    g.add_argument("--decode-timeout", type=float, default=300.0,
+                   help="seconds one file may take to decode before it is skipped as decode_timeout (default 300)")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
@@ -88,6 +98,7 @@ def _setup_logging(rank: int = 0) -> None:
 
 def preprocess_main(args: argparse.Namespace) -> int:
     from megassm.data.preprocess import PreprocessOptions, rank_and_world, run_preprocess
+    from megassm.data.remote import join
 
     try:
         rank, world = rank_and_world(args.rank, args.world_size)
@@ -99,9 +110,11 @@ def preprocess_main(args: argparse.Namespace) -> int:
             text_max_length=args.text_max_length, keep_text_padding=args.keep_text_padding,
             missing_caption=args.missing_caption, caption_ext=args.caption_ext,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
-            video_batch_size=args.video_batch_size, num_workers=args.num_workers, device=args.device,
+            video_batch_size=args.video_batch_size, num_workers=args.num_workers,
+            decode_isolation=args.decode_isolation, decode_timeout=args.decode_timeout, device=args.device,
             dtype=args.dtype, store_dtype=args.store_dtype, latent_scale=args.latent_scale,
             latent_shift=args.latent_shift, vae_tiling=args.vae_tiling, rank=rank, world_size=world,
+            staging=args.staging,
             progress=not args.no_progress)
         r = run_preprocess(o)
     except (ValueError, OSError) as e:  # InputError, EncoderError, FormatError are ValueErrors
@@ -113,7 +126,7 @@ def preprocess_main(args: argparse.Namespace) -> int:
     if r["manifest"]:
         m = r["manifest"]
         print(f"dataset complete: {m['num_samples']} samples in {m['num_shards']} shards -> "
-              f"{Path(args.output) / 'manifest.json'} (skip report: {Path(args.output) / 'skipped.json'})")
+              f"{join(args.output, 'manifest.json')} (skip report: {join(args.output, 'skipped.json')})")
     else:
         print("other ranks' shards are not finished yet; the last rank to finish writes manifest.json")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megassm import __version__
+from megassm.data import remote
 from megassm.data.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SKIP_REPORT_NAME, FormatError
 from megassm.data.writer import atomic_write_json
 
@@ -27,14 +28,15 @@ def record_path(out: Path, task: int) -> Path:
     return Path(out) / PROGRESS_DIR / f"shard-{task:06d}.json"
 
 
-def load_record(out: Path, task: int) -> dict | None:
+def load_record(out: Path, task: int, exists=None) -> dict | None:
+    """Task ``task``'s record if it and its shard exist (``exists(rel)``: at the destination; default: in ``out``)."""
     p = record_path(out, task)
     try:
         rec = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     shard = rec.get("shard")
-    if shard and not (Path(out) / shard["path"]).is_file():
+    if shard and not (exists(shard["path"]) if exists else (Path(out) / shard["path"]).is_file()):
         return None  # record without its shard (deleted by hand): redo the task
     return rec
 
@@ -73,11 +75,11 @@ def build_manifest(out: Path, run: dict[str, Any], records: list[dict]) -> tuple
     return manifest, report
 
 
-def try_finalize(out: Path) -> dict | None:
+def try_finalize(out: Path, exists=None) -> dict | None:
     """Write manifest.json + skipped.json if every task has a record; else return None."""
     out = Path(out)
     run = json.loads((out / PROGRESS_DIR / RUN_INFO).read_text())
-    records = [load_record(out, i) for i in range(run["num_tasks"])]
+    records = [load_record(out, i, exists) for i in range(run["num_tasks"])]
     if any(r is None for r in records):
         return None
     manifest, report = build_manifest(out, run, records)
@@ -87,16 +89,25 @@ def try_finalize(out: Path) -> dict | None:
 
 
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """Read and check a dataset's manifest.json; errors say what is wrong and how to fix it."""
-    d = Path(dataset_dir)
-    p = d / MANIFEST_NAME
-    if not p.is_file():
+    """Read and check a dataset's manifest.json (local, URL or pipe:); errors say what is wrong and how to fix it."""
+    d = str(dataset_dir)
+    remote.check_location(d, "dataset")
+    p = remote.join(d, MANIFEST_NAME)
+    try:
+        raw = remote.read_bytes(p)
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:
+        raise FormatError(f"dataset {d}: cannot read {MANIFEST_NAME} ({e}); check the URL, the network "
+                          "and the filesystem's credentials") from None
+    if raw is None or (remote.is_local(d) and not Path(p).is_file()):
+        unfinished = (Path(d) / PROGRESS_DIR).is_dir() if remote.is_local(d) else False
         hint = (" Preprocessing has not finished (a .progress/ folder exists): re-run the same "
-                "`megassm preprocess` command to complete it." if (d / PROGRESS_DIR).is_dir() else
+                "`megassm preprocess` command to complete it." if unfinished else
                 " Write one with `megassm preprocess --input ... --output DIR`.")
         raise FormatError(f"dataset {d}: no {MANIFEST_NAME}.{hint}")
     try:
-        m = json.loads(p.read_text())
+        m = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{p}: not valid JSON ({e})") from None
     if m.get("format") != FORMAT_NAME:

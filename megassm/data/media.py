@@ -34,6 +34,8 @@ SKIP_REASONS = {
     "corrupt_input_tar": "an input tar shard could not be read to its end",
     "encode_failed": "the VAE or text encoder raised on this sample",
     "nonfinite_latent": "the VAE produced NaN/Inf",
+    "decoder_crashed": "the decoder process died on this file (segfault, abort, out of memory)",
+    "decode_timeout": "decoding did not finish within --decode-timeout seconds (the decoder hung)",
 }
 
 

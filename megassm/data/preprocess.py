@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from megassm.data import remote
 from megassm.data.buckets import DEFAULT_ASPECT_RATIOS, ResolutionBuckets
 from megassm.data.encoders import DTYPES, TextEncoder, VAEEncoder, identity_summary, pick_device
 from megassm.data.format import STORE_DTYPES, LatentSample
@@ -36,6 +37,7 @@ from megassm.data.sources import (
     discover,
     rank_tasks,
 )
+from megassm.data.upload import RemoteOutput
 from megassm.data.writer import LatentShardWriter, atomic_write_json
 
 log = logging.getLogger("megassm.preprocess")
@@ -62,6 +64,8 @@ class PreprocessOptions:
     batch_size: int = 16
     video_batch_size: int = 1
     num_workers: int = 4
+    decode_isolation: str = "process"  # process: PyAV/Pillow run in a child process per worker | none
+    decode_timeout: float = 300.0  # seconds per file before a hung decoder is killed
     device: str = "auto"
     dtype: str = "auto"  # compute dtype: auto = bf16 on GPU, fp32 on CPU
     store_dtype: str = "bf16"
@@ -70,6 +74,7 @@ class PreprocessOptions:
     vae_tiling: bool = False
     rank: int | None = None
     world_size: int | None = None
+    staging: str | None = None  # local directory for shards before upload, when output is a URL
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,9 +144,15 @@ class Preprocessor:
     def __init__(self, o: PreprocessOptions):
         self.o = o
         self.rank, self.world = rank_and_world(o.rank, o.world_size)
-        self.out = Path(o.output)
+        # a URL output (s3://, gs://): shards are staged in a local directory and uploaded one by one
+        self.remote = None if remote.is_local(o.output) else RemoteOutput(o.output, o.staging)
+        self.out = self.remote.staging if self.remote else Path(remote.local_path(o.output))
         if o.missing_caption not in ("skip", "empty"):
             raise ValueError(f"--missing-caption={o.missing_caption!r}; valid: skip, empty")
+        if o.decode_isolation not in ("process", "none"):
+            raise ValueError(f"--decode-isolation={o.decode_isolation!r}; valid: process, none")
+        if o.decode_timeout <= 0:
+            raise ValueError(f"--decode-timeout={o.decode_timeout} must be > 0 seconds")
         if o.store_dtype not in STORE_DTYPES:
             raise ValueError(f"--store-dtype={o.store_dtype!r}; valid: {sorted(STORE_DTYPES)}")
         self.device = pick_device(o.device)
@@ -164,27 +175,38 @@ class Preprocessor:
         o = self.o
         tasks = discover(o.inputs, o.samples_per_shard, o.caption_ext)
         (self.out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self.remote.pull()
         info = {"num_tasks": len(tasks), "settings": _settings(o, self.buckets), "vae": self.vae.identity,
                 "text_encoder": self.text.identity, "latent_scale": self.vae.latent_scale,
                 "latent_shift": self.vae.latent_shift,
                 "dtype": {"latent": o.store_dtype, "text": o.store_dtype, "compute": str(self.dtype)}}
         _check_run_info(self.out, info)
+        exists = self.remote.exists if self.remote else None
+        if self.remote:
+            self.remote.push_run_info()
         mine = rank_tasks(tasks, self.rank, self.world)
-        todo = [t for t in mine if load_record(self.out, t.index) is None]
+        todo = [t for t in mine if load_record(self.out, t.index, exists) is None
+                or (self.remote and not self.remote.exists(self.remote.record_rel(record_path(self.out, t.index))))]
         log.info("rank %d/%d: %d tasks total, %d mine, %d already done", self.rank, self.world, len(tasks),
                  len(mine), len(mine) - len(todo))
         for t in todo:  # temporary shards of a run that died (any rank, any pid): never trusted, removed
             for stale in self.out.glob(f".{t.shard_name}.tmp-*"):
                 stale.unlink(missing_ok=True)
         stats = self._process(todo) if todo else Counter()
-        manifest = try_finalize(self.out)
+        if self.remote:
+            self.remote.pull()  # other ranks' records
+        manifest = try_finalize(self.out, exists)
+        if manifest is not None and self.remote:
+            self.remote.push_dataset_files()
         return {"rank": self.rank, "world_size": self.world, "tasks": len(tasks), "done_before": len(mine) - len(todo),
                 "processed": len(todo), "skipped": dict(stats), "manifest_written": manifest is not None,
                 "manifest": manifest}
 
     def _process(self, todo) -> Counter:
         o = self.o
-        settings = DecodeSettings(self.buckets, o.frames, o.fps, o.min_side, self.vae.is_video, o.missing_caption)
+        settings = DecodeSettings(self.buckets, o.frames, o.fps, o.min_side, self.vae.is_video, o.missing_caption,
+                                  o.decode_isolation if hasattr(os, "fork") else "none", o.decode_timeout)
         loader = DataLoader(DecodeDataset(todo, settings), batch_size=None, num_workers=o.num_workers,
                             prefetch_factor=4 if o.num_workers else None, collate_fn=lambda x: x)
         known = all(t.tar is None for t in todo)
@@ -201,7 +223,9 @@ class Preprocessor:
                 if b.parts_done == msg.parts:
                     for items in list(b.pending.values()):
                         self._encode(b, items)
-                    b.finish(self.rank)
+                    rec = b.finish(self.rank)
+                    if self.remote:
+                        self.remote.push_task(rec, self.remote.record_rel(record_path(self.out, msg.task)))
                     del builders[msg.task]
                     done += 1
                     if total is None and done:  # tar inputs: estimate the total from finished tasks

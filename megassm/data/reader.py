@@ -21,7 +21,6 @@ import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megassm.config.schema import DataConfig
+from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors
 from megassm.data.manifest import load_manifest
@@ -37,6 +37,7 @@ from megassm.data.tario import RawSample
 
 log = logging.getLogger("megassm.data")
 STATE_VERSION = 1
+_OPENMP = "OpenMP" in torch.__config__.parallel_info()
 TEXT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,11 +65,12 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
         raise ValueError(f"data.latent_norm={norm!r}; valid: manifest (each dataset's VAE scale/shift), "
                          "config (data.latent_scale / data.latent_shift for all)")
     specs, first = [], None
-    for p in cfg.paths:
+    for i, p in enumerate(cfg.paths):
+        remote.check_location(str(p), f"data.paths[{i}]")
         m = load_manifest(p)
         if not m["shards"]:
             raise ValueError(f"dataset {p}: manifest lists no shards (every input was skipped? see "
-                             f"{Path(p) / m.get('skip_report', 'skipped.json')})")
+                             f"{remote.join(p, m.get('skip_report', 'skipped.json'))})")
         dims = (m.get("latent_channels"), m.get("text_dim"))
         if first is None:
             first = (p, dims, m["vae"].get("fingerprint"))
@@ -79,7 +81,7 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
             warnings.warn(f"datasets {first[0]} and {p} were encoded with different VAEs", stacklevel=2)
         scale, shift = ((m["latent_scale"], m["latent_shift"]) if norm == "manifest"
                         else (cfg.latent_scale, cfg.latent_shift))
-        specs.append(DatasetSpec(str(p), [str(Path(p) / s["path"]) for s in m["shards"]],
+        specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], _norm_tensor(scale), _norm_tensor(shift),
                                  f"{len(m['shards'])}:{m['num_samples']}"))
     return specs
@@ -112,7 +114,7 @@ def pack(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len:
     out = {"latents": lat, "text": text, "mask": mask, "lengths": lengths,
            "captions": [str(s.meta.get("caption", "")) for _, s in items]}
     if with_keys:
-        out["keys"] = [f"{Path(specs[d].path).name}/{s.key}" for d, s in items]
+        out["keys"] = [f"{remote.dataset_name(specs[d].path)}/{s.key}" for d, s in items]
     return out
 
 
@@ -161,6 +163,12 @@ def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: 
         return False
 
     def run():
+        # One intra-op thread for this thread only (OpenMP's thread count is per calling thread): the
+        # copies here are memory-bound, and waking the process's OpenMP team for each one made idle
+        # team threads spin -- 6x the CPU time per sample on a loaded 2-core machine (reader_bench).
+        # Only with OpenMP: ATen's native thread pool would take the setting process-wide.
+        if _OPENMP:
+            torch.set_num_threads(1)
         it = iter(loader)
         try:
             for packed, pos in it:
@@ -268,7 +276,7 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.text_len, self.epochs, self.drop_last, self.return_keys = text_len, epochs, drop_last, return_keys
         self.num_workers = int(cfg.num_workers)
-        tdt = getattr(cfg, "text_dtype", "float32")
+        tdt = getattr(cfg, "text_dtype", "bfloat16")
         if tdt not in TEXT_DTYPES:
             raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
         self.text_dtype = TEXT_DTYPES[tdt]
@@ -343,7 +351,7 @@ def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_siz
     """Training batches from latent shards, split by *data-parallel* rank.
 
     Yields {"latents": float32 (B, C, T, H, W) normalised as (x - shift) * scale,
-            "text": (B, text_len, D) float32 (or ``cfg.text_dtype``), zero beyond each caption,
+            "text": (B, text_len, D) ``cfg.text_dtype`` (default bfloat16, as stored), zero beyond each caption,
             "text_mask": bool (B, text_len) True = token, "captions": list[str]},
     every batch one latent shape. Infinite unless ``epochs=`` is given (kwargs: epochs,
     drop_last, return_keys -- for evaluation/tests). Position: ``state_dict()`` /

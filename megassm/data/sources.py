@@ -26,7 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from megassm.data.buckets import ResolutionBuckets
 from megassm.data.format import make_key
-from megassm.data.media import IMAGE_EXTS, VIDEO_EXTS, Frames, SkipSample, load_image, load_video
+from megassm.data.media import IMAGE_EXTS, VIDEO_EXTS, Frames, SkipSample
+from megassm.data.sandbox import DecodeSandbox, decode_in_process
 from megassm.data.tario import split_key
 
 CAPTION_KEYS = ("caption", "text", "prompt")
@@ -159,6 +160,8 @@ class DecodeSettings:
     min_side: int
     video_vae: bool
     missing_caption: str  # skip | empty
+    isolation: str = "process"  # process: decoders run in a child process (megassm/data/sandbox.py) | none
+    timeout_s: float = 300.0  # per file, with isolation=process
 
 
 def _key(source: str) -> str:
@@ -166,7 +169,8 @@ def _key(source: str) -> str:
 
 
 def decode_item(task: int, source: str, kind: str, data: str | bytes, caption: str | None,
-                s: DecodeSettings) -> Decoded | Skipped:
+                s: DecodeSettings, decode=decode_in_process) -> Decoded | Skipped:
+    """One input file -> Decoded, or Skipped with its reason; ``decode(kind, *args)`` runs the decoder."""
     try:
         if caption is None and s.missing_caption == "skip":
             raise SkipSample("missing_caption", "no caption found")
@@ -177,9 +181,9 @@ def decode_item(task: int, source: str, kind: str, data: str | bytes, caption: s
             if not s.video_vae:
                 raise SkipSample("video_needs_video_vae", "the VAE encodes images only; use a video VAE "
                                  "(e.g. AutoencoderKLWan) or preprocess videos separately")
-            fr = load_video(data, s.buckets, s.frames, s.fps, s.min_side)
+            fr = decode("video", data, s.buckets, s.frames, s.fps, s.min_side)
         else:
-            fr = load_image(data, s.buckets, s.min_side)
+            fr = decode("image", data, s.buckets, s.min_side)
         return Decoded(task, _key(source), source, caption, fr)
     except SkipSample as e:
         return Skipped(task, source, e.reason, e.detail)
@@ -241,17 +245,23 @@ class DecodeDataset(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         torch.set_num_threads(1)
-        for pos, t in enumerate(self.tasks):
-            if t.tar is None:
-                for it in t.items[wid::nw]:
-                    yield decode_item(t.index, it.source, _media_kind(it.source) or "image", it.path,
-                                      _read_caption(it), self.s)
-                yield TaskPartDone(t.index, nw)
-            elif pos % nw == wid:
-                yield from self._tar_task(t)
-                yield TaskPartDone(t.index, 1)
+        sandbox = DecodeSandbox(self.s.timeout_s) if self.s.isolation == "process" else None
+        decode = sandbox.decode if sandbox else decode_in_process
+        try:
+            for pos, t in enumerate(self.tasks):
+                if t.tar is None:
+                    for it in t.items[wid::nw]:
+                        yield decode_item(t.index, it.source, _media_kind(it.source) or "image", it.path,
+                                          _read_caption(it), self.s, decode)
+                    yield TaskPartDone(t.index, nw)
+                elif pos % nw == wid:
+                    yield from self._tar_task(t, decode)
+                    yield TaskPartDone(t.index, 1)
+        finally:
+            if sandbox:
+                sandbox.close()
 
-    def _tar_task(self, t: Task):
+    def _tar_task(self, t: Task, decode):
         for source, members in iter_input_tar(t.tar):
             if source is None:
                 yield Skipped(t.index, Path(t.tar).name, "corrupt_input_tar", members)
@@ -261,4 +271,4 @@ class DecodeDataset(IterableDataset):
                 yield Skipped(t.index, source, "unsupported_media", f"members {sorted(members)}")
                 continue
             yield decode_item(t.index, source, _media_kind("x." + media[0]), media[1],
-                              _tar_caption(members), self.s)
+                              _tar_caption(members), self.s, decode)

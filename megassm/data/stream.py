@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from megassm.data import remote
 from megassm.data.format import FormatError
 from megassm.data.tario import RawSample, iter_samples, read_sample_at
 
@@ -39,21 +39,29 @@ def rng_from(state: dict) -> np.random.Generator:
 
 
 class ShardFiles:
-    """A few open shard files for random reads (restoring buffered samples)."""
+    """A few open shard files for random reads (restoring buffered samples).
+
+    Local files and offset-addressable URLs (range reads) stay open; a ``pipe:`` shard is
+    streamed again from its start, skipping to the sample, for every read.
+    """
 
     def __init__(self, paths: list[str], capacity: int = 8):
         self.paths, self.capacity = paths, capacity
         self._open: OrderedDict[int, Any] = OrderedDict()
 
     def get(self, shard: int):
-        f = self._open.pop(shard, None) or open(self.paths[shard], "rb")
+        f = self._open.pop(shard, None) or remote.open_random(self.paths[shard])
         self._open[shard] = f
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)[1].close()
         return f
 
     def read(self, shard: int, offset: int, lazy: bool = False) -> RawSample:
-        return read_sample_at(self.get(shard), shard, offset, self.paths[shard], lazy)
+        where = self.paths[shard]
+        if remote.scheme(where) == "pipe":
+            with remote.open_shard(where, offset) as f:
+                return read_sample_at(f, shard, offset, where, lazy)
+        return read_sample_at(self.get(shard), shard, offset, where, lazy)
 
 
 class SampleStream:
@@ -72,6 +80,7 @@ class SampleStream:
                  dp_size: int, worker: int, num_workers: int, resampled: bool, shuffle_buffer: int,
                  epochs: int | None = None, generation: int = 0, start_epoch: int = 0):
         self.index, self.paths, self.counts = index, shards, counts
+        self.where = shards[0].rsplit("/", 1)[0] if shards else "?"  # the dataset, for messages
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.worker, self.num_workers = worker, num_workers
         self.resampled, self.bufsize, self.epochs = resampled, max(1, shuffle_buffer), epochs
@@ -112,22 +121,25 @@ class SampleStream:
     def _open_shard(self, after: int = -1) -> None:
         where = self.paths[self.shard]
         errors: list = []
+        start = max(after, 0)
         try:
-            f = open(where, "rb", buffering=_READ_BUFFER)
-        except OSError as e:
+            f = remote.open_shard(where, start, buffering=_READ_BUFFER)
+        except OSError as e:  # missing object, no permission, retries exhausted: the shard is skipped
             self._count("unreadable_shard", f"{where}: {e}")
             self._it = iter(())
             return
-        start = max(after, 0)
 
         def gen():
             with f:
-                for s in iter_samples(f, self.shard, where, start, errors=errors):
-                    for reason, msg in errors:
-                        self._count(reason, msg)
-                    errors.clear()
-                    if s.offset > after:
-                        yield s
+                try:
+                    for s in iter_samples(f, self.shard, where, start, errors=errors):
+                        for reason, msg in errors:
+                            self._count(reason, msg)
+                        errors.clear()
+                        if s.offset > after:
+                            yield s
+                except OSError as e:  # the connection broke for good mid-shard: keep what arrived
+                    errors.append(("unreadable_shard", f"{where}: {e}"))
                 for reason, msg in errors:
                     self._count(reason, msg)
         self._it = gen()
@@ -151,7 +163,7 @@ class SampleStream:
                 self._it = None
                 empty += 1
                 if self.resampled and empty > max(100, 2 * len(self.paths)):
-                    raise FormatError(f"dataset {Path(self.paths[0]).parent}: {empty} shards in a row had "
+                    raise FormatError(f"dataset {self.where}: {empty} shards in a row had "
                                       f"no readable sample (skipped so far: {dict(self.skipped)})")
             if not self._next_shard():
                 return None
@@ -183,11 +195,11 @@ class SampleStream:
     def _new_epoch(self) -> None:
         if not self.resampled and not self._order:
             raise FormatError(
-                f"dataset {Path(self.paths[0]).parent}: {len(self.paths)} shards cannot feed dp rank "
+                f"dataset {self.where}: {len(self.paths)} shards cannot feed dp rank "
                 f"{self.dp_rank}/{self.dp_size} worker {self.worker}/{self.num_workers} without resampling; "
                 "use data.resampled=true, fewer data.num_workers, or preprocess into more shards")
         if self._epoch_samples == 0 and self._order:
-            raise FormatError(f"dataset {Path(self.paths[0]).parent}: a whole epoch of dp rank {self.dp_rank} "
+            raise FormatError(f"dataset {self.where}: a whole epoch of dp rank {self.dp_rank} "
                               f"worker {self.worker} had no readable sample (skipped: {dict(self.skipped)})")
         self.epoch += 1
         self._epoch_samples = 0

@@ -11,6 +11,7 @@ the basename).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -89,9 +90,17 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
+def _file_size(f: BinaryIO) -> int | None:
+    """Size of a local file, or a remote reader's ``size`` (None for a pipe: truncation shows as EOF)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return getattr(f, "size", None)
+
+
 def iter_members(f: BinaryIO, where: str, start: int = 0) -> Iterator[TarMember]:
     """Regular-file members from byte ``start``; the caller may read/seek between yields."""
-    file_size = os.fstat(f.fileno()).st_size
+    file_size = _file_size(f)
     pos, long_name, member_start = start, None, None
     while True:
         f.seek(pos)
@@ -106,7 +115,7 @@ def iter_members(f: BinaryIO, where: str, start: int = 0) -> Iterator[TarMember]
         _check_checksum(block, here)
         size, kind = _octal(block[124:136], here), block[156:157]
         data_offset = pos + _BLOCK
-        if data_offset + size > file_size:
+        if file_size is not None and data_offset + size > file_size:
             raise TruncatedShard(f"{here}: member needs {size} bytes but the file ends at {file_size} (truncated)")
         member_start = pos if member_start is None else member_start
         if kind in (b"x", b"L"):
@@ -177,6 +186,7 @@ def iter_samples(f: BinaryIO, shard: int, where: str, start: int = 0, lazy: bool
         return RawSample(key, shard, group[0].offset, meta, ms.size, st, tuple(meta["latent_shape"]))
 
     members = iter_members(f, where, start)
+    forget = getattr(f, "forget", None)  # a remote stream keeps only the current sample's bytes
     while True:
         try:
             m = next(members, None)
@@ -194,6 +204,8 @@ def iter_samples(f: BinaryIO, shard: int, where: str, start: int = 0, lazy: bool
         if m is None:
             return
         key = kx[0]
+        if not group and forget is not None:
+            forget(m.offset)
         group.append(m)
 
 

@@ -76,8 +76,9 @@ class HTHModel(nn.Module):
             raise ValueError(f"text has {Lt} tokens, more than model.max_text_len={self.cfg.max_text_len}")
         if text_mask is None:
             text_mask = torch.ones(B, Lt, dtype=torch.bool, device=text.device)
+        text = text.to(self.y_null.dtype)  # the reader's dtype (bf16 by default) -> the parameters' dtype
         empty = ~text_mask.any(dim=1)  # (B,)
-        null = self.y_null[:Lt].to(text.dtype).expand(B, Lt, Dt)
+        null = self.y_null[:Lt].expand(B, Lt, Dt)
         text = torch.where(empty[:, None, None], null, text)
         text_mask = text_mask | empty[:, None]
         return self.y_embedder(text), text_mask

@@ -238,3 +238,81 @@ def test_cli_parsers_and_inspect(enc, images, tmp_path, capsys):
     bad = parser.parse_args(["inspect", "data", str(tmp_path / "nothing")])
     assert bad.func(bad) == 2 and "no manifest.json" in capsys.readouterr().err
     shutil.rmtree(pngs)
+
+
+def _crashing_decoder(monkeypatch):
+    """load_image that segfaults on crash*.png and hangs on hang*.png (the decoders' worst cases)."""
+    import os
+    import signal
+    import time
+
+    from megassm.data import media
+
+    real = media.load_image
+
+    def load_image(src, *args):
+        name = Path(src).name if isinstance(src, str) else ""
+        if name.startswith("crash"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if name.startswith("hang"):
+            time.sleep(3600)
+        return real(src, *args)
+
+    monkeypatch.setattr(media, "load_image", load_image)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decoder_crash_or_hang_costs_one_file(enc, tmp_path, monkeypatch, workers):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        T.write_image(src / f"ok{i}.png", 32, 32, i, caption=f"ok {i}")
+    T.write_image(src / "crash.png", 32, 32, 7, caption="segfaults the decoder")
+    T.write_image(src / "hang.png", 32, 32, 8, caption="hangs the decoder")
+    _crashing_decoder(monkeypatch)
+    r = run_preprocess(_opts(enc, [src], tmp_path / "out", num_workers=workers, decode_timeout=2.0))
+    assert r["manifest"]["num_samples"] == 3
+    report = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert report["by_reason"] == {"decoder_crashed": 1, "decode_timeout": 1}
+    why = {Path(s["source"]).name: s["detail"] for s in report["items"]}
+    assert "SIGSEGV" in why["crash.png"] and "2 s" in why["hang.png"]
+
+
+def test_sandboxed_decode_equals_in_process(images):
+    from megassm.data.sandbox import DecodeSandbox, decode_in_process
+
+    b = ResolutionBuckets.build("32", "1:1,2:1", 8)
+    box = DecodeSandbox(timeout_s=60)
+    try:
+        for p in [images / "png1.png", images / "sub" / "jpg0.jpg"]:
+            a, ref = box.decode("image", str(p), b, 0), decode_in_process("image", str(p), b, 0)
+            assert torch.equal(a.pixels, ref.pixels) and (a.src_height, a.src_width) == (ref.src_height, ref.src_width)
+        with pytest.raises(Exception, match="corrupt_image"):
+            box.decode("image", str(images / "garbage.png"), b, 0)
+        assert box.restarts == 0
+    finally:
+        box.close()
+
+
+def test_output_to_s3_uploads_shards_and_resumes(enc, images, tmp_path):
+    """--output s3://...: same shard bytes as a local run; a rerun redoes only the task whose upload is missing."""
+    pytest.importorskip("moto")
+    from megassm.data.manifest import load_manifest
+    from megassm.data.servers import s3_server
+
+    local = run_preprocess(_opts(enc, [images], tmp_path / "local"))["manifest"]
+    with s3_server("out-bucket") as (_, fs):
+        url = "s3://out-bucket/ds"
+        r = run_preprocess(_opts(enc, [images], url, staging=str(tmp_path / "stage1")))
+        assert r["manifest_written"] and r["processed"] == r["tasks"]
+        assert not list((tmp_path / "stage1").glob("shard-*.tar"))  # removed locally once uploaded
+        for s in local["shards"]:
+            assert fs.cat_file(f"out-bucket/ds/{s['path']}") == (tmp_path / "local" / s["path"]).read_bytes()
+        m = load_manifest(url)
+        assert m["num_samples"] == local["num_samples"] and m["shards"] == local["shards"]
+        fs.rm(["out-bucket/ds/shard-000001.tar", "out-bucket/ds/manifest.json"])  # as if killed mid-upload
+        r2 = run_preprocess(_opts(enc, [images], url, staging=str(tmp_path / "stage2")))
+        assert (r2["processed"], r2["done_before"]) == (1, r["tasks"] - 1) and r2["manifest_written"]
+        assert load_manifest(url)["shards"] == local["shards"]
+    with pytest.raises(ValueError, match="read-only"):
+        run_preprocess(_opts(enc, [images], "https://host/ds"))

@@ -59,20 +59,28 @@ def test_batches_are_uniform_normalised_and_text_padded(ds):
                 from safetensors.torch import load
 
                 raw[f"a/{s.key}"] = load(bytes(s.st_bytes))
-    n = 0
+    n, t_dtype = 0, next(iter(raw.values()))["text"].dtype
+    assert t_dtype == torch.bfloat16
     for b in _loader(_cfg(ds), bs=4, epochs=1):
         B = len(b["keys"])
         assert b["latents"].dtype == torch.float32 and b["latents"].shape[0] == B == 4
         assert b["text"].shape == (B, 6, 32) and b["text_mask"].dtype == torch.bool
+        assert b["text"].dtype == t_dtype  # data.text_dtype defaults to bfloat16, the stored dtype
         for i, k in enumerate(b["keys"]):
             t = raw[k]
             torch.testing.assert_close(b["latents"][i], (t["latent"].float() - 0.25) * 0.5)  # manifest norm
             L = min(6, t["text"].shape[0])
             assert b["text_mask"][i].tolist() == [True] * L + [False] * (6 - L)
-            torch.testing.assert_close(b["text"][i, :L], t["text"][:L].float())
+            assert torch.equal(b["text"][i, :L], t["text"][:L])  # bit-exact: no conversion
             assert (b["text"][i, L:] == 0).all()
         n += B
     assert n == 60  # 20 per shape, batch 4: nothing left over
+
+
+def test_reader_leaves_the_trainers_thread_count_alone(ds):
+    before = torch.get_num_threads()
+    _take(_loader(_cfg(ds)), 3)  # the expand thread runs with one intra-op thread, for itself only
+    assert torch.get_num_threads() == before
 
 
 def test_config_normalisation_overrides_manifest(ds):
