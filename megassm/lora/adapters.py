@@ -57,8 +57,8 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig, names: list[str] | None = Non
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under megassm names (``<module>.lora_A.weight``)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """The adapters' weights under megassm names (``<module>.lora_A`` (r, in), ``<module>.lora_B`` (out, r))."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
 def save_adapters(directory: str | Path, state: dict[str, torch.Tensor], cfg: LoRAConfig, base: str = "") -> Path:
@@ -68,7 +68,7 @@ def save_adapters(directory: str | Path, state: dict[str, torch.Tensor], cfg: Lo
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    save_file({PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+    save_file({PEFT_PREFIX + k + ".weight": v.detach().float().cpu().contiguous() for k, v in state.items()},
               str(d / WEIGHTS_FILE))
     (d / CONFIG_FILE).write_text(json.dumps({
         "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
@@ -90,7 +90,7 @@ def read_adapters(directory: str | Path) -> tuple[LoRAConfig, list[str], dict[st
         raise AdapterError(f"{d / CONFIG_FILE}: peft_type={meta.get('peft_type')!r}, only LORA is supported")
     cfg = LoRAConfig(rank=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                      targets=list(meta.get("megassm_targets") or TARGET_KINDS))
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(d / WEIGHTS_FILE)).items()}
+    state = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v for k, v in load_file(str(d / WEIGHTS_FILE)).items()}
     return cfg, list(meta["target_modules"]), state
 
 

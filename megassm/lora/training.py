@@ -20,7 +20,7 @@ def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str
     Under ZeRO-3 each rank holds a slice of every parameter: the adapters (a small fraction of the
     model) are gathered for the write; other stages hold them whole.
     """
-    params = [p for n, p in module.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    params = [p for n, p in module.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
     if params and hasattr(params[0], "ds_id"):
         import deepspeed
 
@@ -54,5 +54,5 @@ def lora_delta_norm(model: nn.Module) -> float:
     """Largest |alpha / r * B A| entry over the model's adapters (0 for freshly attached ones)."""
     from megassm.lora.layers import LoRALinear
 
-    return max([(m.lora_B.weight @ m.lora_A.weight * m.scaling).abs().max().item()
+    return max([(m.lora_B @ m.lora_A * m.scaling).abs().max().item()
                 for m in model.modules() if isinstance(m, LoRALinear)] or [0.0])

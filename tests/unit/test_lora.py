@@ -36,7 +36,7 @@ def _randomise_adapters(model, seed=2):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.weight.copy_(0.1 * torch.randn(m.lora_B.weight.shape, generator=g))
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
 
 
 @pytest.mark.parametrize("targets, count", [(["hydra"], 6), (["attention"], 2), (["cross_attention"], 12),
@@ -49,7 +49,7 @@ def test_targets_by_kind_and_frozen_base(targets, count):
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert len(names) == count and names == target_modules(model, targets)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
     torch.testing.assert_close(model(*x), ref, rtol=0, atol=0)  # B = 0: attaching changes nothing
 
 
@@ -88,10 +88,12 @@ def test_save_load_round_trip_in_peft_layout(tmp_path):
 
 
 def test_config_errors_name_the_key():
-    assert load_config("configs/smoke.yaml", ["finetune.lora={}"]).finetune.lora.rank == 8
+    assert load_config("configs/smoke.yaml", ["finetune.lora={}", "parallel.zero_stage=2"]).finetune.lora.rank == 8
     with pytest.raises(ConfigError, match="valid kinds"):
         load_config("configs/smoke.yaml", ["finetune.lora={targets: [mlp]}"])
     with pytest.raises(ConfigError, match="rank=0"):
         load_config("configs/smoke.yaml", ["finetune.lora.rank=0"])
+    with pytest.raises(ConfigError, match="zero_stage=3 is not supported"):
+        load_config("configs/smoke.yaml", ["finetune.lora={targets: [hydra]}", "parallel.zero_stage=3"])
     with pytest.raises(ConfigError, match="not yet sharded"):
-        load_config("configs/smoke.yaml", ["finetune.lora={}", "parallel.tp=2"])
+        load_config("configs/smoke.yaml", ["finetune.lora={targets: [ffn]}", "parallel.tp=2"])
