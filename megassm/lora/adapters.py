@@ -90,7 +90,8 @@ def read_adapters(directory: str | Path) -> tuple[LoRAConfig, list[str], dict[st
         raise AdapterError(f"{d / CONFIG_FILE}: peft_type={meta.get('peft_type')!r}, only LORA is supported")
     cfg = LoRAConfig(rank=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                      targets=list(meta.get("megassm_targets") or TARGET_KINDS))
-    state = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v for k, v in load_file(str(d / WEIGHTS_FILE)).items()}
+    stored = load_file(str(d / WEIGHTS_FILE))
+    state = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v for k, v in stored.items()}
     return cfg, list(meta["target_modules"]), state
 
 

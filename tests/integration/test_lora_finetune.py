@@ -1,6 +1,7 @@
-"""LoRA fine-tuning end to end on the demo model: train adapters from a consolidated checkpoint (one rank; ZeRO-3
-for attention / cross-attention / FFN adapters, ZeRO-2 with Hydra ones), the base frozen, adapters exported beside the DeepSpeed checkpoint, ``merge-lora`` folds them in, and
-``megassm sample --lora`` (unmerged) gives the merged checkpoint's latents."""
+"""LoRA fine-tuning end to end on the demo model: train adapters from a consolidated checkpoint (one rank;
+ZeRO-3 for attention / cross-attention / FFN adapters, ZeRO-2 with Hydra ones), the base frozen, adapters
+exported beside the DeepSpeed checkpoint, ``merge-lora`` folds them in, and ``megassm sample --lora``
+(unmerged) gives the merged checkpoint's latents."""
 
 import pytest
 import torch
