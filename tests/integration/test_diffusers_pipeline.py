@@ -40,7 +40,7 @@ def test_pipeline_matches_megassm_sample(checkpoint, tmp_path, cli):
         ref = load_file(str(tmp_path / f"s_{i}.latents.safetensors"))["latents"]
         # fp32 both ways; the only differences are float32 rounding of the schedule: the scheduler holds
         # sigma and timestep = 1000 sigma in float32 (megassm keeps t in double until the model's input) and
-        # dt = sigma_next - sigma in float32. Measured max |diff| ~1e-6 on latents of unit scale.
+        # dt = sigma_next - sigma in float32. Measured: bit-identical here; 1e-4 leaves room for other step counts.
         torch.testing.assert_close(lat[i], ref, rtol=0, atol=1e-4)
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     images = pipe(**{**args, "generator": gens}).images
