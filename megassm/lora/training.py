@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from megassm.config.schema import LoRAConfig
@@ -48,11 +47,3 @@ def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Pat
     return {**meta, "step": info["step"], "parameters": sum(v.numel() for v in state.values()),
             "tensors": len(state)}, [report, f"merged {n} adapters into {info['weights']} weights of {base}"]
 
-
-@torch.no_grad()
-def lora_delta_norm(model: nn.Module) -> float:
-    """Largest |alpha / r * B A| entry over the model's adapters (0 for freshly attached ones)."""
-    from megassm.lora.layers import LoRALinear
-
-    return max([(m.lora_B @ m.lora_A * m.scaling).abs().max().item()
-                for m in model.modules() if isinstance(m, LoRALinear)] or [0.0])
