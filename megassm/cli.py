@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     s.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
     s.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
+    s.add_argument("--lora", default=None, metavar="DIR", help="apply LoRA adapters (unmerged) from DIR, e.g. "
+                   "RUN/checkpoints/step_N/lora, to the checkpoint's weights")
     s.add_argument("--save-latents", action="store_true", help="also write each sample's final latents "
                    "(.latents.safetensors) next to it")
     s.set_defaults(func=_cmd_sample)

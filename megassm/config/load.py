@@ -19,7 +19,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megassm.config.schema import ATTENTION_BACKENDS, HYDRA_PATHS, PATTERN_SYMBOLS, WANDB_MODES, RunConfig
+from megassm.config.schema import (
+    ATTENTION_BACKENDS,
+    HYDRA_PATHS,
+    LORA_TARGETS,
+    PATTERN_SYMBOLS,
+    WANDB_MODES,
+    RunConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -264,6 +271,28 @@ def validate(cfg: RunConfig) -> None:
 
     validate_previews(cfg)
     validate_eval(cfg)
+    validate_finetune(cfg)
+
+
+def validate_finetune(cfg: RunConfig) -> None:
+    lora = cfg.finetune.lora
+    if lora is None:
+        return
+    if lora.rank < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"finetune.lora: rank={lora.rank} must be >= 1, alpha={lora.alpha} > 0 and "
+                          f"dropout={lora.dropout} in [0, 1)")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad or not lora.targets:
+        raise ConfigError(f"finetune.lora.targets={lora.targets}: unknown or empty; valid kinds: {list(LORA_TARGETS)}")
+    p = cfg.parallel
+    if "hydra" in lora.targets and p.zero_stage == 3:
+        # Hydra is one ZeRO-3 leaf (megassm/models/hydra.py); with its base frozen, DeepSpeed's backward
+        # re-gather misses the adapters inside it (backward fails on an empty partition)
+        raise ConfigError("finetune.lora.targets with hydra under parallel.zero_stage=3 is not supported yet; use "
+                          "parallel.zero_stage=2 (or 0/1) for Hydra adapters, or targets without hydra")
+    if p.tp > 1 or p.cp > 1 or p.pp > 1:
+        raise ConfigError(f"finetune.lora with parallel.tp={p.tp} cp={p.cp} pp={p.pp}: LoRA adapters are not yet "
+                          "sharded for TP / CP / PP; use tp=cp=pp=1 (data parallel with any ZeRO stage works)")
 
 
 def _check_parallel_model(cfg: RunConfig) -> None:

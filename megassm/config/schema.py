@@ -239,6 +239,27 @@ class LoggingConfig:
     wandb: WandbConfig | None = None  # None: no W&B; `logging.wandb={}` turns it on with the defaults
 
 
+LORA_TARGETS = ("hydra", "attention", "cross_attention", "ffn")  # megassm/lora/adapters.py::TARGET_KINDS
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (megassm/lora/): y = W x + (alpha / rank) B A x, the base W frozen."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    # module kinds: hydra (in_proj, out_proj), attention (qkv, proj), cross_attention (q, kv, proj), ffn (fc1, fc2)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of a trained model (its weights from ``init_from``)."""
+
+    lora: LoRAConfig | None = None  # None: full fine-tuning; `finetune.lora={}` turns LoRA on with the defaults
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +271,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     stage: str = "smoke"
     run_dir: str = "runs/${stage}"
     init_from: str | None = None  # checkpoint of the previous stage to warm-start from

@@ -5,7 +5,8 @@ import pytest
 from megassm.cli import build_parser, main
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["eval"], ["inspect"], ["inspect", "model"]])
+@pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["eval"], ["inspect"], ["inspect", "model"],
+                                  ["convert", "to-diffusers"], ["convert", "merge-lora"]])
 def test_help_for_every_command(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*argv, "--help"])

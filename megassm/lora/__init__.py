@@ -1,0 +1,15 @@
+"""LoRA fine-tuning of HTH models: low-rank adapters on chosen linears of a frozen base (``finetune.lora``)."""
+
+from megassm.lora.adapters import (
+    TARGET_KINDS,
+    adapter_state_dict,
+    attach_lora,
+    load_adapters,
+    merge_lora,
+    read_adapters,
+    save_adapters,
+)
+from megassm.lora.layers import LoRALinear
+
+__all__ = ["TARGET_KINDS", "LoRALinear", "adapter_state_dict", "attach_lora", "load_adapters", "merge_lora",
+           "read_adapters", "save_adapters"]
