@@ -3,6 +3,7 @@ dropped connections retried, missing objects skipped and counted. Real servers o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -66,12 +67,7 @@ def _loader(path: str, **kw):
 
 
 def _take(loader, n):
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))  # the first n batches of a (possibly endless) loader
 
 
 @pytest.fixture(scope="module")
