@@ -286,8 +286,8 @@ def validate_finetune(cfg: RunConfig) -> None:
         raise ConfigError(f"finetune.lora.targets={lora.targets}: unknown or empty; valid kinds: {list(LORA_TARGETS)}")
     p = cfg.parallel
     if "hydra" in lora.targets and p.zero_stage == 3:
-        # Hydra is one ZeRO-3 leaf (megassm/models/hydra.py); with its base frozen, DeepSpeed's backward
-        # re-gather misses the adapters inside it (backward fails on an empty partition)
+        # Hydra is one ZeRO-3 leaf (megassm/train/backends/deepspeed.py::mark_model); with its base frozen,
+        # DeepSpeed's backward re-gather misses the adapters inside it (backward fails on an empty partition)
         raise ConfigError("finetune.lora.targets with hydra under parallel.zero_stage=3 is not supported yet; use "
                           "parallel.zero_stage=2 (or 0/1) for Hydra adapters, or targets without hydra")
     if p.tp > 1 or p.cp > 1 or p.pp > 1:

@@ -61,8 +61,8 @@ def build_reference(cfg: ModelConfig, seed: int = 0) -> HTHModel:
     return model.to(dev())
 
 
-def make_mesh(world: int, tp: int, cp: int, zero_stage=None) -> ParallelMesh:
-    return ParallelMesh(ParallelDims(world, tp=tp, cp=cp), zero_stage=zero_stage)
+def make_mesh(world: int, tp: int, cp: int) -> ParallelMesh:
+    return ParallelMesh(ParallelDims(world, tp=tp, cp=cp))
 
 
 def model_inputs(cfg: ModelConfig, grid, batch: int = 2, seed: int = 3):

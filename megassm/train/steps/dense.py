@@ -1,0 +1,74 @@
+"""``DenseStep``: pp = 1. The whole model on every rank, TP / CP applied by ``parallelize_hth``, the backend's
+managed accumulation over ``train.grad_accum`` micro-batches (docs/training.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megassm.config.schema import RunConfig
+from megassm.diffusion.flow import FlowBatch, velocity_loss
+from megassm.parallel.apply import parallelize_hth
+from megassm.train.ema import ShardedEMA
+from megassm.train.steps import SampleIndices, apply_activation_checkpointing, flow_batch, next_batch
+
+
+def compute_loss(model, b: FlowBatch) -> Tensor:
+    """The micro-batch's velocity loss. Module-level so tests can inject faults (e.g. a NaN) into a run."""
+    return velocity_loss(model(b.xt, b.t, b.text, b.text_mask), b.target)
+
+
+class DenseStep:
+    reads_data = True
+    previews = True
+
+    def __init__(self, cfg: RunConfig, mesh, backend, device: torch.device):
+        self.cfg, self.mesh, self.backend, self.device = cfg, mesh, backend, device
+        self.micro_batches = cfg.train.grad_accum
+
+    def build(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
+        p = self.cfg.parallel
+        if p.tp * p.cp > 1:
+            parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale())
+        apply_activation_checkpointing(model, self.cfg.train)
+        return self.backend.prepare(model, self.micro_batches, load_universal)
+
+    def build_ema(self, decay: float) -> ShardedEMA:
+        b = self.backend
+        return ShardedEMA(b.module, decay, group=b.reduction_group(), shards=b.shards())
+
+    def run(self, data_iter, sample_indices: SampleIndices, stop: bool) -> dict:
+        """``backward`` + ``accumulate`` per micro-batch, then one collective decides, on every rank alike,
+        whether the update is skipped (a non-finite loss or, where the backend's step does not check,
+        gradient anywhere), gives the global-batch loss, and carries a stop signal."""
+        b, n = self.backend, self.micro_batches
+        module = b.module
+        losses, wait, tokens, samples = [], 0.0, 0, 0
+        for m in range(n):
+            batch, waited = next_batch(data_iter)
+            wait += waited
+            fb, seq_len = flow_batch(batch, module.patch_embed, self.device, b.bf16, self.cfg.diffusion,
+                                     sample_indices(m, batch["latents"].shape[0]), self.cfg.train.seed)
+            samples += fb.xt.shape[0]
+            tokens += fb.xt.shape[0] * seq_len
+            loss = compute_loss(b, fb)
+            losses.append(loss.detach().float())
+            # a non-finite loss still goes through backward: the window is completed, then discarded
+            b.backward(loss)
+            if m < n - 1:
+                b.accumulate()
+        local = torch.stack(losses)
+        bad = (~torch.isfinite(local)).any() | b.nonfinite_grads()
+        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop))]).to(self.device)
+        dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
+        n_bad, loss_sum, n_stop = flags.tolist()
+        lr = b.lr()  # the rate this step's update applies
+        ok = n_bad == 0
+        if ok:
+            ok = not b.step().skipped
+        else:
+            b.skip()
+        return {"loss": loss_sum / dist.get_world_size() if ok else float("nan"), "ok": ok, "lr": lr,
+                "grad_norm": b.grad_norm(), "tokens": tokens, "samples": samples, "data_wait": wait,
+                "seq_len": tokens // max(samples, 1), "stop": n_stop > 0}
