@@ -3,6 +3,8 @@ merge into a consolidated checkpoint (``megassm convert merge-lora``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from torch import nn
@@ -13,20 +15,16 @@ from megassm.lora.adapters import adapter_state_dict, load_adapters, merge_lora,
 ADAPTER_DIR = "lora"  # inside each checkpoints/step_* directory
 
 
-def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool) -> None:
-    """Write ``tag_dir/lora`` from the live (DeepSpeed-wrapped) module; every rank must call it.
+def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool,
+                    gathered: Callable[[list], AbstractContextManager] = lambda params: nullcontext()) -> None:
+    """Write ``tag_dir/lora`` from the live (backend-wrapped) module; every rank must call it.
 
-    Under ZeRO-3 each rank holds a slice of every parameter: the adapters (a small fraction of the
-    model) are gathered for the write; other stages hold them whole.
+    ``gathered(params)``: the backend's context in which ``params`` are whole on every rank (ZeRO-3 holds a
+    slice of each parameter per rank: the adapters, a small fraction of the model, are gathered for the write).
     """
     params = [p for n, p in module.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.clone() for k, v in adapter_state_dict(module).items()} if is_writer else {}
-    else:
-        state = adapter_state_dict(module)
+    with gathered(params):
+        state = {k: v.clone() for k, v in adapter_state_dict(module).items()} if is_writer else {}
     if is_writer:
         save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base)
 

@@ -156,7 +156,7 @@ class Trainer:
             from megassm.lora.training import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
-                            is_writer=self.rank == 0)
+                            is_writer=self.rank == 0, gathered=self.backend.gathered)
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),

@@ -27,12 +27,14 @@ Where an FSDP2 backend (``torch.distributed.fsdp.fully_shard``) would go, method
   ``optimizer.step``, ``scheduler.step``, ``zero_grad``;
 - ``save`` / ``load``: ``torch.distributed.checkpoint`` of ``get_state_dict(model, optimizer)`` under the
   tag directory, beside the trainer's own files;
+- ``gathered``: ``DTensor.full_tensor()`` copies of the parameters;
 - ``shards``: a ``LocalShards`` over each DTensor's ``to_local()`` fp32 shard (``partitioned`` layout);
   the EMA (``megassm/train/ema.py``) then needs nothing else.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,6 +160,9 @@ class TrainBackend(Protocol):
         """The process group over which the optimizer partitions its fp32 masters (fragment layout), or None."""
 
     def shards(self) -> LocalShards: ...
+
+    def gathered(self, params: list[nn.Parameter]) -> AbstractContextManager:
+        """A context in which ``params`` hold whole tensors on every rank, for reading (collective)."""
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         """Write model, optimizer and LR-schedule state into ``ckpt_dir / tag`` (every rank calls)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,13 @@ class DeepSpeedBackend:
 
     def shards(self) -> DeepSpeedShards:
         return DeepSpeedShards()
+
+    def gathered(self, params: list[nn.Parameter]):
+        if params and hasattr(params[0], "ds_id"):  # ZeRO-3 partitions
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
