@@ -267,9 +267,10 @@ def train_step_pipeline(
     """Forward and backward of ``micro_batches`` micro-batches through the pipeline (1F1B, or
     interleaved 1F1B when the plan has virtual stages); gradients are left for ``engine.step()``.
 
-    engine: ``engine(chunk, *inputs, grid=...)`` runs ``stage``; ``engine.backward(loss,
-        scale_wrt_gas=...)`` / ``set_gradient_accumulation_boundary`` as DeepSpeed's (its
-        gradient_accumulation_steps must be ``micro_batches``: the loss is averaged over them).
+    engine: ``engine(chunk, *inputs, grid=...)`` runs ``stage``; ``engine.backward(loss, scale_wrt_gas=...)``,
+        ``set_gradient_accumulation_boundary`` and ``gradient_accumulation_steps()`` as a ``TrainBackend``
+        (megassm/train/backends/base.py) or a DeepSpeed engine has them (its gradient_accumulation_steps must
+        be ``micro_batches``: the loss is averaged over them).
     batches: the first stage's micro-batches (``megassm.diffusion.flow.prepare_batch``); other stages pass None.
     dtype: the compute dtype of messages (the model's: bf16 under DeepSpeed bf16).
     """
