@@ -164,7 +164,7 @@ def check_layers(world: int, tp: int, cp: int, sp: bool, grid, cfg: ModelConfig)
 
 
 def check_model(world: int, tp: int, cp: int, sp: bool, grid, cfg: ModelConfig,
-                cp_grad_scale=None, recompute: bool = False) -> tuple[list, dict]:
+                cp_grad_scale: float = 1.0, recompute: bool = False) -> tuple[list, dict]:
     """The whole model: output on every rank, every parameter's gradient, and the state dict
     against ``shard_state_dict`` / ``merge_state_dicts``. ``recompute``: activation checkpointing
     in every block (the forward collectives run again inside backward)."""
