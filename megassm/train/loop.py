@@ -110,7 +110,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model)
         if cfg.init_from and ckpt.read_latest(self.ckpt_dir) is None:
-            for line in warm_start(model, cfg, cfg.init_from):
+            for line in warm_start(model, cfg.model, cfg.init_from):
                 self._info(line)
         if cfg.finetune.lora is not None:  # LoRA (megassm/lora/): base frozen, only adapters train / enter the EMA
             from megassm.lora import attach_lora
