@@ -30,7 +30,7 @@ from megassm.train.backends import TrainBackend, build_backend
 from megassm.train.ema import ShardedEMA
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.profiling import StepProfiler
-from megassm.train.steps import StepStrategy, make_step
+from megassm.train.steps import StepStrategy, apply_activation_checkpointing, make_step
 from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
@@ -116,7 +116,9 @@ class Trainer:
             from megassm.lora import attach_lora
 
             self._info(attach_lora(model, cfg.finetune.lora))
-        self.model = self.strategy.build(model, load_universal=self.resume_plan.elastic)
+        self.strategy.parallelize(model)
+        apply_activation_checkpointing(model, cfg.train)
+        self.model = self.strategy.wrap(model, load_universal=self.resume_plan.elastic)
         self.ema = self.strategy.build_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()

@@ -36,9 +36,14 @@ class StepStrategy(Protocol):
     reads_data: bool  # this rank consumes the data loader
     previews: bool  # the live module can generate preview samples (the whole model is on this rank)
 
-    def build(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
-        """Parallelize the (warm-started) full model for this regime and hand it to the backend; returns
-        the wrapped module."""
+    def owns(self, name: str) -> bool:
+        """Whether this rank keeps parameter ``name`` (HTHModel naming) after ``wrap``."""
+
+    def parallelize(self, model: nn.Module) -> None:
+        """Shard the (warm-started) full model in place for this regime's TP / CP."""
+
+    def wrap(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
+        """Hand this rank's part of the parallelized model to the backend; returns the wrapped module."""
 
     def build_ema(self, decay: float) -> ShardedEMA: ...
 

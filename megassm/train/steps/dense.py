@@ -11,7 +11,7 @@ from megassm.config.schema import RunConfig
 from megassm.diffusion.flow import FlowBatch, velocity_loss
 from megassm.parallel.apply import parallelize_hth
 from megassm.train.ema import ShardedEMA
-from megassm.train.steps import SampleIndices, apply_activation_checkpointing, flow_batch, next_batch
+from megassm.train.steps import SampleIndices, flow_batch, next_batch
 
 
 def compute_loss(model, b: FlowBatch) -> Tensor:
@@ -27,11 +27,15 @@ class DenseStep:
         self.cfg, self.mesh, self.backend, self.device = cfg, mesh, backend, device
         self.micro_batches = cfg.train.grad_accum
 
-    def build(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
+    def owns(self, name: str) -> bool:
+        return True
+
+    def parallelize(self, model: nn.Module) -> None:
         p = self.cfg.parallel
         if p.tp * p.cp > 1:
             parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale())
-        apply_activation_checkpointing(model, self.cfg.train)
+
+    def wrap(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
         return self.backend.prepare(model, self.micro_batches, load_universal)
 
     def build_ema(self, decay: float) -> ShardedEMA:

@@ -27,10 +27,17 @@ from torch import nn
 
 from megassm.config.schema import RunConfig
 from megassm.parallel.apply import parallelize_hth
-from megassm.parallel.pipeline import PipelineStage, partition_blocks, train_step_pipeline, typical_seq_len
+from megassm.parallel.pipeline import (
+    PipelinePlan,
+    PipelineStage,
+    partition_blocks,
+    train_step_pipeline,
+    typical_seq_len,
+)
+from megassm.parallel.pipeline_checkpoint import stage_owns
 from megassm.parallel.pipeline_comm import PipeGroup
 from megassm.train.ema import ShardedEMA
-from megassm.train.steps import SampleIndices, apply_activation_checkpointing, flow_batch, next_batch
+from megassm.train.steps import SampleIndices, flow_batch, next_batch
 
 
 class StageEMA(ShardedEMA):
@@ -78,16 +85,29 @@ class PipelineStep:
         self.pipe = PipeGroup.from_mesh(mesh)
         self.micro_batches = cfg.parallel.micro_batches
         self.reads_data = self.pipe.rank == 0  # only the first stage reads; no loader workers elsewhere
-        self.plan = None
+        self._plan = None
 
-    def build(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
-        cfg, p = self.cfg, self.cfg.parallel
+    @property
+    def plan(self) -> PipelinePlan:
+        """Blocks per stage, balanced at the data's typical tokens per sample (made at first use)."""
+        if self._plan is None:
+            cfg, p = self.cfg, self.cfg.parallel
+            self._plan = partition_blocks(cfg.model, p.pp, typical_seq_len(cfg.model, cfg.data),
+                                          virtual=p.virtual_stages)
+        return self._plan
+
+    def owns(self, name: str) -> bool:
+        return stage_owns(name, self.plan, self.pipe.rank)
+
+    def parallelize(self, model: nn.Module) -> None:
+        p = self.cfg.parallel
         if p.tp * p.cp > 1:
             # its first-forward input check hooks HTHModel.forward, which stages never call
             parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale(), check_inputs=False,
                             pipeline=True)
-        apply_activation_checkpointing(model, cfg.train)
-        self.plan = partition_blocks(cfg.model, p.pp, typical_seq_len(cfg.model, cfg.data), virtual=p.virtual_stages)
+
+    def wrap(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
+        p = self.cfg.parallel
         stage = PipelineStage(model, self.plan, self.pipe.rank)
         schedule = "1F1B" if p.virtual_stages == 1 else f"interleaved 1F1B, {p.virtual_stages} chunks per rank"
         self.log(f"pipeline: {p.pp} stages x {p.micro_batches} micro-batches ({schedule}), blocks per stage "
