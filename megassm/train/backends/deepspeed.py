@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,6 +35,7 @@ from megassm.runtime import use_bf16
 from megassm.train.backends.base import StepResult
 from megassm.train.optim import build_optimizer
 
+log = logging.getLogger("megassm.train")
 UNIVERSAL_DIR = "universal"  # under checkpoints/: <tag>/ in DeepSpeed's universal format
 
 
@@ -300,6 +302,8 @@ class DeepSpeedBackend:
     def load_resharded(self, ckpt_dir: Path, tag: str, is_writer: bool) -> None:
         import torch.distributed as dist
 
+        if is_writer:
+            log.info(f"converting {Path(ckpt_dir) / tag} to DeepSpeed's universal format")
         root = convert_to_universal(ckpt_dir, tag, is_writer)
         dist.barrier()
         with universal_load_fixes(self.engine):
