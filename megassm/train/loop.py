@@ -154,11 +154,11 @@ class Trainer:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
-        if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora
+        if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora, lora_ema
             from megassm.lora.training import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
-                            is_writer=self.rank == 0, gathered=self.backend.gathered)
+                            is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered)
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),

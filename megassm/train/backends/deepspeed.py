@@ -134,6 +134,10 @@ def mark_model(model: nn.Module, zero_stage: int) -> None:
 
         # both Hydra paths read submodule weights (fc_D; conv1d / norm when fused) without calling them
         set_z3_leaf_modules(model, [Hydra, ParallelHydra], raise_if_not_found=False)
+        if any(not p.requires_grad for p in model.parameters()):  # a frozen base (LoRA) around adapter leaves
+            from megassm.lora.training import feed_grad_into_zero3_leaves
+
+            feed_grad_into_zero3_leaves(model)
 
 
 class DeepSpeedShards:
