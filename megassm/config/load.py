@@ -269,9 +269,24 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.logging.wandb.project:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
+    _choice("train.loss_reduction", cfg.train.loss_reduction, ["sample", "token"])
+    validate_buckets(cfg)
     validate_previews(cfg)
     validate_eval(cfg)
     validate_finetune(cfg)
+
+
+def validate_buckets(cfg: RunConfig) -> None:
+    """data.buckets / data.tokens_per_step (megassm/data/token_budget.py): every bucket's tokens split over
+    cp x tp, and the local datasets' shape histograms hold the buckets' shapes (or, without buckets, only
+    shapes that split)."""
+    from megassm.data.format import FormatError
+    from megassm.data.token_budget import BucketError, check_config
+
+    try:
+        check_config(cfg)
+    except (BucketError, FormatError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_finetune(cfg: RunConfig) -> None:
@@ -305,7 +320,7 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         ParallelDims(world=p.tp * p.cp * p.pp, tp=p.tp, cp=p.cp, pp=p.pp).check_model(cfg.model)
     except MeshError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.kind == "procedural" and p.cp * p.tp > 1:
+    if cfg.data.kind == "procedural" and p.cp * p.tp > 1 and not cfg.data.buckets:  # buckets: validate_buckets
         pt, ph, pw = cfg.model.patch_size
         tokens = max(1, cfg.data.frames // pt) * (cfg.data.image_size // ph) * (cfg.data.image_size // pw)
         if tokens % (p.cp * p.tp):
