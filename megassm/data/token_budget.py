@@ -259,8 +259,9 @@ def check_manifests(manifests: dict[str, dict], table: BucketTable | None, patch
                               f"{model_parallel} ranks (nothing is padded). {_valid_choices(b, model_parallel)}")
 
 
-def check_config(cfg: Any) -> None:
-    """The load-time rules of ``data.buckets`` / ``data.tokens_per_step`` for a RunConfig (BucketError)."""
+def check_config(cfg: Any, manifests: bool = True) -> None:
+    """The load-time rules of ``data.buckets`` / ``data.tokens_per_step`` for a RunConfig (BucketError);
+    ``manifests``: also against the local datasets' shape histograms."""
     d, m, p = cfg.data, cfg.model, cfg.parallel
     mp = p.cp * p.tp
     table = None
@@ -280,7 +281,7 @@ def check_config(cfg: Any) -> None:
     elif d.tokens_per_step is not None:
         raise BucketError(f"data.tokens_per_step={d.tokens_per_step} without data.buckets; list the buckets "
                           "(shapes and weights) the budget fills")
-    if d.kind == "shards":
-        manifests = {str(path): mf for path in d.paths if (mf := _local_manifest(str(path))) is not None}
-        if manifests:
-            check_manifests(manifests, table, m.patch_size, mp)
+    if d.kind == "shards" and manifests:
+        found = {str(path): mf for path in d.paths if (mf := _local_manifest(str(path))) is not None}
+        if found:
+            check_manifests(found, table, m.patch_size, mp)
