@@ -222,13 +222,12 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     env = read_dist_env()
     device = torch.device(args.device) if args.device else default_device(env.local_rank)
     model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
-    if getattr(args, "lora", None):
-        if env.world > 1:
-            raise ConfigError("--lora with several ranks: adapters are not yet sharded for CP sampling; use one "
-                              "process, or merge them first (megassm convert merge-lora)")
+    if getattr(args, "lora", None):  # before the CP split below: ParallelHydra / attention keep the adapters
         from megassm.lora import load_adapters
 
-        print(load_adapters(model, args.lora))
+        report = load_adapters(model, args.lora)
+        if env.rank == 0:
+            print(report)
         model.to(device).eval()
         info["lora"] = str(args.lora)
     rank = _context_parallel(model, device, env)  # several ranks (torchrun / srun): Ulysses CP over all

@@ -301,14 +301,13 @@ def validate_finetune(cfg: RunConfig) -> None:
     if bad or not lora.targets:
         raise ConfigError(f"finetune.lora.targets={lora.targets}: unknown or empty; valid kinds: {list(LORA_TARGETS)}")
     p = cfg.parallel
-    if "hydra" in lora.targets and p.zero_stage == 3:
-        # Hydra is one ZeRO-3 leaf (megassm/models/hydra.py); with its base frozen, DeepSpeed's backward
-        # re-gather misses the adapters inside it (backward fails on an empty partition)
-        raise ConfigError("finetune.lora.targets with hydra under parallel.zero_stage=3 is not supported yet; use "
-                          "parallel.zero_stage=2 (or 0/1) for Hydra adapters, or targets without hydra")
-    if p.tp > 1 or p.cp > 1 or p.pp > 1:
-        raise ConfigError(f"finetune.lora with parallel.tp={p.tp} cp={p.cp} pp={p.pp}: LoRA adapters are not yet "
-                          "sharded for TP / CP / PP; use tp=cp=pp=1 (data parallel with any ZeRO stage works)")
+    if p.pp > 1:
+        raise ConfigError(f"finetune.lora with parallel.pp={p.pp} is not supported yet (the pipeline trainer "
+                          "does not export adapters); use pp=1: LoRA runs under dp, tp, cp and every ZeRO stage")
+    if p.tp > 1 and lora.dropout > 0:
+        # a column-parallel adapter's replicated A x would see a different dropout mask on each TP rank
+        raise ConfigError(f"finetune.lora.dropout={lora.dropout} with parallel.tp={p.tp}: adapter dropout needs "
+                          "the same mask on every TP rank, which megassm does not draw; use dropout=0.0 under TP")
 
 
 def _check_parallel_model(cfg: RunConfig) -> None:

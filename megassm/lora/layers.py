@@ -14,6 +14,17 @@ import torch
 from torch import Tensor, nn
 
 
+def lora_down(x: Tensor, layer) -> Tensor:
+    """dropout(x) A^T: (..., in) -> (..., r). ``layer``: anything holding ``lora_A``, ``dropout``, ``training``."""
+    h = nn.functional.dropout(x, layer.dropout, layer.training) if layer.dropout > 0 else x
+    return nn.functional.linear(h, layer.lora_A)
+
+
+def lora_up(a: Tensor, layer) -> Tensor:
+    """(alpha / r) a B^T: (..., r) -> (..., out)."""
+    return nn.functional.linear(a, layer.lora_B) * layer.scaling
+
+
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         assert type(base) is nn.Linear, f"LoRALinear wraps a plain nn.Linear, got {type(base).__name__}"
@@ -31,9 +42,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_features) -> (..., out_features)."""
-        h = nn.functional.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        return super().forward(x) + nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) \
-            * self.scaling
+        return super().forward(x) + lora_up(lora_down(x, self), self)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

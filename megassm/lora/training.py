@@ -1,34 +1,106 @@
-"""LoRA inside ``megassm train`` and the tools around it: adapters exported with each checkpoint, the
-merge into a consolidated checkpoint (``megassm convert merge-lora``)."""
+"""LoRA inside ``megassm train`` and the tools around it: adapters (and their EMA) exported with each
+checkpoint, consolidated over ZeRO-3 and TP; the ZeRO-3 leaf fix; the merge into a consolidated checkpoint
+(``megassm convert merge-lora``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from megassm.config.schema import LoRAConfig
-from megassm.lora.adapters import adapter_state_dict, load_adapters, merge_lora, save_adapters
+from megassm.lora.adapters import load_adapters, merge_lora, save_adapters
+from megassm.parallel.sharding import ADAPTER_SUFFIXES, merge_tensors, shard_spec
 
-ADAPTER_DIR = "lora"  # inside each checkpoints/step_* directory
+# inside each checkpoints/step_* directory: the trained adapters, and their EMA (train.ema_decay > 0)
+ADAPTER_DIR, EMA_ADAPTER_DIR = "lora", "lora_ema"
 
 
-def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool) -> None:
-    """Write ``tag_dir/lora`` from the live (DeepSpeed-wrapped) module; every rank must call it.
-
-    Under ZeRO-3 each rank holds a slice of every parameter: the adapters (a small fraction of the
-    model) are gathered for the write; other stages hold them whole.
+def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool,
+                    ema=None) -> None:
+    """Write ``tag_dir/lora`` (and ``tag_dir/lora_ema`` from ``ema``, a ShardedEMA of the adapters) from the
+    live (DeepSpeed-wrapped) module, consolidated: whole tensors whatever the ZeRO stage and TP degree, so
+    they load at any layout. Every rank must call it (it gathers).
     """
-    params = [p for n, p in module.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    state = consolidate_over_tp(_local_adapters(module), module)
+    shadow = consolidate_over_tp(_local_ema_adapters(ema), module) if ema is not None else None
+    if is_writer:
+        save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base)
+        if shadow is not None:
+            save_adapters(tag_dir / EMA_ADAPTER_DIR, shadow, cfg, base)
+
+
+def _local_adapters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """This TP rank's adapter tensors, whole: under ZeRO-3 each rank holds a slice of every parameter, and
+    the adapters (a small fraction of the model) are gathered for the copy; other stages hold them whole."""
+    named = [(n, p) for n, p in module.named_parameters() if n.endswith(ADAPTER_SUFFIXES)]
+    params = [p for _, p in named]
     if params and hasattr(params[0], "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.clone() for k, v in adapter_state_dict(module).items()} if is_writer else {}
-    else:
-        state = adapter_state_dict(module)
-    if is_writer:
-        save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base)
+            return {n: p.detach().clone() for n, p in named}
+    return {n: p.detach() for n, p in named}
+
+
+def _local_ema_adapters(ema) -> dict[str, torch.Tensor]:
+    """This TP rank's EMA of the adapters, whole tensors (a collective over the ZeRO partition group)."""
+    shadow = ema.full_shadow()  # fragment layout (ZeRO-1/2): already summed into whole tensors
+    out = {}
+    for n, p in ema.params.items():
+        if not n.endswith(ADAPTER_SUFFIXES):
+            continue
+        t = shadow[n]
+        if ema.partitioned:  # ZeRO-3: rank r of the parameter's partition group holds flat [r*k, (r+1)*k)
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(p.ds_process_group))]
+            dist.all_gather(parts, t.contiguous(), group=p.ds_process_group)
+            t = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+        out[n] = t
+    return out
+
+
+def consolidate_over_tp(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors of this TP rank -> the unsharded ones (``sharding.merge_tensors`` with the plan's
+    ``adapter_spec``); the identity without TP. A collective over the TP group (every rank calls it)."""
+    ctx = getattr(module, "parallel_context", None)
+    if ctx is None or ctx.tp == 1:
+        return state
+    out = {}
+    for n, t in state.items():
+        spec = shard_spec(n, module.cfg, ctx.tp)
+        if spec is None:  # replicated over TP: every rank holds the same tensor
+            out[n] = t
+            continue
+        shards = [torch.empty_like(t) for _ in range(ctx.tp)]
+        dist.all_gather(shards, t.contiguous(), group=ctx.tp_group)
+        out[n] = merge_tensors(shards, spec, n)
+    return out
+
+
+def feed_grad_into_zero3_leaves(model: nn.Module) -> int:
+    """Make the frozen inputs of ZeRO-3 leaf modules that hold adapters require grad; returns how many leaves.
+
+    DeepSpeed reduces a leaf module's gradients (Hydra is one, ``_z3_leaf``) in a full backward hook on it.
+    When no input of the module requires grad -- the first Hydra of a LoRA model, everything before it
+    frozen -- torch runs that hook as soon as the *output's* gradient arrives, before the module's own
+    backward: DeepSpeed then reduces gradients that do not exist yet and re-partitions the weights the
+    backward still needs (it fails on an empty partition). A forward pre-hook hands the module a detached
+    copy of such an input that requires grad, so the hook fires after the module's backward, as it does
+    for every later block; it costs the input gradient of that one layer.
+    """
+    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)
+              and any(p.requires_grad for p in m.parameters())]
+    for m in leaves:
+        m.register_forward_pre_hook(_inputs_require_grad)
+    return len(leaves)
+
+
+def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled() or any(torch.is_tensor(a) and a.requires_grad for a in args):
+        return None
+    return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Path, *, use_ema: bool = True,

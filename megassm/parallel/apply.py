@@ -32,7 +32,7 @@ from megassm.parallel.attention import (
 from megassm.parallel.comm import copy_to_group, gather_replicated, sum_grad_hook
 from megassm.parallel.hydra import ParallelHydra
 from megassm.parallel.mesh import MeshError
-from megassm.parallel.sharding import bc_sharded, shard_spec, shard_tensor
+from megassm.parallel.sharding import ADAPTER_SUFFIXES, bc_sharded, shard_spec, shard_tensor
 from megassm.parallel.tensor import ParallelContext
 
 
@@ -114,6 +114,8 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
     hooked = []
 
     def hook(name: str, p: nn.Parameter, rows=None):
+        if not p.requires_grad:  # frozen (a LoRA base): no gradient to sum
+            return
         p.register_hook(sum_grad_hook(ctx.tp_group, rows))
         hooked.append(name if rows is None else f"{name}[{rows[0]}:{rows[1]}]")
 
@@ -121,6 +123,8 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
         prefix = f"blocks.{i}."
         for name, p in blk.named_parameters():
             sharded = getattr(p, "tensor_model_parallel", False)
+            if name.endswith(ADAPTER_SUFFIXES):  # LoRA factors: megassm/lora/parallel.py hooks them
+                continue
             if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not sharded):
                 hook(prefix + name, p)
         m = blk.mixer
@@ -135,6 +139,10 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
         for mod_name in ("patch_embed", "final_layer"):
             for name, p in getattr(model, mod_name).named_parameters():
                 hook(f"{mod_name}.{name}", p)
+    if any(n.endswith(ADAPTER_SUFFIXES) for n, _ in model.named_parameters()):
+        from megassm.lora.parallel import register_adapter_grad_sums
+
+        hooked += register_adapter_grad_sums(model, model.cfg, ctx)
     return hooked
 
 

@@ -13,6 +13,9 @@ unsharded one (a test checks it).
                  fc_D (input channels, all heads), norm.weight (channels), out_proj (input cols)
     attention    qkv / q / kv rows by head, proj input cols; q_norm/k_norm replicated
     FFN          fc1 rows, fc2 input cols
+    LoRA         ``<linear>.lora_A`` (r, in) / ``.lora_B`` (out, r) follow their base linear
+                 (``adapter_spec``): a column-parallel base splits lora_B's rows segment by segment and
+                 keeps lora_A whole; a row-parallel base splits lora_A's columns and keeps lora_B whole
     everything else (embedders, modulation tables, norms, biases of row-parallel layers,
     final layer) is replicated.
 """
@@ -105,6 +108,8 @@ def _mlp_specs(m) -> dict[str, ShardSpec]:
 
 def shard_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
     """The TP split of parameter ``name`` (any prefix, e.g. ``module.``), or None if replicated."""
+    if name.endswith(ADAPTER_SUFFIXES):
+        return adapter_spec(name, model_cfg, tp_size)
     match = _BLOCK.search(name)
     if match is None:
         return None
@@ -119,6 +124,23 @@ def shard_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
     else:
         specs = _mlp_specs(model_cfg)
     return specs.get(leaf)
+
+
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")  # megassm/lora/layers.py: A (r, in), B (out, r)
+
+
+def adapter_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
+    """The TP split of a LoRA factor ``<linear>.lora_A`` / ``<linear>.lora_B``, read off its base's plan.
+
+    W (out, in) ~ B (out, r) @ A (r, in): the dimension the base splits is B's rows (column-parallel,
+    ``dim`` 0, the same segments, e.g. Hydra's z | x | B/C | dt) or A's columns (row-parallel, ``dim`` 1);
+    the other factor is replicated.
+    """
+    module, _, factor = name.rpartition(".")
+    base = shard_spec(module + ".weight", model_cfg, tp_size)
+    if base is None:
+        return None
+    return base if (factor == "lora_B") == (base.dim == 0) else None
 
 
 def shard_tensor(t: Tensor, spec: ShardSpec, tp_rank: int, tp_size: int, name: str = "tensor") -> Tensor:

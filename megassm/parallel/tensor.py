@@ -99,11 +99,18 @@ class ColumnParallelLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ctx: ParallelContext, sequence_input: bool = True):
+        if hasattr(linear, "lora_A"):  # a LoRA adapter comes along (megassm/lora/parallel.py)
+            from megassm.lora.parallel import LoRAColumnParallelLinear
+
+            return LoRAColumnParallelLinear.adopt(linear, ctx=ctx, sequence_input=sequence_input)
         return _adopt(cls, linear, ctx=ctx, sequence_input=sequence_input)
 
+    def gather_input(self, x: Tensor) -> Tensor:
+        """(B, L/(cp*tp), in) under SP, else (B, L/cp, in) or a replicated input -> (B, L/cp, in) on every TP rank."""
+        return enter_tp(x, self.ctx) if self.sequence_input else replicated_input(x, self.ctx)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = enter_tp(x, self.ctx) if self.sequence_input else replicated_input(x, self.ctx)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(self.gather_input(x), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Linear):
@@ -114,6 +121,10 @@ class RowParallelLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ctx: ParallelContext):
+        if hasattr(linear, "lora_A"):  # a LoRA adapter comes along (megassm/lora/parallel.py)
+            from megassm.lora.parallel import LoRARowParallelLinear
+
+            return LoRARowParallelLinear.adopt(linear, ctx=ctx)
         return _adopt(cls, linear, ctx=ctx)
 
     def forward(self, x: Tensor) -> Tensor:

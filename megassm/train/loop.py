@@ -104,6 +104,10 @@ class Trainer:
 
             self._info(attach_lora(model, cfg.finetune.lora))
         self._apply_parallelism(model)
+        if cfg.finetune.lora is not None and cfg.parallel.zero_stage == 3:  # Hydra is a ZeRO-3 leaf with adapters
+            from megassm.lora.training import feed_grad_into_zero3_leaves
+
+            feed_grad_into_zero3_leaves(model)
         self._apply_activation_checkpointing(model)
         self.engine, self.scheduler = self._build_engine(model)
         self.model = self.engine.module
@@ -166,11 +170,11 @@ class Trainer:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
-        if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora
+        if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora, lora_ema
             from megassm.lora.training import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
-                            is_writer=self.rank == 0)
+                            is_writer=self.rank == 0, ema=self.ema)
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),

@@ -127,8 +127,10 @@ STAGES = ["stage0_256px", "stage1_1k", "stage2_2k", "stage3_video"]
 
 @pytest.mark.distributed
 def test_stage_chain_warm_starts_checkpoints_and_resumes_on_two_ranks(tmp_path):
-    """Each stage config, with a tiny model and the demo data, starts from the previous stage's checkpoint,
-    checkpoints, and resumes; the video stage revises scan orders to temporal-major."""
+    """Each stage config, with a tiny model and the demo data, starts from the previous stage's checkpoint and
+    checkpoints; the video stage revises scan orders to temporal-major, and then resumes from its own
+    checkpoint rather than warm-starting again. (Each stage's resume at its own layout, bit for bit, is
+    tests/integration/test_configs_miniature.py's.)"""
     prev = None
     for stage in STAGES:
         run = tmp_path / stage
@@ -142,13 +144,15 @@ def test_stage_chain_warm_starts_checkpoints_and_resumes_on_two_ranks(tmp_path):
         proc = run_train(f"configs/{stage}.yaml", *args, "train.steps=2", nproc=2)
         log = "\n".join(line for line in proc.stderr.splitlines() if "megassm.train" in line)
         if prev is not None:
-            assert f"warm start from deepspeed:{prev}/checkpoints/step_00000003" in log, log  # prev resumed to step 3
+            assert f"warm start from deepspeed:{prev}/checkpoints/step_00000002" in log, log
             assert "loaded" in log and "initialised fresh" not in log, log
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
         if video:
             assert "layer pattern hvAh -> htAt: block 1: 'v' -> 't', block 3: 'h' -> 't'" in log, log
-        run_train(f"configs/{stage}.yaml", *args, "train.steps=3", nproc=2)
-        assert [r["step"] for r in read_metrics(run) if r.get("event") == "resume"] == [2]
-        assert sorted(losses_by_step(run)) == [1, 2, 3]
+            proc = run_train(f"configs/{stage}.yaml", *args, "train.steps=3", nproc=2)
+            assert [r["step"] for r in read_metrics(run) if r.get("event") == "resume"] == [2]
+            assert "warm start" not in proc.stderr, proc.stderr[-3000:]  # its own checkpoint wins over init_from
+            assert sorted(losses_by_step(run)) == [1, 2, 3]
         prev = run
 
 

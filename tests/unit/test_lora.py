@@ -93,7 +93,10 @@ def test_config_errors_name_the_key():
         load_config("configs/smoke.yaml", ["finetune.lora={targets: [mlp]}"])
     with pytest.raises(ConfigError, match="rank=0"):
         load_config("configs/smoke.yaml", ["finetune.lora.rank=0"])
-    with pytest.raises(ConfigError, match="zero_stage=3 is not supported"):
-        load_config("configs/smoke.yaml", ["finetune.lora={targets: [hydra]}", "parallel.zero_stage=3"])
-    with pytest.raises(ConfigError, match="not yet sharded"):
-        load_config("configs/smoke.yaml", ["finetune.lora={targets: [ffn]}", "parallel.tp=2"])
+    # every adapter kind under ZeRO-3 with TP and CP loads; PP and TP-inconsistent dropout do not
+    assert load_config("configs/smoke.yaml", ["finetune.lora={}", "parallel.zero_stage=3", "parallel.tp=2",
+                                              "parallel.cp=2", "model.num_heads=4"]).parallel.tp == 2
+    with pytest.raises(ConfigError, match="pp=2 is not supported yet"):
+        load_config("configs/smoke.yaml", ["finetune.lora={}", "parallel.pp=2", "parallel.zero_stage=1"])
+    with pytest.raises(ConfigError, match="dropout=0.1 with parallel.tp=2"):
+        load_config("configs/smoke.yaml", ["finetune.lora={dropout: 0.1}", "parallel.tp=2"])
