@@ -131,6 +131,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
     check_extras(run)
+    validate_buckets(run)  # again, now with the datasets' manifests
     check_preview_sources(run)
     check_eval_sources(run)
     return run
@@ -269,9 +270,24 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.logging.wandb.project:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
+    _choice("train.loss_reduction", cfg.train.loss_reduction, ["sample", "token"])
+    validate_buckets(cfg, manifests=False)
     validate_previews(cfg)
     validate_eval(cfg)
     validate_finetune(cfg)
+
+
+def validate_buckets(cfg: RunConfig, manifests: bool = True) -> None:
+    """data.buckets / data.tokens_per_step (megassm/data/token_budget.py): every bucket's tokens split over
+    cp x tp; with ``manifests`` (at load, not for a checkpoint's stored config) the local datasets' shape
+    histograms hold the buckets' shapes (or, without buckets, only shapes that split)."""
+    from megassm.data.format import FormatError
+    from megassm.data.token_budget import BucketError, check_config
+
+    try:
+        check_config(cfg, manifests)
+    except (BucketError, FormatError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_finetune(cfg: RunConfig) -> None:
@@ -304,7 +320,7 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         ParallelDims(world=p.tp * p.cp * p.pp, tp=p.tp, cp=p.cp, pp=p.pp).check_model(cfg.model)
     except MeshError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.kind == "procedural" and p.cp * p.tp > 1:
+    if cfg.data.kind == "procedural" and p.cp * p.tp > 1 and not cfg.data.buckets:  # buckets: validate_buckets
         pt, ph, pw = cfg.model.patch_size
         tokens = max(1, cfg.data.frames // pt) * (cfg.data.image_size // ph) * (cfg.data.image_size // pw)
         if tokens % (p.cp * p.tp):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
-from megassm.diffusion.flow import flow_matching_loss
+from megassm.diffusion.flow import flow_matching_loss, step_loss_scale
 from megassm.models import build_model
 from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
@@ -116,7 +116,7 @@ class Trainer:
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
-                                     text_len=cfg.model.max_text_len)
+                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size))
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -261,8 +261,13 @@ class Trainer:
         if self.engine.bfloat16_enabled():
             x0, text = x0.bfloat16(), text.bfloat16()
         seq_len = math.prod(self.model.patch_embed.grid(x0.shape))
-        return compute_loss(self.engine, x0, text, mask, self.cfg.diffusion, seq_len,
-                            self.sample_indices(micro, x0.shape[0]), self.cfg.train.seed)
+        index = batch.get("sample_index") or self.sample_indices(micro, x0.shape[0])  # data.buckets: the data's
+        loss = compute_loss(self.engine, x0, text, mask, self.cfg.diffusion, seq_len, index, self.cfg.train.seed)
+        if "step_samples" in batch:  # data.buckets: this micro-batch's share of the step's mean
+            slots = self.cfg.train.grad_accum * self.mesh.get_data_parallel_world_size()
+            loss = loss * step_loss_scale(x0.shape[0], x0.shape[0] * seq_len, batch["step_samples"],
+                                          batch["step_tokens"], slots, self.cfg.train.loss_reduction)
+        return loss
 
     def train_step(self, data_iter) -> dict:
         """One optimizer step over ``train.grad_accum`` micro-batches (DeepSpeed's managed accumulation:
@@ -272,11 +277,12 @@ class Trainer:
         """
         t0 = time.perf_counter()
         n = self.cfg.train.grad_accum
-        losses, wait, tokens, samples = [], 0.0, 0, 0
+        losses, wait, tokens, samples, bucket = [], 0.0, 0, 0, 0.0
         for m in range(n):
             tw = time.perf_counter()
             batch = next(data_iter)
             wait += time.perf_counter() - tw
+            bucket = float(batch.get("bucket", -1) + 1)  # data.buckets: every rank must train the same one
             samples += batch["latents"].shape[0]
             tokens += batch["latents"].shape[0] * math.prod(self.model.patch_embed.grid(batch["latents"].shape))
             loss = self._forward_loss(batch, m)
@@ -290,9 +296,11 @@ class Trainer:
         if self.cfg.parallel.zero_stage == 0:
             bad = bad | _grads_nonfinite(self.engine)  # ZeRO-1..3 optimizers check their own partitions
         stop = self._stop.signum is not None if self._stop is not None else False
-        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop))]).to(self.device)
+        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop)), torch.tensor(bucket),
+                             torch.tensor(bucket * bucket)]).to(self.device)
         dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
-        n_bad, loss_sum, n_stop = flags.tolist()
+        n_bad, loss_sum, n_stop, b_sum, b_sq = flags.tolist()
+        check_same_bucket(b_sum, b_sq, dist.get_world_size(), self.step)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update applies
         ok = n_bad == 0
         if ok:
@@ -346,7 +354,7 @@ class Trainer:
                        "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
-                       "step_time_s": out["time"], "data_wait_s": out["data_wait"],
+                       "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
                        "peak_mem_gb": _peak_mem_gb(self.device),
                        "skipped_steps": self.nonfinite_total}
                 self.metrics.step(row, tb=self.step % cfg.log_every == 0 or self.step == cfg.steps)
@@ -392,6 +400,25 @@ class Trainer:
             dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
             self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, dtype, self.rank)
         self.metrics.scalars("eval", self._evaluator(self.engine.module, self.ema), self.step)
+
+
+def _bucket_schedule(cfg: RunConfig, dp_rank: int, dp_size: int):
+    """data.buckets laid out for this data-parallel rank (megassm/data/token_budget.py), or None."""
+    if not cfg.data.buckets:
+        return None
+    from megassm.data.token_budget import BucketSchedule, BucketTable
+
+    return BucketSchedule(BucketTable.from_config(cfg.data, cfg.model.patch_size), cfg.train.seed,
+                          cfg.train.grad_accum, dp_rank, dp_size)
+
+
+def check_same_bucket(b_sum: float, b_sq: float, world: int, step: int) -> None:
+    """data.buckets: the per-step all-reduce summed each rank's bucket number b (1-based; 0 without buckets)
+    and b^2; they are all equal iff world x sum(b^2) = sum(b)^2 (zero variance; exact for small integers)."""
+    if world * b_sq != b_sum * b_sum:
+        raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (mean bucket number "
+                           f"{b_sum / world:.3f}, variance {b_sq / world - (b_sum / world) ** 2:.3f}): their data "
+                           "positions or bucket tables differ")
 
 
 def compute_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed):
