@@ -19,8 +19,10 @@ demo: install
 		--prompt "a green square at the top right" --prompt "a yellow square at the bottom left" \
 		--prompt "a white square at the top left" --prompt "a red square at the bottom right" --out samples/demo.png
 
+# Two workers, a test file each: the suite's processes (imports, gloo ranks waiting on each other) leave
+# a core idle much of the time. Tests never share ports or directories (free_port, tmp_path).
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint:
 	ruff check megassm tests tools benchmarks

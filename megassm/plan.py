@@ -20,6 +20,8 @@ while the EMA weights are swapped in.
 Step time: model FLOPs (accounting.train_flops, x4/3 for recomputed blocks) / (tp x cp x peak x MFU) with an
 assumed MFU, plus TP (all-gather / reduce-scatter) and Ulysses all-to-all volumes at an assumed link
 bandwidth, not overlapped. The recommended layout is the fastest per sample among those that fit.
+Joint-shape configs (data.buckets): one row per bucket at its largest micro-batch (ceil(samples / (grad_accum x
+dp))), the memory of the largest as the configured layout's, and the spread of step times over the buckets.
 """
 
 from __future__ import annotations
@@ -288,6 +290,49 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
     return res
 
 
+def plan_buckets(cfg: RunConfig, gpus: int, gpu_mem_gb: float, mfu: float, peak_tflops: float,
+                 link_gbps: float) -> dict:
+    """data.buckets: each bucket's micro-batch, memory and step time at the configured layout; the largest
+    bucket's memory is the configured layout's, and the step-time spread over the buckets."""
+    from megassm.data.token_budget import BucketTable
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    table = BucketTable.from_config(cfg.data, m.patch_size)
+    dp = gpus // (p.tp * p.cp)
+    preview, _ = preview_load(cfg, max(b.tokens for b in table.buckets))
+    rows = []
+    for b in table.buckets:
+        mb = table.max_micro_batch(b, t.grad_accum, dp)
+        lay = Layout(gpus, p.tp, p.cp, mb, t.activation_checkpointing, t.checkpoint_every_k, p.zero_stage)
+        mem = predict_memory(m, b.tokens, lay, preview=preview)
+        step = predict_step_seconds(m, b.tokens, lay, mfu, peak_tflops, link_gbps)
+        rows.append({"name": b.name, "shape": list(b.shape), "tokens": b.tokens, "weight": float(b.weight),
+                     "samples_per_step": b.samples, "tokens_per_step": b.step_tokens, "micro_batch": mb,
+                     "memory_gb": mem["total"] / GB, "activations_gb": mem["activations"] / GB,
+                     "fits": mem["total"] <= HEADROOM * gpu_mem_gb * GB,
+                     "step_s": t.grad_accum * step["total_s"]})  # the replica with the largest slots
+    times = [r["step_s"] for r in rows]
+    w = [r["weight"] for r in rows]
+    largest = max(rows, key=lambda r: r["memory_gb"])
+    return {"rows": rows, "largest": largest["name"], "grad_accum": t.grad_accum, "dp": dp,
+            "step_s": {"min": min(times), "max": max(times), "max_over_min": max(times) / min(times),
+                       "weighted_mean": sum(a * b for a, b in zip(w, times)) / sum(w)}}
+
+
+def _print_buckets(bk: dict) -> None:
+    print(f"\nbuckets (one per step; micro-batch = ceil(samples / (grad_accum {bk['grad_accum']} x dp {bk['dp']}))):")
+    print(f"  {'bucket':<10} {'latent':<12} {'tokens':>7} {'weight':>6} {'samples':>7} {'micro':>5} "
+          f"{'memory GB':>9} {'step s':>7}")
+    for r in bk["rows"]:
+        mark = " <- largest" if r["name"] == bk["largest"] else ""
+        print(f"  {r['name']:<10} {'x'.join(map(str, r['shape'])):<12} {r['tokens']:>7,} {r['weight']:>6.2f} "
+              f"{r['samples_per_step']:>7} {r['micro_batch']:>5} {r['memory_gb']:>9.2f} {r['step_s']:>7.2f}"
+              f"{'' if r['fits'] else ' DOES NOT FIT'}{mark}")
+    st = bk["step_s"]
+    print(f"  step time over buckets: {st['min']:.2f} .. {st['max']:.2f} s (x{st['max_over_min']:.2f}), "
+          f"weighted mean {st['weighted_mean']:.2f} s")
+
+
 def _print(res: dict) -> None:
     print(f"{res['model']}: {res['params'] / 1e9:.2f}B parameters, {res['seq_len']:,} tokens/sample, "
           f"{res['gpus']} GPU(s), budget {res['budget_gb']:.0f} GB/GPU, assumed MFU {res['assumed_mfu']:.0%}")
@@ -307,6 +352,8 @@ def _print(res: dict) -> None:
         print(f"  step (one micro-batch): {c['step']['total_s'] * 1e3:.0f} ms "
               f"(compute {c['step']['compute_s'] * 1e3:.0f}, TP/CP communication {c['step']['comm_s'] * 1e3:.0f}); "
               f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
+    if res.get("buckets"):
+        _print_buckets(res["buckets"])
     r = res.get("recommended")
     if r:
         print(f"\nrecommended: {r['describe']}  ({r['memory_gb']:.1f} GB/GPU, "
@@ -319,12 +366,20 @@ def _cmd_plan(args) -> int:
     from megassm.config.load import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.micro_batch:
+        cfg.train.micro_batch_size = args.micro_batch
+    if cfg.data.buckets:  # the configured layout at the bucket that needs the most memory
+        bk = plan_buckets(cfg, args.gpus, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps)
+        big = next(r for r in bk["rows"] if r["name"] == bk["largest"])
+        cfg.train.micro_batch_size = big["micro_batch"]
+        res = plan(cfg, args.gpus, big["tokens"], args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps)
+        res["buckets"] = bk
+        print(json.dumps(res, indent=1)) if args.json else _print(res)
+        return 0
     seq_len = args.seq_len or STAGE_SEQ_LEN.get(cfg.stage)
     if seq_len is None:
         raise ConfigError(f"stage {cfg.stage!r} has no known sequence length; pass --seq-len "
                           f"(known: {', '.join(f'{k}={v}' for k, v in STAGE_SEQ_LEN.items())})")
-    if args.micro_batch:
-        cfg.train.micro_batch_size = args.micro_batch
     if args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
     res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps)

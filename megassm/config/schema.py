@@ -65,6 +65,21 @@ class ModelConfig:
 
 
 @dataclass
+class BucketConfig:
+    """One shape of a joint image + video mix (megassm/data/token_budget.py, docs/training.md).
+
+    Each train step draws one bucket (probability proportional to ``weight``, from a generator keyed on
+    (train.seed, step): the same bucket on every rank) and trains ``samples`` samples of its shape."""
+
+    name: str = ""
+    shape: list[int] = field(default_factory=lambda: [1, 32, 32])  # latent [frames, height, width]
+    weight: float = 1.0
+    # samples in the step's global batch (all data-parallel replicas and accumulation micro-batches);
+    # None: as many as fit data.tokens_per_step
+    samples: int | None = None
+
+
+@dataclass
 class DataConfig:
     """Where training samples come from."""
 
@@ -89,6 +104,11 @@ class DataConfig:
     latent_norm: str = "manifest"
     latent_scale: float = 1.0
     latent_shift: float = 0.0
+    # joint image + video training: one bucket per step (empty: every batch is train.micro_batch_size samples
+    # of whatever shape comes next). With buckets, a step's global batch is the drawn bucket's samples, split
+    # over train.grad_accum micro-batches x the data-parallel replicas; train.micro_batch_size is not used.
+    buckets: list[BucketConfig] = field(default_factory=list)
+    tokens_per_step: int | None = None  # global tokens per step, for buckets without an explicit ``samples``
 
 
 @dataclass
@@ -190,6 +210,9 @@ class TrainConfig:
     # data.image_size^2; shards: the most common latent shape in the datasets' manifests)
     preview_latent_shape: list[int] | None = None
     max_consecutive_nonfinite: int = 5
+    # the step's loss: "sample" = mean over its samples of each sample's mean squared error, "token" = mean over
+    # all its tokens (docs/training.md: they differ only where one step mixes token counts)
+    loss_reduction: str = "sample"
     # resume at another layout with another global batch (micro_batch x grad_accum x dp); off: refused
     allow_batch_change: bool = False
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet bf16 peak by GPU name

@@ -37,6 +37,7 @@ def check_run(cfg: RunConfig, world: int | None = None) -> None:
     if world is not None:
         check_world(cfg.parallel, world)
     check_extras(cfg)
+    validate_buckets(cfg)  # again, now with the datasets' manifests
     check_preview_sources(cfg)
     check_eval_sources(cfg)
 
@@ -120,6 +121,8 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.logging.wandb.project:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
+    _choice("train.loss_reduction", cfg.train.loss_reduction, ["sample", "token"])
+    validate_buckets(cfg, manifests=False)
     validate_previews(cfg)
     validate_eval(cfg)
     validate_finetune(cfg)
@@ -181,6 +184,19 @@ def validate_parallel(cfg: RunConfig) -> None:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
 
 
+def validate_buckets(cfg: RunConfig, manifests: bool = True) -> None:
+    """data.buckets / data.tokens_per_step (megassm/data/token_budget.py): every bucket's tokens split over
+    cp x tp; with ``manifests`` (at load, not for a checkpoint's stored config) the local datasets' shape
+    histograms hold the buckets' shapes (or, without buckets, only shapes that split)."""
+    from megassm.data.format import FormatError
+    from megassm.data.token_budget import BucketError, check_config
+
+    try:
+        check_config(cfg, manifests)
+    except (BucketError, FormatError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate_finetune(cfg: RunConfig) -> None:
     lora = cfg.finetune.lora
     if lora is None:
@@ -211,7 +227,7 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         ParallelDims(world=p.tp * p.cp * p.pp, tp=p.tp, cp=p.cp, pp=p.pp).check_model(cfg.model)
     except MeshError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.kind == "procedural" and p.cp * p.tp > 1:
+    if cfg.data.kind == "procedural" and p.cp * p.tp > 1 and not cfg.data.buckets:  # buckets: validate_buckets
         pt, ph, pw = cfg.model.patch_size
         tokens = max(1, cfg.data.frames // pt) * (cfg.data.image_size // ph) * (cfg.data.image_size // pw)
         if tokens % (p.cp * p.tp):

@@ -6,14 +6,18 @@ from megassm.config.schema import DataConfig
 
 
 def build_dataloader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                     text_dim: int, text_len: int):
+                     text_dim: int, text_len: int, schedule=None):
     """An iterable of batches {"latents" (B,C,T,H,W), "text" (B,Lt,Dt), "text_mask" (B,Lt), "captions"}
-    with ``state_dict()`` / ``load_state_dict()`` for the data position."""
+    with ``state_dict()`` / ``load_state_dict()`` for the data position.
+
+    ``schedule`` (a ``megassm.data.token_budget.BucketSchedule``, for data.buckets): batch k is that
+    schedule's micro-batch k and also carries "sample_index", "step_samples", "step_tokens" and "bucket"."""
     if cfg.kind == "procedural":
         from megassm.data.procedural import ProceduralShapes
 
-        return ProceduralShapes(cfg.image_size, batch_size, text_dim, text_len, dp_rank, dp_size, seed, cfg.frames)
+        return ProceduralShapes(cfg.image_size, batch_size, text_dim, text_len, dp_rank, dp_size, seed, cfg.frames,
+                                schedule=schedule)
     from megassm.data.reader import build_shard_loader
 
     return build_shard_loader(cfg, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                              text_len=text_len)
+                              text_len=text_len, schedule=schedule)

@@ -83,11 +83,18 @@ class WordEmbeddingEncoder:
         return text, mask
 
 
+def _clip(colour: str, position: str, jitter: Tensor, size: int, frames: int) -> Tensor:
+    """(3, frames, size, size): the square slides right within its quadrant, one pixel per frame (clamped)."""
+    if frames == 1:
+        return render(colour, position, size, jitter)
+    return torch.cat([render(colour, position, size, jitter + torch.tensor([0, f])) for f in range(frames)], dim=1)
+
+
 class ProceduralShapes:
     """Infinite stream of batches {"latents", "text", "text_mask", "captions"} (see data contract)."""
 
     def __init__(self, image_size: int, batch_size: int, text_dim: int, text_len: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, frames: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, frames: int = 1, schedule=None):
         if image_size < 4 or image_size % 2:
             raise ValueError(f"data.image_size={image_size} must be an even number >= 4")
         if frames < 1:
@@ -95,6 +102,9 @@ class ProceduralShapes:
         self.image_size, self.batch_size, self.frames = image_size, batch_size, frames
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.encoder = WordEmbeddingEncoder(text_dim, text_len)
+        # data.buckets: batch k is micro-batch k of a megassm.data.token_budget.BucketSchedule (its shape and
+        # global sample indices); otherwise batch_size samples of image_size^2 x frames
+        self.schedule = schedule
         self.position = 0  # batches handed out on this rank
 
     def sample_indices(self, index: int) -> list[int]:
@@ -106,7 +116,14 @@ class ProceduralShapes:
     def batch(self, index: int) -> dict:
         """Each sample is a function of (seed, its global index) alone: the same samples arrive in the same
         optimizer step whatever the micro-batch size, accumulation or data-parallel degree."""
-        ids = self.sample_indices(index)
+        extra, frames, size = {}, self.frames, self.image_size
+        if self.schedule is not None:
+            mb = self.schedule.micro_batch(index)
+            ids, (frames, size, _) = mb.sample_index, mb.shape
+            extra = {"sample_index": ids, "step_samples": mb.step_samples, "step_tokens": mb.step_tokens,
+                     "bucket": mb.bucket}
+        else:
+            ids = self.sample_indices(index)
         colours, positions = list(COLOURS), list(POSITIONS)
         caps, imgs = [], []
         for i in ids:
@@ -115,17 +132,10 @@ class ProceduralShapes:
             p = int(torch.randint(len(positions), (1,), generator=gen))
             jit = torch.randint(-1, 2, (2,), generator=gen)
             caps.append(caption(colours[c], positions[p]))
-            imgs.append(self._clip(colours[c], positions[p], jit))
+            imgs.append(_clip(colours[c], positions[p], jit, size, frames))
         text, mask = self.encoder(caps)
         # latents (B, 3, T, S, S)
-        return {"latents": torch.stack(imgs), "text": text, "text_mask": mask, "captions": caps}
-
-    def _clip(self, colour: str, position: str, jitter: Tensor) -> Tensor:
-        if self.frames == 1:
-            return render(colour, position, self.image_size, jitter)
-        # the square slides right within its quadrant, one pixel per frame (clamped at the edge)
-        return torch.cat([render(colour, position, self.image_size, jitter + torch.tensor([0, f]))
-                          for f in range(self.frames)], dim=1)
+        return {"latents": torch.stack(imgs), "text": text, "text_mask": mask, "captions": caps, **extra}
 
     def __iter__(self):
         while True:

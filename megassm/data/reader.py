@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
-from megassm.data.format import load_tensors
+from megassm.data.format import load_tensors, parse_shape_key, shape_key
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
+from megassm.data.token_budget import BucketSchedule, PendingByShape
 
 log = logging.getLogger("megassm.data")
 STATE_VERSION = 1
@@ -49,6 +50,7 @@ class DatasetSpec:
     scale: torch.Tensor  # (C, 1, 1, 1) or scalar tensor
     shift: torch.Tensor
     fingerprint: str
+    shapes: frozenset | None = None  # latent (T, H, W) shapes of the manifest's histogram; None: not recorded
 
 
 def _norm_tensor(v: float | list[float]) -> torch.Tensor:
@@ -81,9 +83,10 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
             warnings.warn(f"datasets {first[0]} and {p} were encoded with different VAEs", stacklevel=2)
         scale, shift = ((m["latent_scale"], m["latent_shift"]) if norm == "manifest"
                         else (cfg.latent_scale, cfg.latent_shift))
+        shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], _norm_tensor(scale), _norm_tensor(shift),
-                                 f"{len(m['shards'])}:{m['num_samples']}"))
+                                 f"{len(m['shards'])}:{m['num_samples']}", shapes))
     return specs
 
 
@@ -201,8 +204,8 @@ class LatentBatchStream(IterableDataset):
                  seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
                  shuffle_buffer: int, epochs: int | None, drop_last: bool, with_keys: bool,
                  restore: dict | None, rotation: int, generation: int, start_epoch: int,
-                 text_dtype: torch.dtype = torch.float32):
-        self.specs, self.weights = specs, weights
+                 text_dtype: torch.dtype = torch.float32, schedule: BucketSchedule | None = None):
+        self.specs, self.weights, self.schedule = specs, weights, schedule
         self.kw = dict(seed=seed, dp_rank=dp_rank, dp_size=dp_size, resampled=resampled,
                        shuffle_buffer=shuffle_buffer, epochs=epochs, generation=generation,
                        start_epoch=start_epoch)
@@ -219,24 +222,27 @@ class LatentBatchStream(IterableDataset):
         streams = [SampleStream(i, s.shards, s.counts, worker=logical, num_workers=self.num_workers, **self.kw)
                    for i, s in enumerate(self.specs)]
         mix_rng = np.random.default_rng([self.seed, self.dp_rank, logical, self.generation, 3])
-        bucketer = ShapeBucketer(self.batch_size)
-        batches = 0
+        bucketer = ShapeBucketer(self.batch_size) if self.schedule is None else PendingByShape(self.schedule.caps())
+        count = [0]  # batches this logical worker has yielded
         saved = self.restore.get(str(logical))
         if saved is not None:
             for st, ss in zip(streams, saved["streams"]):
                 st.restore(ss)
-            mix_rng, batches = rng_from(saved["mix_rng"]), saved["batches"]
+            mix_rng, count[0] = rng_from(saved["mix_rng"]), saved["batches"]
             bucketer.restore([(tuple(shape), [(d, streams[d].files.read(sh, off)) for d, sh, off in items])
                               for shape, items in saved["pending"]])
         live = [not s.finished for s in streams]
         w = np.asarray(self.weights, dtype=np.float64)
 
         def position() -> dict:
-            return {"logical": logical, "batches": batches, "mix_rng": rng_state(mix_rng),
+            return {"logical": logical, "batches": count[0], "mix_rng": rng_state(mix_rng),
                     "streams": [s.state() for s in streams],
                     "pending": [[list(shape), [[d, s.shard, s.offset] for d, s in items]]
                                 for shape, items in bucketer.pending()]}
 
+        if self.schedule is not None:
+            yield from self._bucketed(streams, mix_rng, bucketer, live, logical, count, position)
+            return
         while any(live):
             p = w * np.asarray(live)
             d = int(mix_rng.choice(len(streams), p=p / p.sum())) if len(streams) > 1 else 0
@@ -246,12 +252,38 @@ class LatentBatchStream(IterableDataset):
                 continue
             full = bucketer.add((d, s), s.shape)
             if full is not None:
-                batches += 1
+                count[0] += 1
                 yield pack(full, self.specs, self.text_len, self.with_keys), position()
         if not self.drop_last:
             for items in list(bucketer.flush()):
-                batches += 1
+                count[0] += 1
                 yield pack(items, self.specs, self.text_len, self.with_keys), position()
+
+    def _bucketed(self, streams, mix_rng, pending: PendingByShape, live, logical: int, count: list, position):
+        """data.buckets: this worker's j-th batch is the schedule's micro-batch j x workers + logical (the
+        loader takes workers round-robin); it reads from the datasets holding that bucket's shape until
+        enough samples of it are pending, keeping other buckets' samples for later (up to the caps)."""
+        table = self.schedule.table
+        has = np.asarray([[s.shapes is None or b.shape in s.shapes for b in table.buckets] for s in self.specs],
+                         dtype=np.float64)  # (datasets, buckets)
+        w = np.asarray(self.weights, dtype=np.float64)
+        while True:
+            mb = self.schedule.micro_batch(count[0] * self.num_workers + logical)
+            n = len(mb.sample_index)
+            while pending.count(mb.shape) < n:
+                p = w * np.asarray(live) * has[:, mb.bucket]
+                if p.sum() <= 0:
+                    return  # finite streams (epochs=) ran out of this bucket's shape
+                d = int(mix_rng.choice(len(streams), p=p / p.sum())) if len(streams) > 1 else 0
+                s = streams[d].next()
+                if s is None:
+                    live[d] = False
+                    continue
+                why = pending.add((d, s), s.shape[1:])
+                if why is not None:
+                    streams[d]._count(why, f"{s.key}: latent {shape_key(s.shape)}")
+            count[0] += 1
+            yield pack(pending.take(mb.shape, n), self.specs, self.text_len, self.with_keys), position()
 
 
 class ShardLoader:
@@ -262,7 +294,8 @@ class ShardLoader:
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 text_len: int, epochs: int | None = None, drop_last: bool = True, return_keys: bool = False):
+                 text_len: int, epochs: int | None = None, drop_last: bool = True, return_keys: bool = False,
+                 schedule: BucketSchedule | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or text_len < 1:
@@ -287,6 +320,12 @@ class ShardLoader:
                     raise ValueError(f"dataset {s.path} has {len(s.shards)} shards, fewer than dp_size x workers = "
                                      f"{dp_size} x {nw}; without resampling each worker needs a shard. Use "
                                      "data.resampled=true, fewer data.num_workers, or more shards")
+        self.schedule = schedule
+        if schedule is not None:
+            for b in schedule.table.buckets:
+                if b.weight > 0 and not any(s.shapes is None or b.shape in s.shapes for s in self.specs):
+                    raise ValueError(f"{b.describe()} appears in no dataset's shape histogram ("
+                                     f"{', '.join(s.path for s in self.specs)}); the reader would wait for it forever")
         self._workers: dict[str, dict] = {}
         self._next, self._generation, self._start_epoch = 0, 0, 0
 
@@ -294,7 +333,9 @@ class ShardLoader:
         return {"dp_size": self.dp_size, "dp_rank": self.dp_rank, "num_workers": max(1, self.num_workers),
                 "seed": self.seed, "batch_size": self.batch_size, "resampled": bool(self.cfg.resampled),
                 "shuffle_buffer": int(self.cfg.shuffle_buffer), "weights": self.weights,
-                "datasets": [[s.path, s.fingerprint] for s in self.specs]}
+                "datasets": [[s.path, s.fingerprint] for s in self.specs],
+                **({} if self.schedule is None else {"grad_accum": self.schedule.grad_accum, "buckets": [
+                    [b.name, list(b.shape), b.weight, b.samples] for b in self.schedule.table.buckets]})}
 
     def __iter__(self):
         ds = LatentBatchStream(
@@ -303,7 +344,7 @@ class ShardLoader:
             resampled=bool(self.cfg.resampled), shuffle_buffer=int(self.cfg.shuffle_buffer), epochs=self.epochs,
             drop_last=self.drop_last, with_keys=self.return_keys, restore=copy.deepcopy(self._workers),
             rotation=self._next, generation=self._generation, start_epoch=self._start_epoch,
-            text_dtype=self.text_dtype)
+            text_dtype=self.text_dtype, schedule=self.schedule)
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
@@ -311,6 +352,11 @@ class ShardLoader:
         for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
             self._workers[str(pos["logical"])] = pos
             self._next = (pos["logical"] + 1) % max(1, self.num_workers)
+            if self.schedule is not None:  # the micro-batch this batch is (the worker computed the same)
+                mb = self.schedule.micro_batch((pos["batches"] - 1) * max(1, self.num_workers) + pos["logical"])
+                assert tuple(batch["latents"].shape[2:]) == mb.shape, (batch["latents"].shape, mb)
+                batch.update(sample_index=mb.sample_index, step_samples=mb.step_samples, step_tokens=mb.step_tokens,
+                             bucket=mb.bucket)
             yield batch
 
     def stats(self) -> dict[str, Any]:
@@ -348,6 +394,7 @@ class ShardLoader:
 
 def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                        text_len: int, **kwargs: Any) -> ShardLoader:
+    # kwargs may hold schedule= (data.buckets: megassm.data.token_budget.BucketSchedule)
     """Training batches from latent shards, split by *data-parallel* rank.
 
     Yields {"latents": float32 (B, C, T, H, W) normalised as (x - shift) * scale,

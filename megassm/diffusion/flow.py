@@ -103,6 +103,25 @@ def velocity_loss(v: Tensor, target: Tensor) -> Tensor:
     return torch.mean((v.float() - target.float()) ** 2)
 
 
+def step_loss_scale(batch_samples: int, batch_tokens: int, step_samples: int, step_tokens: int, slots: int,
+                    reduction: str) -> float:
+    """The factor that turns a micro-batch's mean loss into its share of the step's loss.
+
+    DeepSpeed's gradient is the mean over the step's ``slots`` = grad_accum x dp micro-batches (each backward
+    scaled by 1 / grad_accum, the data-parallel all-reduce averaging), which is the step's mean only when
+    every micro-batch holds as many samples (tokens) as the others. Scaled by this factor, micro-batch b
+    contributes slots x (its share of the step) x its mean, so the step trains the mean over its
+    ``step_samples`` samples (reduction "sample") or its ``step_tokens`` tokens ("token"), however the
+    global batch is split. A micro-batch is one latent shape, so its mean over samples is also its mean
+    over tokens. ``step_samples`` / ``step_tokens`` count the whole step, every replica's micro-batches.
+    """
+    if reduction == "sample":
+        return slots * batch_samples / step_samples
+    if reduction == "token":
+        return slots * batch_tokens / step_tokens
+    raise ValueError(f"loss reduction {reduction!r}; valid: sample, token")
+
+
 def flow_matching_loss(model: Callable, x0: Tensor, text: Tensor, text_mask: Tensor, cfg: DiffusionConfig,
                        seq_len: int, sample_index: Sequence[int], seed: int) -> Tensor:
     """Mean squared error between predicted and true velocity; draws as in ``prepare_batch``."""

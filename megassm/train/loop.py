@@ -30,7 +30,12 @@ from megassm.train.backends import TrainBackend, build_backend
 from megassm.train.ema import ShardedEMA
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.profiling import StepProfiler
-from megassm.train.steps import StepStrategy, apply_activation_checkpointing, make_step
+from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported)
+    StepStrategy,
+    apply_activation_checkpointing,
+    check_same_bucket,
+    make_step,
+)
 from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
@@ -124,7 +129,8 @@ class Trainer:
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
-                                     text_len=cfg.model.max_text_len) if self.strategy.reads_data else _NoData()
+                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size)
+                                     ) if self.strategy.reads_data else _NoData()
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -230,7 +236,7 @@ class Trainer:
         """One optimizer step (the strategy's ``run``), then the EMA; adds the step's wall time."""
         t0 = time.perf_counter()
         stop = self._stop is not None and self._stop.signum is not None
-        out = self.strategy.run(data_iter, self.sample_indices, stop)
+        out = self.strategy.run(data_iter, self.sample_indices, stop, self.step)
         if out["ok"] and self.ema is not None:
             self.ema.update()
         out["time"] = time.perf_counter() - t0
@@ -275,7 +281,7 @@ class Trainer:
                        "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
-                       "step_time_s": out["time"], "data_wait_s": out["data_wait"],
+                       "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
                        "peak_mem_gb": _peak_mem_gb(self.device),
                        "skipped_steps": self.nonfinite_total}
                 self.metrics.step(row, tb=self.step % cfg.log_every == 0 or self.step == cfg.steps)
@@ -328,6 +334,16 @@ class Trainer:
 
     def _dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.backend.bf16 else torch.float32
+
+
+def _bucket_schedule(cfg: RunConfig, dp_rank: int, dp_size: int):
+    """data.buckets laid out for this data-parallel rank (megassm/data/token_budget.py), or None."""
+    if not cfg.data.buckets:
+        return None
+    from megassm.data.token_budget import BucketSchedule, BucketTable
+
+    return BucketSchedule(BucketTable.from_config(cfg.data, cfg.model.patch_size), cfg.train.seed,
+                          cfg.train.grad_accum, dp_rank, dp_size)
 
 
 def _peak_mem_gb(device: torch.device) -> float:

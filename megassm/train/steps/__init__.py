@@ -47,9 +47,10 @@ class StepStrategy(Protocol):
 
     def build_ema(self, decay: float) -> ShardedEMA: ...
 
-    def run(self, data_iter: Iterator, sample_indices: SampleIndices, stop: bool) -> dict:
-        """One optimizer step. Returns loss (the global-batch mean, NaN when skipped), ok (updated), lr,
-        grad_norm, tokens / samples (of this data-parallel replica), seq_len, data_wait, stop (any rank)."""
+    def run(self, data_iter: Iterator, sample_indices: SampleIndices, stop: bool, step: int) -> dict:
+        """Optimizer step ``step + 1`` (``step`` steps done before it). Returns loss (the global-batch mean,
+        NaN when skipped), ok (updated), lr, grad_norm, tokens / samples (of this data-parallel replica),
+        seq_len, data_wait, stop (any rank)."""
 
 
 def apply_activation_checkpointing(model: nn.Module, train: TrainConfig) -> None:
@@ -74,6 +75,15 @@ def flow_batch(batch: dict, patch_embed: nn.Module, device: torch.device, bf16: 
         x0, text = x0.bfloat16(), text.bfloat16()
     seq_len = math.prod(patch_embed.grid(x0.shape))
     return prepare_batch(x0, text, batch["text_mask"].to(device), diffusion, seq_len, sample_index, seed), seq_len
+
+
+def check_same_bucket(b_sum: float, b_sq: float, world: int, step: int) -> None:
+    """data.buckets: the per-step all-reduce summed each rank's bucket number b (1-based; 0 without buckets)
+    and b^2; they are all equal iff world x sum(b^2) = sum(b)^2 (zero variance; exact for small integers)."""
+    if world * b_sq != b_sum * b_sum:
+        raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (mean bucket number "
+                           f"{b_sum / world:.3f}, variance {b_sq / world - (b_sum / world) ** 2:.3f}): their data "
+                           "positions or bucket tables differ")
 
 
 def make_step(cfg: RunConfig, mesh, backend, device: torch.device, log: Callable[[str], None]) -> StepStrategy:

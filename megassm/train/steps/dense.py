@@ -8,10 +8,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megassm.config.schema import RunConfig
-from megassm.diffusion.flow import FlowBatch, velocity_loss
+from megassm.diffusion.flow import FlowBatch, step_loss_scale, velocity_loss
 from megassm.parallel.apply import parallelize_hth
 from megassm.train.ema import ShardedEMA
-from megassm.train.steps import SampleIndices, flow_batch, next_batch
+from megassm.train.steps import SampleIndices, check_same_bucket, flow_batch, next_batch
 
 
 def compute_loss(model, b: FlowBatch) -> Tensor:
@@ -42,21 +42,28 @@ class DenseStep:
         b = self.backend
         return ShardedEMA(b.module, decay, group=b.reduction_group(), shards=b.shards())
 
-    def run(self, data_iter, sample_indices: SampleIndices, stop: bool) -> dict:
+    def run(self, data_iter, sample_indices: SampleIndices, stop: bool, step: int) -> dict:
         """``backward`` + ``accumulate`` per micro-batch, then one collective decides, on every rank alike,
         whether the update is skipped (a non-finite loss or, where the backend's step does not check,
         gradient anywhere), gives the global-batch loss, and carries a stop signal."""
         b, n = self.backend, self.micro_batches
         module = b.module
-        losses, wait, tokens, samples = [], 0.0, 0, 0
+        losses, wait, tokens, samples, bucket = [], 0.0, 0, 0, 0.0
         for m in range(n):
             batch, waited = next_batch(data_iter)
             wait += waited
-            fb, seq_len = flow_batch(batch, module.patch_embed, self.device, b.bf16, self.cfg.diffusion,
-                                     sample_indices(m, batch["latents"].shape[0]), self.cfg.train.seed)
-            samples += fb.xt.shape[0]
-            tokens += fb.xt.shape[0] * seq_len
+            bucket = float(batch.get("bucket", -1) + 1)  # data.buckets: every rank must train the same one
+            B = batch["latents"].shape[0]
+            index = batch.get("sample_index") or sample_indices(m, B)  # data.buckets: the data's
+            fb, seq_len = flow_batch(batch, module.patch_embed, self.device, b.bf16, self.cfg.diffusion, index,
+                                     self.cfg.train.seed)
+            samples += B
+            tokens += B * seq_len
             loss = compute_loss(b, fb)
+            if "step_samples" in batch:  # data.buckets: this micro-batch's share of the step's mean
+                slots = self.cfg.train.grad_accum * self.mesh.get_data_parallel_world_size()
+                loss = loss * step_loss_scale(B, B * seq_len, batch["step_samples"], batch["step_tokens"], slots,
+                                              self.cfg.train.loss_reduction)
             losses.append(loss.detach().float())
             # a non-finite loss still goes through backward: the window is completed, then discarded
             b.backward(loss)
@@ -64,9 +71,11 @@ class DenseStep:
                 b.accumulate()
         local = torch.stack(losses)
         bad = (~torch.isfinite(local)).any() | b.nonfinite_grads()
-        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop))]).to(self.device)
+        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop)), torch.tensor(bucket),
+                             torch.tensor(bucket * bucket)]).to(self.device)
         dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
-        n_bad, loss_sum, n_stop = flags.tolist()
+        n_bad, loss_sum, n_stop, b_sum, b_sq = flags.tolist()
+        check_same_bucket(b_sum, b_sq, dist.get_world_size(), step)
         lr = b.lr()  # the rate this step's update applies
         ok = n_bad == 0
         if ok:

@@ -133,7 +133,7 @@ class PipelineStep:
             batches.append(fb)
         return batches, wait
 
-    def run(self, data_iter, sample_indices: SampleIndices, stop: bool) -> dict:
+    def run(self, data_iter, sample_indices: SampleIndices, stop: bool, step: int) -> dict:
         b = self.backend
         batches, wait = self._micro_batches(data_iter, sample_indices) if self.reads_data else (None, 0.0)
         dtype = torch.bfloat16 if b.bf16 else torch.float32
