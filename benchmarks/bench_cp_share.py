@@ -11,8 +11,10 @@ then normalises and projects its L/cp tokens again. Timed here, without the all-
                and whose out_proj writes d_model = 3072, on the full L: the same projection, conv, scan and
                norm work as one rank (its in_proj also computes B/C for all L tokens, 4*64 of its output
                columns, where a rank computes them for L/cp tokens and all-gathers them).
-               impl = megassm_reference_path (the path ParallelHydra runs today), goombalab (the public
-               Hydra, same weights, same surgery), megassm_fused (the single-GPU fused path, same heads).
+               impl = megassm_reference_path (the PyTorch parts), goombalab (the public Hydra, same
+               weights, same surgery), megassm_fused (the single-GPU fused path, same heads, uncut),
+               megassm_cut (what ParallelHydra runs per CP rank on CUDA: the fused parts of
+               megassm.ops.hydra_mix cut at the norm's cross-rank sum, here summing cp equal shares).
   hydra_full   the whole-width fused Hydra (96 heads) on the full L, for scale (per-rank work ~ 1/cp of it).
   ffn, cross_attention  on L/cp tokens (cross-attention to 300 text tokens, half padded).
   attention_core_share  SDPA (megassm's 'auto' order: cuDNN first) on num_heads/cp heads over the full L,
@@ -40,7 +42,8 @@ from common import card_tag, device_info, out_dir, peak_mem_gb, time_ms  # noqa:
 from megassm.models import accounting as acc  # noqa: E402
 from megassm.models.attention import CrossAttention, self_attention  # noqa: E402
 from megassm.models.block import FeedForward  # noqa: E402
-from megassm.models.hydra import Hydra  # noqa: E402
+from megassm.models.hydra import Hydra, decay_rates  # noqa: E402
+from megassm.ops.hydra_mix import combine, gated_norm, local_mix  # noqa: E402
 
 DT = torch.bfloat16
 PEAK = 989.0
@@ -135,6 +138,10 @@ def layout(r: Runner, m, cp: int, L: int, with_fused: bool) -> None:
         rows["goombalab"] = r.run("hydra_share", fwd_bwd_fn(mods["goombalab"], lambda: (x,), g), share,
                                   impl="goombalab", **common, rel_err_fwd_vs_reference_path=errs["goombalab"])
     if with_fused:
+        with torch.no_grad():
+            errs["megassm_cut"] = rel_err(_cut(hyd, cp)(x), _path(hyd, False)(x))
+        rows["megassm_cut"] = r.run("hydra_share", fwd_bwd_fn(_cut(hyd, cp), lambda: (x,), g), share,
+                                    impl="megassm_cut", **common, rel_err_fwd_vs_reference_path=errs["megassm_cut"])
         rows["megassm_fused"] = r.run("hydra_share", fwd_bwd_fn(_path(hyd, True), lambda: (x,), g), share,
                                       impl="megassm_fused", **common,
                                       rel_err_fwd_vs_reference_path=errs["megassm_fused"])
@@ -194,6 +201,30 @@ def _path(hyd: Hydra, fused: bool):
             return self.m(u)
 
     return P()
+
+
+def _cut(hyd: Hydra, cp: int):
+    """One CP rank's cut fused path: in_proj -> fused local_mix -> fused combine -> fused gated norm whose
+    sum of squares is "all-reduced" over cp ranks holding equal shares (s * cp: the same arithmetic as the
+    two-launch norm under CP, without the collective) -> out_proj."""
+
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = hyd
+
+        def forward(self, u):
+            m = self.m
+            z, xbc, dt = torch.split(m.in_proj(u), [m.d_inner, m.d_inner + 2 * m.d_bc, 2 * m.nheads], dim=-1)
+            mix = local_mix(xbc, dt, m.conv1d.weight, m.conv1d.bias, m.dt_bias, decay_rates(m.A_log),
+                            m.fc_D.weight, headdim=m.headdim, d_state=m.d_state, chunk_size=m.chunk_size,
+                            fused=True, scan_impl="triton")
+            y = combine(mix.scan, mix.x, mix.diag_partial + m.D.to(mix.x.dtype), fused=True)
+            y = gated_norm(y, z, m.norm.weight, m.norm.eps, width=m.d_inner * cp, sum_over_ranks=lambda s: s * cp,
+                           fused=True)
+            return m.out_proj(y)
+
+    return Cut()
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@
 #   grad   benchmarks/hydra_bf16_check.py         (item 1)
 #   share  benchmarks/bench_cp_share.py           (item 2)
 #   step   benchmarks/bench_step.py --seq-lens $STEP_LENS   (items 3 and 4)
+#   tests  pytest $TESTS_ARGS (default tests/gpu): the CUDA-only agreement tests
 #
 #   OUT=... DEADLINE=525 SECTIONS="cold warm grad share step" bash benchmarks/h200_session.sh
 # FRESH=1 (default) empties $CACHE_ROOT first; FRESH=0 keeps it (a follow-up call on a warm machine).
@@ -61,6 +62,7 @@ print(f'8192^3 bf16 GEMM {gemm_tflops():.0f} TFLOP/s')"
             share) section share 110 python3 benchmarks/bench_cp_share.py --out "$OUT" ;;
             step)  section step 600 python3 benchmarks/bench_step.py --seq-lens "${STEP_LENS:-29040,16384}" \
                        --steps "${STEP_STEPS:-4}" --out "$OUT" ;;
+            tests) section tests 330 python3 -m pytest -q -p no:cacheprovider --durations=10 ${TESTS_ARGS:-tests/gpu} ;;
             *) echo "unknown section $s" ;;
         esac
     done
