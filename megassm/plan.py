@@ -35,6 +35,7 @@ from pathlib import Path
 
 from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
 from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
+from megassm.parallel.mesh import MeshError, ParallelDims
 
 # tokens per sample of each stage (docs/architecture.md §7); other configs pass --seq-len
 STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "stage3_video": 29040}
@@ -157,7 +158,8 @@ def _block_params(m: ModelConfig, symbol: str) -> int:
     one = copy.deepcopy(m)
     one.pattern = symbol
     p = param_counts(one)
-    return p["hydra_mixers"] + p["attention_mixers"] + p["cross_attention"] + p["ffn"] + p["modulation_tables"]
+    mixers = sum(v for k, v in p.items() if k.endswith("_mixers"))
+    return mixers + p["cross_attention"] + p["ffn"] + p["modulation_tables"]
 
 
 def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "deepspeed",
@@ -235,14 +237,15 @@ def predict_step_seconds(m: ModelConfig, seq_len: int, layout: Layout, mfu: floa
 
 
 def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, every_k: int) -> list[Layout]:
-    hydra_heads = m.expand * m.d_model // m.headdim
     out = []
     for tp in (1, 2, 4, 8):
         for cp in range(1, gpus + 1):
             if gpus % (tp * cp) or seq_len % cp:
                 continue
-            if (m.num_heads % (tp * cp)) or (hydra_heads % (tp * cp)):
-                continue  # Ulysses / TP split heads: both mixers' heads must divide
+            try:  # TP / Ulysses split heads (every mixer kind's, and cross-attention's), groups, widths
+                ParallelDims(world=tp * cp, tp=tp, cp=cp).check_model(m)
+            except MeshError:
+                continue
             for ck in ("none", "every_k", "all"):
                 out.append(Layout(gpus, tp, cp, micro_batch, ck, every_k))
     return out

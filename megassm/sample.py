@@ -16,8 +16,9 @@ import torch
 
 from megassm.checkpoint.load import CheckpointError, load_weights
 from megassm.config.load import ConfigError, from_dict
-from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
+from megassm.config.schema import RunConfig
 from megassm.diffusion.flow import euler_sample, resolution_shift
+from megassm.encoders import LatentDecoder, TextEncoder  # the encoders package's; previews and tests import them here
 from megassm.models import HTHModel, build_model
 from megassm.runtime import compute_dtype, default_device
 
@@ -30,78 +31,6 @@ class SampleSpec:
     width: int | None = None
     frames: int = 1
     negative_prompt: str | None = None
-
-
-class TextEncoder:
-    """builtin:words, or a local transformers encoder directory (T5-style) via megassm.data.encoders."""
-
-    def __init__(self, enc: EncoderConfig, model_cfg: ModelConfig, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
-        self.max_len, self.device = model_cfg.max_text_len, device
-        self.builtin = None
-        if enc.text_encoder == "builtin:words":
-            from megassm.data.procedural import WordEmbeddingEncoder
-
-            self.builtin = WordEmbeddingEncoder(model_cfg.text_dim, model_cfg.max_text_len)
-            return
-        if not Path(enc.text_encoder).is_dir():
-            raise ConfigError(f"encoders.text_encoder={enc.text_encoder!r} is not a local directory (nothing is "
-                              "downloaded); give the path of a saved transformers encoder or 'builtin:words'")
-        from megassm.data.encoders import TextEncoder as HFTextEncoder
-
-        self.hf = HFTextEncoder(enc.text_encoder, device, dtype, max_length=self.max_len,
-                                tokenizer_path=enc.tokenizer)
-        if self.hf.hidden_size != model_cfg.text_dim:
-            raise ConfigError(f"text encoder {enc.text_encoder} has width {self.hf.hidden_size}, the checkpoint's "
-                              f"model expects text_dim={model_cfg.text_dim}")
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> text (B, max_text_len, text_dim) float32 (computed in the encoder's dtype), mask (B, max_text_len)."""
-        if self.builtin is not None:
-            text, mask = self.builtin(prompts)
-        else:
-            text, mask, _ = self.hf.encode(prompts)
-            pad = self.max_len - text.shape[1]
-            text, mask = torch.nn.functional.pad(text.float(), (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
-        return text.to(self.device), mask.to(self.device)
-
-
-class LatentDecoder:
-    """builtin:pixels (latents are pixels in [-1, 1]) or a local diffusers VAE directory.
-
-    Model latents are normalised as in preprocessing: z = (vae_latent - shift) * scale, with scale/shift
-    from encoders.vae_scale / vae_shift or else the VAE's own config (per channel for Wan-style VAEs).
-    """
-
-    def __init__(self, enc: EncoderConfig, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.vae = None
-        self.factor, self.temporal_factor = 1, 1
-        if enc.vae == "builtin:pixels":
-            return
-        if not Path(enc.vae).is_dir():
-            raise ConfigError(f"encoders.vae={enc.vae!r} is not a local directory; give a saved diffusers VAE "
-                              "or 'builtin:pixels'")
-        from megassm.data.encoders import VAEEncoder
-
-        self.vae = VAEEncoder(enc.vae, device, dtype, latent_scale=enc.vae_scale, latent_shift=enc.vae_shift,
-                              tiling=True)  # tiling keeps 2K / long-video decoding within memory
-        self.factor, self.temporal_factor = self.vae.spatial_stride, self.vae.temporal_stride
-
-    def _per_channel(self, v, z: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1, 1).to(z.device) if isinstance(v, list) \
-            else torch.tensor(float(v))
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, h, w) model latents -> (B, T', 3, H, W) pixels in [0, 1] on the CPU."""
-        z = latents.float()
-        if self.vae is None:
-            pix = z
-        else:
-            z = z / self._per_channel(self.vae.latent_scale, z) + self._per_channel(self.vae.latent_shift, z)
-            pix = self.vae.decode(z)  # (B, 3, T', H, W) in [-1, 1]
-        return ((pix.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).cpu()
 
 
 def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):

@@ -19,7 +19,7 @@ from megassm.checkpoint.model_specs import FreshInit, check_specs, expected_spec
 from megassm.checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, check_output
 from megassm.checkpoint.sources import Checkpoint, open_checkpoint
 from megassm.checkpoint.writers import write_consolidated, write_sharded
-from megassm.config.schema import PATTERN_SYMBOLS
+from megassm.models.mixers import is_mixer_symbol, mixer_for_symbol, pattern_symbols
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,7 +117,12 @@ class StagePlan:
 
 
 def _describe(sym: str) -> str:
-    return f"'{sym}' ({PATTERN_SYMBOLS.get(sym, '?')})"
+    return f"'{sym}' ({pattern_symbols().get(sym, '?')})"
+
+
+def _same_kind(a: str, b: str) -> bool:
+    """Two pattern symbols of one mixer kind share weights (a change of scan order)."""
+    return is_mixer_symbol(a) and is_mixer_symbol(b) and mixer_for_symbol(a).name == mixer_for_symbol(b).name
 
 
 def plan_stage(src_cfg, dst_cfg, src_specs: dict[str, TensorSpec]) -> StagePlan:
@@ -141,7 +146,7 @@ def plan_stage(src_cfg, dst_cfg, src_specs: dict[str, TensorSpec]) -> StagePlan:
             report.append(f"  block {i}: new {_describe(b)} block, initialised fresh")
         elif b is None:
             report.append(f"  block {i}: {_describe(a)} removed, its weights dropped")
-        elif (a == "A") == (b == "A"):
+        elif _same_kind(a, b):
             report.append(f"  block {i}: scan order {_describe(a)} -> {_describe(b)}, same weights")
         else:
             report.append(f"  block {i}: mixer {_describe(a)} -> {_describe(b)}: new mixer weights, initialised fresh")

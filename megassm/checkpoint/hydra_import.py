@@ -29,6 +29,8 @@ from megassm.checkpoint.model_specs import FreshInit, check_specs, expected_spec
 from megassm.checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, SafetensorsFile, check_output
 from megassm.checkpoint.sources import open_checkpoint
 from megassm.checkpoint.writers import write_consolidated
+from megassm.models.mixers import mixer_for_symbol
+from megassm.models.mixers.hydra import HYDRA
 
 HYDRA_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "fc_D.weight",
                 "norm.weight", "out_proj.weight")
@@ -105,7 +107,7 @@ def parse_mapping(items: list[str], layers: list[RefLayer], hydra_blocks: list[i
                 found = [lay.prefix for lay in layers]
                 raise CheckpointError(f"--map {part!r}: reference layer {ref!r} matches {len(match)} layers; "
                                       f"reference layers are {found[:8]}{' ...' if len(found) > 8 else ''}")
-            if not 0 <= b < len(pattern) or pattern[b] == "A":
+            if b not in hydra_blocks:
                 raise CheckpointError(f"--map {part!r}: block {b} is not a Hydra block of pattern {pattern!r} "
                                       f"(Hydra blocks: {hydra_blocks})")
             if b in mapping.values():
@@ -144,7 +146,7 @@ def import_hydra(reference: str | Path, config: dict, out: str | Path, *, mappin
     if not layers:
         raise CheckpointError(f"{reference}: no Hydra layers found (looked for <prefix>in_proj.weight with "
                               f"<prefix>A_log beside it); names start {list(ref)[:5]}")
-    hydra_blocks = [i for i, s in enumerate(cfg.pattern) if s != "A"]
+    hydra_blocks = [i for i, s in enumerate(cfg.pattern) if mixer_for_symbol(s) is HYDRA]
     plan = parse_mapping(mapping or [], layers, hydra_blocks, cfg.pattern)
     specs = expected_specs(cfg)
     taken: dict[str, torch.Tensor] = {}

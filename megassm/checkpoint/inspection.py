@@ -17,6 +17,7 @@ import torch
 from megassm.checkpoint.errors import CheckpointError
 from megassm.checkpoint.model_specs import compare_specs, expected_specs
 from megassm.checkpoint.sources import Checkpoint, WeightSet, open_checkpoint
+from megassm.models.mixers import is_mixer_symbol, mixer_for_symbol
 
 
 def component(name: str, pattern: str | None) -> str:
@@ -26,7 +27,7 @@ def component(name: str, pattern: str | None) -> str:
     if m.group(2) != "mixer":
         return {"cross_attn": "cross-attention", "mlp": "FFN"}[m.group(2)]
     sym = pattern[int(m.group(1))] if pattern and int(m.group(1)) < len(pattern) else "?"
-    return "self-attention mixers" if sym == "A" else "Hydra mixers"
+    return mixer_for_symbol(sym).label if is_mixer_symbol(sym) else "mixers (unknown kind)"
 
 
 def _scan(ws: WeightSet, label: str) -> list[str]:

@@ -10,13 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Token-mixer symbols of a layer pattern: one character per block.
-PATTERN_SYMBOLS = {
-    "h": "Hydra, row-major raster scan (t, h, w)",
-    "v": "Hydra, column-major raster scan (t, w, h)",
-    "t": "Hydra, temporal-major scan (h, w, t)",
-    "A": "self-attention (axial RoPE)",
-}
 # SDPA kernel choices for self-attention (megassm/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
 # Hydra's path -> the layers' ``fused`` argument: auto = the fused Triton kernels (megassm/ops/hydra_fused.py)
@@ -33,7 +26,7 @@ class ModelConfig:
     in_channels: int = 4  # latent channels C
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     d_model: int = 128
-    pattern: str = "hvAh"  # one symbol per block, see PATTERN_SYMBOLS
+    pattern: str = "hvAh"  # one mixer symbol per block (megassm/models/mixers/: h, v, t Hydra; A attention)
     # Hydra (defaults are the public reference's)
     d_state: int = 64
     d_conv: int = 7

@@ -20,7 +20,6 @@ from megassm.config.schema import (
     ATTENTION_BACKENDS,
     HYDRA_PATHS,
     LORA_TARGETS,
-    PATTERN_SYMBOLS,
     WANDB_MODES,
     DataConfig,
     ParallelConfig,
@@ -73,27 +72,16 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def validate_model(m) -> None:
-    bad = sorted({c for c in m.pattern if c not in PATTERN_SYMBOLS})
-    if not m.pattern or bad:
-        allowed = ", ".join(f"'{k}' ({v})" for k, v in PATTERN_SYMBOLS.items())
-        raise ConfigError(f"model.pattern={m.pattern!r} has unknown symbols {bad}; allowed: {allowed}")
+    from megassm.models.mixers import pattern_errors, spec_errors  # the registry of mixer kinds
+
+    for msg in pattern_errors(m.pattern):
+        raise ConfigError(msg)
     if len(m.patch_size) != 3 or any(p < 1 for p in m.patch_size):
         raise ConfigError(f"model.patch_size={list(m.patch_size)} must be three positive ints (pt, ph, pw)")
     if m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    head_dim = m.d_model // m.num_heads
-    if any(c == "A" for c in m.pattern) and head_dim % 2:
-        raise ConfigError(f"attention head dim d_model/num_heads={head_dim} must be even for RoPE")
-    d_inner = m.expand * m.d_model
-    if d_inner % m.headdim:
-        raise ConfigError(
-            f"Hydra inner width expand*d_model={d_inner} is not divisible by model.headdim={m.headdim}"
-        )
-    nheads = d_inner // m.headdim
-    if nheads % m.ngroups:
-        raise ConfigError(f"Hydra heads ({nheads}) not divisible by model.ngroups={m.ngroups}")
-    if m.d_conv % 2 == 0:
-        raise ConfigError(f"model.d_conv={m.d_conv} must be odd (non-causal 'same' convolution)")
+    for msg in spec_errors(m):  # each kind's own rules (Hydra's widths, RoPE's even head dim, ...)
+        raise ConfigError(msg)
     _choice("model.ssd_impl", m.ssd_impl, ["auto", "ref", "triton"])
     _choice("model.attention_backend", m.attention_backend, list(ATTENTION_BACKENDS))
     _choice("model.hydra_path", m.hydra_path, list(HYDRA_PATHS))

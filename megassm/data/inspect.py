@@ -72,7 +72,7 @@ def decode_previews(path: str, m: dict[str, Any], vae_path: str, count: int, out
     import torch
     from PIL import Image
 
-    from megassm.data.encoders import VAEEncoder, pick_device
+    from megassm.encoders import VAEEncoder, pick_device
 
     dev = pick_device(device)
     vae = VAEEncoder(vae_path, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)

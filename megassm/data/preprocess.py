@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from megassm.config.schema import EncoderConfig
 from megassm.data import remote
 from megassm.data.buckets import DEFAULT_ASPECT_RATIOS, ResolutionBuckets
-from megassm.data.encoders import DTYPES, TextEncoder, VAEEncoder, identity_summary, pick_device
 from megassm.data.format import STORE_DTYPES, LatentSample
 from megassm.data.manifest import PROGRESS_DIR, RUN_INFO, load_record, record_path, try_finalize
 from megassm.data.sources import (
@@ -39,6 +39,7 @@ from megassm.data.sources import (
 )
 from megassm.data.upload import RemoteOutput
 from megassm.data.writer import LatentShardWriter, atomic_write_json
+from megassm.encoders import DTYPES, TextEncoder, VAEEncoder, identity_summary, pick_device
 
 log = logging.getLogger("megassm.preprocess")
 
@@ -166,7 +167,8 @@ class Preprocessor:
             raise ValueError(f"--frames={o.frames}: this VAE compresses time by {self.vae.temporal_stride}, so "
                              f"frames must be 1 + k*{self.vae.temporal_stride} (e.g. "
                              f"{1 + 32 * self.vae.temporal_stride})")
-        self.text = TextEncoder(o.text_encoder, self.device, self.dtype, o.text_max_length, o.tokenizer)
+        self.text = TextEncoder(EncoderConfig(text_encoder=str(o.text_encoder), tokenizer=o.tokenizer), None,
+                                self.device, self.dtype, max_length=o.text_max_length)
         self.sample_meta = {"vae": identity_summary(self.vae.identity),
                             "text_encoder": identity_summary(self.text.identity),
                             "latent_scale": self.vae.latent_scale, "latent_shift": self.vae.latent_shift}

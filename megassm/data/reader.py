@@ -35,6 +35,7 @@ from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
 from megassm.data.token_budget import BucketSchedule, PendingByShape
+from megassm.encoders.latent_norm import LatentNorm
 
 log = logging.getLogger("megassm.data")
 STATE_VERSION = 1
@@ -47,15 +48,9 @@ class DatasetSpec:
     path: str
     shards: list[str]
     counts: list[int]
-    scale: torch.Tensor  # (C, 1, 1, 1) or scalar tensor
-    shift: torch.Tensor
+    norm: LatentNorm  # the dataset's (x - shift) * scale
     fingerprint: str
     shapes: frozenset | None = None  # latent (T, H, W) shapes of the manifest's histogram; None: not recorded
-
-
-def _norm_tensor(v: float | list[float]) -> torch.Tensor:
-    t = torch.tensor(v, dtype=torch.float32)
-    return t.view(-1, 1, 1, 1) if t.dim() == 1 else t
 
 
 def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
@@ -85,7 +80,7 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
                         else (cfg.latent_scale, cfg.latent_shift))
         shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
-                                 [int(s["samples"]) for s in m["shards"]], _norm_tensor(scale), _norm_tensor(shift),
+                                 [int(s["samples"]) for s in m["shards"]], LatentNorm(scale, shift),
                                  f"{len(m['shards'])}:{m['num_samples']}", shapes))
     return specs
 
@@ -110,7 +105,7 @@ def pack(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len:
         lat, text, mask = lat.share_memory_(), text.share_memory_(), mask.share_memory_()
     pos = 0
     for i, ((d, _), t, n) in enumerate(zip(items, tensors, lengths)):
-        lat[i].copy_(t["latent"]).sub_(specs[d].shift).mul_(specs[d].scale)  # (x - shift) * scale
+        specs[d].norm.normalise_(lat[i].copy_(t["latent"]))  # (x - shift) * scale
         text[pos:pos + n].copy_(t["text"][:n])
         mask[pos:pos + n].copy_(t["text_mask"][:n])
         pos += n

@@ -27,9 +27,9 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
     """Write the pipeline directory; returns (meta, notes)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from megassm.data.encoders import TextEncoder, VAEEncoder
     from megassm.diffusers.pipeline import HTHPipeline
     from megassm.diffusers.transformer import HTHTransformerModel
+    from megassm.encoders import TextEncoder, VAEEncoder
 
     model, cfg, info = load_model_for_sampling(source, use_ema=use_ema)
     enc = cfg.encoders
@@ -50,8 +50,7 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
             return meta, notes
         cpu = torch.device("cpu")
         vae_model = VAEEncoder(enc.vae, cpu, torch.float32).model
-        text = TextEncoder(enc.text_encoder, cpu, torch.float32, max_length=cfg.model.max_text_len,
-                           tokenizer_path=enc.tokenizer)
+        text = TextEncoder(enc, None, cpu, torch.float32, max_length=cfg.model.max_text_len).hf
         pipe = HTHPipeline(transformer, vae_model, text.model, text.tokenizer,
                            FlowMatchEulerDiscreteScheduler(shift=1.0), latent_scale=enc.vae_scale,
                            latent_shift=enc.vae_shift, shift=cfg.diffusion.shift,

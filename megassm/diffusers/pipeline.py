@@ -20,9 +20,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from megassm.config.schema import DiffusionConfig
-from megassm.data.encoders import VIDEO_VAE_CLASSES, VAEEncoder
 from megassm.diffusers.transformer import HTHTransformerModel
 from megassm.diffusion.flow import resolution_shift, shift_t
+from megassm.encoders import VIDEO_VAE_CLASSES, LatentNorm
 
 DEFAULT_LATENT_HW = 32  # latent side when no size is asked for, as megassm sample (256 px at VAE x8)
 
@@ -63,18 +63,14 @@ class HTHPipeline(DiffusionPipeline):
         pad = max_len - text.shape[1]
         return torch.nn.functional.pad(text, (0, 0, 0, pad)), torch.nn.functional.pad(mask.bool(), (0, pad))
 
-    def _normalisation(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, shift = VAEEncoder._normalisation(dict(self.vae.config), self.config.latent_scale,
-                                                 self.config.latent_shift)
-        per = lambda v: torch.as_tensor(v, dtype=torch.float32, device=z.device).reshape(-1, 1, 1, 1)  # noqa: E731
-        return per(scale) if isinstance(scale, list) else torch.tensor(float(scale)), \
-            per(shift) if isinstance(shift, list) else torch.tensor(float(shift))
+    def latent_norm(self) -> LatentNorm:
+        """The configured scale / shift, else the VAE config's own (as preprocessing and ``megassm sample``)."""
+        return LatentNorm.from_vae_config(dict(self.vae.config), self.config.latent_scale, self.config.latent_shift)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, h, w) model latents -> (B, T', 3, H, W) pixels in [0, 1], float32."""
-        scale, shift = self._normalisation(latents)
-        z = (latents.float() / scale + shift).to(self.vae.dtype)
+        z = self.latent_norm().denormalise(latents).to(self.vae.dtype)
         if self.is_video_vae:
             pix = self.vae.decode(z).sample  # (B, 3, T', H, W)
         else:

@@ -4,35 +4,20 @@ FLOPs count multiply-adds as 2 and only matmul-like work (linear layers, convolu
 scan's contractions, attention scores and values); element-wise work is left out, as MFU
 conventions do. A training step costs 3x the forward (backward = 2x forward).
 
-The SSD scan is counted as mamba-ssm's chunked kernel computes it, per direction and token:
-    C.B^T within the chunk      2 * chunk * d_state * ngroups
-    (C.B^T * decay) @ x         2 * chunk * headdim * nheads
-    chunk states B^T x          2 * d_state * headdim * nheads
-    state -> output C.h         2 * d_state * headdim * nheads
-(lower-triangular halves are counted whole, as the kernels compute whole tiles).
+Each kind of token mixer counts itself (``megassm.models.mixers``: ``params``, ``flops``,
+``activation_bytes`` of its ``MixerSpec``); this file adds the parts every block and the model share.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from megassm.config.schema import ModelConfig
+from megassm.models.hydra import HydraDims
+from megassm.models.mixers import mixer_for_symbol, mixer_kinds
 
-
-@dataclass
-class HydraDims:
-    d_inner: int
-    nheads: int
-    d_in_proj: int
-    conv_dim: int
-
-    @classmethod
-    def of(cls, m: ModelConfig) -> HydraDims:
-        d_inner = m.expand * m.d_model
-        nheads = d_inner // m.headdim
-        d_bc = 2 * m.ngroups * m.d_state
-        return cls(d_inner, nheads, 2 * d_inner + 2 * d_bc + 2 * nheads, d_inner + 2 * d_bc)
+__all__ = ["HydraDims", "activation_bytes_per_token", "block_flops_per_token", "forward_flops",
+           "mixer_flops_per_token", "param_counts", "summary", "train_flops"]
 
 
 def _linear(i: int, o: int, bias: bool = True) -> int:
@@ -40,46 +25,35 @@ def _linear(i: int, o: int, bias: bool = True) -> int:
 
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
-    """Exact parameter count per component of ``HTHModel(m)``."""
+    """Exact parameter count per component of ``HTHModel(m)``; the mixers as ``{kind}_mixers`` for every
+    registered kind (``megassm.models.mixers``)."""
     d = m.d_model
-    hd = HydraDims.of(m)
     hidden = int(d * m.mlp_ratio)
     head_dim = d // m.num_heads
     qk = 2 * head_dim if m.qk_norm else 0
-    hydra = (_linear(d, hd.d_in_proj, False) + hd.conv_dim * m.d_conv + hd.conv_dim + 3 * hd.nheads
-             + _linear(hd.d_inner, hd.nheads, False) + hd.d_inner + _linear(hd.d_inner, d, False))
-    attn = _linear(d, 3 * d) + qk + _linear(d, d)
     cross = _linear(d, d) + _linear(d, 2 * d) + qk + _linear(d, d) + 2 * d  # + norm2 affine
     ffn = _linear(d, hidden) + _linear(hidden, d)
-    per_block_common = cross + ffn + 6 * d
-    n_hydra = sum(c != "A" for c in m.pattern)
-    n_attn = len(m.pattern) - n_hydra
+    mixers = {f"{spec.name}_mixers": 0 for spec in mixer_kinds()}
+    for s in m.pattern:
+        spec = mixer_for_symbol(s)
+        mixers[f"{spec.name}_mixers"] += spec.params(m)
     out = {
         "patch_embed": _linear(m.in_channels * math.prod(m.patch_size), d),
         "timestep": _linear(256, d) + _linear(d, d) + _linear(d, 6 * d),
         "text": _linear(m.text_dim, d) + _linear(d, d) + m.max_text_len * m.text_dim,
-        "hydra_mixers": n_hydra * hydra,
-        "attention_mixers": n_attn * attn,
+        **mixers,
         "cross_attention": len(m.pattern) * cross,
         "ffn": len(m.pattern) * ffn,
         "modulation_tables": len(m.pattern) * 6 * d,
         "final_layer": 2 * d + _linear(d, m.in_channels * math.prod(m.patch_size)),
     }
     out["total"] = sum(out.values())
-    assert per_block_common  # keeps the per-block breakdown explicit for readers
     return out
 
 
 def mixer_flops_per_token(m: ModelConfig, symbol: str, seq_len: int) -> int:
     """Forward FLOPs per token of one block's token mixer."""
-    d = m.d_model
-    if symbol == "A":
-        return 2 * d * 3 * d + 4 * seq_len * d + 2 * d * d
-    hd = HydraDims.of(m)
-    cs = min(m.chunk_size, seq_len)
-    scan_one_dir = 2 * cs * m.d_state * m.ngroups + hd.nheads * (2 * cs * m.headdim + 4 * m.d_state * m.headdim)
-    return (2 * d * hd.d_in_proj + 2 * hd.conv_dim * m.d_conv + 2 * scan_one_dir
-            + 2 * hd.d_inner * hd.nheads + 2 * hd.d_inner * d)
+    return mixer_for_symbol(symbol).flops(m, seq_len)
 
 
 def block_flops_per_token(m: ModelConfig, symbol: str, seq_len: int, text_len: int | None = None) -> int:
@@ -115,10 +89,7 @@ def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 
                     its gate, cross-attention (input, q, normed q, SDPA out, head-merge copy), FFN hidden
                     before/after GELU and its output under the gate: 14 d + 2 hidden; 12 d + 2 hidden
                     with ``fuse_elementwise`` (megassm.ops.modulate keeps no LayerNorm outputs)
-      'A'           qkv (3d), roped q and k (2d), SDPA output (d), head-merge copy (d): 7 d
-      Hydra (fused path, megassm.ops.hydra_fused, what CUDA runs): in_proj output, x in both scan
-                    orders, B/C, dt, the scan output, diag, the normed output: d_in_proj + 2 d_inner
-                    + 2 d_bc + 2 h + 2 d_inner + h + d_inner
+      the mixer     its kind's ``activation_bytes`` (megassm/models/mixers/)
     plus fp32 statistics (norm rstd, attention log-sum-exp), a few hundred bytes.
     """
     d = m.d_model
@@ -126,15 +97,7 @@ def activation_bytes_per_token(m: ModelConfig, symbol: str, bytes_per_el: int = 
     heads = m.num_heads
     common = (12 if m.fuse_elementwise else 14) * d + 2 * hidden
     fp32_extra = 4 * (2 * 3 + 2 * heads + 2 * heads)  # LayerNorm stats, cross-attn q-norm rstd + lse
-    if symbol == "A":
-        mixer = 7 * d
-        fp32_extra += 4 * (2 * heads + heads)  # q/k-norm rstd, lse
-    else:
-        hd = HydraDims.of(m)
-        d_bc = 2 * m.ngroups * m.d_state
-        mixer = hd.d_in_proj + 2 * hd.d_inner + 2 * d_bc + 2 * hd.nheads + 2 * hd.d_inner + hd.nheads + hd.d_inner
-        fp32_extra += 4  # gated-norm rstd
-    return (common + mixer) * bytes_per_el + fp32_extra
+    return common * bytes_per_el + fp32_extra + mixer_for_symbol(symbol).activation_bytes(m, bytes_per_el)
 
 
 def summary(m: ModelConfig, seq_len: int) -> dict:

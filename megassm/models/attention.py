@@ -58,6 +58,10 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(d_model, d_model)
 
+    def mix(self, x: Tensor, grid, scan_order: str | None = None) -> Tensor:
+        """x: (B, L, d) in canonical order over ``grid`` (a TokenGrid: its RoPE angles); no scan order."""
+        return self(x, grid.rope())
+
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         """x: (B, L, d); rope: (L, head_dim/2) angles for the tokens' positions."""
         B, L, _ = x.shape

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 from torch import Tensor, nn
 
-from megassm.config.schema import HYDRA_PATHS
-from megassm.models.attention import CrossAttention, SelfAttention
+from megassm.models.attention import CrossAttention
 from megassm.models.embed import rope_axial
-from megassm.models.hydra import Hydra
-from megassm.models.scan import SYMBOL_TO_ORDER, apply_scan, is_identity, scan_permutation
+from megassm.models.mixers import mixer_for_symbol
+from megassm.models.scan import is_identity, scan_permutation
 from megassm.ops.modulate import FusedGlue
 
 
@@ -87,24 +86,17 @@ class FeedForward(nn.Module):
 
 
 class HTHBlock(nn.Module):
-    """``symbol`` picks the mixer: 'h'/'v'/'t' Hydra with a row/column/temporal-major scan, 'A' attention."""
+    """``symbol`` picks the mixer kind and its scan order from the registry (``megassm.models.mixers``):
+    'h'/'v'/'t' Hydra with a row/column/temporal-major scan, 'A' attention, or a registered kind."""
 
     def __init__(self, cfg, symbol: str):
         super().__init__()
         d = cfg.d_model
-        self.symbol = symbol
-        self.scan_order = SYMBOL_TO_ORDER.get(symbol)  # None for attention
+        spec = mixer_for_symbol(symbol)
+        self.symbol, self.kind = symbol, spec.name
+        self.scan_order = spec.symbols[symbol]  # None: the mixer sees the canonical order
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        if symbol == "A":
-            self.mixer = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.attention_backend)
-        elif symbol in SYMBOL_TO_ORDER:
-            self.mixer = Hydra(
-                d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
-                fused=HYDRA_PATHS[cfg.hydra_path],
-            )
-        else:
-            raise ValueError(f"unknown block symbol {symbol!r}; valid: 'h', 'v', 't', 'A'")
+        self.mixer = spec.build(cfg)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm)
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -116,21 +108,19 @@ class HTHBlock(nn.Module):
         self.fuse_elementwise = cfg.fuse_elementwise  # on CUDA only; eager elsewhere
 
     def set_scan_order(self, symbol: str) -> None:
-        """Switch a Hydra block's scan order (e.g. spatial -> temporal-major for video)."""
-        if (symbol == "A") != (self.symbol == "A") or symbol not in ("h", "v", "t", "A"):
-            raise ValueError(f"cannot turn block symbol {self.symbol!r} into {symbol!r} without new weights")
-        self.symbol, self.scan_order = symbol, SYMBOL_TO_ORDER.get(symbol)
+        """Switch the scan order among the symbols of this block's mixer kind (e.g. spatial -> temporal-major
+        Hydra for video); another kind would need new weights."""
+        spec = mixer_for_symbol(symbol) if symbol != self.symbol else None
+        if spec is not None and spec.name != self.kind:
+            raise ValueError(f"cannot turn block symbol {self.symbol!r} ({self.kind}) into {symbol!r} ({spec.name}) "
+                             "without new weights")
+        if spec is not None:
+            self.symbol, self.scan_order = symbol, spec.symbols[symbol]
 
     def mix(self, x: Tensor, grid: TokenGrid) -> Tensor:
-        """Apply the token mixer in this block's scan order. x: (B, L, d) in canonical order."""
-        if getattr(self.mixer, "takes_grid", False):  # parallel wrappers handle layout themselves
-            return self.mixer(x, grid=grid, scan_order=self.scan_order)
-        if self.scan_order is None:
-            return self.mixer(x, grid.rope())
-        perm = grid.perm(self.scan_order)
-        if perm is None:
-            return self.mixer(x)
-        return apply_scan(self.mixer(apply_scan(x, perm[0])), perm[1])
+        """Apply the token mixer in this block's scan order. x: (B, L, d) in canonical order (the parallel
+        twins: this rank's sequence shard); every mixer, single-process or parallel, has ``mix``."""
+        return self.mixer.mix(x, grid, self.scan_order)
 
     def _forward(self, x: Tensor, t_mod: Tensor, text: Tensor, text_mask: Tensor, grid: TokenGrid) -> Tensor:
         B, d = x.shape[0], x.shape[-1]

@@ -15,6 +15,7 @@ from megassm.config.load import validate_model
 from megassm.config.schema import ModelConfig
 from megassm.models.block import HTHBlock, TokenGrid, modulate
 from megassm.models.embed import PatchEmbed, TimestepEmbedder, unpatchify
+from megassm.models.mixers import mixer_for_symbol
 
 
 class FinalLayer(nn.Module):
@@ -47,8 +48,10 @@ class HTHModel(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
+        keep = {f"blocks.{i}.mixer.{leaf}" for i, s in enumerate(self.cfg.pattern)
+                for leaf in mixer_for_symbol(s).keep_init}  # e.g. Hydra's fc_D keeps nn.Linear's init
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and "mixer.fc_D" not in name:
+            if isinstance(m, nn.Linear) and name not in keep:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -69,19 +72,7 @@ class HTHModel(nn.Module):
 
     def embed_text(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """text (B, Lt, text_dim), mask (B, Lt) -> (B, Lt, d), mask; empty captions become y_null."""
-        B, Lt, Dt = text.shape
-        if Dt != self.cfg.text_dim:
-            raise ValueError(f"text embeddings have width {Dt}, the model expects text_dim={self.cfg.text_dim}")
-        if Lt > self.cfg.max_text_len:
-            raise ValueError(f"text has {Lt} tokens, more than model.max_text_len={self.cfg.max_text_len}")
-        if text_mask is None:
-            text_mask = torch.ones(B, Lt, dtype=torch.bool, device=text.device)
-        text = text.to(self.y_null.dtype)  # the reader's dtype (bf16 by default) -> the parameters' dtype
-        empty = ~text_mask.any(dim=1)  # (B,)
-        null = self.y_null[:Lt].expand(B, Lt, Dt)
-        text = torch.where(empty[:, None, None], null, text)
-        text_mask = text_mask | empty[:, None]
-        return self.y_embedder(text), text_mask
+        return embed_text(self.cfg, self.y_null, self.y_embedder, text, text_mask)
 
     def forward(self, latents: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """latents (B, C, T, H, W), t (B,) in [0, 1], text (B, Lt, text_dim), text_mask (B, Lt) bool.
@@ -111,6 +102,28 @@ class HTHModel(nn.Module):
                 blk.set_scan_order(s)
         self.cfg.pattern = pattern
         return changes
+
+
+def embed_text(cfg: ModelConfig, y_null: Tensor, y_embedder: nn.Module, text: Tensor,
+               text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The text path of HTHModel (also run by the first pipeline stage, which holds these two modules).
+
+    text (B, Lt, text_dim), mask (B, Lt) bool or None -> (B, Lt, d), mask; a sample without any valid
+    token (a dropped caption) gets the learned null caption ``y_null`` (max_text_len, text_dim).
+    """
+    B, Lt, Dt = text.shape
+    if Dt != cfg.text_dim:
+        raise ValueError(f"text embeddings have width {Dt}, the model expects text_dim={cfg.text_dim}")
+    if Lt > cfg.max_text_len:
+        raise ValueError(f"text has {Lt} tokens, more than model.max_text_len={cfg.max_text_len}")
+    if text_mask is None:
+        text_mask = torch.ones(B, Lt, dtype=torch.bool, device=text.device)
+    text = text.to(y_null.dtype)  # the reader's dtype (bf16 by default) -> the parameters' dtype
+    empty = ~text_mask.any(dim=1)  # (B,)
+    null = y_null[:Lt].expand(B, Lt, Dt)
+    text = torch.where(empty[:, None, None], null, text)
+    text_mask = text_mask | empty[:, None]
+    return y_embedder(text), text_mask
 
 
 def build_model(cfg: ModelConfig) -> HTHModel:

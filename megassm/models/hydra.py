@@ -18,12 +18,42 @@ axis, as the reference does. The maths between in_proj and out_proj is ``megassm
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from megassm.models.scan import in_scan_order
 from megassm.ops.hydra_mix import combine, default_fused_scan_impl, local_mix, use_fused_path
 from megassm.ops.norm import RMSNormGated
+
+
+@dataclass(frozen=True)
+class HydraDims:
+    """Hydra's derived widths, computed here only (the layer, accounting, shard plan and checks read them).
+
+    d_inner = expand * d_model channels in nheads = d_inner / headdim heads; d_bc = 2 * ngroups * d_state
+    (one direction's B and C); in_proj emits [z | x | B_f | C_f | B_b | C_b | dt_f | dt_b] (d_in_proj) and
+    the convolution runs over [x | B_f | C_f | B_b | C_b] (conv_dim).
+    """
+
+    d_inner: int
+    nheads: int
+    d_bc: int
+    d_in_proj: int
+    conv_dim: int
+
+    @classmethod
+    def from_sizes(cls, d_model: int, expand: int, headdim: int, ngroups: int, d_state: int) -> HydraDims:
+        d_inner = expand * d_model
+        nheads = d_inner // headdim
+        d_bc = 2 * ngroups * d_state
+        return cls(d_inner, nheads, d_bc, 2 * d_inner + 2 * d_bc + 2 * nheads, d_inner + 2 * d_bc)
+
+    @classmethod
+    def of(cls, m) -> HydraDims:
+        """From a ModelConfig."""
+        return cls.from_sizes(m.d_model, m.expand, m.headdim, m.ngroups, m.d_state)
 
 
 class Hydra(nn.Module):
@@ -54,8 +84,8 @@ class Hydra(nn.Module):
             raise ValueError(f"Hydra: d_conv={d_conv} must be odd for a non-causal 'same' convolution")
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.expand, self.headdim, self.ngroups = expand, headdim, ngroups
-        self.d_inner = expand * d_model
-        self.nheads = self.d_inner // headdim
+        dims = HydraDims.from_sizes(d_model, expand, headdim, ngroups, d_state)
+        self.d_inner, self.nheads = dims.d_inner, dims.nheads
         if self.nheads % ngroups:
             raise ValueError(f"Hydra: nheads={self.nheads} not divisible by ngroups={ngroups}")
         self.chunk_size, self.ssd_impl = chunk_size, ssd_impl
@@ -64,11 +94,10 @@ class Hydra(nn.Module):
         # ("ref" runs the fused kernels around the PyTorch scan, as the CPU tests do in Triton's interpreter)
         self.fused_scan_impl: str | None = None
         self.path_taken: str | None = None  # "fused" or "reference" after a forward: tests check which ran
-        self.d_bc = 2 * ngroups * d_state  # one direction's B and C
+        self.d_bc = dims.d_bc  # one direction's B and C
 
-        d_in_proj = 2 * self.d_inner + 2 * self.d_bc + 2 * self.nheads
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias)
-        conv_dim = self.d_inner + 2 * self.d_bc
+        self.in_proj = nn.Linear(d_model, dims.d_in_proj, bias=bias)
+        conv_dim = dims.conv_dim
         self.conv1d = nn.Conv1d(
             conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv // 2, bias=conv_bias
         )
@@ -84,8 +113,12 @@ class Hydra(nn.Module):
         self.norm = RMSNormGated(self.d_inner, eps=1e-5)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def mix(self, x: Tensor, grid, scan_order: str) -> Tensor:
+        """x: (B, L, d_model) in canonical token order; the scan runs in ``scan_order`` over ``grid``."""
+        return in_scan_order(self, x, grid, scan_order)
+
     def forward(self, u: Tensor) -> Tensor:
-        """u: (B, L, d_model) -> (B, L, d_model)."""
+        """u: (B, L, d_model), tokens in scan order -> (B, L, d_model)."""
         assert u.dim() == 3 and u.shape[-1] == self.d_model, f"Hydra input must be (B, L, {self.d_model})"
         zxbcdt = self.in_proj(u)
         if use_fused_path(self.fused, self.ssd_impl, self.d_conv, self.norm.group_size, u.device):

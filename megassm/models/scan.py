@@ -18,7 +18,6 @@ SCAN_ORDERS = {
     "col": ("t", "w", "h"),  # column-major raster per frame
     "temporal": ("h", "w", "t"),  # time fastest: each pixel's trajectory is contiguous
 }
-SYMBOL_TO_ORDER = {"h": "row", "v": "col", "t": "temporal"}
 
 
 @lru_cache(maxsize=64)
@@ -42,6 +41,15 @@ def scan_permutation(order: str, grid: tuple[int, int, int], device=None) -> tup
 def apply_scan(x: Tensor, perm: Tensor) -> Tensor:
     """x: (B, L, ...) -> x[:, perm]. An identity permutation is skipped."""
     return x.index_select(1, perm)
+
+
+def in_scan_order(fn, x: Tensor, grid, order: str) -> Tensor:
+    """fn applied to x (B, L, ...) with its tokens in scan ``order`` over ``grid`` (a ``TokenGrid``,
+    whose permutations are cached); the result comes back in canonical order."""
+    perm = grid.perm(order)
+    if perm is None:
+        return fn(x)
+    return apply_scan(fn(apply_scan(x, perm[0])), perm[1])
 
 
 def is_identity(order: str, grid: tuple[int, int, int]) -> bool:

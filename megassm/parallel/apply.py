@@ -4,9 +4,11 @@ Called once, before the training backend wraps the model, on a model with identi
 (torchtitan's ``parallelize_llama`` pattern). The model code stays free of parallelism:
 
 1. parameters are cut to this TP rank's shard (``sharding.shard_state_dict``'s plan);
-2. mixers become ``ParallelHydra`` / ``ParallelSelfAttention`` (``takes_grid``: they own their
-   layout), cross-attention and FFN linears become column/row-parallel;
-3. gradient hooks sum over TP the gradients that each TP rank holds only part of;
+2. each mixer becomes its kind's parallel twin (``MixerSpec.parallelize``, megassm/models/mixers/:
+   ``ParallelHydra``, ``ParallelSelfAttention``; they own their layout and have the same ``mix``),
+   cross-attention and FFN linears become column/row-parallel;
+3. gradient hooks sum over TP the gradients that each TP rank holds only part of (a twin hooks its
+   own such rows, e.g. Hydra's replicated B/C);
 4. forward hooks cut the token sequence after ``patch_embed`` and gather it after ``final_layer``.
 
 Gradient contract (docs/parallelism.md): after backward, a TP-sharded parameter's grad is its
@@ -22,17 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megassm.models.attention import SelfAttention
-from megassm.models.hydra import Hydra
-from megassm.parallel.attention import (
-    ParallelSelfAttention,
-    parallelize_cross_attention,
-    parallelize_feed_forward,
-)
+from megassm.models.mixers import mixer_for_symbol
+from megassm.parallel.attention import parallelize_cross_attention, parallelize_feed_forward
 from megassm.parallel.comm import copy_to_group, gather_replicated, sum_grad_hook
-from megassm.parallel.hydra import ParallelHydra
 from megassm.parallel.mesh import MeshError
-from megassm.parallel.sharding import ADAPTER_SUFFIXES, bc_sharded, shard_spec, shard_tensor
+from megassm.parallel.sharding import ADAPTER_SUFFIXES, shard_spec, shard_tensor
 from megassm.parallel.tensor import ParallelContext
 
 
@@ -69,14 +65,8 @@ def parallelize_hth(
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel)
 
     sharded = _shard_parameters(model, cfg, ctx)
-    bc_split = bc_sharded(cfg, ctx.tp)
     for blk in model.blocks:
-        if isinstance(blk.mixer, Hydra):
-            blk.mixer = ParallelHydra(blk.mixer, ctx, bc_split)
-        elif isinstance(blk.mixer, SelfAttention):
-            blk.mixer = ParallelSelfAttention(blk.mixer, ctx)
-        else:
-            raise TypeError(f"parallelize_hth: unknown mixer {type(blk.mixer).__name__}")
+        blk.mixer = mixer_for_symbol(blk.symbol).parallelize(blk.mixer, ctx, cfg)
         if ctx.tp > 1:
             blk.cross_attn = parallelize_cross_attention(blk.cross_attn, ctx)
             parallelize_feed_forward(blk.mlp, ctx)
@@ -105,8 +95,8 @@ def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> set[str]:
 def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: set[str]) -> list[str]:
     """Hook every TP-replicated parameter whose gradient each TP rank holds only part of; returns names.
 
-    Always: parameters shared by heads that TP splits -- qk-norm weights (attention, cross-attention)
-    and Hydra's replicated B/C rows of in_proj / conv1d (ngroups=1). Under SP also everything that
+    Always: parameters shared by heads that TP splits -- qk-norm weights (attention, cross-attention;
+    Hydra's replicated B/C rows of in_proj / conv1d are hooked by ParallelHydra). Under SP also everything that
     acts on sequence slices: the blocks' replicated parameters (modulation table, norm2, biases of
     row-parallel layers), patch embedding and final layer. (The timestep modulation is summed as an
     activation, see ``_split_sequence``; the text path is never sequence-split.)
@@ -127,14 +117,6 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: set[
                 continue
             if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not is_sharded):
                 hook(prefix + name, p)
-        m = blk.mixer
-        if isinstance(m, ParallelHydra) and m.g_local == m.ngroups:  # B/C replicated over TP
-            di = m.h_local * m.headdim
-            rows = (("in_proj.weight", m.in_proj.weight, 2 * di), ("in_proj.bias", m.in_proj.bias, 2 * di),
-                    ("conv1d.weight", m.conv1d.weight, di), ("conv1d.bias", m.conv1d.bias, di))
-            for name, p, start in rows:
-                if p is not None:
-                    hook(f"{prefix}mixer.{name}", p, (start, start + m.bc_local))
     if ctx.sequence_parallel:
         for mod_name in ("patch_embed", "final_layer"):
             for name, p in getattr(model, mod_name).named_parameters():

@@ -20,10 +20,13 @@ from megassm.parallel.context import heads_to_seq, seq_to_heads
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, enter_tp
 
 
+def parallelize_self_attention(attn: SelfAttention, ctx: ParallelContext, model_cfg=None) -> ParallelSelfAttention:
+    """The attention mixer kind's parallel adapter (``megassm.models.mixers.attention``)."""
+    return ParallelSelfAttention(attn, ctx)
+
+
 class ParallelSelfAttention(nn.Module):
     """Takes over an (already TP-sharded) SelfAttention's parameters; same parameter names."""
-
-    takes_grid = True
 
     def __init__(self, attn: SelfAttention, ctx: ParallelContext):
         super().__init__()
@@ -32,6 +35,9 @@ class ParallelSelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear.from_linear(attn.qkv, ctx)
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.proj = RowParallelLinear.from_linear(attn.proj, ctx)
+
+    def mix(self, x: Tensor, grid, scan_order=None) -> Tensor:
+        return self(x, grid)
 
     def forward(self, x: Tensor, grid, scan_order=None) -> Tensor:
         """x: (B, L/cp, d), or (B, L/(cp*tp), d) under SP, canonical order -> same shape."""
@@ -53,9 +59,16 @@ class ParallelSelfAttention(nn.Module):
 class ParallelCrossAttention(CrossAttention):
     """CrossAttention's own forward on the gathered queries (its ``.view(B, L, ...)`` needs the
     tokens it projects): q keeps its local heads' rows, kv takes the replicated text, proj is
-    row-parallel."""
+    row-parallel. Built from a CrossAttention whose parameters are already TP-sharded; same names."""
 
-    ctx: ParallelContext
+    def __init__(self, attn: CrossAttention, ctx: ParallelContext):
+        nn.Module.__init__(self)  # not CrossAttention.__init__: the layers are attn's, not new ones
+        self.ctx = ctx
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.q, self.q_norm, self.k_norm = attn.q, attn.q_norm, attn.k_norm
+        self.kv = ColumnParallelLinear.from_linear(attn.kv, ctx, sequence_input=False)
+        self.proj = RowParallelLinear.from_linear(attn.proj, ctx)
+        self.train(attn.training)
 
     def forward(self, x: Tensor, text: Tensor, text_mask=None) -> Tensor:
         """x: (B, L/cp, d), or (B, L/(cp*tp), d) under SP; text (B, Lt, d) replicated -> x's shape."""
@@ -64,12 +77,7 @@ class ParallelCrossAttention(CrossAttention):
 
 def parallelize_cross_attention(attn: CrossAttention, ctx: ParallelContext) -> ParallelCrossAttention:
     """A ParallelCrossAttention owning ``attn``'s (already TP-sharded) parameters; same names."""
-    new = ParallelCrossAttention.__new__(ParallelCrossAttention)
-    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in attn.__dict__.items()})
-    object.__setattr__(new, "ctx", ctx)
-    new.kv = ColumnParallelLinear.from_linear(attn.kv, ctx, sequence_input=False)
-    new.proj = RowParallelLinear.from_linear(attn.proj, ctx)
-    return new
+    return ParallelCrossAttention(attn, ctx)
 
 
 def parallelize_feed_forward(mlp: FeedForward, ctx: ParallelContext) -> FeedForward:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from megassm.models.mixers import mixer_for_symbol
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
@@ -33,7 +35,7 @@ def block_collectives(
     model_cfg, symbol: str, batch: int, seq_len: int, text_len: int, tp: int = 1, cp: int = 1,
     sequence_parallel: bool = True, act_bytes: int = 2, param_bytes: int = 2,
 ) -> list[Collective]:
-    """Collectives of one block ('h'/'v'/'t' Hydra, 'A' attention) per training step.
+    """Collectives of one block (any mixer symbol of ``model.pattern``) per training step.
 
     seq_len: tokens per sample (L); text_len: text tokens (Lt); act_bytes / param_bytes: element
     sizes of activations and of parameter gradients (2 for bf16, 4 for fp32).
@@ -57,48 +59,19 @@ def block_collectives(
                 add("all_reduce", "tp", act, f"{sub} input grad, bwd")
                 add("all_reduce", "tp", act, f"{sub} output, fwd")
         add("all_reduce", "tp", B * Lt * d * act_bytes, "cross_attn text grad, bwd")
-        hd = d // m.num_heads
-        norms = ["cross_attn"] + (["mixer"] if symbol == "A" else [])
         if m.qk_norm:
-            for sub in norms:
-                add("all_reduce", "tp", hd * param_bytes, f"{sub}.q_norm.weight grad")
-                add("all_reduce", "tp", hd * param_bytes, f"{sub}.k_norm.weight grad")
+            hd = d // m.num_heads
+            add("all_reduce", "tp", hd * param_bytes, "cross_attn.q_norm.weight grad")
+            add("all_reduce", "tp", hd * param_bytes, "cross_attn.k_norm.weight grad")
         if sp:
             add("all_reduce", "tp", 6 * d * param_bytes, "scale_shift_table grad")
             add("all_reduce", "tp", d * param_bytes, "norm2.weight grad")
             add("all_reduce", "tp", d * param_bytes, "norm2.bias grad")
-            if symbol == "A":
-                add("all_reduce", "tp", d * param_bytes, "mixer.proj.bias grad")
             add("all_reduce", "tp", d * param_bytes, "cross_attn.proj.bias grad")
             add("all_reduce", "tp", d * param_bytes, "mlp.fc2.bias grad")
-
-    if symbol == "A":
-        if cp > 1:
-            for what, width in (("qkv", 3 * d // tp), ("attention output", d // tp)):
-                add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what}, fwd")
-                add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what} grad, bwd")
-        return out
-
-    d_inner = m.expand * d
-    nheads = d_inner // m.headdim
-    bc_split = tp > 1 and m.ngroups % tp == 0
-    bc_width = 4 * (m.ngroups // tp if bc_split else m.ngroups) * m.d_state  # B/C columns per TP rank
-    if tp > 1:
-        add("all_reduce", "tp", B * Lc * 4, "gated-norm sum of squares (fp32), fwd")
-        add("all_reduce", "tp", B * Lc * 4, "gated-norm sum of squares grad, bwd")
-        if not bc_split:  # B/C replicated over TP: their rows of in_proj and conv1d
-            add("all_reduce", "tp", bc_width * d * param_bytes, "in_proj B/C rows grad")
-            add("all_reduce", "tp", bc_width * m.d_conv * param_bytes, "conv1d B/C rows weight grad")
-            add("all_reduce", "tp", bc_width * param_bytes, "conv1d B/C rows bias grad")
-    if tp * cp > 1:
-        add("reduce_scatter", "tpcp", B * L * nheads * act_bytes, "fc_D partial products, fwd")
-        add("all_gather", "tpcp", B * L * nheads * act_bytes, "fc_D grad, bwd")
-    if cp > 1:
-        for what, width in (("x", d_inner // tp), ("dt", 2 * nheads // tp), ("y", d_inner // tp)):
-            add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what}, fwd")
-            add("all_to_all", "cp", B * Lc * width * act_bytes, f"{what} grad, bwd")
-        add("all_gather", "cp", B * L * bc_width * act_bytes, "B/C, fwd")
-        add("reduce_scatter", "cp", B * L * bc_width * act_bytes, "B/C grad, bwd")
+    # the mixer's own (megassm/models/mixers/: Hydra's norm / fc_D / all-to-alls, attention's all-to-alls, ...)
+    for op, group, n, what in mixer_for_symbol(symbol).collectives(m, B, L, tp, cp, sp, act_bytes, param_bytes):
+        add(op, group, n, what)
     return out
 
 

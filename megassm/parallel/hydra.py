@@ -16,7 +16,7 @@ Per block, for TP rank t of T and CP rank c of C (h = nheads/T local heads, hc =
 local_mix / combine / gated norm are ``megassm.ops.hydra_mix``'s parts, the functions the single-process
 Hydra runs; with the fused path (``fused``, as Hydra decides it) their Triton kernels, cut at the same
 two reductions. z never leaves its rank (the norm is token-local). B/C with ngroups=1 are replicated
-over TP and shared by all heads: their parameters' gradients are summed over TP (``apply``).
+over TP and shared by all heads: the layer sums their rows' gradients over TP (gradient hooks).
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ import torch
 from torch import Tensor, nn
 
 from megassm.models.hydra import Hydra, decay_rates
+from megassm.models.mixers.hydra import bc_sharded
 from megassm.models.scan import apply_scan
 from megassm.ops.hydra_mix import combine, default_fused_scan_impl, local_mix, use_fused_path
-from megassm.parallel.comm import reduce_scatter_along
+from megassm.parallel.comm import reduce_scatter_along, sum_grad_hook
 from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
 
 
+def parallelize_hydra(hydra: Hydra, ctx: ParallelContext, model_cfg) -> ParallelHydra:
+    """The Hydra mixer kind's parallel adapter (``megassm.models.mixers.hydra``)."""
+    twin = ParallelHydra(hydra, ctx, bc_sharded(model_cfg, ctx.tp))
+    return twin
+
+
 class ParallelHydra(nn.Module):
     """Takes over an (already TP-sharded) Hydra's parameters; same parameter names."""
-
-    takes_grid = True  # HTHBlock.mix hands over the token grid and scan order (layout is ours)
 
     def __init__(self, hydra: Hydra, ctx: ParallelContext, bc_sharded: bool):
         super().__init__()
@@ -68,6 +73,20 @@ class ParallelHydra(nn.Module):
         # index buffers (not in the state dict) follow the model to its device; None: take everything
         self.register_buffer("_bc_idx", None if keep_all else bc_idx, persistent=False)
         self.register_buffer("_conv_rows", None if keep_all and cp == 1 else conv_rows, persistent=False)
+        self.tp_summed_rows = self._sum_replicated_bc_grads() if tp > 1 and self.g_local == self.ngroups else []
+
+    def _sum_replicated_bc_grads(self) -> list[str]:
+        """B/C replicated over TP (ngroups not split): each TP rank's gradient of their rows of in_proj and
+        conv1d is a partial sum over its heads; hooks sum it over TP. Returns what was hooked."""
+        di = self.h_local * self.headdim
+        rows = (("in_proj.weight", self.in_proj.weight, 2 * di), ("in_proj.bias", self.in_proj.bias, 2 * di),
+                ("conv1d.weight", self.conv1d.weight, di), ("conv1d.bias", self.conv1d.bias, di))
+        hooked = []
+        for name, p, start in rows:
+            if p is not None and p.requires_grad:  # frozen (a LoRA base): no gradient to sum
+                p.register_hook(sum_grad_hook(self.ctx.tp_group, (start, start + self.bc_local)))
+                hooked.append(f"{name}[{start}:{start + self.bc_local}]")
+        return hooked
 
     def _split_heads_over_cp(self, x: Tensor, bc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L/cp, ·) token slices -> full sequence: x (B, L, hc*p), bc (B, L, kept groups), dt (B, L, 2hc)."""
@@ -92,6 +111,9 @@ class ParallelHydra(nn.Module):
             partial = reduce_scatter_along(partial, ctx.tpcp_group, dim=-1)  # (B, L, hc), summed over channels
         h0 = ctx.cp_rank * self.h_cp
         return partial + self.D[h0 : h0 + self.h_cp].to(partial.dtype)
+
+    def mix(self, u: Tensor, grid, scan_order: str) -> Tensor:
+        return self(u, grid, scan_order)
 
     def forward(self, u: Tensor, grid, scan_order: str) -> Tensor:
         """u: (B, L/cp, d), or (B, L/(cp*tp), d) under SP, canonical token order -> same shape."""

@@ -78,42 +78,23 @@ class ParallelDims:
         ``seq_len``: tokens per sample; it must split evenly over the CP ranks (and over CP x TP
         with Megatron sequence parallelism), see ``check_seq_len``.
         """
+        from megassm.models.mixers import kinds_in
+
         m = model_cfg
-        d_inner = m.expand * m.d_model
-        hydra_heads = d_inner // m.headdim
-        has_hydra = any(c != "A" for c in m.pattern)
-        has_attn = "A" in m.pattern
+        kinds = kinds_in(m.pattern)
         checks = [
-            ("tp", self.tp, "attention heads (model.num_heads)", m.num_heads),  # cross-attention: every block
-            ("tp", self.tp, "FFN width (d_model*mlp_ratio)", int(m.d_model * m.mlp_ratio)),
-        ]
-        if has_hydra:
-            checks.append(("tp", self.tp, "Hydra heads (expand*d_model/headdim)", hydra_heads))
-        if has_attn:
-            checks.append(("cp", self.cp, "attention heads per TP rank (num_heads/tp)", m.num_heads // self.tp))
-        if has_hydra:
-            checks.append(("cp", self.cp, "Hydra heads per TP rank (expand*d_model/headdim/tp)",
-                           hydra_heads // self.tp))
-        for name, deg, what, size in checks:
+            ("tp", "attention heads (model.num_heads)", m.num_heads),  # cross-attention: every block
+            ("tp", "FFN width (d_model*mlp_ratio)", int(m.d_model * m.mlp_ratio)),
+        ] + [c for spec in kinds for c in spec.divisibility(m, self.tp)]  # each mixer kind's sizes
+        # every tp rule before any cp rule (the cp sizes are per TP rank)
+        for name, what, size in sorted(checks, key=lambda c: c[0] == "cp"):
+            deg = getattr(self, name)
             if size % deg:
                 raise MeshError(f"parallel.{name}={deg} does not divide the {what} = {size}; "
                                 f"valid parallel.{name}: {_divisors(size)}")
-        if has_hydra and self.tp > 1 and m.ngroups > 1 and m.ngroups % self.tp:
-            raise MeshError(
-                f"parallel.tp={self.tp} does not divide the Hydra B/C groups (model.ngroups) = {m.ngroups}: "
-                f"groups are split over TP ranks, or replicated on each when ngroups=1; valid parallel.tp: "
-                f"{_divisors(m.ngroups)}, or set model.ngroups=1")
-        if has_hydra and self.cp > 1:
-            # Ulysses: each CP rank scans hydra_heads/(tp*cp) heads, which must fall in whole B/C groups
-            # or inside one group (B/C are all-gathered along the sequence and the needed groups kept).
-            g_local = m.ngroups // self.tp if m.ngroups % self.tp == 0 else m.ngroups
-            if g_local % self.cp and self.cp % g_local:
-                per_tp = hydra_heads // self.tp
-                valid = [c for c in _divisors(per_tp) if g_local % c == 0 or c % g_local == 0]
-                raise MeshError(
-                    f"parallel.cp={self.cp} with {g_local} Hydra B/C group(s) per TP rank: a CP rank's heads must "
-                    f"cover whole groups (cp divides {g_local}) or lie inside one group (cp a multiple of "
-                    f"{g_local}); valid parallel.cp: {valid}")
+        for spec in kinds:
+            for msg in spec.layout_errors(m, self.tp, self.cp):
+                raise MeshError(msg)
         if seq_len is not None:
             self.check_seq_len(seq_len, sequence_parallel)
         if self.pp > len(m.pattern):

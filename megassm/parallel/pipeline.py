@@ -31,6 +31,7 @@ from megassm.diffusion.flow import FlowBatch, velocity_loss
 from megassm.models.accounting import block_flops_per_token
 from megassm.models.block import TokenGrid
 from megassm.models.embed import unpatchify
+from megassm.models.hth import embed_text
 from megassm.parallel.mesh import MeshError
 from megassm.parallel.pipeline_comm import PipeGroup, exchange, pack, unpack
 from megassm.parallel.pipeline_schedule import Exchange, Timeline, schedule, simulate
@@ -172,12 +173,10 @@ class PipelineStage(nn.Module):
 
     def embed(self, latents: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None):
         """HTHModel.forward up to the blocks: (x (B, L/n, d), t_mod (B, 6d), t_emb (B, d), y (B, Lt, d), mask)."""
-        from megassm.models.hth import HTHModel
-
         x = self.patch_embed(latents)  # (B, L, d); parallelize_hth's hook cuts it to (B, L/n, d)
         t_emb = self.t_embedder(t)  # (B, d)
         t_mod = self.t_block(t_emb)  # (B, 6d)
-        y, y_mask = HTHModel.embed_text(self, text, text_mask)  # uses cfg, y_null, y_embedder only
+        y, y_mask = embed_text(self.cfg, self.y_null, self.y_embedder, text, text_mask)
         return x, t_mod, t_emb, y, y_mask
 
     def forward(self, chunk: int, *inputs: Tensor, grid: tuple[int, int, int]):

@@ -8,10 +8,9 @@ the same order. The parallel layers (``megassm.parallel.apply``) shard a live mo
 plan, so ``model.state_dict()`` after ``parallelize_hth`` equals ``shard_state_dict`` of the
 unsharded one (a test checks it).
 
-    Hydra        in_proj (rows: z, x, dt by head; B/C by group or replicated when ngroups=1),
-                 conv1d (channels: x by head; B/C as in_proj), dt_bias/A_log/D (heads),
-                 fc_D (input channels, all heads), norm.weight (channels), out_proj (input cols)
-    attention    qkv / q / kv rows by head, proj input cols; q_norm/k_norm replicated
+    mixers       each kind's ``MixerSpec.shard_specs`` (megassm/models/mixers/): Hydra's heads, groups
+                 and channels; attention's qkv rows by head and proj input columns
+    cross-attn   q / kv rows by head, proj input cols; q_norm/k_norm replicated
     FFN          fc1 rows, fc2 input cols
     LoRA         ``<linear>.lora_A`` (r, in) / ``.lora_B`` (out, r) follow their base linear
                  (``adapter_spec``): a column-parallel base splits lora_B's rows segment by segment and
@@ -24,69 +23,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from megassm.models.mixers import ShardSpec, mixer_for_symbol
 
-@dataclass(frozen=True)
-class ShardSpec:
-    """Split ``dim`` of a tensor; ``segments`` lists (length, split?) along it, in order."""
-
-    dim: int
-    segments: tuple[tuple[int, bool], ...]
-
-    @property
-    def size(self) -> int:
-        return sum(n for n, _ in self.segments)
-
-    def local_size(self, tp_size: int) -> int:
-        return sum(n // tp_size if split else n for n, split in self.segments)
-
-    def local_segments(self, tp_size: int) -> list[tuple[int, int, bool]]:
-        """(start, stop, split?) of each segment in the *local* tensor."""
-        out, start = [], 0
-        for n, split in self.segments:
-            m = n // tp_size if split else n
-            out.append((start, start + m, split))
-            start += m
-        return out
+__all__ = ["ShardSpec", "merge_state_dicts", "merge_tensors", "shard_spec", "shard_state_dict",
+           "shard_tensor"]
 
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.(mixer|cross_attn|mlp)\.(.+)$")
-
-
-def bc_sharded(model_cfg, tp_size: int) -> bool:
-    """Hydra's B/C groups are split over TP when ngroups is a multiple of tp, else replicated."""
-    return tp_size > 1 and model_cfg.ngroups % tp_size == 0
-
-
-def _hydra_specs(m, tp_size: int) -> dict[str, ShardSpec]:
-    d_inner = m.expand * m.d_model
-    nheads = d_inner // m.headdim
-    gn = m.ngroups * m.d_state
-    bc = bc_sharded(m, tp_size)
-    rows = ((d_inner, True), (d_inner, True), (gn, bc), (gn, bc), (gn, bc), (gn, bc), (nheads, True), (nheads, True))
-    conv = ((d_inner, True), (gn, bc), (gn, bc), (gn, bc), (gn, bc))
-    return {
-        "in_proj.weight": ShardSpec(0, rows), "in_proj.bias": ShardSpec(0, rows),
-        "conv1d.weight": ShardSpec(0, conv), "conv1d.bias": ShardSpec(0, conv),
-        "dt_bias": ShardSpec(0, ((nheads, True),)), "A_log": ShardSpec(0, ((nheads, True),)),
-        "D": ShardSpec(0, ((nheads, True),)),
-        # fc_D maps all of d_inner to every head: split its input channels (row-parallel)
-        "fc_D.weight": ShardSpec(1, ((d_inner, True),)),
-        "norm.weight": ShardSpec(0, ((d_inner, True),)),
-        "out_proj.weight": ShardSpec(1, ((d_inner, True),)),
-    }
-
-
-def _attention_specs(m) -> dict[str, ShardSpec]:
-    d = m.d_model
-    return {
-        "qkv.weight": ShardSpec(0, ((d, True),) * 3), "qkv.bias": ShardSpec(0, ((d, True),) * 3),
-        "proj.weight": ShardSpec(1, ((d, True),)),
-    }
 
 
 def _cross_specs(m) -> dict[str, ShardSpec]:
@@ -118,7 +65,7 @@ def shard_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
         raise KeyError(f"{name}: block {block} but model.pattern={model_cfg.pattern!r} has "
                        f"{len(model_cfg.pattern)} blocks")
     if part == "mixer":
-        specs = _attention_specs(model_cfg) if model_cfg.pattern[block] == "A" else _hydra_specs(model_cfg, tp_size)
+        specs = mixer_for_symbol(model_cfg.pattern[block]).shard_specs(model_cfg, tp_size)
     elif part == "cross_attn":
         specs = _cross_specs(model_cfg)
     else:
