@@ -8,7 +8,8 @@ full sequence length on one GPU (Ulysses CP would split the same work over cp GP
 Depth: the most blocks of hth-5b's pattern, in whole units of 4 (3 Hydra : 1 attention, as hth-5b), that
 ``megassm plan``'s memory model fits into --mem-fraction of the card; the all-attention stack has the same
 depth. If no depth fits with the configured checkpointing, every_k and then all are tried (recorded).
-engine=deepspeed: DeepSpeed ZeRO-3 (one rank), bf16, fused torch AdamW, as megassm.train.engine builds it;
+engine=deepspeed: DeepSpeed ZeRO-3 (one rank), bf16, fused torch AdamW, as megassm/train/backends/deepspeed.py
+builds it;
 engine=torch: bf16 weights with a plain torch AdamW (no fp32 master), for when DeepSpeed is not there.
 MFU counts model FLOPs (3 x forward, accounting.train_flops); ``hw_mfu`` adds recomputed forwards.
 Rows: bench=model_step per (stage, stack). Each case runs in a fresh process.
@@ -75,7 +76,8 @@ def pick_depth(m, seq_len: int, batch: int, mode: str, every_k: int, budget_gb: 
 
 def make_engine(model, engine: str):
     from megassm.config.schema import RunConfig
-    from megassm.train.engine import deepspeed_config, param_groups
+    from megassm.train.backends.deepspeed import deepspeed_config
+    from megassm.train.optim import param_groups
 
     if engine == "torch":
         model = model.to(torch.bfloat16)
@@ -90,7 +92,7 @@ def make_engine(model, engine: str):
         deepspeed.init_distributed(dist_backend="nccl")
     cfg = RunConfig()
     cfg.train.micro_batch_size, cfg.train.precision, cfg.parallel.zero_stage = 1, "bf16", 3
-    ds = deepspeed_config(cfg, torch.device("cuda"), 1)
+    ds = deepspeed_config(cfg.parallel, cfg.train, cfg.optim.grad_clip, torch.device("cuda"), 1, cfg.train.grad_accum)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
     return eng, None
 

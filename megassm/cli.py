@@ -14,8 +14,10 @@ OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=2
 
 def _cmd_train(args) -> int:
     from megassm.config.load import load_config
+    from megassm.parallel.mesh import read_dist_env
 
-    cfg = load_config(args.config, args.overrides)
+    # the world size from the launcher's variables: the layout is checked before any process group exists
+    cfg = load_config(args.config, args.overrides, world=read_dist_env().world)
     from megassm.train.loop import train
 
     return train(cfg)

@@ -61,10 +61,10 @@ def pipeline_plan(model_cfg, run_cfg, pp: int, virtual: int = 1, seq_len: int | 
     from megassm.parallel.pipeline import partition_blocks
 
     if seq_len is None:
-        from megassm.parallel.pipeline_trainer import typical_seq_len
+        from megassm.parallel.pipeline import typical_seq_len
 
         try:
-            seq_len = typical_seq_len(run_cfg)
+            seq_len = typical_seq_len(run_cfg.model, run_cfg.data)
         except Exception as e:  # shard manifests not reachable from this host
             raise CheckpointError(f"--pp {pp}: cannot derive the tokens per sample from the config's data ({e}); "
                                   "pass --seq-len") from None

@@ -26,8 +26,8 @@ import yaml
 
 from megassm.checkpoint.errors import CheckpointError
 from megassm.checkpoint.safetensors_io import SafetensorsDir, SafetensorsFile, TensorSpec
+from megassm.checkpoint.tags import COMPLETE, LATEST
 from megassm.checkpoint.zero import DeepSpeedCheckpoint, is_deepspeed_dir
-from megassm.train.checkpoint import COMPLETE, LATEST
 
 MODEL, EMA = "model", "ema"
 META, LAYOUT = "meta.json", "layout.json"

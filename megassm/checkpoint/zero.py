@@ -11,7 +11,7 @@ Files of a tag directory (DeepSpeed 0.1x naming; "pp_rank" in them is the ZeRO p
                                                                   single_partition_of_fp32_groups: rank dp's
                                                                   contiguous 1/DP of each group's flat vector
     ZeRO-0   mp_rank_{mp:02d}_model_states.pt                     module holds the weights
-    megassm's pipeline (parallel/pipeline_trainer.py) is one engine per stage: ZeRO-1/0 files whose
+    megassm's pipeline (train/steps/pipeline.py) is one engine per stage: ZeRO-1/0 files whose
              mp_rank = pp_rank * tp + tp_rank each hold their stage's tensors under HTHModel names
     DeepSpeed's PipelineEngine  layer_{XX}-model_{mp}-model_states.pt  (megassm does not use it; refused)
 

@@ -4,6 +4,8 @@ checkpoint, consolidated over ZeRO-3 and TP; the ZeRO-3 leaf fix; the merge into
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,13 +20,17 @@ from megassm.parallel.sharding import ADAPTER_SUFFIXES, merge_tensors, shard_spe
 ADAPTER_DIR, EMA_ADAPTER_DIR = "lora", "lora_ema"
 
 
+Gathered = Callable[[list], AbstractContextManager]
+
+
 def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool,
-                    ema=None) -> None:
+                    ema=None, gathered: Gathered = lambda params: nullcontext()) -> None:
     """Write ``tag_dir/lora`` (and ``tag_dir/lora_ema`` from ``ema``, a ShardedEMA of the adapters) from the
-    live (DeepSpeed-wrapped) module, consolidated: whole tensors whatever the ZeRO stage and TP degree, so
-    they load at any layout. Every rank must call it (it gathers).
+    live (backend-wrapped) module, consolidated: whole tensors whatever the ZeRO stage and TP degree, so
+    they load at any layout. Every rank must call it (it gathers). ``gathered(params)``: the backend's
+    context in which ``params`` are whole on every rank (``TrainBackend.gathered``).
     """
-    state = consolidate_over_tp(_local_adapters(module), module)
+    state = consolidate_over_tp(_local_adapters(module, gathered), module)
     shadow = consolidate_over_tp(_local_ema_adapters(ema), module) if ema is not None else None
     if is_writer:
         save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base)
@@ -32,17 +38,12 @@ def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str
             save_adapters(tag_dir / EMA_ADAPTER_DIR, shadow, cfg, base)
 
 
-def _local_adapters(module: nn.Module) -> dict[str, torch.Tensor]:
+def _local_adapters(module: nn.Module, gathered: Gathered) -> dict[str, torch.Tensor]:
     """This TP rank's adapter tensors, whole: under ZeRO-3 each rank holds a slice of every parameter, and
     the adapters (a small fraction of the model) are gathered for the copy; other stages hold them whole."""
     named = [(n, p) for n, p in module.named_parameters() if n.endswith(ADAPTER_SUFFIXES)]
-    params = [p for _, p in named]
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().clone() for n, p in named}
-    return {n: p.detach() for n, p in named}
+    with gathered([p for _, p in named]):
+        return {n: p.detach().clone() for n, p in named}
 
 
 def _local_ema_adapters(ema) -> dict[str, torch.Tensor]:

@@ -90,9 +90,6 @@ class Hydra(nn.Module):
             raise ValueError(f"Hydra: nheads={self.nheads} not divisible by ngroups={ngroups}")
         self.chunk_size, self.ssd_impl = chunk_size, ssd_impl
         self.fused = fused
-        # ZeRO-3: gather all of Hydra's parameters at its entry; both paths read submodule weights
-        # (fc_D, and conv1d / norm in the fused path) without calling those submodules.
-        self._z3_leaf = True
         # the scan inside the fused path; None: mamba-ssm's kernel on CUDA unless ssd_impl="ref", else PyTorch
         # ("ref" runs the fused kernels around the PyTorch scan, as the CPU tests do in Triton's interpreter)
         self.fused_scan_impl: str | None = None

@@ -1,6 +1,6 @@
 """``parallelize_hth``: apply TP (+ Megatron-SP) and Ulysses CP to an unsharded HTHModel, in place.
 
-Called once, before DeepSpeed wraps the model, on a model with identical weights on every rank
+Called once, before the training backend wraps the model, on a model with identical weights on every rank
 (torchtitan's ``parallelize_llama`` pattern). The model code stays free of parallelism:
 
 1. parameters are cut to this TP rank's shard (``sharding.shard_state_dict``'s plan);
@@ -14,8 +14,8 @@ Called once, before DeepSpeed wraps the model, on a model with identical weights
 Gradient contract (docs/parallelism.md): after backward, a TP-sharded parameter's grad is its
 shard of the full gradient and a TP-replicated one's is the full gradient; over CP each rank holds
 a partial gradient, and their sum over CP ranks is ``cp_grad_scale`` times the full gradient
-(scale 1: the reducer must SUM over CP; a reducer that averages over DP x CP needs scale cp --
-``ParallelMesh.deepspeed_mpu`` / ``cp_grad_scale`` keep the two consistent for DeepSpeed).
+(scale 1: the reducer must SUM over CP; a reducer that averages over DP x CP needs scale cp -- the
+training backend says which, ``TrainBackend.cp_grad_scale`` in megassm/train/backends/base.py).
 """
 
 from __future__ import annotations
@@ -37,19 +37,22 @@ def parallelize_hth(
     mesh,
     *,
     sequence_parallel: bool = True,
-    cp_grad_scale: float | None = None,
+    cp_grad_scale: float = 1.0,
     check_inputs: bool = True,
+    pipeline: bool = False,
 ) -> ParallelContext | None:
     """Shard ``model`` (an HTHModel) in place for ``mesh``'s TP and CP degrees; returns the context.
 
     sequence_parallel: Megatron-SP on top of TP (ignored when tp=1).
-    cp_grad_scale:     multiplies every gradient under CP (see module doc); None takes
-                       ``mesh.cp_grad_scale()``, which matches the reduction of ``mesh.deepspeed_mpu()``.
+    cp_grad_scale:     multiplies every gradient under CP (see module doc): 1 for a reducer that sums over
+                       CP ranks (and for inference), the backend's ``cp_grad_scale()`` when training.
     check_inputs:      on the first forward, verify that all TP x CP ranks of a sample got the same
                        latents, t, text and mask (their losses must be one loss); raises if not.
+    pipeline:          the model is cut into ``PipelineStage``s afterwards (megassm/train/steps/pipeline.py):
+                       the TP / CP groups lie within a stage, so only they shard it (pp is the stages').
     """
     dims = mesh.dims
-    if dims.pp > 1:
+    if dims.pp > 1 and not pipeline:
         raise NotImplementedError(
             f"parallel.pp={dims.pp}: pipeline stages are not built by parallelize_hth (the pipeline "
             "schedule lives in megassm.parallel.pipeline); use pp=1 with tp/cp, or the pipeline engine")
@@ -60,38 +63,36 @@ def parallelize_hth(
     cfg = model.cfg
     dims.check_model(cfg)
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel)
-    if cp_grad_scale is None:
-        cp_grad_scale = mesh.cp_grad_scale() if hasattr(mesh, "cp_grad_scale") else 1.0
 
-    _shard_parameters(model, cfg, ctx)
+    sharded = _shard_parameters(model, cfg, ctx)
     for blk in model.blocks:
         blk.mixer = mixer_for_symbol(blk.symbol).parallelize(blk.mixer, ctx, cfg)
         if ctx.tp > 1:
             blk.cross_attn = parallelize_cross_attention(blk.cross_attn, ctx)
             parallelize_feed_forward(blk.mlp, ctx)
     if ctx.tp > 1:
-        _register_tp_grad_sums(model, ctx)
+        _register_tp_grad_sums(model, ctx, sharded)
     _split_sequence(model, ctx, float(cp_grad_scale), check_inputs)
     model.parallel_context = ctx
     return ctx
 
 
-def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> None:
-    """Cut every TP-split parameter to this rank's shard, keeping the Parameter objects."""
+def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> set[str]:
+    """Cut every TP-split parameter to this rank's shard, keeping the Parameter objects; returns their names."""
+    sharded: set[str] = set()
     if ctx.tp == 1:
-        return
+        return sharded
     with torch.no_grad():
         for name, p in model.named_parameters():
             spec = shard_spec(name, cfg, ctx.tp)
             if spec is None:
                 continue
             p.data = shard_tensor(p.data, spec, ctx.tp_rank, ctx.tp, name).clone()
-            # Megatron's attributes: DeepSpeed counts such parameters on every model-parallel rank in
-            # the gradient norm (the replicated B/C rows inside in_proj/conv1d are then counted tp times)
-            p.tensor_model_parallel, p.partition_dim = True, spec.dim
+            sharded.add(name)
+    return sharded
 
 
-def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
+def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: set[str]) -> list[str]:
     """Hook every TP-replicated parameter whose gradient each TP rank holds only part of; returns names.
 
     Always: parameters shared by heads that TP splits -- qk-norm weights (attention, cross-attention;
@@ -111,10 +112,10 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext) -> list[str]:
     for i, blk in enumerate(model.blocks):
         prefix = f"blocks.{i}."
         for name, p in blk.named_parameters():
-            sharded = getattr(p, "tensor_model_parallel", False)
+            is_sharded = prefix + name in sharded
             if name.endswith(ADAPTER_SUFFIXES):  # LoRA factors: megassm/lora/parallel.py hooks them
                 continue
-            if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not sharded):
+            if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not is_sharded):
                 hook(prefix + name, p)
     if ctx.sequence_parallel:
         for mod_name in ("patch_embed", "final_layer"):

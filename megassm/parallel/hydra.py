@@ -36,7 +36,6 @@ from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowPa
 def parallelize_hydra(hydra: Hydra, ctx: ParallelContext, model_cfg) -> ParallelHydra:
     """The Hydra mixer kind's parallel adapter (``megassm.models.mixers.hydra``)."""
     twin = ParallelHydra(hydra, ctx, bc_sharded(model_cfg, ctx.tp))
-    twin._z3_leaf = True  # ZeRO-3: gather all its parameters at entry (used outside submodule calls)
     return twin
 
 

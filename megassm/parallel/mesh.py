@@ -1,4 +1,4 @@
-"""Process groups for PP x DP x CP x TP (TP innermost, then CP, DP, PP) and DeepSpeed's mpu view.
+"""Process groups for PP x DP x CP x TP (TP innermost, then CP, DP, PP).
 
     global rank = ((pp * DP + dp) * CP + cp) * TP + tp
 
@@ -175,19 +175,14 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistE
 
 
 class ParallelMesh:
-    """The process groups of this rank plus DeepSpeed's mpu interface.
+    """The process groups of this rank, with Megatron-style getters (``get_data_parallel_group``, ...).
 
-    DeepSpeed partitions ZeRO state and reduces gradients over ``get_sequence_data_parallel_group``
-    (DP x CP) when CP > 1, and checkpoints per ``get_model_parallel_rank`` (TP x PP position).
-    Pass DeepSpeed ``deepspeed_mpu()``, not the mesh itself: under ZeRO-3 it folds CP into data
-    parallelism (see there).
+    Those getters are the "mpu" interface that DeepSpeed reads; how a backend maps CP onto its data-parallel
+    reduction is the backend's business (``megassm/train/backends/deepspeed.py``).
     """
 
-    def __init__(self, dims: ParallelDims, rank: int | None = None, zero_stage: int | None = None):
+    def __init__(self, dims: ParallelDims, rank: int | None = None):
         self.dims = dims
-        # the ZeRO stage DeepSpeed will run (None: unknown); it decides how DeepSpeed sees CP
-        # (deepspeed_mpu) and the CP gradient scale parallelize_hth applies (docs/parallelism.md §5)
-        self.zero_stage = zero_stage
         self.rank = dist.get_rank() if rank is None else rank
         if dist.is_initialized() and dist.get_world_size() != dims.world:
             raise MeshError(f"ParallelDims.world={dims.world} but torch.distributed has {dist.get_world_size()}")
@@ -203,8 +198,7 @@ class ParallelMesh:
 
     @classmethod
     def from_config(cls, parallel_cfg) -> ParallelMesh:
-        return cls(ParallelDims(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.pp),
-                   zero_stage=getattr(parallel_cfg, "zero_stage", None))
+        return cls(ParallelDims(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.pp))
 
     def group(self, *dims: str):
         return self._groups[tuple(dims)][0]
@@ -212,28 +206,7 @@ class ParallelMesh:
     def ranks(self, *dims: str) -> list[int]:
         return self._groups[tuple(dims)][1]
 
-    def deepspeed_mpu(self):
-        """The mpu to hand ``deepspeed.initialize``.
-
-        ZeRO 0/1/2: the mesh itself. DeepSpeed then reduces gradients over DP x CP dividing by dp,
-        i.e. it sums over CP ranks, and parallelize_hth's CP gradient scale is 1.
-        ZeRO-3 with cp > 1: a view with CP folded into data parallelism (sequence-parallel size 1).
-        DeepSpeed 0.19.8's ZeRO-3 path for an mpu with a sequence-parallel size > 1 hands the
-        optimizer wrong gradients even for a plain data-parallel model (tests/distributed/
-        test_deepspeed_cp.py shows it); folded, every stage averages over DP x CP, and the CP
-        gradient scale is cp. DeepSpeed's batch bookkeeping then counts dp*cp "replicas":
-        train_batch_size = micro_batch * grad_accum * mpu.get_data_parallel_world_size().
-        """
-        if self.zero_stage == 3 and self.dims.cp > 1:
-            return CPFoldedMPU(self)
-        return self
-
-    def cp_grad_scale(self) -> float:
-        """What parallelize_hth multiplies gradients by under CP so that ``deepspeed_mpu``'s
-        reduction yields the DP-mean of the full-sequence gradient (1 when no CP)."""
-        return float(self.dims.cp) if self.deepspeed_mpu() is not self else 1.0
-
-    # -- DeepSpeed mpu interface ----------------------------------------------------------
+    # -- Megatron-style getters (the mpu interface) ---------------------------------------
     def get_model_parallel_group(self):
         return self.group("tp", "pp")
 
@@ -294,34 +267,3 @@ class ParallelMesh:
     def get_sequence_data_parallel_world_size(self) -> int:
         return self.dims.dp * self.dims.cp
 
-
-class CPFoldedMPU:
-    """DeepSpeed's view of a mesh with CP folded into data parallelism: data-parallel group = DP x CP,
-    sequence-parallel size 1. Everything else (model-parallel groups, ranks) is the mesh's."""
-
-    def __init__(self, mesh: ParallelMesh):
-        self.mesh = mesh
-
-    def __getattr__(self, name):
-        return getattr(self.mesh, name)
-
-    def get_data_parallel_group(self):
-        return self.mesh.group("dp", "cp")
-
-    def get_data_parallel_rank(self) -> int:
-        return self.mesh.get_sequence_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.mesh.get_sequence_data_parallel_world_size()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return self.mesh.ranks("dp", "cp")
-
-    def get_sequence_parallel_group(self):
-        return None
-
-    def get_sequence_parallel_rank(self) -> int:
-        return 0
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return 1

@@ -1,5 +1,6 @@
 """Pipeline parallelism for HTH: cost-balanced stages and a 1F1B (optionally interleaved) step.
 
+    typical_seq_len(model_cfg, data_cfg)      -> tokens per sample that stage balancing assumes
     partition_blocks(model_cfg, pp, seq_len)  -> PipelinePlan (block ranges per virtual stage)
     PipelineStage(model, plan, pp_rank)       -> this rank's part of an HTHModel (global names kept)
     train_step_pipeline(engine, stage, ...)   -> forward + backward of m micro-batches, grads left
@@ -18,13 +19,14 @@ caption dropout) is drawn on the first stage only.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megassm.config.schema import ModelConfig
+from megassm.config.schema import DataConfig, ModelConfig
 from megassm.diffusion.flow import FlowBatch, velocity_loss
 from megassm.models.accounting import block_flops_per_token
 from megassm.models.block import TokenGrid
@@ -70,6 +72,24 @@ def stage_costs(m: ModelConfig, seq_len: int, text_len: int | None = None) -> tu
     per_sample = 2 * lt * (m.text_dim * d + d * d) + 2 * (256 * d + d * d + d * 6 * d)  # text + timestep
     first = 2 * patch * d + per_sample / seq_len
     return blocks, first, 2 * d * patch
+
+
+def typical_seq_len(m: ModelConfig, data: DataConfig) -> int:
+    """Tokens per sample that stage balancing assumes: the procedural data's, or the most common
+    latent shape in the shard manifests."""
+    pt, ph, pw = m.patch_size
+    if data.kind == "procedural":
+        return max(1, getattr(data, "frames", 1) // pt) * (data.image_size // ph) * (data.image_size // pw)
+    from megassm.data.format import parse_shape_key
+    from megassm.data.manifest import load_manifest
+
+    hist: Counter[str] = Counter()
+    for path in data.paths:
+        hist.update(load_manifest(path).get("shape_histogram", {}))
+    if not hist:
+        return 4096
+    _, T, H, W = parse_shape_key(hist.most_common(1)[0][0])
+    return (T // pt) * (H // ph) * (W // pw)
 
 
 def partition_blocks(m: ModelConfig, pp: int, seq_len: int, virtual: int = 1,
@@ -246,9 +266,10 @@ def train_step_pipeline(
     """Forward and backward of ``micro_batches`` micro-batches through the pipeline (1F1B, or
     interleaved 1F1B when the plan has virtual stages); gradients are left for ``engine.step()``.
 
-    engine: ``engine(chunk, *inputs, grid=...)`` runs ``stage``; ``engine.backward(loss,
-        scale_wrt_gas=...)`` / ``set_gradient_accumulation_boundary`` as DeepSpeed's (its
-        gradient_accumulation_steps must be ``micro_batches``: the loss is averaged over them).
+    engine: ``engine(chunk, *inputs, grid=...)`` runs ``stage``; ``engine.backward(loss, scale_wrt_gas=...)``,
+        ``set_gradient_accumulation_boundary`` and ``gradient_accumulation_steps()`` as a ``TrainBackend``
+        (megassm/train/backends/base.py) or a DeepSpeed engine has them (its gradient_accumulation_steps must
+        be ``micro_batches``: the loss is averaged over them).
     batches: the first stage's micro-batches (``megassm.diffusion.flow.prepare_batch``); other stages pass None.
     dtype: the compute dtype of messages (the model's: bf16 under DeepSpeed bf16).
     """

@@ -24,14 +24,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megassm.checkpoint.tags import COMPLETE, LATEST, tag_for  # noqa: F401  (re-exported for the trainer)
 from megassm.data.writer import atomic_write_bytes
-
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,17 +1,16 @@
 """Resume a run at another (dp, cp) layout with the same global batch.
 
-Mechanism: DeepSpeed's universal checkpoint for what DeepSpeed owns, megassm's own path for the rest.
+Mechanism: the backend's resharding load for what the backend owns (``TrainBackend.load_resharded``;
+DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), megassm's own path for the rest.
 
-- ``deepspeed.checkpoint.ds_to_universal`` turns the saved ZeRO checkpoint into per-parameter fp32
-  weights and Adam moments (``exp_avg``, ``exp_avg_sq``) plus the optimizer step; an engine built with
-  ``checkpoint.load_universal`` re-partitions them over its own dp x cp group. It also restores
-  ``global_steps`` and the LR schedule from the model-states file.
-- The EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
+- model, fp32 masters, Adam moments, optimizer step and LR schedule: re-partitioned by the backend over
+  the new dp x cp group;
+- the EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
   layout's partitions (``ShardedEMA.load_full``).
-- The data cursor: the built-in procedural data is a function of the global sample index, so the
+- the data cursor: the built-in procedural data is a function of the global sample index, so the
   position is ``step x grad_accum`` at the new layout. Shard streams are per data-parallel rank: a
   change of cp at the same dp keeps each dp rank's stream; a change of dp with shard data is refused.
-- Randomness: every training draw is keyed on (seed, global sample index), so no per-rank generator
+- randomness: every training draw is keyed on (seed, global sample index), so no per-rank generator
   has to carry over.
 
 What cannot be bridged fails in ``plan_resume``, before anything is written: another model, another
@@ -21,18 +20,12 @@ tp or pp or ZeRO stage, or another global batch (unless ``train.allow_batch_chan
 from __future__ import annotations
 
 import json
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from megassm.config.load import to_dict
 from megassm.config.schema import RunConfig
 from megassm.train import checkpoint as ckpt
-
-UNIVERSAL_DIR = "universal"  # under checkpoints/: <tag>/ in DeepSpeed's universal format
 
 
 class ElasticResumeError(ValueError):
@@ -117,47 +110,6 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
     if cfg.parallel.pp > 1:
         raise ElasticResumeError(f"checkpoint {tag_dir}: a pipeline run resumes only at its own layout ({old})")
     return ResumePlan(tag, True, old, new)
-
-
-def convert_to_universal(ckpt_dir: Path, tag: str, is_writer: bool) -> Path:
-    """``checkpoints/universal/<tag>`` in DeepSpeed's universal format (made once, by ``is_writer``, atomically);
-    returns ``checkpoints/universal`` -- the directory to pass to ``engine.load_checkpoint``."""
-    root = Path(ckpt_dir) / UNIVERSAL_DIR
-    out = root / tag
-    if is_writer and not (out / ckpt.COMPLETE).exists():
-        import argparse
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        tmp = root / f".{tag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(argparse.Namespace(input_folder=str(Path(ckpt_dir) / tag), output_folder=str(tmp),
-                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                           strict=True, inject_missing_state=False))
-        (tmp / ckpt.COMPLETE).write_text("")
-        tmp.rename(out)
-    return root
-
-
-@contextmanager
-def universal_load_fixes(engine):
-    """Undo two things DeepSpeed's ZeRO-3 universal load does to a torch optimizer (DeepSpeed 0.19):
-
-    - it gives every parameter group the hyperparameters of group 0, so the no-decay group would get the
-      decay group's weight decay: each group's own values (all but the scheduled ``lr``) are put back;
-    - it stores one ``step`` tensor object in the state of every parameter group, and torch's AdamW
-      increments it in place, once per group per update: the bias correction would then run ahead by the
-      number of groups. Each state gets its own copy.
-    """
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
-    yield
-    for g, h in zip(inner.param_groups, own):
-        g.update(h)
-    for st in inner.state.values():
-        if torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].clone()
 
 
 def find_data_state(tag_dir: Path, dp_rank: int) -> dict:

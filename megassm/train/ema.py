@@ -2,14 +2,14 @@
 
 The EMA follows the fp32 masters, never the bf16 module weights: at lr 2e-5 most updates are smaller
 than one bf16 step, and an EMA of bf16 values would move in a staircase. Three layouts, by what the
-DeepSpeed optimizer holds on this rank:
+backend's optimizer holds on this rank (``LocalShards``, megassm/train/backends/base.py, says which):
 
-- ``partitioned`` (ZeRO-3): each rank's fp32 master partition of every parameter (flat, the size of
-  ``param.ds_tensor``); 4 bytes/param / (DP x CP) per rank, no gather to update; saved per rank.
+- ``partitioned`` (ZeRO-3): each rank's flat fp32 master partition of every parameter; 4 bytes/param /
+  (DP x CP) per rank, no gather to update; saved per rank.
 - ``fragment`` (ZeRO-1/2, and ZeRO-0 under bf16, whose optimizer partitions the fp32 masters): whole
   fp32 tensors, of which each rank updates the fragment its optimizer owns; saving sums the fragments
   over the optimizer's data-parallel group (a collective) and the first rank writes one file.
-- ``whole`` (ZeRO-0 in fp32): the module parameters are the masters; one file.
+- ``whole`` (ZeRO-0 in fp32, or no backend): the module parameters are the masters; one file.
 
 One ``torch._foreach_lerp_`` call updates every tensor. ``ShardedEMA.consolidate`` rebuilds whole
 tensors from a checkpoint's ``ema/`` files.
@@ -27,21 +27,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-def _layout(p: nn.Parameter) -> str:
-    if hasattr(p, "ds_id"):
-        return "partitioned"
-    if hasattr(p, "_hp_mapping"):  # set (None where this rank owns no fragment) by ZeRO-1/2 and bf16 ZeRO-0
-        return "fragment"
-    return "whole"
+from megassm.train.backends.base import LocalShards, PlainShards
 
 
 class ShardedEMA:
-    def __init__(self, model: nn.Module, decay: float, group=None):
-        """``group``: the process group over which the optimizer partitions its fp32 masters (fragment layout)."""
+    def __init__(self, model: nn.Module, decay: float, group=None, shards: LocalShards | None = None):
+        """``group``: the process group over which the optimizer partitions its fp32 masters (fragment layout);
+        ``shards``: where this rank's masters live (the backend's; default: plain parameters)."""
         self.decay, self.group = decay, group
+        self.local = shards if shards is not None else PlainShards()
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        layouts = {_layout(p) for p in self.params.values()}
+        layouts = {self.local.layout(p) for p in self.params.values()}
         if len(layouts) > 1:
             raise RuntimeError(f"EMA: parameters are held in mixed layouts {sorted(layouts)}; expected one")
         self.layout = layouts.pop() if layouts else "whole"
@@ -49,33 +45,23 @@ class ShardedEMA:
         self._sources: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
         if self.partitioned:
-            self.shadow = {n: self._master(p).detach().float().clone() for n, p in self.params.items()}
+            self.shadow = {n: self.local.master(p).detach().float().clone() for n, p in self.params.items()}
         else:
             self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
         self.refresh()
-
-    @staticmethod
-    def _master(p: nn.Parameter) -> torch.Tensor:
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        return safe_get_local_fp32_param(p).view(-1)
 
     def refresh(self) -> None:
         """(Re)collect the views of the fp32 masters and the EMA tensors they feed (after a checkpoint load)."""
         self._sources, self._targets = [], []
         for n, p in self.params.items():
-            if self.layout == "partitioned":
-                self._sources.append(self._master(p))
-                self._targets.append(self.shadow[n])
-            elif self.layout == "fragment":
-                m = p._hp_mapping
-                if m is None:  # no fragment of this parameter in this rank's partition
-                    continue
-                addr = m.lp_fragment_address
-                self._sources.append(m.hp_fragment.view(-1))
-                self._targets.append(self.shadow[n].view(-1).narrow(0, addr.start, addr.numel))
+            source = self.local.master(p)
+            if source is None:  # fragment layout: no fragment of this parameter in this rank's partition
+                continue
+            self._sources.append(source)
+            if self.layout == "fragment":
+                start, numel = self.local.fragment(p)
+                self._targets.append(self.shadow[n].view(-1).narrow(0, start, numel))
             else:
-                self._sources.append(p.data)
                 self._targets.append(self.shadow[n])
         bad = [t.dtype for t in self._sources if t.dtype != torch.float32]
         if bad:
@@ -94,10 +80,9 @@ class ShardedEMA:
             return self.shadow
         out = {n: torch.zeros_like(t) for n, t in self.shadow.items()}
         for n, p in self.params.items():
-            m = p._hp_mapping
-            if m is not None:
-                a = m.lp_fragment_address
-                out[n].view(-1).narrow(0, a.start, a.numel).copy_(self.shadow[n].view(-1).narrow(0, a.start, a.numel))
+            frag = self.local.fragment(p)
+            if frag is not None:
+                out[n].view(-1).narrow(0, *frag).copy_(self.shadow[n].view(-1).narrow(0, *frag))
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             flat = torch.cat([t.view(-1) for t in out.values()])
             dist.all_reduce(flat, group=self.group)
@@ -121,7 +106,7 @@ class ShardedEMA:
             return
         d = Path(directory) / "ema"
         d.mkdir(parents=True, exist_ok=True)
-        meta = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in self.params.items()}
+        meta = {n: list(self.local.full_shape(p)) for n, p in self.params.items()}
         path = d / self.filename(shard_rank if self.partitioned else 0, mp_rank, mp_world)
         save_file({n: t.contiguous() for n, t in state.items()}, str(path),
                   metadata={"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)})
@@ -153,8 +138,7 @@ class ShardedEMA:
         for n, t in self.shadow.items():
             src = full[n].float().reshape(-1)
             if self.partitioned:
-                group = self.params[n].ds_process_group
-                r, world = dist.get_rank(group), dist.get_world_size(group)
+                r, world = self.local.partition(self.params[n])
                 src = torch.nn.functional.pad(src, (0, t.numel() * world - src.numel()))
                 t.copy_(src[r * t.numel():(r + 1) * t.numel()])
             else:
@@ -200,45 +184,33 @@ class ShardedEMA:
 # -- sampling with the EMA weights (training previews) -------------------------------------------------
 
 
-def _zero3_resident(params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """ZeRO-3 parameters whose whole tensor is gathered right now (the persistent small ones between steps):
-    their ``data`` is a copy of the partitions that a write to ``ds_tensor`` would leave stale."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return [p for p in params if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
-
-
-def _write_local(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor],
-                 gathered: list[nn.Parameter]) -> None:
-    """Copy ``values`` into each parameter's local weights (ZeRO-3: its partition); afterwards exactly the ZeRO-3
-    parameters ``gathered`` hold whole tensors (showing the new values). Collective under ZeRO-3 (every rank
-    of the partition group calls it)."""
-    resident = _zero3_resident(list(params.values()))
-    if resident:
-        resident[0].partition(resident)  # frees the gathered copies; the partitions stay as they are
-    for n, p in params.items():
-        local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def _write_local(ema: ShardedEMA, values: dict[str, torch.Tensor], gathered: list[nn.Parameter]) -> None:
+    """Copy ``values`` into each parameter's local weights (partitioned: its partition); afterwards exactly the
+    partitioned parameters ``gathered`` hold whole tensors (showing the new values). Collective under the
+    partitioned layout (every rank of the partition group calls it)."""
+    ema.local.release(ema.local.resident(list(ema.params.values())))  # the partitions stay as they are
+    for n, p in ema.params.items():
+        local = ema.local.local_weights(p)
         local.copy_(values[n].reshape(local.shape))
-    if gathered:
-        gathered[0].all_gather(gathered)
+    ema.local.gather(gathered)
 
 
 @contextmanager
 def applied(ema: ShardedEMA):
     """``with applied(ema):`` the module computes with the EMA weights, its training weights restored on exit.
 
-    The shadow is cast to each parameter's dtype and written to its local weights (under ZeRO-3 the
-    partition ``ds_tensor``, which the next gather reads; otherwise ``data``). Costs one copy of the local
-    weights (the training values, kept for the restore). Under ZeRO-3 the parameters gathered on entry (the
+    The shadow is cast to each parameter's dtype and written to its local weights (partitioned: the
+    partition, which the next gather reads; otherwise ``data``). Costs one copy of the local weights (the
+    training values, kept for the restore). Partitioned, the parameters gathered on entry (ZeRO-3's
     persistent ones between steps) are re-gathered on both sides, and only they are left gathered on exit
-    (a no-grad forward may leave others gathered). Collective under ZeRO-3: all ranks enter and leave.
+    (a no-grad forward may leave others gathered). Collective when partitioned: all ranks enter and leave.
     """
-    gathered = _zero3_resident(list(ema.params.values()))
-    saved = {n: (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().clone() for n, p in ema.params.items()}
+    gathered = ema.local.resident(list(ema.params.values()))
+    saved = {n: ema.local.local_weights(p).detach().clone() for n, p in ema.params.items()}
     with torch.no_grad():
-        _write_local(ema.params, ema.shadow, gathered)
+        _write_local(ema, ema.shadow, gathered)
     try:
         yield
     finally:
         with torch.no_grad():
-            _write_local(ema.params, saved, gathered)
+            _write_local(ema, saved, gathered)

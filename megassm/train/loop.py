@@ -1,10 +1,14 @@
-"""The training loop: data -> flow-matching loss -> DeepSpeed step, with logging, checkpoints,
-signals, EMA, numerical guards and exact resume."""
+"""The training loop: data -> flow-matching loss -> optimizer step, with logging, checkpoints, signals, EMA,
+numerical guards and exact resume.
+
+One ``Trainer`` for every regime. It is given a step strategy (``megassm/train/steps/``: how the regime
+builds its model and runs one optimizer step) and a backend (``megassm/train/backends/``: the library that
+shards, reduces and updates, DeepSpeed today); it owns what a run has once.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -16,17 +20,22 @@ import torch.distributed as dist
 from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
-from megassm.diffusion.flow import flow_matching_loss, step_loss_scale
 from megassm.models import build_model
 from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.runtime import default_device
 from megassm.train import checkpoint as ckpt
 from megassm.train import elastic
+from megassm.train.backends import TrainBackend, build_backend
 from megassm.train.ema import ShardedEMA
-from megassm.train.engine import build_engine, skip_update
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.profiling import StepProfiler
+from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported)
+    StepStrategy,
+    apply_activation_checkpointing,
+    check_same_bucket,
+    make_step,
+)
 from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
@@ -63,13 +72,18 @@ def _fault_kill_step() -> int | None:
     return int(v) if v else None
 
 
-def _grads_nonfinite(engine) -> torch.Tensor:
-    """After backward, for ZeRO-0 (DeepSpeed's ZeRO optimizers check overflow themselves): a 0-d bool
-    tensor, computed without a host sync."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.tensor(False)
-    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().cpu()
+class _NoData:
+    """The data loader of ranks that never read data (pipeline stages after the first); its checkpointed
+    data position is empty."""
+
+    def __iter__(self):
+        return iter(())
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def _hydra_paths(model) -> str:
@@ -79,12 +93,16 @@ def _hydra_paths(model) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, strategy: StepStrategy | None = None, backend: TrainBackend | None = None):
+        """``strategy`` / ``backend``: default ``make_step`` (dense for pp = 1, pipeline for pp > 1) over the
+        DeepSpeed backend; both are built after the process group and the mesh."""
         self.cfg = cfg
         self.env = init_distributed()
         self.device = default_device()
         self.rank = dist.get_rank()
         self.mesh = ParallelMesh.from_config(cfg.parallel)
+        self.backend = backend or build_backend(self.mesh, cfg, self.device)
+        self.strategy = strategy or make_step(cfg, self.mesh, self.backend, self.device, self._info)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # before anything is written: a checkpoint at another layout is bridged or refused here
@@ -97,26 +115,22 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model)
         if cfg.init_from and ckpt.read_latest(self.ckpt_dir) is None:
-            for line in warm_start(model, cfg, cfg.init_from):
+            for line in warm_start(model, cfg.model, cfg.init_from):
                 self._info(line)
         if cfg.finetune.lora is not None:  # LoRA (megassm/lora/): base frozen, only adapters train / enter the EMA
             from megassm.lora import attach_lora
 
             self._info(attach_lora(model, cfg.finetune.lora))
-        self._apply_parallelism(model)
-        if cfg.finetune.lora is not None and cfg.parallel.zero_stage == 3:  # Hydra is a ZeRO-3 leaf with adapters
-            from megassm.lora.training import feed_grad_into_zero3_leaves
-
-            feed_grad_into_zero3_leaves(model)
-        self._apply_activation_checkpointing(model)
-        self.engine, self.scheduler = self._build_engine(model)
-        self.model = self.engine.module
-        self.ema = self._build_ema() if cfg.train.ema_decay > 0 else None
+        self.strategy.parallelize(model)
+        apply_activation_checkpointing(model, cfg.train)
+        self.model = self.strategy.wrap(model, load_universal=self.resume_plan.elastic)
+        self.ema = self.strategy.build_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
-                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size))
+                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size)
+                                     ) if self.strategy.reads_data else _NoData()
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -132,29 +146,6 @@ class Trainer:
         if self.rank == 0:
             log.info(msg)
 
-    def _apply_parallelism(self, model) -> None:
-        p = self.cfg.parallel
-        if p.tp == 1 and p.cp == 1 and p.pp == 1:
-            return
-        from megassm.parallel.apply import parallelize_hth
-
-        parallelize_hth(model, self.mesh)
-
-    def _build_engine(self, model):
-        """(engine, scheduler); PipelineTrainer overrides it to wrap only this rank's pipeline stage."""
-        return build_engine(model.to(self.device), self.cfg, self.device, self.mesh,
-                            load_universal=self.resume_plan.elastic)
-
-    def _build_ema(self) -> ShardedEMA:
-        # the group over which ZeRO-1/2 (and bf16 ZeRO-0) partition the fp32 masters the EMA follows
-        return ShardedEMA(self.model, self.cfg.train.ema_decay, group=getattr(self.engine.optimizer,
-                                                                             "dp_process_group", None))
-
-    def _apply_activation_checkpointing(self, model) -> None:
-        mode, k = self.cfg.train.activation_checkpointing, self.cfg.train.checkpoint_every_k
-        for i, blk in enumerate(model.blocks):
-            blk.grad_checkpoint = mode == "all" or (mode == "every_k" and i % k == 0)
-
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, reason: str) -> None:
         tag = ckpt.tag_for(self.step)
@@ -164,8 +155,7 @@ class Trainer:
 
             shutil.rmtree(tag_dir)  # a partial leftover of an interrupted save at this step
         dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
-                                    client_state={"megassm_step": self.step})
+        self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step})
         if self.ema is not None:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
@@ -174,7 +164,7 @@ class Trainer:
             from megassm.lora.training import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
-                            is_writer=self.rank == 0, ema=self.ema)
+                            is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered)
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),
@@ -194,10 +184,7 @@ class Trainer:
             return self._resume_elastic(plan)
         tag = plan.tag
         tag_dir = self.ckpt_dir / tag
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        self.backend.load(self.ckpt_dir, tag)
         state, _ = ckpt.load_trainer_state(tag_dir, self.rank)
         self._restore_counters(state)
         self.data.load_state_dict(state["data"])
@@ -209,22 +196,13 @@ class Trainer:
     def _restore_counters(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
-        # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
-        # (DeepSpeed does not restore its micro-step counter)
-        self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
 
     def _resume_elastic(self, plan: elastic.ResumePlan) -> None:
         """The latest checkpoint was written at another (dp, cp): megassm/train/elastic.py says how it carries over."""
         tag_dir = self.ckpt_dir / plan.tag
         self._info(f"elastic resume from {tag_dir}: {plan.describe()} (global batch {plan.old['global_batch']} -> "
-                   f"{plan.new['global_batch']}); converting to DeepSpeed's universal format")
-        root = elastic.convert_to_universal(self.ckpt_dir, plan.tag, is_writer=self.rank == 0)
-        dist.barrier()
-        with elastic.universal_load_fixes(self.engine):
-            load_path, _ = self.engine.load_checkpoint(str(root), tag=plan.tag, load_module_strict=True,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {root / plan.tag}")
+                   f"{plan.new['global_batch']}); resharding the backend's state")
+        self.backend.load_resharded(self.ckpt_dir, plan.tag, is_writer=self.rank == 0)
         state = elastic.read_rank0_state(tag_dir)
         self._restore_counters(state)
         if self.cfg.data.kind == "procedural":  # a function of the global sample index
@@ -239,7 +217,7 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------
     @property
     def micro_batches_per_step(self) -> int:
-        return self.cfg.train.grad_accum
+        return self.strategy.micro_batches
 
     def sample_indices(self, micro: int, batch_size: int) -> list[int]:
         """Global indices of this rank's samples in micro-batch ``micro`` of the current step.
@@ -254,66 +232,15 @@ class Trainer:
         first = ((self.step * n + micro) * dp + r) * mb
         return list(range(first, first + batch_size))
 
-    def _forward_loss(self, batch, micro: int) -> torch.Tensor:
-        x0 = batch["latents"].to(self.device)
-        text = batch["text"].to(self.device)
-        mask = batch["text_mask"].to(self.device)
-        if self.engine.bfloat16_enabled():
-            x0, text = x0.bfloat16(), text.bfloat16()
-        seq_len = math.prod(self.model.patch_embed.grid(x0.shape))
-        index = batch.get("sample_index") or self.sample_indices(micro, x0.shape[0])  # data.buckets: the data's
-        loss = compute_loss(self.engine, x0, text, mask, self.cfg.diffusion, seq_len, index, self.cfg.train.seed)
-        if "step_samples" in batch:  # data.buckets: this micro-batch's share of the step's mean
-            slots = self.cfg.train.grad_accum * self.mesh.get_data_parallel_world_size()
-            loss = loss * step_loss_scale(x0.shape[0], x0.shape[0] * seq_len, batch["step_samples"],
-                                          batch["step_tokens"], slots, self.cfg.train.loss_reduction)
-        return loss
-
     def train_step(self, data_iter) -> dict:
-        """One optimizer step over ``train.grad_accum`` micro-batches (DeepSpeed's managed accumulation:
-        ``backward`` + ``step`` per micro-batch, the last ``step`` at the boundary updates). One
-        collective per step decides, on every rank alike, whether the update is skipped (a non-finite
-        loss or, under ZeRO-0, gradient anywhere), gives the global-batch loss, and carries a stop signal.
-        """
+        """One optimizer step (the strategy's ``run``), then the EMA; adds the step's wall time."""
         t0 = time.perf_counter()
-        n = self.cfg.train.grad_accum
-        losses, wait, tokens, samples, bucket = [], 0.0, 0, 0, 0.0
-        for m in range(n):
-            tw = time.perf_counter()
-            batch = next(data_iter)
-            wait += time.perf_counter() - tw
-            bucket = float(batch.get("bucket", -1) + 1)  # data.buckets: every rank must train the same one
-            samples += batch["latents"].shape[0]
-            tokens += batch["latents"].shape[0] * math.prod(self.model.patch_embed.grid(batch["latents"].shape))
-            loss = self._forward_loss(batch, m)
-            losses.append(loss.detach().float())
-            # a non-finite loss still goes through backward: the window is completed, then discarded
-            self.engine.backward(loss)
-            if m < n - 1:
-                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        local = torch.stack(losses)
-        bad = (~torch.isfinite(local)).any()
-        if self.cfg.parallel.zero_stage == 0:
-            bad = bad | _grads_nonfinite(self.engine)  # ZeRO-1..3 optimizers check their own partitions
-        stop = self._stop.signum is not None if self._stop is not None else False
-        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop)), torch.tensor(bucket),
-                             torch.tensor(bucket * bucket)]).to(self.device)
-        dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
-        n_bad, loss_sum, n_stop, b_sum, b_sq = flags.tolist()
-        check_same_bucket(b_sum, b_sq, dist.get_world_size(), self.step)
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update applies
-        ok = n_bad == 0
-        if ok:
-            skipped_before = self.engine.skipped_steps
-            self.engine.step()  # the boundary: reduce, clip, update, LR schedule
-            ok = self.engine.skipped_steps == skipped_before  # ZeRO's own overflow check skipped it
-        else:
-            skip_update(self.engine)
-        if ok and self.ema is not None:
+        stop = self._stop is not None and self._stop.signum is not None
+        out = self.strategy.run(data_iter, self.sample_indices, stop, self.step)
+        if out["ok"] and self.ema is not None:
             self.ema.update()
-        return {"loss": loss_sum / dist.get_world_size() if ok else float("nan"), "ok": ok, "lr": lr,
-                "time": time.perf_counter() - t0, "tokens": tokens, "samples": samples, "data_wait": wait,
-                "seq_len": tokens // max(samples, 1), "stop": n_stop > 0}
+        out["time"] = time.perf_counter() - t0
+        return out
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -350,8 +277,8 @@ class Trainer:
                 # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
                 flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
                 row = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
-                       "optimizer_steps": self.engine.global_steps,
-                       "grad_norm": _grad_norm(self.engine), "samples_per_s": out["samples"] * replicas / out["time"],
+                       "optimizer_steps": self.backend.optimizer_steps,
+                       "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
                        "tokens_per_s": out["tokens"] * replicas / out["time"],
                        "mfu": flops / out["time"] / peak if peak else float("nan"),
                        "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
@@ -384,10 +311,15 @@ class Trainer:
         """Preview images of the EMA weights (the live ones without EMA) to TensorBoard; every rank calls it."""
         from megassm.train.preview import Previews
 
+        if not self.strategy.previews:
+            # said at every preview step, so that a log read from any point shows why no images appear
+            self._info(f"step {self.step}: no preview samples (train.sample_every={self.cfg.train.sample_every}): "
+                       "they need the whole model and are skipped under parallel.pp > 1; sample a checkpoint with "
+                       "`megassm sample`")
+            return
         if getattr(self, "_previews", None) is None:  # built at the first preview: prompts encoded once
-            dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-            self._previews = Previews.for_mesh(self.cfg, self.mesh, self.device, dtype)
-        imgs = self._previews(self.engine.module, self.ema)
+            self._previews = Previews.for_mesh(self.cfg, self.mesh, self.device, self._dtype())
+        imgs = self._previews(self.model, self.ema)
         if imgs is not None:
             self.metrics.images("samples", imgs, self.step)
 
@@ -397,9 +329,11 @@ class Trainer:
         from megassm.eval.during_training import TrainingEvaluator
 
         if getattr(self, "_evaluator", None) is None:
-            dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-            self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, dtype, self.rank)
-        self.metrics.scalars("eval", self._evaluator(self.engine.module, self.ema), self.step)
+            self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, self._dtype(), self.rank)
+        self.metrics.scalars("eval", self._evaluator(self.model, self.ema), self.step)
+
+    def _dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.backend.bf16 else torch.float32
 
 
 def _bucket_schedule(cfg: RunConfig, dp_rank: int, dp_size: int):
@@ -410,27 +344,6 @@ def _bucket_schedule(cfg: RunConfig, dp_rank: int, dp_size: int):
 
     return BucketSchedule(BucketTable.from_config(cfg.data, cfg.model.patch_size), cfg.train.seed,
                           cfg.train.grad_accum, dp_rank, dp_size)
-
-
-def check_same_bucket(b_sum: float, b_sq: float, world: int, step: int) -> None:
-    """data.buckets: the per-step all-reduce summed each rank's bucket number b (1-based; 0 without buckets)
-    and b^2; they are all equal iff world x sum(b^2) = sum(b)^2 (zero variance; exact for small integers)."""
-    if world * b_sq != b_sum * b_sum:
-        raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (mean bucket number "
-                           f"{b_sum / world:.3f}, variance {b_sq / world - (b_sum / world) ** 2:.3f}): their data "
-                           "positions or bucket tables differ")
-
-
-def compute_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed):
-    """Module-level so tests can inject faults (e.g. a NaN) into a run."""
-    return flow_matching_loss(engine, x0, text, mask, diffusion_cfg, seq_len, sample_index, seed)
-
-
-def _grad_norm(engine) -> float:
-    g = engine.get_global_grad_norm()
-    if g is None:
-        return float("nan")
-    return float(g.item() if torch.is_tensor(g) else g)
 
 
 def _peak_mem_gb(device: torch.device) -> float:
@@ -451,12 +364,5 @@ def train(cfg: RunConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls collectives that torch marks deprecated; one warning per step buries the log.
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use.*", category=FutureWarning)
-    if cfg.parallel.pp > 1:  # pipeline parallelism: megassm/parallel/pipeline_trainer.py
-        from megassm.parallel.pipeline_trainer import PipelineTrainer
-
-        trainer = PipelineTrainer(cfg)
-    else:
-        trainer = Trainer(cfg)
-    code = trainer.fit()
-    return code
+    return Trainer(cfg).fit()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from megassm.checkpoint.load import CheckpointError, load_weights
-from megassm.config.schema import RunConfig
+from megassm.config.schema import ModelConfig
 
 
-def warm_start(model: nn.Module, cfg: RunConfig, path: str, use_ema: bool = False) -> list[str]:
-    """Load weights into ``model`` (not yet wrapped by DeepSpeed); return a report of what changed."""
+def warm_start(model: nn.Module, model_cfg: ModelConfig, path: str, use_ema: bool = False) -> list[str]:
+    """Load weights into ``model`` (built from ``model_cfg``, not yet wrapped by the backend); return a report
+    of what changed."""
     loaded = load_weights(path, want_ema=use_ema)
     weights = loaded.ema if (use_ema and loaded.ema) else loaded.model
     report = [f"warm start from {loaded.source} (step {loaded.step})"]
@@ -22,10 +23,10 @@ def warm_start(model: nn.Module, cfg: RunConfig, path: str, use_ema: bool = Fals
     unexpected = sorted(set(weights) - set(own))
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     src_pattern = (loaded.config or {}).get("model", {}).get("pattern")
-    if src_pattern and src_pattern != cfg.model.pattern:
-        changes = [f"block {i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(src_pattern, cfg.model.pattern))
+    if src_pattern and src_pattern != model_cfg.pattern:
+        changes = [f"block {i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(src_pattern, model_cfg.pattern))
                    if a != b]
-        report.append(f"layer pattern {src_pattern} -> {cfg.model.pattern}: " + (", ".join(changes) or "none"))
+        report.append(f"layer pattern {src_pattern} -> {model_cfg.pattern}: " + (", ".join(changes) or "none"))
     if missing:
         report.append(f"{len(missing)} tensors not in the checkpoint, initialised fresh: {missing[:6]}")
     if unexpected:

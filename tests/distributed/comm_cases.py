@@ -113,7 +113,7 @@ def run_comm_checks(rank: int, world: int) -> dict:
 
 
 # -- DeepSpeed's reduction over DP x CP ------------------------------------------------------------
-DS_CASES = {  # name: (zero stage, hand DeepSpeed mesh.deepspeed_mpu() (True) or the mesh itself)
+DS_CASES = {  # name: (zero stage, hand DeepSpeed the backend's deepspeed_mpu(mesh, stage) (True) or the mesh itself)
     "zero0": (0, True), "zero2": (2, True), "zero3 (CP folded)": (3, True),
     "zero3 with DeepSpeed's sequence-parallel path": (3, False),
 }
@@ -127,6 +127,8 @@ def run_deepspeed_cp_check(rank: int, world: int) -> dict:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
+    from megassm.train.backends.deepspeed import cp_grad_scale, deepspeed_mpu
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cfg = tiny_cfg(pattern="hA")
     latents, t, text, mask = model_inputs(cfg, IMAGE)
@@ -136,10 +138,10 @@ def run_deepspeed_cp_check(rank: int, world: int) -> dict:
     (out_r * w).sum().backward()
     report = {}
     for name, (stage, use_mpu) in DS_CASES.items():
-        mesh = make_mesh(world, 1, world, zero_stage=stage)
-        mpu = mesh.deepspeed_mpu() if use_mpu else mesh
+        mesh = make_mesh(world, 1, world)
+        mpu = deepspeed_mpu(mesh, stage) if use_mpu else mesh
         par = build_reference(cfg)
-        parallelize_hth(par, mesh, cp_grad_scale=mesh.cp_grad_scale() if use_mpu else 1.0)
+        parallelize_hth(par, mesh, cp_grad_scale=cp_grad_scale(mesh, stage) if use_mpu else 1.0)
         ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                   "train_batch_size": 2 * mpu.get_data_parallel_world_size(),
                   "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,

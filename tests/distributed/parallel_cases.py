@@ -61,8 +61,8 @@ def build_reference(cfg: ModelConfig, seed: int = 0) -> HTHModel:
     return model.to(dev())
 
 
-def make_mesh(world: int, tp: int, cp: int, zero_stage=None) -> ParallelMesh:
-    return ParallelMesh(ParallelDims(world, tp=tp, cp=cp), zero_stage=zero_stage)
+def make_mesh(world: int, tp: int, cp: int) -> ParallelMesh:
+    return ParallelMesh(ParallelDims(world, tp=tp, cp=cp))
 
 
 def model_inputs(cfg: ModelConfig, grid, batch: int = 2, seed: int = 3):
@@ -164,7 +164,7 @@ def check_layers(world: int, tp: int, cp: int, sp: bool, grid, cfg: ModelConfig)
 
 
 def check_model(world: int, tp: int, cp: int, sp: bool, grid, cfg: ModelConfig,
-                cp_grad_scale=None, recompute: bool = False) -> tuple[list, dict]:
+                cp_grad_scale: float = 1.0, recompute: bool = False) -> tuple[list, dict]:
     """The whole model: output on every rank, every parameter's gradient, and the state dict
     against ``shard_state_dict`` / ``merge_state_dicts``. ``recompute``: activation checkpointing
     in every block (the forward collectives run again inside backward)."""

@@ -93,24 +93,25 @@ def _pipeline_worker(rank: int, world: int, layout: dict, out_dir: str) -> dict:
     from megassm.parallel.pipeline import train_step_pipeline
     from megassm.parallel.pipeline_checkpoint import full_to_stage_state_dict
     from megassm.parallel.pipeline_comm import PipeGroup
-    from megassm.parallel.pipeline_trainer import StageMeshView
-    from megassm.train.engine import build_engine
+    from megassm.train.backends.deepspeed import DeepSpeedBackend
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")  # DeepSpeed reads them
     pp, tp, cp, v = layout["pp"], layout.get("tp", 1), layout.get("cp", 1), layout.get("virtual", 1)
-    mesh = ParallelMesh(ParallelDims(world, tp=tp, cp=cp, pp=pp), zero_stage=layout.get("zero_stage", 1))
+    mesh = ParallelMesh(ParallelDims(world, tp=tp, cp=cp, pp=pp))
     cfg = run_config(pp, tp, cp, zero_stage=layout.get("zero_stage", 1), clip=layout.get("clip", CLIP))
     model = reference_model(seed=123)  # other weights: the stage must get them from the full state dict
     if tp * cp > 1:
         from megassm.parallel.apply import parallelize_hth
 
-        parallelize_hth(model, StageMeshView(mesh), check_inputs=False)
+        parallelize_hth(model, mesh, check_inputs=False, pipeline=True)
     plan = partition_blocks(cfg.model, pp, SEQ_LEN, virtual=v)
     group = PipeGroup.from_mesh(mesh)
     stage = PipelineStage(model, plan, group.rank)
     init = load_file(str(Path(out_dir) / "init.safetensors"))
     stage.load_state_dict(full_to_stage_state_dict(init, cfg.model, plan, group.rank, mesh.coords["tp"], tp))
-    engine, _ = build_engine(stage, cfg, torch.device("cpu"), mesh)
+    backend = DeepSpeedBackend(mesh, cfg.parallel, cfg.train, cfg.optim, torch.device("cpu"))
+    backend.prepare(stage, M)
+    engine = backend.engine
     losses, bubbles, norms = [], [], []
     for step in range(STEPS):
         nan = step == layout.get("nan_step")
@@ -136,7 +137,7 @@ def reference_run(dp: int, clip: float = CLIP, broken: str | None = None,
     ``broken`` (for the teeth test): "conditioning" stops the t_mod / t_emb / y gradients of blocks
     2, 3 and the final layer (a pipeline that does not send them back); "micro_batch" skips one.
     """
-    from megassm.train.engine import param_groups
+    from megassm.train.optim import param_groups
 
     model = reference_model()
     opt = torch.optim.AdamW(param_groups(model, WD), lr=LR)

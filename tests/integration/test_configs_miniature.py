@@ -24,7 +24,7 @@ import pytest
 
 from megassm.checkpoint.load import load_weights
 from megassm.config import load_config
-from megassm.train.engine import lr_lambda
+from megassm.train.optim import lr_lambda
 from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -23,7 +23,7 @@ from tests.conftest import child_env
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
 
-# Train with the real Trainer (PipelineTrainer when pp > 1), then dump what the checkpoint must reproduce:
+# Train with the real Trainer (its pipeline step when pp > 1), then dump what the checkpoint must reproduce:
 # every rank's ZeRO-gathered (TP-local / stage-local) parameters, its EMA slices, and rank 0's model output
 # on a fixed input.
 TRAIN_AND_DUMP = r"""
@@ -36,8 +36,6 @@ from megassm.train.loop import Trainer
 
 out = Path(sys.argv[1])
 cfg = load_config(sys.argv[2], sys.argv[3:])
-if cfg.parallel.pp > 1:
-    from megassm.parallel.pipeline_trainer import PipelineTrainer as Trainer
 trainer = Trainer(cfg)
 trainer.fit()
 model, rank = trainer.model, trainer.rank
@@ -65,7 +63,7 @@ dist.barrier()
 """
 
 # A TP=2 DeepSpeed checkpoint of known full weights (perturbed init), sharded with parallelize_hth, wrapped
-# by the trainer's engine builder, saved by DeepSpeed: checks the TP merge against the unsharded original,
+# by the trainer's backend, saved by DeepSpeed: checks the TP merge against the unsharded original,
 # independently of merge_state_dicts.
 TP_SAVE = r"""
 import sys
@@ -76,7 +74,7 @@ from megassm.config.load import load_config, to_yaml
 from megassm.models import build_model
 from megassm.parallel.apply import parallelize_hth
 from megassm.parallel.mesh import ParallelDims, ParallelMesh, init_distributed
-from megassm.train.engine import build_engine
+from megassm.train.backends.deepspeed import DeepSpeedBackend
 
 run, tp = Path(sys.argv[1]), int(sys.argv[2])
 cfg = load_config(sys.argv[3], [f"run_dir={run}", f"parallel.tp={tp}"])
@@ -92,8 +90,9 @@ if dist.get_rank() == 0:
     (run / "config.yaml").write_text(to_yaml(cfg))
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(run / "full.safetensors"))
 parallelize_hth(model, mesh)
-engine, _ = build_engine(model, cfg, torch.device("cpu"), mesh)
-engine.save_checkpoint(str(run / "checkpoints"), tag="step_00000000")
+backend = DeepSpeedBackend(mesh, cfg.parallel, cfg.train, cfg.optim, torch.device("cpu"))
+backend.prepare(model, cfg.train.grad_accum)
+backend.engine.save_checkpoint(str(run / "checkpoints"), tag="step_00000000")
 dist.barrier()
 if dist.get_rank() == 0:
     (run / "checkpoints" / "latest").write_text("step_00000000")

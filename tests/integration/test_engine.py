@@ -159,16 +159,17 @@ def test_stage_chain_warm_starts_checkpoints_and_resumes_on_two_ranks(tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     from megassm.config import load_config
     from megassm.train import loop
+    from megassm.train.steps import dense
 
     calls = {"n": 0}
-    real = loop.compute_loss
+    real = dense.compute_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
 
-    monkeypatch.setattr(loop, "compute_loss", flaky)
+    monkeypatch.setattr(dense, "compute_loss", flaky)
     # this test builds a Trainer in the pytest process: give it its own rendezvous, undone afterwards
     from tests.conftest import free_port
 
@@ -194,18 +195,19 @@ def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(tmp_path, m
     consumed two micro-batches per step."""
     from megassm.config import load_config
     from megassm.train import loop
-    from megassm.train.engine import lr_lambda
+    from megassm.train.optim import lr_lambda
+    from megassm.train.steps import dense
     from tests.conftest import free_port
 
     calls = {"n": 0}
-    real = loop.compute_loss
+    real = dense.compute_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(loop, "compute_loss", flaky)
+    monkeypatch.setattr(dense, "compute_loss", flaky)
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
@@ -216,7 +218,7 @@ def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(tmp_path, m
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
     assert [r["optimizer_steps"] for r in rows] == [1, 1, 2, 3]
-    assert trainer.engine.global_steps == 3 and trainer.data.position == 8
+    assert trainer.backend.optimizer_steps == 3 and trainer.data.position == 8
     f = lr_lambda(cfg.optim, cfg.train.steps)
     assert [r["lr"] for r in rows] == pytest.approx([cfg.optim.lr * f(s) for s in (0, 1, 1, 2)])
 

@@ -165,7 +165,8 @@ def _zero3_previews_on_rank(rank: int, world: int, persistence: str, run_dir: st
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from megassm.train import engine, loop
+    from megassm.train import loop
+    from megassm.train.backends import deepspeed as engine
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # DeepSpeed reads them
     if persistence == "none":
@@ -192,7 +193,7 @@ def _zero3_previews_on_rank(rank: int, world: int, persistence: str, run_dir: st
         dist.all_gather(parts, trainer.ema.shadow[n])
         ema[n] = torch.cat([t.reshape(-1) for t in parts])[: p.ds_numel].reshape(p.ds_shape)
     previews = Previews.for_mesh(cfg, trainer.mesh, trainer.device, FP32)
-    imgs = previews(trainer.engine.module, trainer.ema)
+    imgs = previews(trainer.model, trainer.ema)
     after = _zero3_full(params)
     restored = all(torch.equal(after[n], live[n]) for n in live) and _resident(params) == resident
     assert trainer.train_step(data)["ok"]  # training goes on from the restored weights

@@ -73,6 +73,16 @@ def test_parallel_rules_fail_at_load_naming_the_key(overrides, message):
         load_config(CONFIGS / "smoke.yaml", overrides)
 
 
+def test_world_size_rule_fails_at_load_before_dist_init():
+    """``megassm train`` passes the launcher's world size to load_config: degrees that do not divide it fail
+    there, as a ConfigError naming them and the valid products, before any process group exists."""
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 cp=1 pp=2 on 6 processes: world size 6 is not divisible "
+                                          r"by tp\*cp\*pp = 2\*1\*2 = 4.*divide 6: \[1, 2, 3, 6\]"):
+        load_config(CONFIGS / "smoke.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"], world=6)
+    assert load_config(CONFIGS / "smoke.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+                       world=8).parallel.tp == 2
+
+
 def test_pp_with_zero1_is_accepted():
     cfg = load_config(CONFIGS / "smoke.yaml", ["parallel.pp=2", "parallel.zero_stage=1"])
     assert cfg.parallel.pp == 2

@@ -1,0 +1,366 @@
+"""``DeepSpeedBackend``: every DeepSpeed-specific thing megassm does, behind ``TrainBackend`` (base.py).
+
+- the engine: ``deepspeed_config`` (ZeRO stage, offload, bf16, batch bookkeeping) and ``deepspeed.initialize``
+  around megassm's AdamW + LR schedule (``megassm/train/optim.py``);
+- how DeepSpeed sees the mesh: ``mpu()`` is the mesh itself (ZeRO 0/1/2: it reduces over DP x CP dividing
+  by dp, i.e. sums over CP: CP gradient scale 1) or, under ZeRO-3 with cp > 1, ``CPFoldedMPU``, CP folded
+  into data parallelism (it averages over DP x CP: scale cp). DeepSpeed 0.19.8's ZeRO-3 path for an mpu
+  with a sequence-parallel size > 1 hands the optimizer wrong gradients even for a plain data-parallel model
+  (tests/distributed/test_deepspeed_cp.py shows it). DeepSpeed's batch bookkeeping then counts dp x cp
+  "replicas": train_batch_size = micro_batch x micro_batches x mpu.get_data_parallel_world_size();
+- marks on the model before wrapping: Megatron's ``tensor_model_parallel`` / ``partition_dim`` on
+  TP-sharded parameters (DeepSpeed's clip norm counts them on every model-parallel rank) and ZeRO-3 leaf
+  modules (Hydra reads its submodules' weights without calling them: gather all at its entry);
+- the EMA's view of the fp32 masters (``DeepSpeedShards``): ZeRO-3 partitions (``safe_get_local_fp32_param``,
+  ``ds_tensor``), ZeRO-1/2 fragments (``_hp_mapping``);
+- checkpoints: DeepSpeed's ``save_checkpoint`` / ``load_checkpoint``, its universal format for a resume at
+  another layout (``ds_to_universal``) and two fixes to what that load does to a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megassm.checkpoint.tags import COMPLETE
+from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from megassm.runtime import use_bf16
+from megassm.train.backends.base import StepResult
+from megassm.train.optim import build_optimizer
+
+log = logging.getLogger("megassm.train")
+UNIVERSAL_DIR = "universal"  # under checkpoints/: <tag>/ in DeepSpeed's universal format
+
+
+def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: float, device: torch.device,
+                     dp_world: int, micro_batches: int, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config dict. ``micro_batches``: per optimizer step (train.grad_accum, or the pipeline's
+    parallel.micro_batches); ``dp_world``: the data-parallel world size DeepSpeed sees (its mpu's)."""
+    p = parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, contiguous_gradients=True,
+                    overlap_comm=device.type == "cuda")
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    ds = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": train.micro_batch_size * micro_batches * dp_world,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(train.precision, device)},
+        # a torch.optim.AdamW is passed in: no JIT-compiled FusedAdam, and ZeRO accepts it with this flag
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:  # a resume at another layout (megassm/train/elastic.py)
+        ds["checkpoint"] = {"load_universal": True}
+    if p.pp > 1:  # ZeRO-1's step() then skips non-finite gradients under bf16 too (the pipeline's skip check)
+        ds["bf16"]["check_grad_overflow"] = True
+    return ds
+
+
+class CPFoldedMPU:
+    """DeepSpeed's view of a mesh with CP folded into data parallelism: data-parallel group = DP x CP,
+    sequence-parallel size 1. Everything else (model-parallel groups and ranks) is the mesh's."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __getattr__(self, name):
+        return getattr(self.mesh, name)
+
+    def get_data_parallel_group(self):
+        return self.mesh.group("dp", "cp")
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.get_sequence_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.get_sequence_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.mesh.ranks("dp", "cp")
+
+    def get_sequence_parallel_group(self):
+        return None
+
+    def get_sequence_parallel_rank(self) -> int:
+        return 0
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return 1
+
+
+def deepspeed_mpu(mesh, zero_stage: int):
+    """The mpu to hand ``deepspeed.initialize`` for ``mesh`` at ``zero_stage`` (module doc)."""
+    return CPFoldedMPU(mesh) if zero_stage == 3 and mesh.dims.cp > 1 else mesh
+
+
+def cp_grad_scale(mesh, zero_stage: int) -> float:
+    """The CP gradient scale that matches ``deepspeed_mpu(mesh, zero_stage)``'s reduction."""
+    return float(mesh.dims.cp) if deepspeed_mpu(mesh, zero_stage) is not mesh else 1.0
+
+
+def mark_model(model: nn.Module, zero_stage: int) -> None:
+    """DeepSpeed's marks on a model about to be wrapped (module doc): Megatron's TP attributes from the one
+    shard plan (``parallel/sharding.py``), and Hydra mixers as ZeRO-3 leaves."""
+    ctx = getattr(model, "parallel_context", None)
+    if ctx is not None and ctx.tp > 1:
+        from megassm.parallel.sharding import shard_spec
+
+        for name, p in model.named_parameters():
+            spec = shard_spec(name, model.cfg, ctx.tp)
+            if spec is not None:
+                # DeepSpeed counts such parameters on every model-parallel rank in the gradient norm (the
+                # replicated B/C rows inside in_proj / conv1d are then counted tp times)
+                p.tensor_model_parallel, p.partition_dim = True, spec.dim
+    if zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from megassm.models.hydra import Hydra
+        from megassm.parallel.hydra import ParallelHydra
+
+        # both Hydra paths read submodule weights (fc_D; conv1d / norm when fused) without calling them
+        set_z3_leaf_modules(model, [Hydra, ParallelHydra], raise_if_not_found=False)
+        if any(not p.requires_grad for p in model.parameters()):  # a frozen base (LoRA) around adapter leaves
+            from megassm.lora.training import feed_grad_into_zero3_leaves
+
+            feed_grad_into_zero3_leaves(model)
+
+
+class DeepSpeedShards:
+    """``LocalShards`` (base.py) of a DeepSpeed-wrapped module."""
+
+    def layout(self, p: nn.Parameter) -> str:
+        if hasattr(p, "ds_id"):
+            return "partitioned"
+        if hasattr(p, "_hp_mapping"):  # set (None where this rank owns no fragment) by ZeRO-1/2 and bf16 ZeRO-0
+            return "fragment"
+        return "whole"
+
+    def master(self, p: nn.Parameter) -> Tensor | None:
+        layout = self.layout(p)
+        if layout == "partitioned":
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p).view(-1)
+        if layout == "fragment":
+            return None if p._hp_mapping is None else p._hp_mapping.hp_fragment.view(-1)
+        return p.data
+
+    def fragment(self, p: nn.Parameter) -> tuple[int, int] | None:
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:
+            return None
+        return m.lp_fragment_address.start, m.lp_fragment_address.numel
+
+    def full_shape(self, p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+    def partition(self, p: nn.Parameter) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        return dist.get_rank(p.ds_process_group), dist.get_world_size(p.ds_process_group)
+
+    def local_weights(self, p: nn.Parameter) -> Tensor:
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+    def resident(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return [p for p in params if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
+
+    def release(self, params: list[nn.Parameter]) -> None:
+        if params:
+            params[0].partition(params)  # frees the gathered copies; the partitions stay as they are
+
+    def gather(self, params: list[nn.Parameter]) -> None:
+        if params:
+            params[0].all_gather(params)
+
+
+class DeepSpeedBackend:
+    """``TrainBackend`` over a DeepSpeed engine (module doc). Built before the model; ``prepare`` wraps it."""
+
+    def __init__(self, mesh, parallel: ParallelConfig, train: TrainConfig, optim: OptimConfig, device: torch.device):
+        self.mesh, self.parallel, self.train, self.optim, self.device = mesh, parallel, train, optim, device
+        self.engine = self.scheduler = None
+
+    # -- before the model is wrapped -----------------------------------------------------------
+    def mpu(self):
+        return deepspeed_mpu(self.mesh, self.parallel.zero_stage)
+
+    def cp_grad_scale(self) -> float:
+        return cp_grad_scale(self.mesh, self.parallel.zero_stage)
+
+    def prepare(self, model: nn.Module, micro_batches: int, load_universal: bool = False) -> nn.Module:
+        import deepspeed
+
+        mark_model(model, self.parallel.zero_stage)
+        model = model.to(self.device)
+        opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device)
+        # ZeRO shards and gradients reduce over DP x CP (module doc: DeepSpeed counts the mpu's DP world)
+        mpu = self.mpu()
+        ds_cfg = deepspeed_config(self.parallel, self.train, self.optim.grad_clip, self.device,
+                                  mpu.get_data_parallel_world_size(), micro_batches, load_universal)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False)
+        return self.engine.module
+
+    # -- one optimizer step --------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def bf16(self) -> bool:
+        return self.engine.bfloat16_enabled()
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.engine.global_steps
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: Tensor, scale_wrt_gas: bool = True) -> None:
+        self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
+
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def accumulate(self) -> None:
+        self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self) -> StepResult:
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()  # the boundary: reduce, clip, update, LR schedule
+        # ZeRO's own overflow check may have skipped it
+        return StepResult(self.engine.skipped_steps != skipped_before, self.grad_norm())
+
+    def skip(self) -> None:
+        """Every micro-batch went through ``backward`` and all but the last through ``accumulate``; instead
+        of the boundary ``step`` this drops the accumulated gradients and counts the micro-step, so the next
+        micro-batch opens a new window. The LR schedule and ``global_steps`` do not move."""
+        self.engine.optimizer.zero_grad()
+        self.engine.micro_steps += 1
+
+    def nonfinite_grads(self) -> Tensor:
+        """ZeRO-1..3 optimizers check their own partitions; under ZeRO-0 this checks the module's gradients
+        (no host sync)."""
+        if self.parallel.zero_stage != 0:
+            return torch.tensor(False)
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.tensor(False)
+        return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().cpu()
+
+    def grad_norm(self) -> float:
+        g = self.engine.get_global_grad_norm()
+        if g is None:
+            return float("nan")
+        return float(g.item() if torch.is_tensor(g) else g)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def reduction_group(self):
+        return getattr(self.engine.optimizer, "dp_process_group", None)
+
+    def shards(self) -> DeepSpeedShards:
+        return DeepSpeedShards()
+
+    def gathered(self, params: list[nn.Parameter]):
+        if params and hasattr(params[0], "ds_id"):  # ZeRO-3 partitions
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
+
+    def load(self, ckpt_dir: Path, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+        self._reopen_window()
+
+    def load_resharded(self, ckpt_dir: Path, tag: str, is_writer: bool) -> None:
+        import torch.distributed as dist
+
+        if is_writer:
+            log.info(f"converting {Path(ckpt_dir) / tag} to DeepSpeed's universal format")
+        root = convert_to_universal(ckpt_dir, tag, is_writer)
+        dist.barrier()
+        with universal_load_fixes(self.engine):
+            load_path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {root / tag}")
+        self._reopen_window()
+
+    def _reopen_window(self) -> None:
+        # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
+        # (DeepSpeed does not restore its micro-step counter)
+        self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str, is_writer: bool) -> Path:
+    """``checkpoints/universal/<tag>`` in DeepSpeed's universal format (made once, by ``is_writer``, atomically);
+    returns ``checkpoints/universal`` -- the directory to pass to ``engine.load_checkpoint``.
+
+    ``ds_to_universal`` turns the saved ZeRO checkpoint into per-parameter fp32 weights and Adam moments
+    plus the optimizer step; an engine built with ``checkpoint.load_universal`` re-partitions them over its
+    own dp x cp group, and restores ``global_steps`` and the LR schedule from the model-states file."""
+    root = Path(ckpt_dir) / UNIVERSAL_DIR
+    out = root / tag
+    if is_writer and not (out / COMPLETE).exists():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = root / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(input_folder=str(Path(ckpt_dir) / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=False))
+        (tmp / COMPLETE).write_text("")
+        tmp.rename(out)
+    return root
+
+
+@contextmanager
+def universal_load_fixes(engine):
+    """Undo two things DeepSpeed's ZeRO-3 universal load does to a torch optimizer (DeepSpeed 0.19):
+
+    - it gives every parameter group the hyperparameters of group 0, so the no-decay group would get the
+      decay group's weight decay: each group's own values (all but the scheduled ``lr``) are put back;
+    - it stores one ``step`` tensor object in the state of every parameter group, and torch's AdamW
+      increments it in place, once per group per update: the bias correction would then run ahead by the
+      number of groups. Each state gets its own copy.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
+    yield
+    for g, h in zip(inner.param_groups, own):
+        g.update(h)
+    for st in inner.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
