@@ -271,7 +271,9 @@ def _slice_backward(ctx, g):  # all-gather whose backward forgets to sum over ra
 
 BREAKS = {
     # name: (patch target "module:attr", replacement, layout (tp, cp, sp))
-    "TP gradient sum of replicated params skipped": ("megassm.parallel.apply:sum_grad_hook", _no_sum_hook,
+    # the hooks live in apply.py (qk-norms, SP-replicated parameters) and in ParallelHydra (B/C rows)
+    "TP gradient sum of replicated params skipped": (("megassm.parallel.apply:sum_grad_hook",
+                                                      "megassm.parallel.hydra:sum_grad_hook"), _no_sum_hook,
                                                      (2, 1, False)),
     "gated-norm sum of squares not all-reduced": ("megassm.parallel.tensor:all_reduce_sum", lambda x, g: x,
                                                   (2, 1, True)),
@@ -283,9 +285,13 @@ BREAKS = {
 }
 
 
-def _patch(target: str, value):
+def _patch(target: str | tuple[str, ...], value):
+    """Set ``module:attr`` (or each of several) to value; returns the undo."""
     import importlib
 
+    if isinstance(target, tuple):
+        undos = [_patch(t, value) for t in target]
+        return lambda: [u() for u in reversed(undos)]
     mod_name, attr = target.split(":")
     obj = importlib.import_module(mod_name)
     *path, leaf = attr.split(".")
