@@ -267,7 +267,7 @@ def choose_layout(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, bud
 
 
 def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float, peak_tflops: float,
-         link_gbps: float) -> dict:
+         link_gbps: float, ckpt_write_gbps: float = 1.0) -> dict:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     configured = Layout(gpus, p.tp, p.cp, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k,
                         p.zero_stage)
@@ -284,6 +284,9 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
                              "fits": mem["total"] <= HEADROOM * budget, "step": step,
                              "tokens_per_s_per_gpu": t.micro_batch_size * seq_len / step["total_s"] / configured.tp
                              / configured.cp}
+    from megassm.host_plan import predict_host
+
+    res["host"] = predict_host(cfg, gpus, ckpt_write_gbps)
     pick = choose_layout(m, seq_len, gpus, t.micro_batch_size, budget, mfu, peak_tflops, link_gbps,
                          t.checkpoint_every_k, preview)
     if pick is not None:
@@ -355,6 +358,10 @@ def _print(res: dict) -> None:
         print(f"  step (one micro-batch): {c['step']['total_s'] * 1e3:.0f} ms "
               f"(compute {c['step']['compute_s'] * 1e3:.0f}, TP/CP communication {c['step']['comm_s'] * 1e3:.0f}); "
               f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
+    if res.get("host"):
+        from megassm.host_plan import print_host
+
+        print_host(res["host"])
     if res.get("buckets"):
         _print_buckets(res["buckets"])
     r = res.get("recommended")
@@ -385,7 +392,8 @@ def _cmd_plan(args) -> int:
                           f"(known: {', '.join(f'{k}={v}' for k, v in STAGE_SEQ_LEN.items())})")
     if args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
-    res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps)
+    res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps,
+               args.ckpt_write_gbps)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -406,5 +414,7 @@ def add_plan_parser(subparsers) -> None:
                    "measured for a reduced-depth hth-5b on one H100: docs/performance.md)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
     p.add_argument("--link-gbps", type=float, default=150.0, help="all-to-all bandwidth per GPU, GB/s")
+    p.add_argument("--ckpt-write-gbps", type=float, default=1.0, help="the job's aggregate checkpoint write rate, "
+                   "GB/s (measure it: benchmarks/bench_init.py --phases save); sets the save time and SIGUSR1 grace")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=_cmd_plan)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megassm.checkpoint.load import CheckpointError, load_weights
+from megassm.checkpoint.load import CheckpointError
 from megassm.config.load import ConfigError, from_dict
 from megassm.config.schema import RunConfig
 from megassm.diffusion.flow import euler_sample, resolution_shift
@@ -34,21 +34,23 @@ class SampleSpec:
 
 
 def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-    loaded = load_weights(path, want_ema=use_ema)
-    if loaded.config is None:
+    """The checkpoint's model (EMA weights by default), built on the meta device and filled one tensor at a
+    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory."""
+    from megassm.checkpoint.sliced import fill_meta_model
+    from megassm.checkpoint.sources import open_checkpoint
+
+    ckpt = open_checkpoint(Path(path))
+    if ckpt.config is None:
         raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
                               "the model. Copy the training run's config.yaml next to the weights")
-    cfg: RunConfig = from_dict(loaded.config)
-    model = build_model(cfg.model)
-    weights = loaded.ema if (use_ema and loaded.ema) else loaded.model
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the stored config ({first} ...)") from None
+    cfg: RunConfig = from_dict(ckpt.config)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    ema = use_ema and ckpt.ema is not None
+    fill_meta_model(model, ckpt.ema if ema else ckpt.model, str(path))
     model.to(device).eval()
-    return model, cfg, {"weights": "ema" if (use_ema and loaded.ema) else "model", "step": loaded.step,
-                        "source": loaded.source}
+    return model, cfg, {"weights": "ema" if ema else "model", "step": ckpt.step,
+                        "source": f"{ckpt.kind}:{ckpt.path}"}
 
 
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:

@@ -241,6 +241,12 @@ class SafetensorsDir:
             raise KeyError(f"{self.directory}/{self.stem}: no tensor {name!r}")
         return self._where[name].read(name)
 
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Flat elements [start, start + count) of ``name``: one offset read."""
+        if name not in self._where:
+            raise KeyError(f"{self.directory}/{self.stem}: no tensor {name!r}")
+        return self._where[name].read(name, start, count)
+
     def files(self) -> list[Path]:
         return [f.path for f in self._files.values()]
 

@@ -202,6 +202,37 @@ class MPRankReader:
                 self.specs[alias] = self.specs[target]
                 self._readers[alias] = ("alias", target)
 
+    def read_flat(self, name: str, start: int, count: int) -> torch.Tensor | None:
+        """Flat elements [start, start + count) of tensor ``name`` (fp32 masters; ZeRO-0: the module's), read
+        by offset from the files that hold them; None where that is not possible (the caller reads it whole)."""
+        kind, arg = self._readers[name]
+        if kind == "ref":  # ZeRO-0: the module's own tensor (training dtype)
+            return self.model_state.read(arg, start, count)
+        out = torch.empty(count, dtype=torch.float32)
+        if kind == "z12":
+            self._groups[arg.group].read_into(arg.offset + start, out)
+            return out
+        if kind != "z3":
+            return None
+        pos = start
+        while pos < start + count:  # element e lives in partition e // pn at offset e % pn
+            rank, within = divmod(pos, arg.numel)
+            n = min(arg.numel - within, start + count - pos)
+            self._flats[rank].read_into(arg.offset + within, out[pos - start:pos - start + n])
+            pos += n
+        return out
+
+    def module_names(self) -> list[str]:
+        """The names in the rank's ``module`` state dict (ZeRO-1/2/0: every parameter and buffer)."""
+        return [n for n, ref in self.model_state.obj["module"].items() if isinstance(ref, TensorRef)]
+
+    def read_module(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the module held it (training dtype), not the optimizer's fp32 master."""
+        ref = self.model_state.obj["module"].get(name)
+        if not isinstance(ref, TensorRef):
+            raise CheckpointError(f"{self.tag_dir}: mp_rank {self.mp:02d}'s module state has no tensor {name!r}")
+        return self.model_state.load(ref).clone()
+
     def read(self, name: str) -> torch.Tensor:
         """Whole (TP-local) tensor ``name`` (fp32 master weights for ZeRO-1/2/3)."""
         kind, arg = self._readers[name]

@@ -8,13 +8,12 @@ one is the union over stages (after merging TP shards). No renaming, nothing sha
     pipeline_state_dict_to_full(stage_sds, model_cfg[, plan])               -> the consolidated dict
     consolidate_pipeline_checkpoint(tag_dir, model_cfg, pp, tp)             -> same, from a DeepSpeed
         checkpoint written by a pipeline run (``mp_rank_XX_model_states.pt``, XX = pp_rank*tp + tp_rank,
-        fp32 master weights from the ZeRO-1 optimizer files when present)
+        fp32 master weights from the ZeRO-1 optimizer files when present), read without unpickling
+        (``megassm.checkpoint.zero``)
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -91,34 +90,6 @@ def expected_keys(model_cfg: ModelConfig) -> list[str]:
         return list(HTHModel(model_cfg).state_dict().keys())
 
 
-def _stage_files(tag_dir: Path, mp_rank: int) -> tuple[Path, list[Path]]:
-    model = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
-    if not model.is_file():
-        raise FileNotFoundError(f"{model} missing: not a checkpoint of this pipeline x TP layout")
-    return model, sorted(tag_dir.glob(f"*_mp_rank_{mp_rank:02d}_optim_states.pt"))
-
-
-def _fp32_from_zero(tag_dir: Path, mp_rank: int) -> dict[str, Tensor] | None:
-    """fp32 master weights of one model-parallel rank via DeepSpeed's zero_to_fp32 (which reads
-    mp_rank 00 only): link that rank's files under mp_rank 00 names in a scratch directory."""
-    model, optim = _stage_files(tag_dir, mp_rank)
-    if not optim:
-        return None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        view = Path(tmp) / "tag"
-        view.mkdir()
-        os.symlink(model.resolve(), view / "mp_rank_00_model_states.pt")
-        for f in optim:
-            os.symlink(f.resolve(), view / f.name.replace(f"_mp_rank_{mp_rank:02d}_", "_mp_rank_00_"))
-        try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
-        except (ValueError, KeyError):  # ZeRO-0: no flat fp32 partitions
-            return None
-    return {k: v.float().contiguous() for k, v in sd.items()}
-
-
 def consolidate_pipeline_checkpoint(tag_dir: str | Path, model_cfg: ModelConfig, pp: int, tp: int = 1,
                                     fp32: bool = True) -> dict[str, Tensor]:
     """The consolidated (full, HTHModel-named) state dict of a pipeline run's DeepSpeed checkpoint.
@@ -126,16 +97,19 @@ def consolidate_pipeline_checkpoint(tag_dir: str | Path, model_cfg: ModelConfig,
     fp32: read ZeRO-1's fp32 master weights (exact under bf16 training); falls back to the
     module weights (exact for fp32 training) when the checkpoint has no ZeRO optimizer files.
     """
-    tag_dir = Path(tag_dir)
+    from megassm.checkpoint.zero import DeepSpeedCheckpoint
+
+    ds = DeepSpeedCheckpoint(tag_dir)  # offset reads of the files' tensors: nothing is unpickled
+    if len(ds.mp_ranks) != pp * tp:
+        raise FileNotFoundError(f"{tag_dir} has {len(ds.mp_ranks)} model-parallel ranks, pp={pp} x tp={tp} "
+                                f"needs {pp * tp}: not a checkpoint of this pipeline x TP layout")
     stages = []
     for r in range(pp):
         shards = []
         for t in range(tp):
-            mp = r * tp + t
-            sd = _fp32_from_zero(tag_dir, mp) if fp32 else None
-            if sd is None:
-                state = torch.load(_stage_files(tag_dir, mp)[0], map_location="cpu", weights_only=False)
-                sd = {k: v.float() for k, v in state["module"].items()}
-            shards.append(sd)
+            rank = ds.rank(r * tp + t)
+            # ZeRO-1 files: the fp32 masters; ZeRO-0 (or fp32=False): the module's own weights
+            read = rank.read if (fp32 and rank.stage > 0) else rank.read_module
+            shards.append({n: read(n).float() for n in rank.module_names()})
         stages.append(shards)
     return pipeline_state_dict_to_full(stages, model_cfg)

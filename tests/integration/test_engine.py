@@ -120,6 +120,17 @@ def test_zero_stages_agree_and_resume_their_ema_on_two_ranks(tmp_path):
         assert len(list((tmp_path / f"z{z}" / "checkpoints" / "step_00000004" / "ema").glob("shard_*"))) == 1
         for k in ez:  # EMA from ZeRO-3 partitions, gathered, equals the EMA of whole tensors / fragments
             torch.testing.assert_close(e3[k], ez[k], rtol=1e-4, atol=1e-5)
+    # offset reads of element ranges (checkpoint/sliced.py's warm starts) across the two ZeRO-3 partitions
+    # and in ZeRO-2's flat groups equal the whole tensor's elements
+    from megassm.checkpoint.zero import DeepSpeedCheckpoint
+
+    for z in (3, 2):
+        rank = DeepSpeedCheckpoint(tmp_path / f"z{z}" / "checkpoints" / "step_00000004").rank(0)
+        for name in rank.specs:
+            whole = rank.read(name).reshape(-1)
+            n = whole.numel()
+            for start, count in ((0, n), (n // 3, n // 2), (n - 1, 1)):
+                assert torch.equal(rank.read_flat(name, start, count), whole[start:start + count]), (z, name)
 
 
 STAGES = ["stage0_256px", "stage1_1k", "stage2_2k", "stage3_video"]

@@ -1,0 +1,201 @@
+"""Issue 27: host memory and bytes read per rank when a run builds, warm-starts, saves and resumes.
+
+    python benchmarks/bench_init.py --d-model 2048 --blocks 16 --world 2 --phases build_old,build_new
+    python benchmarks/bench_init.py --d-model 2048 --blocks 16 --world 1 --phases warm_old,warm_new
+    python benchmarks/bench_init.py --d-model 1024 --blocks 8 --world 2 --phases save,resume
+
+Each phase runs in ``--world`` fresh gloo processes on the CPU, so a process's peak RSS (ru_maxrss) is that
+phase's; ``base`` is the RSS after the imports, before the phase. Phases (hth-5b's shape otherwise:
+expand 2, headdim 64, d_state 64, FFN 3.5x, T5-XXL text width):
+
+  build_old   today's path before #27: torch.manual_seed + build_model (every rank the whole fp32 model)
+  build_new   megassm.train.build.build_partitioned under ZeRO-3 (meta build, seeded per parameter,
+              each parameter handed to ZeRO-3 at once)
+  warm_old    build_model + train.warm_start.warm_start from a consolidated checkpoint (a whole state dict)
+  warm_new    build_partitioned(init_from=...): offset reads of this rank's slices
+  save        build_partitioned + the DeepSpeed ZeRO-3 engine (AdamW), one step, then save_checkpoint:
+              seconds, bytes written (all ranks), GB/s
+  resume      build_partitioned(resuming=True) + engine + load_checkpoint of the ``save`` phase's files
+
+Writes JSON (``--out``) with the machine's description; results in benchmarks/results/init_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def overrides(d_model: int, blocks: int) -> list[str]:
+    pattern = ("hvhA" * blocks)[:blocks]
+    return ["model.name=bench", f"model.d_model={d_model}", f"model.pattern={pattern}", "model.d_state=64",
+            "model.expand=2", "model.headdim=64", f"model.num_heads={d_model // 128}", "model.mlp_ratio=3.5",
+            "model.text_dim=4096", "model.max_text_len=300", "model.in_channels=16", "data.kind=procedural",
+            "data.image_size=16", "train.micro_batch_size=1", "train.progress_bar=false", "train.ema_decay=0",
+            "init_from=null", "encoders.vae=builtin:pixels", "encoders.text_encoder=builtin:words"]
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rchar() -> int:
+    with open(f"/proc/{os.getpid()}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def _cfg(args, zero_stage: int = 3):
+    from megassm.config.load import load_config
+
+    return load_config(str(REPO / "configs/smoke.yaml"),
+                       [*overrides(args.d_model, args.blocks), f"parallel.zero_stage={zero_stage}"])
+
+
+def _engine(cfg, model, mesh):
+    from megassm.train.backends.deepspeed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend(mesh, cfg.parallel, cfg.train, cfg.optim, torch.device("cpu"))
+    backend.prepare(model, cfg.train.grad_accum)
+    return backend.engine
+
+
+def _phase(rank: int, world: int, port: int, args, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed  # noqa: F401  (imported before the baseline: every phase pays it)
+
+    from megassm.checkpoint.errors import bytes_read
+    from megassm.models import build_model
+    from megassm.parallel.mesh import ParallelMesh
+    from megassm.train.build import build_partitioned
+    from megassm.train.warm_start import warm_start
+
+    cfg = _cfg(args)
+    mesh = ParallelMesh.from_config(cfg.parallel)
+    res = {"base_gb": _rss_gb()}
+    t0, b0, r0 = time.perf_counter(), bytes_read(), _rchar()
+    p = args.phase
+    if p == "build_old":
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+    elif p == "build_new":
+        model, _ = build_partitioned(cfg, mesh, torch.device("cpu"))
+    elif p == "warm_old":
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        warm_start(model, cfg.model, args.ckpt)
+    elif p == "warm_new":
+        model, _ = build_partitioned(cfg, mesh, torch.device("cpu"), init_from=args.ckpt)
+    elif p in ("save", "resume"):
+        model, _ = build_partitioned(cfg, mesh, torch.device("cpu"), resuming=p == "resume")
+        engine = _engine(cfg, model, mesh)
+        res["engine_gb"] = _rss_gb()
+        t0 = time.perf_counter()
+        if p == "save":
+            x = torch.randn(1, 16, 1, 16, 16)
+            loss = engine(x, torch.rand(1), torch.randn(1, 8, 4096)).float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            res["step_gb"] = _rss_gb()
+            t0 = time.perf_counter()
+            engine.save_checkpoint(args.ckpt, tag="bench", save_latest=False)
+            dist.barrier()
+        else:
+            engine.load_checkpoint(args.ckpt, tag="bench", load_module_strict=True, load_optimizer_states=True)
+            dist.barrier()
+    res.update(seconds=time.perf_counter() - t0, peak_gb=_rss_gb(), bytes_read=bytes_read() - b0,
+               params=sum(p.numel() for p in model.parameters()) if p.startswith("build_old") else None)
+    res["rchar"] = _rchar() - r0  # every byte the phase read (DeepSpeed's torch.load too)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def write_checkpoint(args) -> Path:
+    """A consolidated checkpoint of the bench model, written one seeded tensor at a time."""
+    from megassm.checkpoint.safetensors_io import TensorSpec, write_safetensors
+    from megassm.config.load import to_yaml
+    from megassm.models import build_model
+    from megassm.models.init import init_full
+
+    cfg = _cfg(args)
+    d = Path(args.ckpt)
+    if (d / "model.safetensors").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in build_model(cfg.model).named_parameters()}
+    specs = {n: TensorSpec(s, torch.float32) for n, s in shapes.items()}
+    write_safetensors(d, "model", specs, lambda n: init_full(n, shapes[n], cfg.model, 1),
+                      max_shard_bytes=1 << 62)
+    (d / "config.yaml").write_text(to_yaml(cfg))
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=2048)
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--phases", default="build_old,build_new")
+    ap.add_argument("--ckpt", default="/tmp/megassm_bench_init/ckpt", help="checkpoint directory (warm / save)")
+    ap.add_argument("--out", default=None, help="append the results to this JSON file")
+    args = ap.parse_args()
+    from megassm.models.accounting import param_counts
+
+    cfg = _cfg(args)
+    rows = []
+    for phase in args.phases.split(","):
+        args.phase = phase
+        if phase.startswith("warm"):
+            write_checkpoint(args)
+        out = Path(f"/tmp/megassm_bench_init/{phase}-{os.getpid()}")
+        out.mkdir(parents=True, exist_ok=True)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        mp.spawn(_phase, args=(args.world, port, args, str(out)), nprocs=args.world, join=True)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.world)]
+        row = {"phase": phase, "world": args.world, "d_model": args.d_model, "blocks": args.blocks,
+               "params": param_counts(cfg.model)["total"], "wall_s": time.perf_counter() - t0, "ranks": ranks}
+        if phase == "save":
+            row["bytes_written"] = sum(f.stat().st_size for f in Path(args.ckpt, "bench").rglob("*") if f.is_file())
+            row["write_gbps"] = row["bytes_written"] / 1e9 / max(r["seconds"] for r in ranks)
+        rows.append(row)
+        r0 = ranks[0]
+        print(f"{phase:10s} world {args.world}  {row['params'] / 1e9:.2f}B  base {r0['base_gb']:.2f} GB  peak "
+              f"{max(r['peak_gb'] for r in ranks):.2f} GB/rank  {r0['seconds']:.1f} s  read "
+              f"{max(r['bytes_read'] for r in ranks) / 1e9:.2f} GB/rank "
+              f"(rchar {max(r['rchar'] for r in ranks) / 1e9:.2f})"
+              + (f"  wrote {row['bytes_written'] / 1e9:.2f} GB at {row['write_gbps']:.2f} GB/s" if phase == "save"
+                 else ""), flush=True)
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.is_file() else {"machine": {}, "rows": []}
+        old["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "note": "2-core CPU shared with other jobs (load average 8-12 during the runs)",
+                          "torch": torch.__version__}
+        old["rows"].extend(rows)
+        path.write_text(json.dumps(old, indent=1))
+
+
+if __name__ == "__main__":
+    main()
