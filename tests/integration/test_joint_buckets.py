@@ -1,10 +1,11 @@
 """configs/stage3_video_joint.yaml in miniature: two image sizes and two clip lengths, one bucket per step,
-trained on 2 gloo ranks with CP 2 from real shards (written by the shard writer, as stage configs read).
+trained at the config's own layout (cp 4 on 4 gloo ranks) from real shards (written by the shard writer,
+as stage configs read).
 
 The config's own settings stay: grad_accum 4, ZeRO-3, EMA, token-mean loss, the token budget; the model,
 the shapes and the budget shrink. Three launches shared by all assertions:
 - ``ref``: one process, ZeRO-0, cp 1, one micro-batch holding each step's whole global batch;
-- ``killed``: cp 2 on 2 ranks, SIGKILLed right after step KILL_AT (not a checkpoint step), then resumed.
+- ``killed``: cp 4 on 4 ranks, SIGKILLed right after step KILL_AT (not a checkpoint step), then resumed.
 The budget gives two buckets a global batch that 4 micro-batches do not split evenly (10 -> 3,3,2,2 and
 6 -> 2,2,1,1): without the loss normalisation (diffusion/flow.py::step_loss_scale) DeepSpeed's mean of
 micro-batch means would differ from ``ref``'s mean over the step.
@@ -33,7 +34,8 @@ SHAPES = [(3, 1, 8, 8), (3, 1, 16, 16), (3, 3, 8, 8), (3, 5, 8, 8)]
 
 def _overrides(data_dir) -> list[str]:
     tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.micro_batch_size", "data."))]
-    return [*tiny, "model.pattern=htvA", "parallel.cp=2", f"data.paths=[{data_dir}]", "data.weights=[1.0]",
+    # the config's own layout, cp 4 (4 ranks); 4 attention heads so that cp 4 divides them
+    return [*tiny, "model.pattern=htvA", "model.num_heads=4", f"data.paths=[{data_dir}]", "data.weights=[1.0]",
             "data.num_workers=1", "data.shuffle_buffer=20", f"data.buckets={BUCKETS}", "data.tokens_per_step=512",
             f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", "train.sample_every=0",
             "train.ema_decay=0.8", "optim.warmup_steps=3", "optim.lr=1e-3", "train.keep_last=10"]
@@ -46,13 +48,14 @@ def runs(tmp_path_factory):
     write_synthetic_dataset(data, SHAPES, num_samples=240, samples_per_shard=30, text_dim=16, max_text=8)
     common = _overrides(data)
     cfg = load_config(CONFIG, common)
-    assert cfg.train.grad_accum == 4 and cfg.parallel.zero_stage == 3 and cfg.train.loss_reduction == "token"
+    assert cfg.parallel.cp == 4 and cfg.train.grad_accum == 4 and cfg.parallel.zero_stage == 3
+    assert cfg.train.loss_reduction == "token"
     run_train(CONFIG, *common, f"run_dir={root / 'ref'}", "parallel.zero_stage=0", "parallel.cp=1",
               "train.grad_accum=1", "data.num_workers=0")
-    killed = run_train(CONFIG, *common, f"run_dir={root / 'run'}", nproc=2, check=False,
+    killed = run_train(CONFIG, *common, f"run_dir={root / 'run'}", nproc=4, check=False,
                        env={"MEGASSM_FAULT_SIGKILL_AT_STEP": str(KILL_AT)})
     assert killed.returncode != 0, "the run was to be killed at step KILL_AT"
-    run_train(CONFIG, *common, f"run_dir={root / 'run'}", nproc=2)
+    run_train(CONFIG, *common, f"run_dir={root / 'run'}", nproc=4)
     return {"cfg": cfg, "ref": root / "ref", "run": root / "run"}
 
 
