@@ -190,6 +190,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep_last: int = 3
+    # periodic checkpoints snapshotted to host memory and written by a background thread while training
+    # goes on (megassm/train/checkpoint_writer.py); the final and signal saves stay synchronous
+    async_save: bool = False
     sample_every: int = 0  # 0 disables periodic sample images
     # every eval_every steps: the held-out loss, plus CLIP score / KID on eval.prompts when eval.clip_model /
     # eval.inception + eval.reference are set (megassm/eval/during_training.py); 0 disables it

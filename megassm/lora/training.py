@@ -24,18 +24,25 @@ Gathered = Callable[[list], AbstractContextManager]
 
 
 def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str, is_writer: bool,
-                    ema=None, gathered: Gathered = lambda params: nullcontext()) -> None:
+                    ema=None, gathered: Gathered = lambda params: nullcontext(), sink=None) -> None:
     """Write ``tag_dir/lora`` (and ``tag_dir/lora_ema`` from ``ema``, a ShardedEMA of the adapters) from the
     live (backend-wrapped) module, consolidated: whole tensors whatever the ZeRO stage and TP degree, so
     they load at any layout. Every rank must call it (it gathers). ``gathered(params)``: the backend's
-    context in which ``params`` are whole on every rank (``TrainBackend.gathered``).
+    context in which ``params`` are whole on every rank (``TrainBackend.gathered``). ``sink``
+    (``megassm.train.checkpoint_writer.FileSink``): deferred, the gathered tensors are copied to host
+    memory here and the files written by the background writer.
     """
+    from megassm.checkpoint.snapshot import FileSink, host_snapshot
+
+    sink = sink or FileSink()
     state = consolidate_over_tp(_local_adapters(module, gathered), module)
     shadow = consolidate_over_tp(_local_ema_adapters(ema), module) if ema is not None else None
     if is_writer:
-        save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base)
+        if sink.deferred:
+            state, shadow = host_snapshot(state), host_snapshot(shadow)
+        sink.put(tag_dir / ADAPTER_DIR, lambda: save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base))
         if shadow is not None:
-            save_adapters(tag_dir / EMA_ADAPTER_DIR, shadow, cfg, base)
+            sink.put(tag_dir / EMA_ADAPTER_DIR, lambda: save_adapters(tag_dir / EMA_ADAPTER_DIR, shadow, cfg, base))
 
 
 def _local_adapters(module: nn.Module, gathered: Gathered) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@
             COMPLETE            written last, after every rank finished
         latest                  "step_00000100", replaced atomically after COMPLETE
 
+With ``train.async_save`` a periodic save is snapshotted to host memory and written by a background thread
+(``checkpoint_writer.py``); COMPLETE and ``latest`` then follow every rank's durable files the same way.
 A crash mid-save leaves a tag directory without COMPLETE and ``latest`` still naming the previous,
 whole checkpoint; the next save or resume ignores and removes such leftovers. Nothing is pickled
 except DeepSpeed's own files, which it reads itself.
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megassm.checkpoint.snapshot import FileSink, host_snapshot
 from megassm.checkpoint.tags import COMPLETE, LATEST, tag_for  # noqa: F401  (re-exported for the trainer)
 from megassm.data.writer import atomic_write_bytes
 
@@ -69,12 +72,21 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def save_trainer_state(tag_dir: Path, rank: int, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+def save_trainer_state(tag_dir: Path, rank: int, state: dict, tensors: dict[str, torch.Tensor],
+                       sink: FileSink | None = None) -> None:
+    """This rank's counters, data position and RNG states, taken now; written now, or by the background
+    writer when ``sink`` is deferred (the JSON is serialised and the tensors copied here)."""
+    sink = sink or FileSink()
     d = tag_dir / "trainer"
     d.mkdir(parents=True, exist_ok=True)
     rng_t, rng_meta = _rng_state()
-    save_file({**{f"rng.{k}": v for k, v in rng_t.items()}, **tensors}, str(d / f"rank_{rank:05d}.safetensors"))
-    atomic_write_text(d / f"rank_{rank:05d}.json", json.dumps({**state, "rng": rng_meta}))
+    tensors = {**{f"rng.{k}": v for k, v in rng_t.items()}, **tensors}
+    text = json.dumps({**state, "rng": rng_meta})
+    if sink.deferred:
+        tensors = host_snapshot(tensors)
+    tf, jf = d / f"rank_{rank:05d}.safetensors", d / f"rank_{rank:05d}.json"
+    sink.put(tf, lambda: save_file(tensors, str(tf)))
+    sink.put(jf, lambda: atomic_write_text(jf, text))
 
 
 def load_trainer_state(tag_dir: Path, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -92,17 +104,24 @@ def load_trainer_state(tag_dir: Path, rank: int) -> tuple[dict, dict[str, torch.
 
 
 def finalize(ckpt_dir: Path, tag: str, keep_last: int, is_writer: bool) -> None:
-    """Mark ``tag`` complete, point ``latest`` at it and prune old / partial checkpoints."""
+    """After every rank wrote its files (the barrier): ``commit`` on the writer (the synchronous save)."""
     if dist.is_initialized():
         dist.barrier()
     if is_writer:
-        atomic_write_text(ckpt_dir / tag / COMPLETE, tag)
-        atomic_write_text(ckpt_dir / LATEST, tag)
-        complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
-        for old in complete[: max(0, len(complete) - keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in ckpt_dir.glob("step_*"):
-            if partial.name != tag and not (partial / COMPLETE).exists():
-                shutil.rmtree(partial, ignore_errors=True)
+        commit(ckpt_dir, tag, keep_last)
     if dist.is_initialized():
         dist.barrier()
+
+
+def commit(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Mark ``tag`` complete, point ``latest`` at it, then prune old / partial checkpoints. No collective:
+    the background writer of an asynchronous save calls it once every rank's files are durable
+    (``checkpoint_writer.BackgroundSave``), so pruning never runs before COMPLETE."""
+    atomic_write_text(ckpt_dir / tag / COMPLETE, tag)
+    atomic_write_text(ckpt_dir / LATEST, tag)
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+    for old in complete[: max(0, len(complete) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in ckpt_dir.glob("step_*"):
+        if partial.name != tag and not (partial / COMPLETE).exists():
+            shutil.rmtree(partial, ignore_errors=True)

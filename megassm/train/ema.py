@@ -27,6 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megassm.checkpoint.snapshot import FileSink, host_snapshot
 from megassm.train.backends.base import LocalShards, PlainShards
 
 
@@ -98,9 +99,13 @@ class ShardedEMA:
         stem = f"shard_{shard_rank:05d}" if mp_world == 1 else f"mp_{mp_rank:02d}_shard_{shard_rank:05d}"
         return stem + ".safetensors"
 
-    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
+    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1,
+             sink: FileSink | None = None) -> None:
         """Write this rank's EMA to ``ema/<filename>`` if ``write`` (partitioned: every rank of the ZeRO
-        partition group; otherwise its first rank). Every rank must call it (the fragment layout gathers)."""
+        partition group; otherwise its first rank). Every rank must call it (the fragment layout gathers).
+        ``sink`` (``checkpoint_writer.FileSink``): deferred, the shadow is copied to host memory here and
+        written by the background writer, while ``update`` goes on changing the live one."""
+        sink = sink or FileSink()
         state = self.full_shadow()
         if not write:
             return
@@ -108,8 +113,11 @@ class ShardedEMA:
         d.mkdir(parents=True, exist_ok=True)
         meta = {n: list(self.local.full_shape(p)) for n, p in self.params.items()}
         path = d / self.filename(shard_rank if self.partitioned else 0, mp_rank, mp_world)
-        save_file({n: t.contiguous() for n, t in state.items()}, str(path),
-                  metadata={"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)})
+        state = {n: t.contiguous() for n, t in state.items()}
+        if sink.deferred:
+            state = host_snapshot(state)
+        metadata = {"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)}
+        sink.put(path, lambda: save_file(state, str(path), metadata=metadata))
 
     def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
         """Partitioned: this rank's shard; otherwise the one whole-tensor file, read by every rank."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megassm.checkpoint.snapshot import FileSink
 from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
@@ -27,6 +28,14 @@ from megassm.runtime import default_device
 from megassm.train import checkpoint as ckpt
 from megassm.train import elastic
 from megassm.train.backends import TrainBackend, build_backend
+from megassm.train.checkpoint_writer import (
+    BackgroundSave,
+    PendingSave,
+    describe_stats,
+    save_stats,
+    tree_bytes,
+    write_stats,
+)
 from megassm.train.ema import ShardedEMA
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.profiling import StepProfiler
@@ -147,7 +156,13 @@ class Trainer:
             log.info(msg)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, reason: str) -> None:
+    def save(self, reason: str, blocking: bool = True) -> None:
+        """Checkpoint the current step. ``blocking``: written, COMPLETE and ``latest`` before it returns;
+        otherwise (``train.async_save``, periodic saves) the state is snapshotted to host memory and a
+        background thread writes it and commits (``checkpoint_writer.py``). Either way a save still in
+        flight is waited for first (at most one at a time; its write error is raised here)."""
+        self._reap_save(wait=True)
+        started = time.perf_counter()
         tag = ckpt.tag_for(self.step)
         tag_dir = self.ckpt_dir / tag
         if self.rank == 0 and tag_dir.exists() and not (tag_dir / ckpt.COMPLETE).exists():
@@ -155,23 +170,57 @@ class Trainer:
 
             shutil.rmtree(tag_dir)  # a partial leftover of an interrupted save at this step
         dist.barrier()
-        self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step})
+        sink = FileSink(deferred=not blocking)
+        self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink)
         if self.ema is not None:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
-            self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp())
+            self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp(), sink=sink)
         if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora, lora_ema
             from megassm.lora.training import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
-                            is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered)
+                            is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered, sink=sink)
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),
                  "data": self.data.state_dict(), "world": dist.get_world_size()}
-        ckpt.save_trainer_state(tag_dir, self.rank, state, {})
+        ckpt.save_trainer_state(tag_dir, self.rank, state, {}, sink=sink)
+        pending = PendingSave(self.ckpt_dir, tag, self.step, sink.jobs, started, time.perf_counter() - started,
+                              getattr(self, "_last_step_s", None))
+        if not blocking:
+            self._writer.start(pending)
+            self._info(f"checkpoint {tag_dir} ({reason}) at step {self.step}: snapshot in host memory after "
+                       f"{pending.snapshot_s:.2f} s, writing in the background")
+            return
         ckpt.finalize(self.ckpt_dir, tag, self.cfg.train.keep_last, is_writer=self.rank == 0)
+        if self.rank == 0:
+            stats = save_stats(pending, "sync", tree_bytes(tag_dir), self.step)
+            write_stats(self.ckpt_dir, stats)
+            self._info(describe_stats(stats))
         self._info(f"checkpoint {tag_dir} written ({reason}) at step {self.step}")
+
+    @property
+    def _writer(self) -> BackgroundSave:
+        """The background writer of non-blocking saves, made at first use."""
+        if getattr(self, "_background_save", None) is None:
+            self._background_save = BackgroundSave(
+                self.rank, dist.get_world_size(),
+                lambda d, tag: ckpt.commit(d, tag, self.cfg.train.keep_last), lambda: self.step)
+        return self._background_save
+
+    def _reap_save(self, wait: bool) -> None:
+        """At a step boundary (or, ``wait``, before the next save / exit): a finished background save's
+        error is raised here, its completion logged (metrics.jsonl: a ``checkpoint`` event)."""
+        writer = getattr(self, "_background_save", None)
+        if writer is None:
+            return
+        tag = writer.in_flight.tag if writer.in_flight is not None else None
+        stats = writer.wait() if wait else writer.raise_if_failed()
+        if stats:
+            self.metrics.event({"event": "checkpoint", "step": self.step, **stats})
+        elif stats is not None and tag is not None:
+            log.debug(f"rank {self.rank}: its part of {tag} is written")
 
     def _mp(self) -> tuple[int, int]:
         return self.mesh.get_model_parallel_rank(), self.mesh.get_model_parallel_world_size()
@@ -257,6 +306,7 @@ class Trainer:
             first = True
             while self.step < cfg.steps:
                 out = self.train_step(data_iter)
+                self._last_step_s = out["time"]  # the grace formula's t_step, in save_stats.json
                 self.step += 1
                 self.profiler.step(self.step)
                 if first:
@@ -292,20 +342,46 @@ class Trainer:
                     self.evaluate()
                 if self.step == _fault_kill_step():
                     os.kill(os.getpid(), signal.SIGKILL)  # simulated node failure (tests)
+                self._reap_save(wait=False)
                 if out["stop"]:
-                    self.save(f"signal {flag.signum}")
-                    self._info(f"checkpoint written on signal at step {self.step}; exiting")
+                    self._save_on_signal(flag.signum)
                     return 0
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.save("periodic" if self.step < cfg.steps else "final")
+                    final = self.step == cfg.steps
+                    self.save("final" if final else "periodic", blocking=final or not cfg.async_save)
+            self._reap_save(wait=True)
             if self.rank == 0:
                 (self.run_dir / "DONE").write_text(str(self.step))
             return 0
+        except BaseException:
+            if getattr(self, "_background_save", None) is not None:
+                self._background_save.abandon()  # own files finish; no commit that waits on a dead rank
+            raise
         finally:
             self.profiler.close()
             bar.close()
             flag.restore()
             self.metrics.close()
+
+    def _save_on_signal(self, signum: int) -> None:
+        """SIGUSR1 / SIGTERM: a checkpoint inside the grace window (docs/cluster.md). If a background save
+        is in flight, finishing it is the checkpoint: the steps since it are redone after the requeue, and
+        the window needs one save, not two. Otherwise a synchronous save of this step."""
+        writer = getattr(self, "_background_save", None)
+        inflight = writer.in_flight if writer is not None else None
+        # one decision for all ranks: a rank whose own part is written may already have reaped the save
+        # that another is still writing
+        flag = torch.tensor([0 if inflight is None else inflight.step + 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) > 0:
+            inflight = inflight or PendingSave(self.ckpt_dir, ckpt.tag_for(int(flag) - 1), int(flag) - 1, [], 0.0, 0.0)
+            self._reap_save(wait=True)
+            self._info(f"signal {signum} at step {self.step} while checkpoint {inflight.tag} was being written: "
+                       f"it is complete; exiting (steps {inflight.step + 1}-{self.step} are redone on resume)")
+            self._info(f"checkpoint written on signal at step {inflight.step}; exiting")
+            return
+        self.save(f"signal {signum}")
+        self._info(f"checkpoint written on signal at step {self.step}; exiting")
 
     def log_samples(self) -> None:
         """Preview images of the EMA weights (the live ones without EMA) to TensorBoard; every rank calls it."""

@@ -164,8 +164,10 @@ class TrainBackend(Protocol):
     def gathered(self, params: list[nn.Parameter]) -> AbstractContextManager:
         """A context in which ``params`` hold whole tensors on every rank, for reading (collective)."""
 
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-        """Write model, optimizer and LR-schedule state into ``ckpt_dir / tag`` (every rank calls)."""
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: Any = None) -> None:
+        """Write model, optimizer and LR-schedule state into ``ckpt_dir / tag`` (every rank calls). With a
+        deferred ``sink`` (``megassm.checkpoint.snapshot.FileSink``) copy it to host memory and ``put`` the
+        writes instead: they run on a background thread, so they must not call a collective."""
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
         """Restore what ``save`` wrote, at the same layout; the next micro-batch opens a step."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megassm.checkpoint.snapshot import FileSink, host_snapshot
 from megassm.checkpoint.tags import COMPLETE
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from megassm.runtime import use_bf16
@@ -293,8 +294,18 @@ class DeepSpeedBackend:
         return nullcontext()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: FileSink | None = None) -> None:
+        """DeepSpeed's ``save_checkpoint``; with a deferred ``sink`` its files are snapshotted instead of
+        written (``SnapshotCheckpointEngine``): the barriers and tag checks still run here, the writes later."""
+        if sink is None or not sink.deferred:
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
+            return
+        own = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = SnapshotCheckpointEngine(own, sink)
+        try:
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
+        finally:
+            self.engine.checkpoint_engine = own
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
         load_path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
@@ -321,6 +332,37 @@ class DeepSpeedBackend:
         # checkpoints are written at step boundaries: the next micro-batch opens an accumulation window
         # (DeepSpeed does not restore its micro-step counter)
         self.engine.micro_steps = self.engine.global_steps * self.engine.gradient_accumulation_steps()
+
+
+class SnapshotCheckpointEngine:
+    """The checkpoint engine DeepSpeed's ``save_checkpoint`` writes through during a non-blocking save
+    (``megassm/train/checkpoint_writer.py``): ``save(state_dict, path)`` copies the state dict to host
+    memory (``host_snapshot``: the fp32 partitions, Adam moments and LR state the next step will change in
+    place) and queues the engine's own ``save`` of the copy on the ``FileSink``, so the file is what a
+    synchronous save writes. Directories are made at once; everything else is the engine's own. DeepSpeed
+    0.19.8 routes every file of ``save_checkpoint`` through ``checkpoint_engine.save`` except the small
+    ``zero_to_fp32.py`` recovery script, which it copies itself.
+    """
+
+    def __init__(self, own, sink: FileSink):
+        self.own, self.sink = own, sink
+        self.name = f"snapshot({getattr(own, 'name', type(own).__name__)})"
+
+    def save(self, state_dict, path: str) -> None:
+        snapshot = host_snapshot(state_dict)
+        self.sink.put(Path(path), lambda: self.own.save(snapshot, path))
+
+    def create(self, info) -> None:
+        pass
+
+    def commit(self, info) -> bool:
+        return True  # megassm's own commit (COMPLETE, latest) follows every rank's durable files
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def __getattr__(self, name):  # makedirs, load, is_data_parallel_writer, preserves_storage_sharing, ...
+        return getattr(self.own, name)
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str, is_writer: bool) -> Path:
