@@ -17,9 +17,8 @@ The formulas are compared with measurements at 1.16B parameters on a CPU in benc
 
 from __future__ import annotations
 
-import math
-
 from megassm.config.schema import RunConfig
+from megassm.grace import grace_seconds
 from megassm.models.accounting import param_counts
 
 GB = 1e9
@@ -63,12 +62,6 @@ def predict_host(cfg: RunConfig, gpus: int, write_gbps: float) -> dict:
         "largest_param_gb": 4 * L / GB,
         "grace_s": grace_seconds(size / GB, write_gbps),
     }
-
-
-def grace_seconds(checkpoint_gb: float, write_gbps: float, step_s: float = 60.0) -> int:
-    """SIGUSR1 grace that covers finishing the step in flight plus a save at the measured rate, with 50 %
-    margin for a slower filesystem (docs/cluster.md): 1.5 x (step + size / rate), rounded up to 30 s."""
-    return int(math.ceil(1.5 * (step_s + checkpoint_gb / write_gbps) / 30) * 30)
 
 
 def print_host(h: dict) -> None:

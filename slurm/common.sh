@@ -33,7 +33,13 @@
 #   MEGASSM_MASTER_PORT      rendezvous port (default: 10000 + job id % 50000, next free one)
 #   MEGASSM_SRUN_ARGS        extra srun options, e.g. "--container-image=... --cpu-bind=none"
 #   MEGASSM_SIGNAL_GRACE     seconds the tasks get to checkpoint after USR1 before the job
-#                            is requeued anyway (default 240; keep it below --signal's lead)
+#                            is requeued anyway; set, it overrides the derived grace below
+#   MEGASSM_GRACE_FALLBACK   the grace before this run has saved once (default 240; the stage
+#                            scripts set `megassm plan`'s value). Otherwise the grace is derived from
+#                            the run's last save, RUN_DIR/checkpoints/save_stats.json:
+#                            1.5 x (t_step + S / B) rounded up to 30 s (megassm/grace.py)
+#   MEGASSM_SIGNAL_LEAD      the --signal lead in seconds (default 600, the scripts' #SBATCH
+#                            --signal); a grace above lead - 60 s is logged as a warning
 #   MEGASSM_REQUEUE          1: requeue after USR1 (default); 0: checkpoint and stop
 #   MEGASSM_DRY_RUN          1: print the environment and the srun command, run nothing
 #   MEGASSM_CACHE_DIR        persistent per-user compile cache root (default: $HOME/.cache/megassm);
@@ -147,17 +153,36 @@ _megassm_on_signal() {
     fi
 }
 
+# The grace the tasks get after USR1 (sets _megassm_grace_s and logs it with its inputs):
+# MEGASSM_SIGNAL_GRACE if set, else derived from the run's measured save rate (megassm/grace.py,
+# docs/cluster.md), else MEGASSM_GRACE_FALLBACK; warns when it does not fit the --signal lead.
+_megassm_grace_s=${MEGASSM_GRACE_FALLBACK:-240}
+_megassm_grace() {
+    local run_dir=$1 out="" lead=${MEGASSM_SIGNAL_LEAD:-600} fallback=${MEGASSM_GRACE_FALLBACK:-240}
+    local -a explicit=()
+    [[ -n ${MEGASSM_SIGNAL_GRACE:-} ]] && explicit=(--explicit "$MEGASSM_SIGNAL_GRACE")
+    out=$("${MEGASSM_PYTHON:-python}" -m megassm.grace "$run_dir/checkpoints/save_stats.json" \
+        --fallback "$fallback" --lead "$lead" "${explicit[@]}" 2>&1)
+    if [[ $out =~ ^([0-9]+)$'\t'(.*)$ ]]; then
+        _megassm_grace_s=${BASH_REMATCH[1]}
+        _megassm_log "${BASH_REMATCH[2]}"
+    else
+        _megassm_grace_s=${MEGASSM_SIGNAL_GRACE:-$fallback}
+        _megassm_log "warning: could not derive the SIGUSR1 grace (${out:-no output}); using $_megassm_grace_s s"
+    fi
+}
+
 # Wait for srun, surviving trapped signals (bash's `wait` returns early on each one).
-# After USR1 the tasks get MEGASSM_SIGNAL_GRACE seconds to checkpoint and exit; past that
+# After USR1 the tasks get _megassm_grace_s seconds to checkpoint and exit; past that
 # the job is requeued anyway (which ends the step): after the time limit it could not be.
 _megassm_wait_srun() {
     local rc deadline=""
     while :; do
         if [[ $_megassm_signal == USR1 && ${MEGASSM_REQUEUE:-1} == 1 ]]; then
-            deadline=${deadline:-$((SECONDS + ${MEGASSM_SIGNAL_GRACE:-240}))}
+            deadline=${deadline:-$((SECONDS + _megassm_grace_s))}
             while kill -0 "$_megassm_srun_pid" 2>/dev/null; do
                 if ((SECONDS >= deadline)); then
-                    _megassm_log "tasks still running ${MEGASSM_SIGNAL_GRACE:-240} s after SIGUSR1"
+                    _megassm_log "tasks still running $_megassm_grace_s s after SIGUSR1"
                     _megassm_requeue
                 fi
                 sleep 1
@@ -221,6 +246,7 @@ megassm_train() {
     local -a extra=()
     read -r -d '' -a extra <<<"${MEGASSM_EXTRA_OVERRIDES:-}"
     _megassm_srun_cmd train "$config" "run_dir=$run_dir" "${extra[@]}" "$@"
+    _megassm_grace "$run_dir"
     _megassm_usr1_action=checkpoint
     _megassm_run
 

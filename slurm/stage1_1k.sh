@@ -16,6 +16,7 @@
 # Environment: MEGASSM_ENV_SETUP (e.g. "source /opt/venvs/megassm/bin/activate"),
 # MEGASSM_RUN_DIR, MEGASSM_RUNS, MEGASSM_EXTRA_OVERRIDES, MEGASSM_DEVICE,
 # MEGASSM_SRUN_ARGS, MEGASSM_SIGNAL_GRACE, ...: see slurm/common.sh and docs/cluster.md.
+# The SIGUSR1 grace is derived from the run's measured save rate; MEGASSM_SIGNAL_GRACE overrides it.
 #
 # CPU smoke run of this same script (tiny model, built-in procedural data, 2 gloo ranks):
 #   MEGASSM_DEVICE=cpu MEGASSM_EXTRA_OVERRIDES="$(cat slurm/cpu_tiny.overrides)" \
@@ -35,7 +36,9 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm/logs/%x-%j.out
 
-: "${MEGASSM_SIGNAL_GRACE:=480}"  # ZeRO-3 checkpoint of 5B + requeue within the 600 s lead
+: "${MEGASSM_SIGNAL_LEAD:=600}"     # = the #SBATCH --signal lead above (set both to change it)
+: "${MEGASSM_GRACE_FALLBACK:=480}"  # before the first save: 5B ZeRO-3 at >= 0.3 GB/s (docs/cluster.md);
+                                   # later the grace is derived from the run's measured save rate
 # sbatch runs a spool copy of this file: find the checkout from the submitted path.
 _root=${MEGASSM_ROOT:-$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/ ]*$|\1|p')}
 source "${_root:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh" || exit 2

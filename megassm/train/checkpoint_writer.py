@@ -180,8 +180,8 @@ class BackgroundSave:
         while True:
             failed = sorted(markers.glob("rank_*.failed"))
             if failed:
-                raise RuntimeError(f"{failed[0].stem.replace('rank_', 'rank ')} could not write its part of "
-                                   f"{save.tag_dir}: {failed[0].read_text()}")
+                rank = int(failed[0].name.split("_")[1].split(".")[0])
+                raise RuntimeError(f"rank {rank} could not write its part of {save.tag_dir}: {failed[0].read_text()}")
             if all(m.is_file() for m in want):
                 return
             if self._abandon.wait(self.poll_s):

@@ -133,3 +133,39 @@ def test_async_checkpoints_hold_what_sync_ones_do_and_resume_from_them_is_exact(
         _assert_same_checkpoint(resumed / tag, sync / tag)
     ref, got = losses_by_step(runs["sync"]), losses_by_step(runs["resumed"])
     assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
+
+
+def test_a_signal_during_a_background_write_finishes_that_checkpoint_and_exits(tmp_path, monkeypatch):
+    """SIGTERM / SIGUSR1 while the step-2 save is still being written (held until someone waits for it):
+    the trainer completes that checkpoint and exits instead of writing a second one, so the grace window
+    needs one save (docs/cluster.md). One rank, in this process; the signal flag is set before step 4."""
+    import signal
+
+    from megassm.config import load_config
+    from megassm.train import loop
+    from tests.conftest import free_port
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0", "MEGASSM_TEST_SAVE_HOLD_STEPS": "1000"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(SMOKE, [*TINY_OVERRIDES, f"run_dir={tmp_path}", "train.steps=100", "train.ckpt_every=2",
+                              "train.async_save=true"])
+    trainer = loop.Trainer(cfg)
+    step = trainer.train_step
+
+    def signalled_at_4(data_iter):
+        if trainer.step == 3:
+            trainer._stop.signum = signal.SIGTERM
+        return step(data_iter)
+
+    trainer.train_step = signalled_at_4
+    assert trainer.fit() == 0
+    assert trainer.step == 4 and not (tmp_path / "DONE").exists()
+    ckpts = tmp_path / "checkpoints"
+    assert ckpt_tags(ckpts) == ["step_00000002"] and (ckpts / "latest").read_text() == "step_00000002"
+    stats = json.loads((ckpts / "save_stats.json").read_text())
+    assert stats["tag"] == "step_00000002" and stats["step_at_commit"] == 4  # released by the signal's wait
+
+
+def ckpt_tags(ckpt_dir):
+    return sorted(p.name for p in ckpt_dir.glob("step_*"))

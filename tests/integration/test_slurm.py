@@ -58,6 +58,8 @@ def test_script_headers(name):
     lead = int(opts["signal"].split("@")[1])
     h, m, s = (int(v) for v in opts["time"].split(":"))
     assert lead < h * 3600 + m * 60 + s
+    if name != "preprocess":  # the grace check's lead (slurm/common.sh) is the --signal lead
+        assert f': "${{MEGASSM_SIGNAL_LEAD:={lead}}}"' in script.read_text()
 
 
 def test_dry_run_command_line(tmp_path):
@@ -76,6 +78,30 @@ def test_dry_run_command_line(tmp_path):
     bad = subprocess.run(["bash", "slurm/stage3_video.sh", "run_dir=/x"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "MEGASSM_RUN_DIR" in bad.stderr
+
+
+def test_dry_run_derives_the_grace_from_the_measured_save_rate(tmp_path):
+    """No save yet: the script's fallback; after one: 1.5 x (t_step + S / B) from save_stats.json
+    (megassm/grace.py); MEGASSM_SIGNAL_GRACE wins; a grace beyond the --signal lead is called out."""
+    run = tmp_path / "run"
+    env = {**os.environ, "MEGASSM_DRY_RUN": "1", "MEGASSM_RUN_DIR": str(run)}
+    env.pop("SLURM_JOB_ID", None)
+
+    def grace_line(**extra):
+        out = subprocess.run(["bash", "slurm/stage3_video.sh"], cwd=REPO, env={**env, **extra},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if "SIGUSR1 grace" in line)
+
+    assert "grace 480 s: no save of this run measured yet" in grace_line()
+    (run / "checkpoints").mkdir(parents=True)
+    stats = {"tag": "step_00000250", "mode": "async", "bytes": 82e9, "write_gbps": 0.328, "step_s": 30.0}
+    (run / "checkpoints" / "save_stats.json").write_text(json.dumps(stats))
+    line = grace_line()
+    assert "grace 420 s: 1.5 x (t_step 30.0 s + 82.00 GB / 0.328 GB/s)" in line and "WARNING" not in line
+    assert "grace 100 s: MEGASSM_SIGNAL_GRACE (explicit" in grace_line(MEGASSM_SIGNAL_GRACE="100")
+    (run / "checkpoints" / "save_stats.json").write_text(json.dumps({**stats, "write_gbps": 0.1}))
+    assert "WARNING" in grace_line() and "--signal=B:USR1@1350" in grace_line()
 
 
 # --- the cluster ----------------------------------------------------------------------
