@@ -13,8 +13,9 @@ expand 2, headdim 64, d_state 64, FFN 3.5x, T5-XXL text width):
               each parameter handed to ZeRO-3 at once)
   warm_old    build_model + train.warm_start.warm_start from a consolidated checkpoint (a whole state dict)
   warm_new    build_partitioned(init_from=...): offset reads of this rank's slices
-  save        build_partitioned + the DeepSpeed ZeRO-3 engine (AdamW), one step, then save_checkpoint:
-              seconds, bytes written (all ranks), GB/s
+  save        build_partitioned + the DeepSpeed ZeRO-3 engine (AdamW), two steps, then save_checkpoint:
+              seconds, bytes written (all ranks), GB/s; then the trainer's non-blocking save of the same
+              state (snapshot seconds, a step taken during the background write, seconds to COMPLETE)
   resume      build_partitioned(resuming=True) + engine + load_checkpoint of the ``save`` phase's files
 
 Writes JSON (``--out``) with the machine's description; results in benchmarks/results/init_cpu.md.
@@ -108,14 +109,21 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
         res["engine_gb"] = _rss_gb()
         t0 = time.perf_counter()
         if p == "save":
-            x = torch.randn(1, 16, 1, 16, 16)
-            loss = engine(x, torch.rand(1), torch.randn(1, 8, 4096)).float().pow(2).mean()
-            engine.backward(loss)
-            engine.step()
+            _train_step(engine)  # warm-up: allocates the optimizer states
+            res["step_s"] = _train_step(engine)  # a step with no write in flight
             res["step_gb"] = _rss_gb()
             t0 = time.perf_counter()
             engine.save_checkpoint(args.ckpt, tag="bench", save_latest=False)
             dist.barrier()
+            res["seconds"] = time.perf_counter() - t0
+            res["peak_gb"] = _rss_gb()
+            res.update(_async_save(engine, Path(args.ckpt), rank, world))
+            res["async_peak_gb"] = _rss_gb()
+            dist.barrier()
+            res.update(bytes_read=bytes_read() - b0, rchar=_rchar() - r0, params=None)
+            Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+            dist.destroy_process_group()
+            return
         else:
             engine.load_checkpoint(args.ckpt, tag="bench", load_module_strict=True, load_optimizer_states=True)
             dist.barrier()
@@ -124,6 +132,47 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
     res["rchar"] = _rchar() - r0  # every byte the phase read (DeepSpeed's torch.load too)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
+
+
+def _train_step(engine) -> float:
+    t0 = time.perf_counter()
+    x = torch.randn(1, 16, 1, 16, 16)
+    loss = engine(x, torch.rand(1), torch.randn(1, 8, 4096)).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return time.perf_counter() - t0
+
+
+def _async_save(engine, ckpt_dir: Path, rank: int, world: int) -> dict:
+    """The trainer's non-blocking save (megassm/train/checkpoint_writer.py) of the same engine: how long the
+    training thread is held (the host snapshot), one training step taken while the files are written, and
+    the seconds to COMPLETE (rank 0: the job's save; bytes / seconds is the rate save_stats.json records)."""
+    import torch.distributed as dist
+
+    from megassm.checkpoint.snapshot import FileSink
+    from megassm.train import checkpoint as ckpt
+    from megassm.train.backends.deepspeed import SnapshotCheckpointEngine
+    from megassm.train.checkpoint_writer import BackgroundSave, PendingSave
+
+    tag, steps = "bench_async", [0]
+    dist.barrier()
+    t0 = time.perf_counter()
+    sink = FileSink(deferred=True)
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = SnapshotCheckpointEngine(own, sink)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    finally:
+        engine.checkpoint_engine = own
+    snapshot_s = time.perf_counter() - t0
+    writer = BackgroundSave(rank, world, lambda d, t: ckpt.commit(d, t, keep_last=10), lambda: steps[0])
+    writer.start(PendingSave(ckpt_dir, tag, 0, sink.jobs, t0, snapshot_s))
+    step_s = _train_step(engine)  # the same step as the sync baseline, with this rank's write in flight
+    steps[0] = 1
+    wrote_during_step = not writer.done()
+    stats = writer.wait() or {}
+    return {"async_snapshot_s": snapshot_s, "async_step_s": step_s, "async_step_overlapped": wrote_during_step,
+            "async_seconds": stats.get("seconds"), "async_bytes": stats.get("bytes")}
 
 
 def write_checkpoint(args) -> Path:
@@ -179,6 +228,10 @@ def main() -> None:
         if phase == "save":
             row["bytes_written"] = sum(f.stat().st_size for f in Path(args.ckpt, "bench").rglob("*") if f.is_file())
             row["write_gbps"] = row["bytes_written"] / 1e9 / max(r["seconds"] for r in ranks)
+            row["async_write_gbps"] = ranks[0]["async_bytes"] / 1e9 / ranks[0]["async_seconds"]
+            import shutil
+
+            shutil.rmtree(Path(args.ckpt, "bench_async"), ignore_errors=True)
         rows.append(row)
         r0 = ranks[0]
         print(f"{phase:10s} world {args.world}  {row['params'] / 1e9:.2f}B  base {r0['base_gb']:.2f} GB  peak "
@@ -187,6 +240,12 @@ def main() -> None:
               f"(rchar {max(r['rchar'] for r in ranks) / 1e9:.2f})"
               + (f"  wrote {row['bytes_written'] / 1e9:.2f} GB at {row['write_gbps']:.2f} GB/s" if phase == "save"
                  else ""), flush=True)
+        if phase == "save":
+            print(f"  async: training held {max(r['async_snapshot_s'] for r in ranks):.2f} s (snapshot), a step "
+                  f"{max(r['async_step_s'] for r in ranks):.2f} s during the write (without: "
+                  f"{max(r['step_s'] for r in ranks):.2f} s), COMPLETE after {ranks[0]['async_seconds']:.2f} s = "
+                  f"{row['async_write_gbps']:.3f} GB/s; host peak {max(r['async_peak_gb'] for r in ranks):.2f} GB/rank",
+                  flush=True)
     if args.out:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.is_file() else {"machine": {}, "rows": []}

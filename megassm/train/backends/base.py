@@ -26,7 +26,9 @@ Where an FSDP2 backend (``torch.distributed.fsdp.fully_shard``) would go, method
 - ``step``: ``clip_grad_norm_`` over the DTensor gradients (its total norm, non-finite = skipped),
   ``optimizer.step``, ``scheduler.step``, ``zero_grad``;
 - ``save`` / ``load``: ``torch.distributed.checkpoint`` of ``get_state_dict(model, optimizer)`` under the
-  tag directory, beside the trainer's own files;
+  tag directory, beside the trainer's own files; a deferred ``sink`` (non-blocking save): the local
+  shards ``host_snapshot``-ed and DCP's per-rank write ``put`` on the sink, its collective planning done
+  here (DCP's own ``async_save`` would commit by itself, before megassm's COMPLETE);
 - ``gathered``: ``DTensor.full_tensor()`` copies of the parameters;
 - ``shards``: a ``LocalShards`` over each DTensor's ``to_local()`` fp32 shard (``partitioned`` layout);
   the EMA (``megassm/train/ema.py``) then needs nothing else.
