@@ -117,6 +117,13 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
             dist.barrier()
             res["seconds"] = time.perf_counter() - t0
             res["peak_gb"] = _rss_gb()
+            from megassm.checkpoint.snapshot import fsync_tree
+
+            t1 = time.perf_counter()  # what the async path does per file, for a like-for-like rate
+            for f in sorted(Path(args.ckpt, "bench").glob(f"*rank_{rank}_*")):
+                fsync_tree(f)
+            dist.barrier()
+            res["fsync_s"] = time.perf_counter() - t1
             res.update(_async_save(engine, Path(args.ckpt), rank, world))
             res["async_peak_gb"] = _rss_gb()
             dist.barrier()
@@ -146,7 +153,9 @@ def _train_step(engine) -> float:
 def _async_save(engine, ckpt_dir: Path, rank: int, world: int) -> dict:
     """The trainer's non-blocking save (megassm/train/checkpoint_writer.py) of the same engine: how long the
     training thread is held (the host snapshot), one training step taken while the files are written, and
-    the seconds to COMPLETE (rank 0: the job's save; bytes / seconds is the rate save_stats.json records)."""
+    the seconds to COMPLETE (rank 0: the job's save; bytes / seconds is the rate save_stats.json records).
+    ``deepspeed_s``: ``save_checkpoint`` with an engine that discards the state dicts -- DeepSpeed's own
+    share of the hold (building the state dicts, its barriers)."""
     import torch.distributed as dist
 
     from megassm.checkpoint.snapshot import FileSink
@@ -155,6 +164,20 @@ def _async_save(engine, ckpt_dir: Path, rank: int, world: int) -> dict:
     from megassm.train.checkpoint_writer import BackgroundSave, PendingSave
 
     tag, steps = "bench_async", [0]
+
+    class _Discard(SnapshotCheckpointEngine):  # DeepSpeed's own part of a save: state dicts, barriers
+        def save(self, state_dict, path):
+            pass
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = _Discard(own, FileSink(deferred=True))
+    try:
+        engine.save_checkpoint(str(ckpt_dir / "discard"), tag=tag, save_latest=False)
+    finally:
+        engine.checkpoint_engine = own
+    deepspeed_s = time.perf_counter() - t0
     dist.barrier()
     t0 = time.perf_counter()
     sink = FileSink(deferred=True)
@@ -171,7 +194,8 @@ def _async_save(engine, ckpt_dir: Path, rank: int, world: int) -> dict:
     steps[0] = 1
     wrote_during_step = not writer.done()
     stats = writer.wait() or {}
-    return {"async_snapshot_s": snapshot_s, "async_step_s": step_s, "async_step_overlapped": wrote_during_step,
+    return {"async_snapshot_s": snapshot_s, "deepspeed_s": deepspeed_s, "async_step_s": step_s,
+            "async_step_overlapped": wrote_during_step,
             "async_seconds": stats.get("seconds"), "async_bytes": stats.get("bytes")}
 
 
@@ -228,20 +252,24 @@ def main() -> None:
         if phase == "save":
             row["bytes_written"] = sum(f.stat().st_size for f in Path(args.ckpt, "bench").rglob("*") if f.is_file())
             row["write_gbps"] = row["bytes_written"] / 1e9 / max(r["seconds"] for r in ranks)
+            row["write_fsync_gbps"] = row["bytes_written"] / 1e9 / max(r["seconds"] + r["fsync_s"] for r in ranks)
             row["async_write_gbps"] = ranks[0]["async_bytes"] / 1e9 / ranks[0]["async_seconds"]
+            row["loadavg"] = os.getloadavg()
             import shutil
 
             shutil.rmtree(Path(args.ckpt, "bench_async"), ignore_errors=True)
+            shutil.rmtree(Path(args.ckpt, "discard"), ignore_errors=True)
         rows.append(row)
         r0 = ranks[0]
         print(f"{phase:10s} world {args.world}  {row['params'] / 1e9:.2f}B  base {r0['base_gb']:.2f} GB  peak "
               f"{max(r['peak_gb'] for r in ranks):.2f} GB/rank  {r0['seconds']:.1f} s  read "
               f"{max(r['bytes_read'] for r in ranks) / 1e9:.2f} GB/rank "
               f"(rchar {max(r['rchar'] for r in ranks) / 1e9:.2f})"
-              + (f"  wrote {row['bytes_written'] / 1e9:.2f} GB at {row['write_gbps']:.2f} GB/s" if phase == "save"
-                 else ""), flush=True)
+              + (f"  wrote {row['bytes_written'] / 1e9:.2f} GB at {row['write_gbps']:.2f} GB/s, "
+                 f"{row['write_fsync_gbps']:.2f} GB/s with fsync" if phase == "save" else ""), flush=True)
         if phase == "save":
-            print(f"  async: training held {max(r['async_snapshot_s'] for r in ranks):.2f} s (snapshot), a step "
+            print(f"  async: training held {max(r['async_snapshot_s'] for r in ranks):.2f} s (snapshot; of which "
+                  f"{max(r['deepspeed_s'] for r in ranks):.2f} s DeepSpeed's save_checkpoint without writes), a step "
                   f"{max(r['async_step_s'] for r in ranks):.2f} s during the write (without: "
                   f"{max(r['step_s'] for r in ranks):.2f} s), COMPLETE after {ranks[0]['async_seconds']:.2f} s = "
                   f"{row['async_write_gbps']:.3f} GB/s; host peak {max(r['async_peak_gb'] for r in ranks):.2f} GB/rank",

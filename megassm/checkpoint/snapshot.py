@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,51 @@ import torch
 # -- host snapshot -------------------------------------------------------------------------------------
 
 
-def host_snapshot(obj):
+class HostBuffers:
+    """Host buffers for snapshots, kept between saves and handed out again by size.
+
+    Allocating page-locked memory costs about 0.37 s/GiB on an H200 host, while copying into it takes
+    0.02 s/GiB (54 GB/s; pageable memory: 1.6 GB/s). Reusing last save's buffers keeps the training thread's
+    hold at the copy. ``release()`` (the background writer, once the files are written) returns every
+    buffer taken since the last release; the next snapshot, which waits for that save, reuses them.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+        self._taken: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        with self._lock:
+            free = self._free.get(nbytes)
+            buf = free.pop() if free else None
+            if buf is None:
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin).untyped_storage()
+            self._taken.append(buf)
+            return buf
+
+    def release(self) -> None:
+        with self._lock:
+            for buf in self._taken:
+                self._free.setdefault(buf.nbytes(), []).append(buf)
+            self._taken.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes() for b in self._taken) + sum(b.nbytes() for v in self._free.values() for b in v)
+
+
+PINNED = HostBuffers(pin=True)  # device tensors' snapshots (page-locked: full-rate device-to-host copies)
+
+
+def release_snapshots() -> None:
+    """The snapshots of the last save are written: their pinned buffers may be reused."""
+    PINNED.release()
+
+
+def host_snapshot(obj, buffers: HostBuffers | None = None):
     """A deep copy of ``obj`` whose tensors live in fresh host memory: later in-place updates of the
     originals (optimizer step, EMA lerp, RNG draws) do not reach it.
 
@@ -27,12 +72,14 @@ def host_snapshot(obj):
     and strides, so ``torch.save`` writes what it would have written for the originals (whole storages)
     and a load sees the same aliasing. Containers and other values are ``copy.deepcopy``'d; a tensor
     hidden inside an object the walk does not open is deep-copied by torch itself (correct, on its device).
+    ``buffers``: where the copies' memory comes from; default: ``PINNED`` for device tensors (reused
+    after ``release_snapshots``), fresh memory for host tensors.
     """
     storages: dict[tuple, torch.UntypedStorage] = {}
     memo: dict[int, object] = {}
     for t in _tensors(obj):
         if id(t) not in memo:
-            memo[id(t)] = _host_tensor(t, storages)
+            memo[id(t)] = _host_tensor(t, storages, buffers)
     return copy.deepcopy(obj, memo)
 
 
@@ -47,15 +94,18 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def _host_tensor(t: torch.Tensor, storages: dict) -> torch.Tensor:
+def _host_tensor(t: torch.Tensor, storages: dict, buffers: HostBuffers | None) -> torch.Tensor:
     if t.layout != torch.strided or t.is_quantized or type(t) not in (torch.Tensor, torch.nn.Parameter):
         return t.detach().to("cpu", copy=True)
     s = t.untyped_storage()
     # the storage's identity (as torch.save keys it), not its address: empty storages all have address 0
     key = (s.device, s._cdata)
     if key not in storages:
-        pin = s.device.type == "cuda"  # page-locked: the device-to-host copy runs at full PCIe rate
-        host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+        pool = buffers if buffers is not None else (PINNED if s.device.type == "cuda" else None)
+        if pool is not None:
+            host = pool.take(s.nbytes())
+        else:
+            host = torch.empty(s.nbytes(), dtype=torch.uint8).untyped_storage()
         host.copy_(s)
         storages[key] = host
     out = torch.empty(0, dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())

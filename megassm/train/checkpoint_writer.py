@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from megassm.checkpoint.snapshot import fsync_tree, tree_bytes
+from megassm.checkpoint.snapshot import fsync_tree, release_snapshots, tree_bytes
 
 log = logging.getLogger("megassm.train")
 
@@ -168,6 +168,8 @@ class BackgroundSave:
                 _atomic_text(markers / f"rank_{self.rank:05d}.failed", repr(e))
             except OSError:
                 pass
+        finally:
+            release_snapshots()  # written (or failed): the next save's snapshot may reuse the buffers
 
     def _hold(self, save: PendingSave) -> None:
         hold = int(os.environ.get("MEGASSM_TEST_SAVE_HOLD_STEPS") or 0)

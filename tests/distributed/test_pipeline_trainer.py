@@ -26,7 +26,10 @@ def _stage_weights(run, step: int) -> dict:
 
 def test_pipeline_training_resumes_exactly_and_converts(tmp_path):
     ref = tmp_path / "ref"
-    proc = run_train(SMOKE, *TINY_OVERRIDES, f"run_dir={ref}", *PP, "train.steps=4", "train.sample_every=2", nproc=2)
+    # the step-2 checkpoint is written in the background (train.async_save), the final one synchronously:
+    # the resume below starts from the async one
+    proc = run_train(SMOKE, *TINY_OVERRIDES, f"run_dir={ref}", *PP, "train.steps=4", "train.sample_every=2",
+                     "train.async_save=true", nproc=2)
     assert "pipeline: 2 stages x 4 micro-batches" in proc.stderr
     # no previews under PP, and the log says so at every preview step
     assert [f"step {s}: no preview samples" in proc.stderr for s in (2, 4)] == [True, True]
@@ -35,6 +38,7 @@ def test_pipeline_training_resumes_exactly_and_converts(tmp_path):
     for r in (r for r in read_metrics(ref) if "loss" in r):  # throughput counts the whole replica's batch once
         assert r["samples_per_s"] * r["step_time_s"] == pytest.approx(4 * 4), r  # micro-batch 4 x 4 micro-batches
     assert {p.name for p in (ref / "checkpoints").glob("step_*")} == {"step_00000002", "step_00000004"}
+    assert [r["mode"] for r in read_metrics(ref) if r.get("event") == "checkpoint"] == ["async"]
     for f in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "ema/mp_rank_00.safetensors",
               "ema/mp_rank_01.safetensors"):
         assert (ref / "checkpoints" / "step_00000004" / f).is_file(), f

@@ -114,3 +114,23 @@ def test_a_write_error_surfaces_on_the_training_thread_and_latest_stays(tmp_path
     assert ckpt.read_latest(ckpt_dir) == "step_00000002"
     assert not (ckpt_dir / tag / ckpt.COMPLETE).exists()
     assert w0.wait() is None  # reaped: nothing in flight any more
+
+
+def test_snapshot_buffers_are_reused_only_after_release():
+    """The pool behind device snapshots (pinned on GPUs; pageable here, the same bookkeeping): a buffer
+    in use by a save in flight is never handed out again until that save's files are written."""
+    from megassm.checkpoint.snapshot import HostBuffers
+
+    pool = HostBuffers(pin=False)
+    state = {"a": torch.arange(4.0), "b": torch.ones(4)}
+    first = host_snapshot(state, buffers=pool)
+    ptrs = {k: v.untyped_storage().data_ptr() for k, v in first.items()}
+    second = host_snapshot(state, buffers=pool)  # not released: fresh buffers
+    assert not {v.untyped_storage().data_ptr() for v in second.values()} & set(ptrs.values())
+    assert pool.held_bytes == 4 * 16
+    pool.release()
+    state["a"].add_(1.0)
+    third = host_snapshot(state, buffers=pool)
+    assert {v.untyped_storage().data_ptr() for v in third.values()} <= set(ptrs.values()) | {
+        v.untyped_storage().data_ptr() for v in second.values()}
+    assert torch.equal(third["a"], torch.arange(4.0) + 1) and pool.held_bytes == 4 * 16

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megassm.checkpoint.snapshot import FileSink, host_snapshot
 from megassm.config.schema import RunConfig
 from megassm.parallel.apply import parallelize_hth
 from megassm.parallel.pipeline import (
@@ -50,18 +51,23 @@ class StageEMA(ShardedEMA):
     def _path(self, directory: Path) -> Path:
         return Path(directory) / "ema" / f"mp_rank_{self.mesh.get_model_parallel_rank():02d}.safetensors"
 
-    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1) -> None:
+    def save(self, directory: Path, shard_rank: int, write: bool, mp_rank: int = 0, mp_world: int = 1,
+             sink: FileSink | None = None) -> None:
         """Trainer.save's ``shard_rank`` / ``write`` describe the ZeRO-3 layout; here the first DP x CP
-        rank of each (pp, tp) position writes its stage (every rank calls: ZeRO-1's fragments are summed)."""
+        rank of each (pp, tp) position writes its stage (every rank calls: ZeRO-1's fragments are summed).
+        A deferred ``sink``: snapshotted here, written by the background writer (``ShardedEMA.save``)."""
+        sink = sink or FileSink()
         state = self.full_shadow()
         if self.mesh.get_sequence_data_parallel_rank() != 0:
             return
         path = self._path(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {n: list(p.shape) for n, p in self.params.items()}
-        save_file({n: t.contiguous() for n, t in state.items()}, str(path),
-                  metadata={"shapes": json.dumps(meta), "partitioned": "False", "decay": str(self.decay),
-                            "layout": "pipeline"})
+        state = {n: t.contiguous() for n, t in state.items()}
+        if sink.deferred:
+            state = host_snapshot(state)
+        metadata = {"shapes": json.dumps(meta), "partitioned": "False", "decay": str(self.decay), "layout": "pipeline"}
+        sink.put(path, lambda: save_file(state, str(path), metadata=metadata))
 
     def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
         path = self._path(directory)
