@@ -76,7 +76,8 @@ class _SignalFlag:
 
 def _fault_kill_step() -> int | None:
     """``MEGASSM_FAULT_SIGKILL_AT_STEP=N``: every rank SIGKILLs itself right after step N is logged -- a
-    node failure between checkpoints, for the resume tests. Unset in real runs."""
+    node failure between checkpoints, for the resume tests; a background save still being written is
+    finished first, so the resume point does not depend on write speed. Unset in real runs."""
     v = os.environ.get("MEGASSM_FAULT_SIGKILL_AT_STEP")
     return int(v) if v else None
 
@@ -341,7 +342,8 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
                 if self.step == _fault_kill_step():
-                    os.kill(os.getpid(), signal.SIGKILL)  # simulated node failure (tests)
+                    self._reap_save(wait=True)  # a failure after the last checkpoint is whole (a kill mid-write:
+                    os.kill(os.getpid(), signal.SIGKILL)  # MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP); tests only
                 self._reap_save(wait=False)
                 if out["stop"]:
                     self._save_on_signal(flag.signum)
