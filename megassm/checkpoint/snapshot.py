@@ -110,8 +110,12 @@ def _host_tensor(t: torch.Tensor, storages: dict, buffers: HostBuffers | None) -
         storages[key] = host
     out = torch.empty(0, dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
     if isinstance(t, torch.nn.Parameter):
-        return torch.nn.Parameter(out, requires_grad=t.requires_grad)
-    return out.requires_grad_(t.requires_grad) if t.is_leaf else out
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    elif t.is_leaf:
+        out.requires_grad_(t.requires_grad)
+    if vars(t):  # Python attributes, which torch.save keeps (DeepSpeed's ``ds_id`` on its fp32 partitions)
+        vars(out).update(copy.deepcopy(vars(t)))
+    return out
 
 
 # -- where a save's files go ---------------------------------------------------------------------------

@@ -14,8 +14,11 @@ from megassm.train.checkpoint_writer import MARKERS, STATS, BackgroundSave, Pend
 
 def _state():
     flat = torch.arange(12, dtype=torch.float32)
-    return {"flat": [flat], "views": [flat[:4], flat[4:].view(2, 4)], "empty": [torch.empty(0), torch.empty(0)],
-            "param": torch.nn.Parameter(torch.ones(3)), "group": [{"lr": 0.1, "params": [0, 1]}], "step": 7}
+    master = torch.zeros(3, requires_grad=True)
+    master.ds_id = "1_107"  # DeepSpeed tags its fp32 partitions; torch.save keeps such attributes
+    return {"flat": [flat], "master": master, "views": [flat[:4], flat[4:].view(2, 4)],
+            "empty": [torch.empty(0), torch.empty(0)], "param": torch.nn.Parameter(torch.ones(3)),
+            "group": [{"lr": 0.1, "params": [0, 1]}], "step": 7}
 
 
 def _saved_bytes(obj) -> bytes:
