@@ -242,6 +242,10 @@ def test_stage0_on_shards_checkpoints_on_usr1_requeues_and_resumes(slurm, latent
     n = int(saved.group(1))
     assert 1 <= n < steps, d()
     assert f"resumed from step {n}" in log, d()
+    # the first start had no measured save; the requeued one derives its grace from the signal's save
+    graces = re.findall(r"SIGUSR1 grace (\d+) s: (.*?);", log)
+    assert len(graces) == 2 and "no save of this run measured yet" in graces[0][1], graces
+    assert f"measured at step_{n:08d}" in graces[1][1], graces
     rows = job.metrics()
     resume = [i for i, r in enumerate(rows) if r.get("event") == "resume"]
     assert len(resume) == 1 and rows[resume[0]]["step"] == n, rows
