@@ -134,6 +134,36 @@ def validate_data(d: DataConfig) -> None:
     _choice("data.text_dtype", d.text_dtype, ["float32", "bfloat16"])
     if d.frames < 1 or d.prefetch < 1 or d.num_workers < 0:
         raise ConfigError("data.frames and data.prefetch must be >= 1 and data.num_workers >= 0")
+    _choice("data.order", d.order, ["global", "rank"])
+    if d.window_shards < 1:
+        raise ConfigError(f"data.window_shards={d.window_shards} must be >= 1")
+    if d.kind == "shards" and d.order == "global":
+        if d.buckets:
+            raise ConfigError("data.order=global with data.buckets: a bucketed step reads per-rank streams (the "
+                              "bucket schedule asks each rank for its shape); use data.order=rank with data.buckets")
+        _check_global_shapes(d)
+
+
+def _check_global_shapes(d: DataConfig) -> None:
+    """data.order=global: the local datasets' manifests hold one latent shape, the same for all (remote ones
+    are checked when the loader is built)."""
+    from megassm.data.format import FormatError, parse_shape_key
+    from megassm.data.reader import DatasetSpec, check_global_shapes
+    from megassm.data.token_budget import _local_manifest
+
+    specs = []
+    for p in d.paths:
+        try:
+            m = _local_manifest(str(p))
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+        if m is not None:
+            shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
+            specs.append(DatasetSpec(str(p), [], [], None, "", shapes))
+    try:
+        check_global_shapes(specs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_parallel(cfg: RunConfig) -> None:

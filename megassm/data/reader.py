@@ -31,6 +31,7 @@ from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
+from megassm.data.global_order import DatasetOrder, GlobalCursor, GlobalReader, ShardIndex, dataset_choices
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
@@ -51,6 +52,7 @@ class DatasetSpec:
     norm: LatentNorm  # the dataset's (x - shift) * scale
     fingerprint: str
     shapes: frozenset | None = None  # latent (T, H, W) shapes of the manifest's histogram; None: not recorded
+    offsets: list[list[int] | None] | None = None  # per shard, its samples' byte offsets if the writer recorded them
 
 
 def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
@@ -81,7 +83,8 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
         shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], LatentNorm(scale, shift),
-                                 f"{len(m['shards'])}:{m['num_samples']}", shapes))
+                                 f"{len(m['shards'])}:{m['num_samples']}", shapes,
+                                 [s.get("offsets") for s in m["shards"]]))
     return specs
 
 
@@ -281,6 +284,49 @@ class LatentBatchStream(IterableDataset):
             yield pack(pending.take(mb.shape, n), self.specs, self.text_len, self.with_keys), position()
 
 
+class GlobalBatchStream(IterableDataset):
+    """data.order=global, per worker: this rank's batches j = first + worker, first + worker + workers, ...
+
+    Batch j of data-parallel rank r holds global indices base + (j x dp + r) x B ... + B - 1 (the Trainer's
+    ``sample_indices``: micro-batch m of step s is j = s x grad_accum + m), each sample the one
+    ``megassm/data/global_order.py`` puts there. Yields (packed batch, {"batch": j, "skipped": {...}}).
+    Stops before the first batch that would take a dataset past ``epochs`` (finite streams; monotone in
+    j, so the workers stop at the same batch)."""
+
+    def __init__(self, specs: list[DatasetSpec], weights: list[float], *, batch_size: int, text_len: int, seed: int,
+                 dp_rank: int, dp_size: int, num_workers: int, resampled: bool, window: int, base: GlobalCursor,
+                 first: int, epochs: int | None, with_keys: bool):
+        self.specs, self.weights, self.batch_size, self.text_len = specs, weights, batch_size, text_len
+        self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
+        self.resampled, self.window, self.base, self.first = resampled, window, base, first
+        self.epochs, self.with_keys = epochs, with_keys
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        torch.set_num_threads(1)
+        orders = [DatasetOrder(i, s.counts, self.seed, self.resampled, self.window) for i, s in enumerate(self.specs)]
+        reader = GlobalReader(orders, [ShardIndex(s.shards, s.offsets or []) for s in self.specs],
+                              [next(iter(s.shapes)) for s in self.specs])
+        limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
+        cur, B, dp = self.base, self.batch_size, self.dp_size
+        j = self.first + worker
+        while True:
+            a = self.base.index + (j * dp + self.dp_rank) * B
+            cur = cur.advanced(a, self.seed, self.weights)
+            ds = dataset_choices(self.seed, a, a + B, self.weights)
+            end = cur.advanced(a + B, self.seed, self.weights)
+            if limits is not None and any(c > lim for c, lim in zip(end.counts, limits)):
+                return
+            counts, items = list(cur.counts), []
+            for d in ds.tolist():
+                items.append((d, reader.read(d, counts[d])))
+                counts[d] += 1
+            cur = end
+            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+            j += self.num_workers
+
+
 class ShardLoader:
     """Iterable of training batches with a saveable position.
 
@@ -309,7 +355,18 @@ class ShardLoader:
             raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
         self.text_dtype = TEXT_DTYPES[tdt]
         nw = max(1, self.num_workers)
-        if not cfg.resampled:
+        self.order = getattr(cfg, "order", "rank")
+        self.window = int(getattr(cfg, "window_shards", 8))
+        if self.order not in ("rank", "global"):
+            raise ValueError(f"data.order={self.order!r}; valid: global (layout-independent), rank (per-rank streams)")
+        self._received, self._base = 0, GlobalCursor(0, [0] * len(self.specs))
+        self._skipped: dict[int, dict] = {}
+        if self.order == "global":
+            if schedule is not None:
+                raise ValueError("data.order=global with data.buckets: the bucket schedule reads per-rank streams; "
+                                 "use data.order=rank with data.buckets")
+            check_global_shapes(self.specs)
+        elif not cfg.resampled:
             for s in self.specs:
                 if len(s.shards) < dp_size * nw:
                     raise ValueError(f"dataset {s.path} has {len(s.shards)} shards, fewer than dp_size x workers = "
@@ -333,6 +390,9 @@ class ShardLoader:
                     [b.name, list(b.shape), b.weight, b.samples] for b in self.schedule.table.buckets]})}
 
     def __iter__(self):
+        if self.order == "global":
+            yield from self._iter_global()
+            return
         ds = LatentBatchStream(
             self.specs, self.weights, batch_size=self.batch_size, text_len=self.text_len, seed=self.seed,
             dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
@@ -354,8 +414,47 @@ class ShardLoader:
                              bucket=mb.bucket)
             yield batch
 
+    # ---------------------------------------------------------------- data.order=global
+    def _iter_global(self):
+        """Batches in the layout-independent order; each carries its global "sample_index"."""
+        ds = GlobalBatchStream(self.specs, self.weights, batch_size=self.batch_size, text_len=self.text_len,
+                               seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
+                               resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
+                               first=self._received, epochs=self.epochs, with_keys=self.return_keys)
+        kw = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        B, dp = self.batch_size, self.dp_size
+        for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
+            j = pos["batch"]
+            if j != self._received:  # a worker stopped (finite epochs): the batches must stay contiguous
+                return
+            self._received += 1
+            self._skipped[j % max(1, self.num_workers)] = pos["skipped"]
+            first = self._base.index + (j * dp + self.dp_rank) * B
+            batch["sample_index"] = list(range(first, first + B))
+            yield batch
+
+    def _global_key(self) -> dict[str, Any]:
+        """What the global order depends on (never the layout: dp, workers, batch size)."""
+        return {"seed": self.seed, "weights": self.weights, "resampled": bool(self.cfg.resampled),
+                "window_shards": self.window, "datasets": [[s.path, s.fingerprint] for s in self.specs]}
+
+    def global_cursor(self) -> GlobalCursor:
+        """The cursor after every rank took as many batches as this one: samples [0, index) are consumed."""
+        stop = self._base.index + self._received * self.dp_size * self.batch_size
+        return self._base.advanced(stop, self.seed, self.weights)
+
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
+        if self.order == "global":
+            skipped: Counter[str] = Counter()
+            for v in self._skipped.values():
+                skipped.update(v)
+            cur = self.global_cursor()
+            return {"batches": self._received, "skipped": dict(skipped),
+                    "epochs": [c // max(1, sum(s.counts)) for c, s in zip(cur.counts, self.specs)]}
         skipped: Counter[str] = Counter()
         for pos in self._workers.values():
             for st in pos["streams"]:
@@ -365,6 +464,9 @@ class ShardLoader:
                            for i in range(len(self.specs))]}
 
     def state_dict(self) -> dict[str, Any]:
+        if self.order == "global":  # identical on every rank (at a step boundary) and for every layout
+            return {"version": STATE_VERSION, "order": "global", **self.global_cursor().state(),
+                    "key": self._global_key()}
         return {"version": STATE_VERSION, "layout": self._layout(), "workers": copy.deepcopy(self._workers),
                 "next_worker": self._next, "generation": self._generation, "start_epoch": self._start_epoch}
 
@@ -372,6 +474,13 @@ class ShardLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data position has version {state.get('version')!r}; this reader writes "
                              f"{STATE_VERSION}")
+        saved = state.get("order", "rank")
+        if saved != self.order:
+            raise ValueError(f"data position was saved with data.order={saved}, this loader has data.order="
+                             f"{self.order}: per-rank stream positions and the global cursor do not convert into "
+                             f"each other. Resume with data.order={saved}, or warm-start a new run with init_from")
+        if self.order == "global":
+            return self._load_global(state)
         if state["layout"] == self._layout():
             self._workers, self._next = copy.deepcopy(state["workers"]), int(state["next_worker"])
             self._generation, self._start_epoch = state["generation"], state["start_epoch"]
@@ -385,6 +494,30 @@ class ShardLoader:
                     "epoch %d with fresh shuffles", ", ".join(diff), epoch)
         self._workers, self._next = {}, 0
         self._generation, self._start_epoch = int(state.get("generation", 0)) + 1, epoch
+
+
+    def _load_global(self, state: dict[str, Any]) -> None:
+        cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])
+        if state["key"] != self._global_key() or len(cur.counts) != len(self.specs):
+            old, new = state["key"], self._global_key()
+            diff = sorted(k for k in new if old.get(k) != new.get(k))
+            # the position stays (no sample index repeats); the per-dataset counts are redrawn under the new mix
+            log.warning("data cursor saved with other %s; continuing at global sample %d with the counts of the "
+                        "new mix (samples of the old order may repeat or be left out)", ", ".join(diff), cur.index)
+            cur = GlobalCursor(0, [0] * len(self.specs)).advanced(cur.index, self.seed, self.weights)
+        self._base, self._received, self._skipped = cur, 0, {}
+
+
+def check_global_shapes(specs: list[DatasetSpec]) -> None:
+    """data.order=global puts any sample into any micro-batch: every dataset must hold one latent shape,
+    the same for all (the shipped stage configs are single-shape)."""
+    shapes = {s.path: s.shapes for s in specs}
+    bad = {p: sorted(v) if v else None for p, v in shapes.items() if v is None or len(v) != 1}
+    if bad or len({next(iter(v)) for v in shapes.values()}) > 1:
+        raise ValueError(
+            "data.order=global needs every dataset to hold one latent (T, H, W) shape, the same for all; shapes "
+            f"by dataset: { {p: (sorted(v) if v else 'not recorded') for p, v in shapes.items()} }. Use data.order="
+            "rank (per-rank streams, a shape bucketer; dp then cannot change on resume) or data.buckets")
 
 
 def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,

@@ -50,12 +50,14 @@ class LatentShardWriter:
         self.samples = 0
         self.shapes: Counter[str] = Counter()
         self._keys: set[str] = set()
+        self.offsets: list[int] = []  # byte offset of each sample's first tar header (data.order=global reads by them)
         self.closed = False
 
     def write(self, sample: LatentSample) -> None:
         if sample.key in self._keys:
             raise ValueError(f"{self.path}: duplicate sample key {sample.key!r}")
         self._keys.add(sample.key)
+        self.offsets.append(self._tar.offset)
         for ext, data in encode_sample(sample).items():
             info = tarfile.TarInfo(f"{sample.key}.{ext}")
             info.size, info.mode, info.mtime = len(data), 0o444, 0
@@ -74,7 +76,7 @@ class LatentShardWriter:
             os.replace(self.tmp_path, self.path)
             self.closed = True
         return {"path": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
-                "shapes": dict(sorted(self.shapes.items()))}
+                "shapes": dict(sorted(self.shapes.items())), "offsets": list(self.offsets)}
 
     def abort(self) -> None:
         """Drop the partial shard (its temporary file)."""
