@@ -141,29 +141,6 @@ def validate_data(d: DataConfig) -> None:
         if d.buckets:
             raise ConfigError("data.order=global with data.buckets: a bucketed step reads per-rank streams (the "
                               "bucket schedule asks each rank for its shape); use data.order=rank with data.buckets")
-        _check_global_shapes(d)
-
-
-def _check_global_shapes(d: DataConfig) -> None:
-    """data.order=global: the local datasets' manifests hold one latent shape, the same for all (remote ones
-    are checked when the loader is built)."""
-    from megassm.data.format import FormatError, parse_shape_key
-    from megassm.data.reader import DatasetSpec, check_global_shapes
-    from megassm.data.token_budget import _local_manifest
-
-    specs = []
-    for p in d.paths:
-        try:
-            m = _local_manifest(str(p))
-        except FormatError as e:
-            raise ConfigError(str(e)) from None
-        if m is not None:
-            shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
-            specs.append(DatasetSpec(str(p), [], [], None, "", shapes))
-    try:
-        check_global_shapes(specs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def validate_parallel(cfg: RunConfig) -> None:

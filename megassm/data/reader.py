@@ -31,7 +31,7 @@ from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
-from megassm.data.global_order import DatasetOrder, GlobalCursor, GlobalReader, ShardIndex, dataset_choices
+from megassm.data.global_order import GlobalCursor, GlobalMix, GlobalReader, ShardIndex, Stream, StreamOrder
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
@@ -53,6 +53,16 @@ class DatasetSpec:
     fingerprint: str
     shapes: frozenset | None = None  # latent (T, H, W) shapes of the manifest's histogram; None: not recorded
     offsets: list[list[int] | None] | None = None  # per shard, its samples' byte offsets if the writer recorded them
+    sample_shapes: list[list[int] | None] | None = None  # per mixed shard: each sample's shape (index into its shapes)
+    shard_shapes: list[dict[tuple, int]] | None = None  # per shard: latent (T, H, W) -> count, the manifest's order
+
+    def streams(self, dataset: int) -> list[Stream]:
+        """One ``Stream`` per latent shape of this dataset (data.order=global), from the shards' histograms."""
+        if not self.shard_shapes or any(not s for s in self.shard_shapes):
+            raise ValueError(f"dataset {self.path}: its manifest records no per-shard shapes (shards[i].shapes); "
+                             "data.order=global needs them: re-run `megassm preprocess`, or use data.order=rank")
+        shapes = sorted({sh for s in self.shard_shapes for sh in s})
+        return [Stream(dataset, sh, [int(s.get(sh, 0)) for s in self.shard_shapes]) for sh in shapes]
 
 
 def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
@@ -84,8 +94,14 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], LatentNorm(scale, shift),
                                  f"{len(m['shards'])}:{m['num_samples']}", shapes,
-                                 [s.get("offsets") for s in m["shards"]]))
+                                 [s.get("offsets") for s in m["shards"]], [s.get("sample_shapes") for s in m["shards"]],
+                                 [_shard_shapes(s) for s in m["shards"]]))
     return specs
+
+
+def _shard_shapes(entry: dict) -> dict[tuple, int]:
+    """A manifest shard entry's {"CxTxHxW": n} as {(T, H, W): n}, in the writer's (sorted key) order."""
+    return {parse_shape_key(k)[1:]: int(n) for k, n in sorted(entry.get("shapes", {}).items())}
 
 
 def pack(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int,
@@ -290,13 +306,13 @@ class GlobalBatchStream(IterableDataset):
     Batch j of data-parallel rank r holds global indices base + (j x dp + r) x B ... + B - 1 (the Trainer's
     ``sample_indices``: micro-batch m of step s is j = s x grad_accum + m), each sample the one
     ``megassm/data/global_order.py`` puts there. Yields (packed batch, {"batch": j, "skipped": {...}}).
-    Stops before the first batch that would take a dataset past ``epochs`` (finite streams; monotone in
+    Stops before the first batch that would take a stream past ``epochs`` (finite streams; monotone in
     j, so the workers stop at the same batch)."""
 
-    def __init__(self, specs: list[DatasetSpec], weights: list[float], *, batch_size: int, text_len: int, seed: int,
-                 dp_rank: int, dp_size: int, num_workers: int, resampled: bool, window: int, base: GlobalCursor,
-                 first: int, epochs: int | None, with_keys: bool):
-        self.specs, self.weights, self.batch_size, self.text_len = specs, weights, batch_size, text_len
+    def __init__(self, specs: list[DatasetSpec], streams: list[Stream], mix: GlobalMix, *, batch_size: int,
+                 text_len: int, seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
+                 window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool):
+        self.specs, self.streams, self.mix, self.batch_size, self.text_len = specs, streams, mix, batch_size, text_len
         self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
         self.resampled, self.window, self.base, self.first = resampled, window, base, first
         self.epochs, self.with_keys = epochs, with_keys
@@ -305,23 +321,28 @@ class GlobalBatchStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info else 0
         torch.set_num_threads(1)
-        orders = [DatasetOrder(i, s.counts, self.seed, self.resampled, self.window) for i, s in enumerate(self.specs)]
-        reader = GlobalReader(orders, [ShardIndex(s.shards, s.offsets or []) for s in self.specs],
-                              [next(iter(s.shapes)) for s in self.specs])
+        shape_no = {}
+        for st in self.streams:
+            shape_no.setdefault(st.dataset, []).append(st.shape)
+        orders = [StreamOrder((st.dataset, shape_no[st.dataset].index(st.shape)), st.counts, self.seed,
+                              self.resampled, self.window) for st in self.streams]
+        indexes = [ShardIndex(s.shards, s.offsets or [], s.sample_shapes or [], [list(x) for x in s.shard_shapes])
+                   for s in self.specs]
+        reader = GlobalReader(self.streams, orders, indexes)
         limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
         cur, B, dp = self.base, self.batch_size, self.dp_size
         j = self.first + worker
         while True:
             a = self.base.index + (j * dp + self.dp_rank) * B
-            cur = cur.advanced(a, self.seed, self.weights)
-            ds = dataset_choices(self.seed, a, a + B, self.weights)
-            end = cur.advanced(a + B, self.seed, self.weights)
+            cur = cur.advanced(a, self.mix)
+            picks = self.mix.choices(a, a + B)
+            end = cur.advanced(a + B, self.mix)
             if limits is not None and any(c > lim for c, lim in zip(end.counts, limits)):
                 return
             counts, items = list(cur.counts), []
-            for d in ds.tolist():
-                items.append((d, reader.read(d, counts[d])))
-                counts[d] += 1
+            for q in picks.tolist():
+                items.append((self.streams[q].dataset, reader.read(q, counts[q])))
+                counts[q] += 1
             cur = end
             yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
             j += self.num_workers
@@ -336,7 +357,7 @@ class ShardLoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  text_len: int, epochs: int | None = None, drop_last: bool = True, return_keys: bool = False,
-                 schedule: BucketSchedule | None = None):
+                 schedule: BucketSchedule | None = None, global_batch: int | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or text_len < 1:
@@ -359,13 +380,18 @@ class ShardLoader:
         self.window = int(getattr(cfg, "window_shards", 8))
         if self.order not in ("rank", "global"):
             raise ValueError(f"data.order={self.order!r}; valid: global (layout-independent), rank (per-rank streams)")
-        self._received, self._base = 0, GlobalCursor(0, [0] * len(self.specs))
-        self._skipped: dict[int, dict] = {}
+        self._received, self._skipped = 0, {}
         if self.order == "global":
             if schedule is not None:
                 raise ValueError("data.order=global with data.buckets: the bucket schedule reads per-rank streams; "
                                  "use data.order=rank with data.buckets")
-            check_global_shapes(self.specs)
+            # the shape is drawn per global batch: G = micro-batch x grad_accum x dp (the Trainer passes it)
+            self.global_batch = int(global_batch or batch_size * dp_size)
+            if self.global_batch % (batch_size * dp_size):
+                raise ValueError(f"global_batch={self.global_batch} must be a multiple of batch_size x dp_size = "
+                                 f"{batch_size} x {dp_size}")
+            self.streams = [st for d, spec in enumerate(self.specs) for st in spec.streams(d)]
+            self._set_base(GlobalCursor(0, [0] * len(self.streams)), origin=0)
         elif not cfg.resampled:
             for s in self.specs:
                 if len(s.shards) < dp_size * nw:
@@ -417,7 +443,7 @@ class ShardLoader:
     # ---------------------------------------------------------------- data.order=global
     def _iter_global(self):
         """Batches in the layout-independent order; each carries its global "sample_index"."""
-        ds = GlobalBatchStream(self.specs, self.weights, batch_size=self.batch_size, text_len=self.text_len,
+        ds = GlobalBatchStream(self.specs, self.streams, self.mix, batch_size=self.batch_size, text_len=self.text_len,
                                seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
                                resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
                                first=self._received, epochs=self.epochs, with_keys=self.return_keys)
@@ -437,14 +463,19 @@ class ShardLoader:
             yield batch
 
     def _global_key(self) -> dict[str, Any]:
-        """What the global order depends on (never the layout: dp, workers, batch size)."""
+        """What the global order depends on (never the layout: dp, workers, micro-batch size)."""
         return {"seed": self.seed, "weights": self.weights, "resampled": bool(self.cfg.resampled),
-                "window_shards": self.window, "datasets": [[s.path, s.fingerprint] for s in self.specs]}
+                "window_shards": self.window, "datasets": [[s.path, s.fingerprint] for s in self.specs],
+                "streams": [[st.dataset, list(st.shape)] for st in self.streams]}
+
+    def _set_base(self, cursor: GlobalCursor, origin: int) -> None:
+        self._base, self._origin, self._received, self._skipped = cursor, origin, 0, {}
+        self.mix = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, origin)
 
     def global_cursor(self) -> GlobalCursor:
         """The cursor after every rank took as many batches as this one: samples [0, index) are consumed."""
         stop = self._base.index + self._received * self.dp_size * self.batch_size
-        return self._base.advanced(stop, self.seed, self.weights)
+        return self._base.advanced(stop, self.mix)
 
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
@@ -453,8 +484,10 @@ class ShardLoader:
             for v in self._skipped.values():
                 skipped.update(v)
             cur = self.global_cursor()
-            return {"batches": self._received, "skipped": dict(skipped),
-                    "epochs": [c // max(1, sum(s.counts)) for c, s in zip(cur.counts, self.specs)]}
+            epochs = [0] * len(self.specs)
+            for c, st in zip(cur.counts, self.streams):
+                epochs[st.dataset] = max(epochs[st.dataset], c // max(1, sum(st.counts)))
+            return {"batches": self._received, "skipped": dict(skipped), "epochs": epochs}
         skipped: Counter[str] = Counter()
         for pos in self._workers.values():
             for st in pos["streams"]:
@@ -466,7 +499,7 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         if self.order == "global":  # identical on every rank (at a step boundary) and for every layout
             return {"version": STATE_VERSION, "order": "global", **self.global_cursor().state(),
-                    "key": self._global_key()}
+                    "global_batch": self.global_batch, "origin": self._origin, "key": self._global_key()}
         return {"version": STATE_VERSION, "layout": self._layout(), "workers": copy.deepcopy(self._workers),
                 "next_worker": self._next, "generation": self._generation, "start_epoch": self._start_epoch}
 
@@ -498,26 +531,23 @@ class ShardLoader:
 
     def _load_global(self, state: dict[str, Any]) -> None:
         cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])
-        if state["key"] != self._global_key() or len(cur.counts) != len(self.specs):
+        origin = int(state.get("origin", 0))
+        if int(state.get("global_batch", self.global_batch)) != self.global_batch:
+            # another global batch (train.allow_batch_change): the shape draws go on in batches of the new size,
+            # counted from the cursor
+            log.info("global batch %s -> %d: shapes are drawn per batch from global sample %d on",
+                     state.get("global_batch"), self.global_batch, cur.index)
+            origin = cur.index
+        if state["key"] != self._global_key() or len(cur.counts) != len(self.streams):
             old, new = state["key"], self._global_key()
             diff = sorted(k for k in new if old.get(k) != new.get(k))
-            # the position stays (no sample index repeats); the per-dataset counts are redrawn under the new mix
+            # the position stays (no sample index repeats); the per-stream counts are redrawn under the new mix
             log.warning("data cursor saved with other %s; continuing at global sample %d with the counts of the "
                         "new mix (samples of the old order may repeat or be left out)", ", ".join(diff), cur.index)
-            cur = GlobalCursor(0, [0] * len(self.specs)).advanced(cur.index, self.seed, self.weights)
-        self._base, self._received, self._skipped = cur, 0, {}
-
-
-def check_global_shapes(specs: list[DatasetSpec]) -> None:
-    """data.order=global puts any sample into any micro-batch: every dataset must hold one latent shape,
-    the same for all (the shipped stage configs are single-shape)."""
-    shapes = {s.path: s.shapes for s in specs}
-    bad = {p: sorted(v) if v else None for p, v in shapes.items() if v is None or len(v) != 1}
-    if bad or len({next(iter(v)) for v in shapes.values()}) > 1:
-        raise ValueError(
-            "data.order=global needs every dataset to hold one latent (T, H, W) shape, the same for all; shapes "
-            f"by dataset: { {p: (sorted(v) if v else 'not recorded') for p, v in shapes.items()} }. Use data.order="
-            "rank (per-rank streams, a shape bucketer; dp then cannot change on resume) or data.buckets")
+            redraw = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, 0)
+            cur = GlobalCursor(0, [0] * len(self.streams)).advanced(cur.index, redraw)
+            origin = 0 if cur.index % self.global_batch == 0 else cur.index
+        self._set_base(cur, origin)
 
 
 def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,

@@ -100,6 +100,12 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
             f"checkpoint {tag_dir} holds another model (model.{', model.'.join(diff)} differ: "
             f"{ {k: state['model'].get(k) for k in diff} } there, { {k: to_dict(cfg.model).get(k) for k in diff} } "
             "here); resume with the same model, or start a new run with init_from")
+    saved = (state.get("data") or {}).get("order", "rank") if state.get("data") else None
+    if cfg.data.kind == "shards" and saved is not None and saved != cfg.data.order:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} was written with data.order={saved}; this run has data.order={cfg.data.order}. "
+            "Per-rank stream positions and the global cursor do not convert into each other: resume with "
+            f"data.order={saved}, or warm-start a new run with init_from")
     if cfg.data.buckets and isinstance(old.get("global_batch"), int):
         # written before bucketed runs recorded their bucket table: the table cannot be compared (as before)
         old = {**old, "global_batch": new["global_batch"]}
@@ -146,12 +152,6 @@ def _check_shard_cursor(cfg: RunConfig, state: dict, tag_dir: Path, old: dict, n
             f"checkpoint {tag_dir}: data.order={cfg.data.order} shard streams are per data-parallel rank, so dp "
             f"cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global, for single-shape "
             "datasets, makes the data cursor layout-independent -- from the start of a run)")
-    saved = (state.get("data") or {}).get("order", "rank")
-    if saved != "global":
-        raise ElasticResumeError(
-            f"checkpoint {tag_dir} was written with data.order={saved} (per-rank stream positions), which cannot "
-            f"continue in global order or at another dp ({dp_old} -> {dp_new}); resume it with data.order={saved} "
-            f"and dp={dp_old}, or warm-start a new run with init_from")
     index, expect = state["data"].get("index"), state["step"] * old["global_batch"]
     if index != expect:
         raise ElasticResumeError(

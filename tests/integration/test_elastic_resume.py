@@ -52,8 +52,8 @@ def reference(tmp_path_factory, shards):
     return run
 
 
-def _final(run):
-    w = load_weights(run / "checkpoints" / "step_00000004")
+def _final(run, step: int = 4):
+    w = load_weights(run / "checkpoints" / f"step_{step:08d}")
     return w.model, w.ema
 
 
@@ -73,15 +73,23 @@ def test_resume_at_another_layout_continues_the_run(case, reference, shards, tmp
     for s in (1, 2, 3, 4):
         assert math.isclose(got[s], ref[s], rel_tol=2e-5), (case, s, got[s], ref[s])
     (w_ref, e_ref), (w_got, e_got) = _final(reference), _final(run)
+    (w_mid, e_mid) = _final(reference, 2)
     diff = max((w_got[k] - w_ref[k]).abs().max().item() for k in w_ref)
     ema_diff = max((e_got[k] - e_ref[k]).abs().max().item() for k in e_ref)
-    assert diff < 1e-6 and ema_diff < 1e-6, (case, diff, ema_diff)
+    # Against what steps 3-4 change (~3e-3 here): what a lost Adam moment, EMA, LR step or data position
+    # would get wrong is of that size. The layouts' other summation orders reach Adam's m / sqrt(v), which
+    # for an element whose gradient nearly cancels turns a rounding difference into up to lr x its relative
+    # size: measured 1.7e-6 at most (y_embedder, |w| 0.09), so an absolute 1e-6 is within rounding of
+    # failing; 1e-3 of the change (3e-6) is the bound, 1000x below a real defect.
+    change = max((w_ref[k] - w_mid[k]).abs().max().item() for k in w_ref)
+    ema_change = max((e_ref[k] - e_mid[k]).abs().max().item() for k in e_ref)
+    assert diff < 1e-3 * change and ema_diff < 1e-3 * ema_change, (case, diff, change, ema_diff, ema_change)
 
 
 def test_what_cannot_be_bridged_fails_before_anything_is_written(reference, shards, tmp_path):
     """Another global batch, another model: a clear error, the checkpoint directory untouched. Then, in
-    process (``plan_resume`` is the gate and reads only JSON): a dp change with per-rank shard streams
-    (data.order=rank), and the bucketed run's global batch, which comes from its bucket table, not dp."""
+    process (``plan_resume`` is the gate and reads only JSON): another data.order, and the bucketed run's
+    global batch, which comes from its bucket table, not dp (more cases: tests/unit/test_elastic_plan.py)."""
     import re
     import shutil
 
@@ -98,7 +106,7 @@ def test_what_cannot_be_bridged_fails_before_anything_is_written(reference, shar
         assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-2000:]
     at_dp2 = [*COMMON, *shards, "parallel.zero_stage=0", "train.micro_batch_size=4", f"run_dir={run}"]
     assert plan_resume(load_config(SMOKE, at_dp2, world=2), run / "checkpoints", 2).elastic  # the bridge
-    with pytest.raises(ElasticResumeError, match=r"data.order=rank shard streams are per data-parallel rank"):
+    with pytest.raises(ElasticResumeError, match=r"written with data.order=global; this run has data.order=rank"):
         plan_resume(load_config(SMOKE, [*at_dp2, "data.order=rank"], world=2), run / "checkpoints", 2)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     buckets = ["data.kind=procedural", "data.buckets=[{name: a, shape: [1, 8, 8], weight: 1, samples: 8}]"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megassm.config.schema import DataConfig
-from megassm.data.global_order import DatasetOrder, dataset_choices, scan_offsets
+from megassm.data.global_order import StreamOrder, dataset_choices, scan_offsets, scan_shapes
 from megassm.data.reader import build_shard_loader
 from megassm.data.testing import write_synthetic_dataset
 
@@ -45,10 +45,11 @@ def _cfg(*paths, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def _loaders(cfg, dp: int, mb: int, state: dict | None = None):
+def _loaders(cfg, dp: int, mb: int, state: dict | None = None, accum: int = 1):
     out = []
     for r in range(dp):
-        ld = build_shard_loader(cfg, batch_size=mb, dp_rank=r, dp_size=dp, seed=7, text_len=6, return_keys=True)
+        ld = build_shard_loader(cfg, batch_size=mb, dp_rank=r, dp_size=dp, seed=7, text_len=6, return_keys=True,
+                                global_batch=mb * dp * accum)
         if state is not None:
             ld.load_state_dict(json.loads(json.dumps(state)))  # through JSON, as a checkpoint stores it
         out.append(ld)
@@ -81,13 +82,13 @@ def _switch(cfg, before, after, steps_before: int, steps_after: int):
     uninterrupted run at ``after``. Returns (before batches, after batches, uninterrupted after batches)."""
     (dp0, mb0, acc0), (dp1, mb1, acc1) = before, after
     assert dp0 * mb0 * acc0 == dp1 * mb1 * acc1  # the same global batch
-    old = _loaders(cfg, dp0, mb0)
+    old = _loaders(cfg, dp0, mb0, accum=acc0)
     first, _ = _run(old, steps_before, acc0)
     states = [ld.state_dict() for ld in old]
     assert all(s == states[0] for s in states), "the global cursor differs between ranks"
     assert states[0]["index"] == steps_before * dp0 * mb0 * acc0
-    resumed, _ = _run(_loaders(cfg, dp1, mb1, states[0]), steps_after, acc1)
-    straight, _ = _run(_loaders(cfg, dp1, mb1), steps_before + steps_after, acc1)
+    resumed, _ = _run(_loaders(cfg, dp1, mb1, states[0], accum=acc1), steps_after, acc1)
+    straight, _ = _run(_loaders(cfg, dp1, mb1, accum=acc1), steps_before + steps_after, acc1)
     return first, resumed, straight[len(straight) - len(resumed):]
 
 
@@ -116,7 +117,7 @@ def test_resampled_mixed_stream_after_the_switch_is_the_new_layouts(ds, ds_b):
     cfg = _cfg(ds, ds_b, resampled=True, weights=[1.0, 2.0])
     first, resumed, straight = _switch(cfg, (2, 2, 2), (4, 2, 1), 3, 3)
     _same_batches(resumed, straight)
-    at_dp1, _ = _run(_loaders(cfg, 1, 4), 6, 2)
+    at_dp1, _ = _run(_loaders(cfg, 1, 4, accum=2), 6, 2)
     assert _by_index(first + resumed) == _by_index(at_dp1)
     names = Counter(k.split("/")[0] for b in at_dp1 for k in b["keys"])
     assert names["a"] > 0 and names["b"] > names["a"], names  # both datasets drawn, b about twice as often
@@ -124,8 +125,8 @@ def test_resampled_mixed_stream_after_the_switch_is_the_new_layouts(ds, ds_b):
 
 def test_loader_workers_do_not_change_the_batches(ds):
     cfg = _cfg(ds)
-    a, _ = _run(_loaders(cfg, 2, 2), 3, 2)
-    b, _ = _run(_loaders(_cfg(ds, num_workers=2), 2, 2), 3, 2)
+    a, _ = _run(_loaders(cfg, 2, 2, accum=2), 3, 2)
+    b, _ = _run(_loaders(_cfg(ds, num_workers=2), 2, 2, accum=2), 3, 2)
     _same_batches(a, b)
 
 
@@ -133,7 +134,7 @@ def test_orders_cover_each_epoch_and_draw_datasets_by_weight():
     """Without resampling, every epoch is a permutation of (shard, sample); different epochs differ.
     Dataset draws follow the weights (counter-based: any range is drawn directly)."""
     counts = [5, 5, 3, 7]
-    order = DatasetOrder(0, counts, seed=1, resampled=False, window=2)
+    order = StreamOrder((0, 0), counts, seed=1, resampled=False, window=2)
     every = {(s, i) for s, c in enumerate(counts) for i in range(c)}
     e0 = [order.locate(k) for k in range(20)]
     e1 = [order.locate(k) for k in range(20, 40)]
@@ -166,7 +167,7 @@ def test_an_unreadable_sample_is_replaced_the_same_way_at_every_layout(ds, tmp_p
         cfg = _cfg(bad)
         one = _loaders(cfg, 1, 8)
         at_dp1, _ = _run(one, 6, 1)
-        at_dp2, _ = _run(_loaders(cfg, 2, 2), 6, 2)
+        at_dp2, _ = _run(_loaders(cfg, 2, 2, accum=2), 6, 2)
         assert _by_index(at_dp1) == _by_index(at_dp2)
         keys = [k for b in at_dp1 for k in b["keys"]]
         lost = {f"a/s{i:07d}" for i in range(20, 25)} - set(keys)
@@ -174,14 +175,44 @@ def test_an_unreadable_sample_is_replaced_the_same_way_at_every_layout(ds, tmp_p
         assert one[0].stats()["skipped"]["corrupt_sample"] >= len(lost)
 
 
-def test_what_global_order_cannot_take_fails_clearly(ds, tmp_path):
-    multi = tmp_path / "multi"
-    write_synthetic_dataset(multi, [SHAPE, (4, 1, 8, 12)], num_samples=8, samples_per_shard=4)
-    with pytest.raises(ValueError, match="one latent"):
-        _loaders(_cfg(multi), 1, 2)
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """Two latent shapes interleaved in every shard (a mixed shard records each sample's shape)."""
+    d = tmp_path_factory.mktemp("g") / "m"
+    write_synthetic_dataset(d, [SHAPE, (4, 1, 8, 12), SHAPE], num_samples=60, samples_per_shard=6, seed=3)
+    return d
+
+
+def test_a_multi_shape_dataset_draws_one_shape_per_global_batch(mixed):
+    """Every step (global batch) is one latent shape, on every rank; both shapes occur about 2:1 as stored;
+    dp 2 -> 4 continues as the uninterrupted dp-4 run; the same sample sits at each index at dp 1."""
+    cfg = _cfg(mixed)
+    first, resumed, straight = _switch(cfg, (2, 2, 2), (4, 2, 1), 4, 8)
+    _same_batches(resumed, straight)
+    at_dp1, _ = _run(_loaders(cfg, 1, 4, accum=2), 12, 2)
+    assert _by_index(first + resumed) == _by_index(at_dp1)
+    steps = [at_dp1[i:i + 2] for i in range(0, len(at_dp1), 2)]
+    shapes = [{tuple(b["latents"].shape[2:]) for b in step} for step in steps]
+    assert all(len(s) == 1 for s in shapes), shapes
+    wide = sum(s == {(1, 8, 12)} for s in shapes)
+    assert 0 < wide < len(shapes), shapes
+    m = json.loads((mixed / "manifest.json").read_text())
+    for s in m["shards"]:  # recorded per-sample shapes == the scan of each sample's header
+        keys = sorted(s["shapes"])
+        scanned = scan_shapes(str(mixed / s["path"]))
+        assert [o for o, _ in scanned] == s["offsets"]
+        assert [keys[i] for i in s["sample_shapes"]] == ["4x" + "x".join(map(str, x)) for _, x in scanned]
+
+
+def test_what_global_order_cannot_take_fails_clearly(ds):
+    from megassm.config.load import load_config
+    from megassm.config.validate import ConfigError
+
     rank = build_shard_loader(_cfg(ds, order="rank"), batch_size=2, dp_rank=0, dp_size=1, seed=7, text_len=6)
     glob = _loaders(_cfg(ds), 1, 2)[0]
     with pytest.raises(ValueError, match="data.order=rank"):
         glob.load_state_dict(rank.state_dict())
     with pytest.raises(ValueError, match="data.order=global"):
         rank.load_state_dict(glob.state_dict())
+    with pytest.raises(ConfigError, match="data.order=global with data.buckets"):
+        load_config("configs/stage3_video_joint.yaml", ["data.order=global"])

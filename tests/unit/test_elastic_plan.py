@@ -47,11 +47,15 @@ def test_a_dp_change_with_shard_data_needs_the_global_cursor(data, tmp_path):
     cursor = {"version": 1, "order": "global", "index": 24, "counts": [24], "key": {}}
     d = _checkpoint(tmp_path / "ok", old, 2, 3, cursor)
     assert plan_resume(_cfg(*data, "data.order=global", *new, world=4), d, 4).elastic
+    with pytest.raises(ElasticResumeError, match="written with data.order=global; this run has data.order=rank"):
+        plan_resume(_cfg(*data, "data.order=rank", *new, world=4), d, 4)
+    rank_old = _cfg(*data, "data.order=rank", "train.micro_batch_size=4", world=2)
+    d = _checkpoint(tmp_path / "rank", rank_old, 2, 3, {"version": 1, "workers": {}})  # a data.order=rank record
+    with pytest.raises(ElasticResumeError, match="written with data.order=rank; this run has data.order=global"):
+        plan_resume(_cfg(*data, "data.order=global", *new, world=4), d, 4)
     with pytest.raises(ElasticResumeError, match="data.order=rank shard streams are per data-parallel rank"):
         plan_resume(_cfg(*data, "data.order=rank", *new, world=4), d, 4)
-    d = _checkpoint(tmp_path / "rank", old, 2, 3, {"version": 1, "workers": {}})  # a data.order=rank record
-    with pytest.raises(ElasticResumeError, match="written with data.order=rank"):
-        plan_resume(_cfg(*data, "data.order=global", *new, world=4), d, 4)
+    assert not plan_resume(_cfg(*data, "data.order=rank", "train.micro_batch_size=4", world=2), d, 2).elastic
     d = _checkpoint(tmp_path / "off", old, 2, 3, {**cursor, "index": 16})
     with pytest.raises(ElasticResumeError, match="data cursor is at global sample 16, but step 3"):
         plan_resume(_cfg(*data, "data.order=global", *new, world=4), d, 4)
