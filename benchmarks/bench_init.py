@@ -16,6 +16,10 @@ expand 2, headdim 64, d_state 64, FFN 3.5x, T5-XXL text width):
   save        build_partitioned + the DeepSpeed ZeRO-3 engine (AdamW), one step, then save_checkpoint:
               seconds, bytes written (all ranks), GB/s
   resume      build_partitioned(resuming=True) + engine + load_checkpoint of the ``save`` phase's files
+  first_step      the real ``Trainer`` (megassm train's), one step: seconds from the launch (before the
+                  imports) to the end of the first optimizer step, and the peak; with its parts
+  first_step_old  the same, the Trainer's model built the way it was before #27 (``build_model`` on every
+                  rank, then cut by the strategy's ``parallelize``)
 
 Writes JSON (``--out``) with the machine's description; results in benchmarks/results/init_cpu.md.
 """
@@ -71,6 +75,26 @@ def _engine(cfg, model, mesh):
     return backend.engine
 
 
+def _first_step(cfg, args, rank: int, res: dict) -> None:
+    """``first_step`` / ``first_step_old``: a Trainer from its constructor to the end of step 1."""
+    from megassm.models import build_model
+    from megassm.train import loop
+
+    if args.phase == "first_step_old":
+        def whole(self):
+            model = build_model(self.cfg.model)
+            self.strategy.parallelize(model)
+            return model
+        loop.Trainer._build_model = whole
+    t0 = time.perf_counter()
+    trainer = loop.Trainer(cfg)
+    res["init_s"] = time.perf_counter() - t0
+    res["init_gb"] = _rss_gb()
+    trainer.train_step(iter(trainer.data))  # step 1 without fit()'s final save
+    res["first_step_s"] = time.perf_counter() - t0 - res["init_s"]
+    res["launch_to_first_step_s"] = time.time() - args.launched
+
+
 def _phase(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
@@ -102,6 +126,20 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
         warm_start(model, cfg.model, args.ckpt)
     elif p == "warm_new":
         model, _ = build_partitioned(cfg, mesh, torch.device("cpu"), init_from=args.ckpt)
+    elif p.startswith("first_step"):
+        import tempfile
+
+        from megassm.config.load import load_config
+
+        run = tempfile.mkdtemp(prefix=f"bench_first_step_{p}_") if rank == 0 else None
+        box = [run]
+        dist.broadcast_object_list(box)
+        cfg = load_config(str(REPO / "configs/smoke.yaml"),
+                          [*overrides(args.d_model, args.blocks), "parallel.zero_stage=3", "train.steps=1",
+                           "train.ckpt_every=1000", "train.sample_every=0", "train.eval_every=0", f"run_dir={box[0]}",
+                           "model.in_channels=3"])  # the procedural data is 3-channel
+        _first_step(cfg, args, rank, res)
+        model = None
     elif p in ("save", "resume"):
         model, _ = build_partitioned(cfg, mesh, torch.device("cpu"), resuming=p == "resume")
         engine = _engine(cfg, model, mesh)
@@ -121,6 +159,8 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
             dist.barrier()
     res.update(seconds=time.perf_counter() - t0, peak_gb=_rss_gb(), bytes_read=bytes_read() - b0,
                params=sum(p.numel() for p in model.parameters()) if p.startswith("build_old") else None)
+    if p.startswith("first_step"):
+        res["seconds"] = res["launch_to_first_step_s"]
     res["rchar"] = _rchar() - r0  # every byte the phase read (DeepSpeed's torch.load too)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -172,6 +212,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         t0 = time.perf_counter()
+        args.launched = time.time()  # first_step: launch -> first step, the interpreter start included
         mp.spawn(_phase, args=(args.world, port, args, str(out)), nprocs=args.world, join=True)
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.world)]
         row = {"phase": phase, "world": args.world, "d_model": args.d_model, "blocks": args.blocks,
@@ -186,7 +227,9 @@ def main() -> None:
               f"{max(r['bytes_read'] for r in ranks) / 1e9:.2f} GB/rank "
               f"(rchar {max(r['rchar'] for r in ranks) / 1e9:.2f})"
               + (f"  wrote {row['bytes_written'] / 1e9:.2f} GB at {row['write_gbps']:.2f} GB/s" if phase == "save"
-                 else ""), flush=True)
+                 else "")
+              + (f"  (Trainer init {r0['init_s']:.1f} s, peak then {r0['init_gb']:.2f} GB; step 1 "
+                 f"{r0['first_step_s']:.1f} s)" if phase.startswith("first_step") else ""), flush=True)
     if args.out:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.is_file() else {"machine": {}, "rows": []}

@@ -112,16 +112,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         dist.barrier()
 
-        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = build_model(cfg.model)
-        if cfg.init_from and ckpt.read_latest(self.ckpt_dir) is None:
-            for line in warm_start(model, cfg.model, cfg.init_from):
-                self._info(line)
-        if cfg.finetune.lora is not None:  # LoRA (megassm/lora/): base frozen, only adapters train / enter the EMA
-            from megassm.lora import attach_lora
-
-            self._info(attach_lora(model, cfg.finetune.lora))
-        self.strategy.parallelize(model)
+        torch.manual_seed(cfg.train.seed)
+        model = self._build_model()
         apply_activation_checkpointing(model, cfg.train)
         self.model = self.strategy.wrap(model, load_universal=self.resume_plan.elastic)
         self.ema = self.strategy.build_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -146,6 +138,40 @@ class Trainer:
     def _info(self, msg: str) -> None:
         if self.rank == 0:
             log.info(msg)
+
+    def _build_model(self):
+        """This rank's parallelized model, not yet wrapped by the backend.
+
+        Partitioned construction (``megassm/train/build.py``): built on the meta device, each parameter
+        materialised alone (seeded by (seed, name), or read by offset from ``init_from``) and, under ZeRO-3,
+        handed to the backend's partitioner at once; a pipeline stage materialises only its own blocks; a
+        resume draws nothing (the checkpoint overwrites every value). No rank holds the whole model.
+        LoRA fine-tuning keeps the whole-model path: adapters attach to the full base before it is cut.
+        """
+        cfg = self.cfg
+        warm = cfg.init_from if (cfg.init_from and self.resume_plan.tag is None) else None
+        if cfg.finetune.lora is not None:  # LoRA (megassm/lora/): base frozen, only adapters train / enter the EMA
+            from megassm.lora import attach_lora
+
+            model = build_model(cfg.model)
+            if warm:
+                for line in warm_start(model, cfg.model, warm):
+                    self._info(line)
+            self._info(attach_lora(model, cfg.finetune.lora))
+            self.strategy.parallelize(model)
+            return model
+        from megassm.train.build import build_partitioned
+
+        t0 = time.perf_counter()
+        model, report = build_partitioned(cfg, self.mesh, self.device, init_from=warm,
+                                          resuming=self.resume_plan.tag is not None,
+                                          parallelize=self.strategy.parallelize, owns=self.strategy.owns)
+        for line in report:
+            self._info(line)
+        values = (f"values to come from {self.resume_plan.tag}" if self.resume_plan.tag
+                  else "read by slices from init_from" if warm else "seeded draws")
+        self._info(f"model built by partitions in {time.perf_counter() - t0:.1f} s ({values})")
+        return model
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, reason: str) -> None:
