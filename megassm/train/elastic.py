@@ -150,14 +150,10 @@ def _check_shard_cursor(cfg: RunConfig, state: dict, tag_dir: Path, old: dict, n
     if cfg.data.order != "global":
         raise ElasticResumeError(
             f"checkpoint {tag_dir}: data.order={cfg.data.order} shard streams are per data-parallel rank, so dp "
-            f"cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global, for single-shape "
-            "datasets, makes the data cursor layout-independent -- from the start of a run)")
-    index, expect = state["data"].get("index"), state["step"] * old["global_batch"]
-    if index != expect:
-        raise ElasticResumeError(
-            f"checkpoint {tag_dir}: its data cursor is at global sample {index}, but step {state['step']} x global "
-            f"batch {old['global_batch']} = {expect}; the data state does not belong to this step (a checkpoint "
-            "written mid-step, or edited?)")
+            f"cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global makes the data cursor "
+            "layout-independent -- from the start of a run, without data.buckets)")
+    # (the global cursor itself needs no check here: rank 0's is every rank's, and each batch carries the
+    # global indices it holds, whatever batch sizes the run had before)
 
 
 def find_data_state(tag_dir: Path, dp_rank: int) -> dict:
