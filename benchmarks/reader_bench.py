@@ -3,6 +3,7 @@
     python benchmarks/reader_bench.py --machine cpu-2core                      # every stage, local disk
     python benchmarks/reader_bench.py --protocols local,http,s3 --seconds 8   # + local HTTP and S3 servers
     python benchmarks/reader_bench.py --stages video --seconds 20
+    python benchmarks/reader_bench.py --order global --protocols local,http   # data.order=global (offset reads)
 
 For each stage it writes a synthetic dataset (random bf16 latents of the stage's real shape
 -- 16 latent channels -- + a T5-XXL-sized text embedding: 64 stored tokens x 4096), then
@@ -117,7 +118,7 @@ class Servers:
 
 
 def bench_stage(name: str, root: Path, workers: int, seconds: float, protocol: str = "local",
-                servers: Servers | None = None) -> dict:
+                servers: Servers | None = None, order: str = "rank") -> dict:
     shape, n, batch, text_dtype = STAGES[name]
     d = root / "x".join(map(str, shape))
     if not (d / "manifest.json").exists():
@@ -128,7 +129,7 @@ def bench_stage(name: str, root: Path, workers: int, seconds: float, protocol: s
     url = servers.url(protocol, d) if servers else str(d)
     server_pids = servers.pids(protocol) if servers else []
     cfg = DataConfig(kind="shards", paths=[url], resampled=True, shuffle_buffer=max(4, min(256, n // 4)),
-                     num_workers=workers, prefetch=2, text_dtype=text_dtype)
+                     num_workers=workers, prefetch=2, text_dtype=text_dtype, order=order)
     loader = build_shard_loader(cfg, batch_size=batch, dp_rank=0, dp_size=1, seed=0, text_len=TEXT_LEN)
     it = iter(loader)
     for _ in range(3 * max(1, workers) + 2):  # warm-up: workers started, shuffle buffers filled, page cache
@@ -146,7 +147,7 @@ def bench_stage(name: str, root: Path, workers: int, seconds: float, protocol: s
     del it
     sps = samples / dt
     need = GPU_SAMPLES_PER_S[name.split("_")[0]]
-    return {"stage": name, "protocol": protocol, "latent_shape": list(shape), "batch_size": batch,
+    return {"stage": name, "protocol": protocol, "order": order, "latent_shape": list(shape), "batch_size": batch,
             "workers": workers, "text_dtype": text_dtype, "server_cpu_seconds": round(server_cpu, 2),
             "samples": samples, "seconds": round(dt, 2), "samples_per_s": round(sps, 2),
             "cpu_seconds": round(cpu, 2), "samples_per_cpu_s": round(samples / max(cpu, 1e-9), 1),
@@ -159,11 +160,16 @@ def bench_stage(name: str, root: Path, workers: int, seconds: float, protocol: s
 
 
 def to_markdown(machine: str, rows: list[dict], load: tuple[float, ...]) -> str:
-    out = [f"# Latent shard reader throughput on `{machine}`", "",
-           f"`python benchmarks/reader_bench.py --machine {machine}` ({platform.processor() or platform.machine()}, "
+    order = rows[0].get("order", "rank") if rows else "rank"
+    flag = "" if order == "rank" else f" --order {order}"
+    how = "shuffle buffer, shape bucketing, " if order == "rank" else "the global order (one offset read per sample), "
+    out = [f"# Latent shard reader throughput on `{machine}`" + ("" if order == "rank" else f", data.order={order}"),
+           "",
+           f"`python benchmarks/reader_bench.py --machine {machine}{flag}` "
+           f"({platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average during the run "
            f"{', '.join(f'{x:.1f}' for x in load)}). Synthetic bf16 latents + text embedding ({TEXT_TOKENS} tokens x "
-           f"{TEXT_DIM}, padded to {TEXT_LEN} in the batch), resampled shards, shuffle buffer, shape bucketing, "
+           f"{TEXT_DIM}, padded to {TEXT_LEN} in the batch), resampled shards, {how}"
            "DataLoader workers delivering the trainer's batches. Page-cached shards: this is the CPU cost of the "
            "reader, not storage bandwidth (the MB/s column is what storage must sustain).", "",
            "*samples/s* is wall-clock on the shared machine (other jobs ran: see the load average); "
@@ -207,6 +213,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {sorted(STAGES)}")
     ap.add_argument("--protocols", default="local", help="comma list of local, http, s3")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--order", default="rank", choices=["rank", "global"],
+                    help="data.order: per-rank streams, or the layout-independent global order (one read per sample)")
     ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per stage")
     ap.add_argument("--data-dir", help="where to write the synthetic sets (default: a temporary folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -219,7 +227,7 @@ def main() -> None:
         try:
             for name in args.stages.split(","):
                 for proto in protocols:
-                    r = bench_stage(name, root, args.workers, args.seconds, proto, servers)
+                    r = bench_stage(name, root, args.workers, args.seconds, proto, servers, args.order)
                     print(f"{r['stage']:>14} {proto:>5}  {r['samples_per_s']:>8} samples/s wall  "
                           f"{r['samples_per_cpu_s']:>8} per CPU-s (server {r['server_cpu_seconds']} CPU-s)  "
                           f"GPU needs {r['gpu_samples_per_s']:>6}/s  headroom {r['headroom_x']}x "
@@ -229,7 +237,7 @@ def main() -> None:
             servers.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"reader_{args.machine}"
+    stem = f"reader_{args.machine}" + ("" if args.order == "rank" else f"_{args.order}")
     load = os.getloadavg()
     meta = {"machine": args.machine, "load_average_at_end": load, "cpus": os.cpu_count(),
             "torch": torch.__version__, "text": {"tokens": TEXT_TOKENS, "dim": TEXT_DIM, "padded_to": TEXT_LEN}}

@@ -88,6 +88,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     prefetch: int = 2  # batches prefetched per DataLoader worker (shards)
+    # shards: global = sample g of the run is a function of (seed, g) and the datasets alone, each rank reading
+    # its own samples by byte offset, so dp may change on resume (single-shape datasets, no buckets); rank =
+    # per-(dp rank, worker) streams with a shuffle buffer and a shape bucketer, exact only at the same layout
+    # (docs/shard_format.md §6)
+    order: str = "rank"
+    window_shards: int = 8  # order=global: consecutive shards whose samples are permuted together
     # dtype of batch["text"]: bfloat16 (as stored; half the host memory traffic of float32 for
     # T5-XXL's 4096 x text_len per sample) or float32; the model casts to its compute dtype anyway
     text_dtype: str = "bfloat16"

@@ -31,6 +31,7 @@ from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
+from megassm.data.global_order import GlobalCursor, GlobalMix, GlobalReader, ShardIndex, Stream, StreamOrder
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
@@ -51,6 +52,17 @@ class DatasetSpec:
     norm: LatentNorm  # the dataset's (x - shift) * scale
     fingerprint: str
     shapes: frozenset | None = None  # latent (T, H, W) shapes of the manifest's histogram; None: not recorded
+    offsets: list[list[int] | None] | None = None  # per shard, its samples' byte offsets if the writer recorded them
+    sample_shapes: list[list[int] | None] | None = None  # per mixed shard: each sample's shape (index into its shapes)
+    shard_shapes: list[dict[tuple, int]] | None = None  # per shard: latent (T, H, W) -> count, the manifest's order
+
+    def streams(self, dataset: int) -> list[Stream]:
+        """One ``Stream`` per latent shape of this dataset (data.order=global), from the shards' histograms."""
+        if not self.shard_shapes or any(not s for s in self.shard_shapes):
+            raise ValueError(f"dataset {self.path}: its manifest records no per-shard shapes (shards[i].shapes); "
+                             "data.order=global needs them: re-run `megassm preprocess`, or use data.order=rank")
+        shapes = sorted({sh for s in self.shard_shapes for sh in s})
+        return [Stream(dataset, sh, [int(s.get(sh, 0)) for s in self.shard_shapes]) for sh in shapes]
 
 
 def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
@@ -81,8 +93,15 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
         shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], LatentNorm(scale, shift),
-                                 f"{len(m['shards'])}:{m['num_samples']}", shapes))
+                                 f"{len(m['shards'])}:{m['num_samples']}", shapes,
+                                 [s.get("offsets") for s in m["shards"]], [s.get("sample_shapes") for s in m["shards"]],
+                                 [_shard_shapes(s) for s in m["shards"]]))
     return specs
+
+
+def _shard_shapes(entry: dict) -> dict[tuple, int]:
+    """A manifest shard entry's {"CxTxHxW": n} as {(T, H, W): n}, in the writer's (sorted key) order."""
+    return {parse_shape_key(k)[1:]: int(n) for k, n in sorted(entry.get("shapes", {}).items())}
 
 
 def pack(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int,
@@ -281,6 +300,54 @@ class LatentBatchStream(IterableDataset):
             yield pack(pending.take(mb.shape, n), self.specs, self.text_len, self.with_keys), position()
 
 
+class GlobalBatchStream(IterableDataset):
+    """data.order=global, per worker: this rank's batches j = first + worker, first + worker + workers, ...
+
+    Batch j of data-parallel rank r holds global indices base + (j x dp + r) x B ... + B - 1 (the Trainer's
+    ``sample_indices``: micro-batch m of step s is j = s x grad_accum + m), each sample the one
+    ``megassm/data/global_order.py`` puts there. Yields (packed batch, {"batch": j, "skipped": {...}}).
+    Stops before the first batch that would take a stream past ``epochs`` (finite streams; monotone in
+    j, so the workers stop at the same batch)."""
+
+    def __init__(self, specs: list[DatasetSpec], streams: list[Stream], mix: GlobalMix, *, batch_size: int,
+                 text_len: int, seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
+                 window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool):
+        self.specs, self.streams, self.mix, self.batch_size, self.text_len = specs, streams, mix, batch_size, text_len
+        self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
+        self.resampled, self.window, self.base, self.first = resampled, window, base, first
+        self.epochs, self.with_keys = epochs, with_keys
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        torch.set_num_threads(1)
+        shape_no = {}
+        for st in self.streams:
+            shape_no.setdefault(st.dataset, []).append(st.shape)
+        orders = [StreamOrder((st.dataset, shape_no[st.dataset].index(st.shape)), st.counts, self.seed,
+                              self.resampled, self.window) for st in self.streams]
+        indexes = [ShardIndex(s.shards, s.offsets or [], s.sample_shapes or [], [list(x) for x in s.shard_shapes])
+                   for s in self.specs]
+        reader = GlobalReader(self.streams, orders, indexes)
+        limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
+        cur, B, dp = self.base, self.batch_size, self.dp_size
+        j = self.first + worker
+        while True:
+            a = self.base.index + (j * dp + self.dp_rank) * B
+            cur = cur.advanced(a, self.mix)
+            picks = self.mix.choices(a, a + B)
+            end = cur.advanced(a + B, self.mix)
+            if limits is not None and any(c > lim for c, lim in zip(end.counts, limits)):
+                return
+            counts, items = list(cur.counts), []
+            for q in picks.tolist():
+                items.append((self.streams[q].dataset, reader.read(q, counts[q])))
+                counts[q] += 1
+            cur = end
+            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+            j += self.num_workers
+
+
 class ShardLoader:
     """Iterable of training batches with a saveable position.
 
@@ -290,7 +357,7 @@ class ShardLoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  text_len: int, epochs: int | None = None, drop_last: bool = True, return_keys: bool = False,
-                 schedule: BucketSchedule | None = None):
+                 schedule: BucketSchedule | None = None, global_batch: int | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or text_len < 1:
@@ -309,7 +376,23 @@ class ShardLoader:
             raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
         self.text_dtype = TEXT_DTYPES[tdt]
         nw = max(1, self.num_workers)
-        if not cfg.resampled:
+        self.order = getattr(cfg, "order", "rank")
+        self.window = int(getattr(cfg, "window_shards", 8))
+        if self.order not in ("rank", "global"):
+            raise ValueError(f"data.order={self.order!r}; valid: global (layout-independent), rank (per-rank streams)")
+        self._received, self._skipped = 0, {}
+        if self.order == "global":
+            if schedule is not None:
+                raise ValueError("data.order=global with data.buckets: the bucket schedule reads per-rank streams; "
+                                 "use data.order=rank with data.buckets")
+            # the shape is drawn per global batch: G = micro-batch x grad_accum x dp (the Trainer passes it)
+            self.global_batch = int(global_batch or batch_size * dp_size)
+            if self.global_batch % (batch_size * dp_size):
+                raise ValueError(f"global_batch={self.global_batch} must be a multiple of batch_size x dp_size = "
+                                 f"{batch_size} x {dp_size}")
+            self.streams = [st for d, spec in enumerate(self.specs) for st in spec.streams(d)]
+            self._set_base(GlobalCursor(0, [0] * len(self.streams)), origin=0)
+        elif not cfg.resampled:
             for s in self.specs:
                 if len(s.shards) < dp_size * nw:
                     raise ValueError(f"dataset {s.path} has {len(s.shards)} shards, fewer than dp_size x workers = "
@@ -333,6 +416,9 @@ class ShardLoader:
                     [b.name, list(b.shape), b.weight, b.samples] for b in self.schedule.table.buckets]})}
 
     def __iter__(self):
+        if self.order == "global":
+            yield from self._iter_global()
+            return
         ds = LatentBatchStream(
             self.specs, self.weights, batch_size=self.batch_size, text_len=self.text_len, seed=self.seed,
             dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
@@ -354,8 +440,54 @@ class ShardLoader:
                              bucket=mb.bucket)
             yield batch
 
+    # ---------------------------------------------------------------- data.order=global
+    def _iter_global(self):
+        """Batches in the layout-independent order; each carries its global "sample_index"."""
+        ds = GlobalBatchStream(self.specs, self.streams, self.mix, batch_size=self.batch_size, text_len=self.text_len,
+                               seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
+                               resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
+                               first=self._received, epochs=self.epochs, with_keys=self.return_keys)
+        kw = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        B, dp = self.batch_size, self.dp_size
+        for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
+            j = pos["batch"]
+            if j != self._received:  # a worker stopped (finite epochs): the batches must stay contiguous
+                return
+            self._received += 1
+            self._skipped[j % max(1, self.num_workers)] = pos["skipped"]
+            first = self._base.index + (j * dp + self.dp_rank) * B
+            batch["sample_index"] = list(range(first, first + B))
+            yield batch
+
+    def _global_key(self) -> dict[str, Any]:
+        """What the global order depends on (never the layout: dp, workers, micro-batch size)."""
+        return {"seed": self.seed, "weights": self.weights, "resampled": bool(self.cfg.resampled),
+                "window_shards": self.window, "datasets": [[s.path, s.fingerprint] for s in self.specs],
+                "streams": [[st.dataset, list(st.shape)] for st in self.streams]}
+
+    def _set_base(self, cursor: GlobalCursor, origin: int) -> None:
+        self._base, self._origin, self._received, self._skipped = cursor, origin, 0, {}
+        self.mix = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, origin)
+
+    def global_cursor(self) -> GlobalCursor:
+        """The cursor after every rank took as many batches as this one: samples [0, index) are consumed."""
+        stop = self._base.index + self._received * self.dp_size * self.batch_size
+        return self._base.advanced(stop, self.mix)
+
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
+        if self.order == "global":
+            skipped: Counter[str] = Counter()
+            for v in self._skipped.values():
+                skipped.update(v)
+            cur = self.global_cursor()
+            epochs = [0] * len(self.specs)
+            for c, st in zip(cur.counts, self.streams):
+                epochs[st.dataset] = max(epochs[st.dataset], c // max(1, sum(st.counts)))
+            return {"batches": self._received, "skipped": dict(skipped), "epochs": epochs}
         skipped: Counter[str] = Counter()
         for pos in self._workers.values():
             for st in pos["streams"]:
@@ -365,6 +497,9 @@ class ShardLoader:
                            for i in range(len(self.specs))]}
 
     def state_dict(self) -> dict[str, Any]:
+        if self.order == "global":  # identical on every rank (at a step boundary) and for every layout
+            return {"version": STATE_VERSION, "order": "global", **self.global_cursor().state(),
+                    "global_batch": self.global_batch, "origin": self._origin, "key": self._global_key()}
         return {"version": STATE_VERSION, "layout": self._layout(), "workers": copy.deepcopy(self._workers),
                 "next_worker": self._next, "generation": self._generation, "start_epoch": self._start_epoch}
 
@@ -372,6 +507,13 @@ class ShardLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data position has version {state.get('version')!r}; this reader writes "
                              f"{STATE_VERSION}")
+        saved = state.get("order", "rank")
+        if saved != self.order:
+            raise ValueError(f"data position was saved with data.order={saved}, this loader has data.order="
+                             f"{self.order}: per-rank stream positions and the global cursor do not convert into "
+                             f"each other. Resume with data.order={saved}, or warm-start a new run with init_from")
+        if self.order == "global":
+            return self._load_global(state)
         if state["layout"] == self._layout():
             self._workers, self._next = copy.deepcopy(state["workers"]), int(state["next_worker"])
             self._generation, self._start_epoch = state["generation"], state["start_epoch"]
@@ -385,6 +527,27 @@ class ShardLoader:
                     "epoch %d with fresh shuffles", ", ".join(diff), epoch)
         self._workers, self._next = {}, 0
         self._generation, self._start_epoch = int(state.get("generation", 0)) + 1, epoch
+
+
+    def _load_global(self, state: dict[str, Any]) -> None:
+        cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])
+        origin = int(state.get("origin", 0))
+        if int(state.get("global_batch", self.global_batch)) != self.global_batch:
+            # another global batch (train.allow_batch_change): the shape draws go on in batches of the new size,
+            # counted from the cursor
+            log.info("global batch %s -> %d: shapes are drawn per batch from global sample %d on",
+                     state.get("global_batch"), self.global_batch, cur.index)
+            origin = cur.index
+        if state["key"] != self._global_key() or len(cur.counts) != len(self.streams):
+            old, new = state["key"], self._global_key()
+            diff = sorted(k for k in new if old.get(k) != new.get(k))
+            # the position stays (no sample index repeats); the per-stream counts are redrawn under the new mix
+            log.warning("data cursor saved with other %s; continuing at global sample %d with the counts of the "
+                        "new mix (samples of the old order may repeat or be left out)", ", ".join(diff), cur.index)
+            redraw = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, 0)
+            cur = GlobalCursor(0, [0] * len(self.streams)).advanced(cur.index, redraw)
+            origin = 0 if cur.index % self.global_batch == 0 else cur.index
+        self._set_base(cur, origin)
 
 
 def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,

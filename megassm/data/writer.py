@@ -50,12 +50,16 @@ class LatentShardWriter:
         self.samples = 0
         self.shapes: Counter[str] = Counter()
         self._keys: set[str] = set()
+        self.offsets: list[int] = []  # byte offset of each sample's first tar header (data.order=global reads by them)
+        self._sample_shapes: list[str] = []
         self.closed = False
 
     def write(self, sample: LatentSample) -> None:
         if sample.key in self._keys:
             raise ValueError(f"{self.path}: duplicate sample key {sample.key!r}")
         self._keys.add(sample.key)
+        self.offsets.append(self._tar.offset)
+        self._sample_shapes.append(shape_key(sample.latent.shape))
         for ext, data in encode_sample(sample).items():
             info = tarfile.TarInfo(f"{sample.key}.{ext}")
             info.size, info.mode, info.mtime = len(data), 0o444, 0
@@ -73,8 +77,12 @@ class LatentShardWriter:
             self._file.close()
             os.replace(self.tmp_path, self.path)
             self.closed = True
-        return {"path": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
-                "shapes": dict(sorted(self.shapes.items()))}
+        entry = {"path": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
+                 "shapes": dict(sorted(self.shapes.items())), "offsets": list(self.offsets)}
+        if len(self.shapes) > 1:  # which of the sorted shapes each sample has (a mixed shard, data.order=global)
+            ids = {k: i for i, k in enumerate(sorted(self.shapes))}
+            entry["sample_shapes"] = [ids[k] for k in self._sample_shapes]
+        return entry
 
     def abort(self) -> None:
         """Drop the partial shard (its temporary file)."""

@@ -8,8 +8,11 @@ DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), mega
 - the EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
   layout's partitions (``ShardedEMA.load_full``).
 - the data cursor: the built-in procedural data is a function of the global sample index, so the
-  position is ``step x grad_accum`` at the new layout. Shard streams are per data-parallel rank: a
-  change of cp at the same dp keeps each dp rank's stream; a change of dp with shard data is refused.
+  position is ``step x grad_accum`` at the new layout. Shard data in ``data.order=global`` is too
+  (``megassm/data/global_order.py``): its saved cursor (global samples consumed, per-dataset counts) is
+  the same on every rank and for every layout, and every new rank restores rank 0's. Shard streams in
+  ``data.order=rank`` (and every bucketed shard run) are per data-parallel rank: a change of cp at the
+  same dp keeps each dp rank's stream; a change of dp is refused.
 - randomness: every training draw is keyed on (seed, global sample index), so no per-rank generator
   has to carry over.
 
@@ -39,7 +42,18 @@ def layout_of(cfg: RunConfig, world: int) -> dict:
     micro = p.micro_batches if p.pp > 1 else t.grad_accum
     return {"world": world, "tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage,
             "micro_batch_size": t.micro_batch_size, "micro_batches_per_step": micro,
-            "global_batch": t.micro_batch_size * micro * dp}
+            "global_batch": _bucket_batches(cfg) or t.micro_batch_size * micro * dp}
+
+
+def _bucket_batches(cfg: RunConfig) -> str | None:
+    """data.buckets: a step's global batch is its drawn bucket's samples (megassm/data/token_budget.py),
+    whatever dp, grad_accum or micro_batch_size are; recorded as "name:samples" per bucket."""
+    if not cfg.data.buckets:
+        return None
+    from megassm.data.token_budget import BucketTable
+
+    table = BucketTable.from_config(cfg.data, cfg.model.patch_size)
+    return "buckets " + ", ".join(f"{b.name}:{b.samples}" for b in table.buckets)
 
 
 @dataclass
@@ -86,6 +100,15 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
             f"checkpoint {tag_dir} holds another model (model.{', model.'.join(diff)} differ: "
             f"{ {k: state['model'].get(k) for k in diff} } there, { {k: to_dict(cfg.model).get(k) for k in diff} } "
             "here); resume with the same model, or start a new run with init_from")
+    saved = (state.get("data") or {}).get("order", "rank") if state.get("data") else None
+    if cfg.data.kind == "shards" and saved is not None and saved != cfg.data.order:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} was written with data.order={saved}; this run has data.order={cfg.data.order}. "
+            "Per-rank stream positions and the global cursor do not convert into each other: resume with "
+            f"data.order={saved}, or warm-start a new run with init_from")
+    if cfg.data.buckets and isinstance(old.get("global_batch"), int):
+        # written before bucketed runs recorded their bucket table: the table cannot be compared (as before)
+        old = {**old, "global_batch": new["global_batch"]}
     if old == new:
         return ResumePlan(tag, False, old, new)
     fixed = [k for k in ("tp", "pp", "zero_stage") if old[k] != new[k]]
@@ -95,6 +118,13 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
             f"{', '.join(f'parallel.{k}={new[k]}' for k in fixed)}. A resume may change dp and cp (and the micro-"
             "batching), not tp, pp or the ZeRO stage: keep them, or convert the checkpoint (`megassm convert`) and "
             "warm-start with init_from")
+    bucketed = isinstance(old["global_batch"], str) or isinstance(new["global_batch"], str)
+    if old["global_batch"] != new["global_batch"] and not cfg.train.allow_batch_change and bucketed:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} trained with a global batch of {old['global_batch']}; this run has "
+            f"{new['global_batch']} (with data.buckets a step's batch is its bucket's samples, from data.buckets / "
+            "data.tokens_per_step, not from dp or grad_accum). Keep the bucket table, or set "
+            "train.allow_batch_change=true to change the batch on purpose")
     if old["global_batch"] != new["global_batch"] and not cfg.train.allow_batch_change:
         raise ElasticResumeError(
             f"checkpoint {tag_dir} trained with a global batch of {old['global_batch']} (micro-batch "
@@ -103,13 +133,27 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
             f"{new['dp']}). Set train.grad_accum / train.micro_batch_size to keep {old['global_batch']}, or "
             "train.allow_batch_change=true to change the batch on purpose")
     if old["dp"] != new["dp"] and cfg.data.kind != "procedural":
-        raise ElasticResumeError(
-            f"checkpoint {tag_dir}: data.kind={cfg.data.kind} streams are per data-parallel rank, so dp cannot "
-            f"change on resume ({old['dp']} -> {new['dp']}); keep dp={old['dp']} (cp may change), or warm-start "
-            "with init_from")
+        _check_shard_cursor(cfg, state, tag_dir, old, new)
     if cfg.parallel.pp > 1:
         raise ElasticResumeError(f"checkpoint {tag_dir}: a pipeline run resumes only at its own layout ({old})")
     return ResumePlan(tag, True, old, new)
+
+
+def _check_shard_cursor(cfg: RunConfig, state: dict, tag_dir: Path, old: dict, new: dict) -> None:
+    """dp changes with shard data only in data.order=global, on both sides of the switch."""
+    dp_old, dp_new = old["dp"], new["dp"]
+    keep = f"keep dp={dp_old} (cp may change), or warm-start a new run with init_from"
+    if cfg.data.buckets:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir}: a bucketed shard run (data.buckets) reads per-rank streams, whose positions "
+            f"do not redistribute over another dp ({dp_old} -> {dp_new}); {keep}")
+    if cfg.data.order != "global":
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir}: data.order={cfg.data.order} shard streams are per data-parallel rank, so dp "
+            f"cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global makes the data cursor "
+            "layout-independent -- from the start of a run, without data.buckets)")
+    # (the global cursor itself needs no check here: rank 0's is every rank's, and each batch carries the
+    # global indices it holds, whatever batch sizes the run had before)
 
 
 def find_data_state(tag_dir: Path, dp_rank: int) -> dict:

@@ -131,7 +131,8 @@ class Trainer:
         dp_rank, dp_size = self.mesh.get_data_parallel_rank(), self.mesh.get_data_parallel_world_size()
         self.data = build_dataloader(cfg.data, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=cfg.train.seed, text_dim=cfg.model.text_dim,
-                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size)
+                                     text_len=cfg.model.max_text_len, schedule=_bucket_schedule(cfg, dp_rank, dp_size),
+                                     global_batch=_global_batch(cfg, dist.get_world_size())
                                      ) if self.strategy.reads_data else _NoData()
         self.step = 0
         self.nonfinite_total = 0
@@ -283,6 +284,8 @@ class Trainer:
         self._restore_counters(state)
         if self.cfg.data.kind == "procedural":  # a function of the global sample index
             self.data.load_state_dict({"position": self.step * self.micro_batches_per_step})
+        elif self.cfg.data.order == "global" and not self.cfg.data.buckets:  # layout-independent: rank 0's cursor
+            self.data.load_state_dict(state["data"])
         else:  # same dp (plan_resume checked): this dp rank's stream continues
             self.data.load_state_dict(elastic.find_data_state(tag_dir, self.mesh.get_data_parallel_rank()))
         if self.ema is not None:
@@ -448,6 +451,12 @@ def _bucket_schedule(cfg: RunConfig, dp_rank: int, dp_size: int):
 
     return BucketSchedule(BucketTable.from_config(cfg.data, cfg.model.patch_size), cfg.train.seed,
                           cfg.train.grad_accum, dp_rank, dp_size)
+
+
+def _global_batch(cfg: RunConfig, world: int) -> int | None:
+    """Samples per optimizer step over all ranks (None with data.buckets: the bucket table's)."""
+    g = elastic.layout_of(cfg, world)["global_batch"]
+    return g if isinstance(g, int) else None
 
 
 def _peak_mem_gb(device: torch.device) -> float:
