@@ -68,10 +68,13 @@ def _cfg(args, zero_stage: int = 3):
                        [*overrides(args.d_model, args.blocks), f"parallel.zero_stage={zero_stage}"])
 
 
+DEVICE = [torch.device("cpu")]  # the save / resume phases' device (--device)
+
+
 def _engine(cfg, model, mesh):
     from megassm.train.backends.deepspeed import DeepSpeedBackend
 
-    backend = DeepSpeedBackend(mesh, cfg.parallel, cfg.train, cfg.optim, torch.device("cpu"))
+    backend = DeepSpeedBackend(mesh, cfg.parallel, cfg.train, cfg.optim, DEVICE[0])
     backend.prepare(model, cfg.train.grad_accum)
     return backend.engine
 
@@ -102,7 +105,10 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if args.device == "cuda":  # --device cuda: the save / resume phases on one GPU per rank, NCCL
+        torch.cuda.set_device(rank)
+        DEVICE[0] = torch.device("cuda", rank)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
     import deepspeed  # noqa: F401  (imported before the baseline: every phase pays it)
 
     from megassm.checkpoint.errors import bytes_read
@@ -142,7 +148,7 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
         _first_step(cfg, args, rank, res)
         model = None
     elif p in ("save", "resume"):
-        model, _ = build_partitioned(cfg, mesh, torch.device("cpu"), resuming=p == "resume")
+        model, _ = build_partitioned(cfg, mesh, DEVICE[0], resuming=p == "resume")
         engine = _engine(cfg, model, mesh)
         res["engine_gb"] = _rss_gb()
         t0 = time.perf_counter()
@@ -183,8 +189,9 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
 
 def _train_step(engine) -> float:
     t0 = time.perf_counter()
-    x = torch.randn(1, 16, 1, 16, 16)
-    loss = engine(x, torch.rand(1), torch.randn(1, 8, 4096)).float().pow(2).mean()
+    dev, dt = DEVICE[0], (torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+    x = torch.randn(1, 16, 1, 16, 16, device=dev, dtype=dt)
+    loss = engine(x, torch.rand(1, device=dev), torch.randn(1, 8, 4096, device=dev, dtype=dt)).float().pow(2).mean()
     engine.backward(loss)
     engine.step()
     return time.perf_counter() - t0
@@ -267,6 +274,10 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--phases", default="build_old,build_new")
     ap.add_argument("--ckpt", default="/tmp/megassm_bench_init/ckpt", help="checkpoint directory (warm / save)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="save / resume phases: cuda puts the model, engine and step on one GPU per rank (NCCL)")
+    ap.add_argument("--note", default="2-core CPU shared with other jobs (load average 8-12 during the runs)",
+                    help="what the machine was doing, recorded with the results")
     ap.add_argument("--out", default=None, help="append the results to this JSON file")
     args = ap.parse_args()
     from megassm.models.accounting import param_counts
@@ -321,7 +332,8 @@ def main() -> None:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.is_file() else {"machine": {}, "rows": []}
         old["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "note": "2-core CPU shared with other jobs (load average 8-12 during the runs)",
+                          "note": args.note,
+                          **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}),
                           "torch": torch.__version__}
         old["rows"].extend(rows)
         path.write_text(json.dumps(old, indent=1))
