@@ -21,6 +21,7 @@ the layers' own defaults; ``tests/unit/test_partitioned_init.py`` checks each fa
     y_null                    normal, std text_dim ** -0.5
     Hydra dt_bias             inverse softplus of dt, log-uniform in [dt_min, dt_max], floored
     Hydra A_log zero, D one; norm weights one, norm biases zero
+    LoRA lora_A (r, in)       uniform, bound 1 / sqrt(in) (peft's default); lora_B zero
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def _const(v: float) -> Callable:
 # (pattern on the HTHModel parameter name, rule); first match wins. Order: the exceptions to the
 # Linear rule, then the Linear rule, then the non-Linear parameters.
 INIT_RULES: list[tuple[re.Pattern, Callable]] = [(re.compile(p), r) for p, r in [
+    # LoRA factors (megassm/lora/layers.py: peft's default): A (r, in) kaiming-uniform, B (out, r) zero
+    (r"\.lora_A$", _torch_default),
+    (r"\.lora_B$", _const(0.0)),
     (r"^t_block\.1\.(weight|bias)$", _const(0.0)),
     (r"^final_layer\.linear\.(weight|bias)$", _const(0.0)),
     (r"^t_embedder\.mlp\.[02]\.weight$", lambda s, c: InitRule("normal", 0.02)),

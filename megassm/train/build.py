@@ -10,8 +10,9 @@
     resume          values are left uninitialised: DeepSpeed's own per-rank files overwrite them
 
 A rank's peak is its partition of the model plus the largest TP-local parameter (``megassm plan``
-reports both), never the full model. The old path (``build_model`` + ``warm_start`` +
-``parallelize_hth``) stays for LoRA fine-tuning and as the reference the tests compare with.
+reports both), never the full model. The Trainer builds every regime this way (LoRA: adapters attached
+to the meta model before the cut, ``Trainer._build_model``). The whole-model path (``build_model`` +
+``warm_start`` + ``parallelize_hth``) is the reference the tests compare with.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from megassm.checkpoint.snapshot import FileSink
 from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
-from megassm.models import build_model
 from megassm.models.accounting import train_flops
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.runtime import default_device
@@ -45,7 +44,6 @@ from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported
     check_same_bucket,
     make_step,
 )
-from megassm.train.warm_start import warm_start
 
 log = logging.getLogger("megassm.train")
 
@@ -156,26 +154,25 @@ class Trainer:
         materialised alone (seeded by (seed, name), or read by offset from ``init_from``) and, under ZeRO-3,
         handed to the backend's partitioner at once; a pipeline stage materialises only its own blocks; a
         resume draws nothing (the checkpoint overwrites every value). No rank holds the whole model.
-        LoRA fine-tuning keeps the whole-model path: adapters attach to the full base before it is cut.
+        LoRA fine-tuning attaches its adapters to the meta model before the cut, so the base is read from
+        ``init_from`` by slices like any warm start and the adapters are drawn like any parameter.
         """
         cfg = self.cfg
         warm = cfg.init_from if (cfg.init_from and self.resume_plan.tag is None) else None
+        parallelize, notes = self.strategy.parallelize, []
         if cfg.finetune.lora is not None:  # LoRA (megassm/lora/): base frozen, only adapters train / enter the EMA
             from megassm.lora import attach_lora
 
-            model = build_model(cfg.model)
-            if warm:
-                for line in warm_start(model, cfg.model, warm):
-                    self._info(line)
-            self._info(attach_lora(model, cfg.finetune.lora))
-            self.strategy.parallelize(model)
-            return model
+            def parallelize(model):  # on the meta model: adapters attached to the whole base, then cut
+                notes.append(attach_lora(model, cfg.finetune.lora))
+                self.strategy.parallelize(model)
         from megassm.train.build import build_partitioned
 
         t0 = time.perf_counter()
         model, report = build_partitioned(cfg, self.mesh, self.device, init_from=warm,
-                                          resuming=self.resume_plan.tag is not None,
-                                          parallelize=self.strategy.parallelize, owns=self.strategy.owns)
+                                          resuming=self.resume_plan.tag is not None, parallelize=parallelize,
+                                          owns=self.strategy.owns)
+        report = [*report, *notes]
         for line in report:
             self._info(line)
         values = (f"values to come from {self.resume_plan.tag}" if self.resume_plan.tag

@@ -1,4 +1,8 @@
-"""Warm-start a stage from the previous stage's checkpoint (``init_from``): weights only."""
+"""Warm start by a whole state dict: the path the Trainer ran before partitioned construction.
+
+The Trainer now reads ``init_from`` by slices (``megassm/train/build.py``); this stays as the measured
+"before" of ``benchmarks/bench_init.py`` (phase ``warm_old``) and for callers holding a whole model.
+"""
 
 from __future__ import annotations
 

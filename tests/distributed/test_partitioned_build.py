@@ -200,3 +200,52 @@ def test_zero3_warm_start_reads_about_one_partition_per_rank(world2):
                 want += 4 * per_row * (-(-e1 // per_row) - e0 // per_row)
         assert r["warm-dp2"]["bytes_read"] == want, rank
         assert want < 0.6 * total  # about half; whole rows at the cut are read by both ranks
+
+
+def test_a_pipeline_stage_and_a_lora_model_build_only_what_they_hold(tmp_path):
+    """What ``Trainer._build_model`` asks of ``build_partitioned`` beyond the dense case, in one process:
+    a pipeline stage (``owns``: its blocks) leaves every other stage's parameter on the meta device, never
+    allocated, and its own hold the seeded draw; a LoRA model (adapters attached to the meta model inside
+    ``parallelize``) reads its frozen base from ``init_from`` and draws its adapters (A: peft's
+    kaiming-uniform bound 1 / sqrt(in), seeded; B: zero)."""
+    from megassm.lora import attach_lora
+    from megassm.parallel.pipeline import partition_blocks
+    from megassm.parallel.pipeline_checkpoint import stage_owns
+    from megassm.train.build import build_partitioned
+
+    cfg = load_config("configs/smoke.yaml", [*TINY, "model.pattern=hvAthvAt", "parallel.zero_stage=1"])
+    plan = partition_blocks(cfg.model, 2, 16)
+    for stage in (0, 1):
+        owns = functools.partial(stage_owns, plan=plan, pp_rank=stage)
+        model, _ = build_partitioned(cfg, None, torch.device("cpu"), owns=owns)
+        held = {n for n, p in model.named_parameters() if not p.is_meta}
+        assert held == {n for n, _ in model.named_parameters() if stage_owns(n, plan, stage)}, stage
+        assert 0 < len(held) < len(list(model.named_parameters())), (stage, len(held))
+        for n, p in model.named_parameters():
+            if not p.is_meta:
+                assert torch.equal(p, init_full(n, tuple(p.shape), cfg.model, cfg.train.seed)), n
+
+    base = build_model(cfg.model)
+    for p in base.parameters():
+        p.data.normal_()
+    save_consolidated(tmp_path / "base", base.state_dict(), {"model": to_dict(cfg.model)})
+    lora = load_config("configs/smoke.yaml", [*TINY, "parallel.zero_stage=1", f"init_from={tmp_path / 'base'}",
+                                              "finetune.lora={rank: 4, targets: [attention, ffn]}"])
+    model, report = build_partitioned(lora, None, torch.device("cpu"), init_from=lora.init_from,
+                                      parallelize=lambda m: attach_lora(m, lora.finetune.lora))
+    assert not any(p.is_meta for p in model.parameters())
+    want = base.state_dict()
+    adapters = {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    for n, p in model.named_parameters():
+        if n in adapters:
+            continue
+        assert not p.requires_grad and torch.equal(p, want[n]), n  # the frozen base, read from init_from
+    for n, p in adapters.items():
+        if n.endswith(".lora_B"):
+            assert torch.count_nonzero(p) == 0, n
+        else:
+            bound = 1 / math.sqrt(p.shape[1])
+            assert p.abs().max() <= bound and p.abs().max() > bound / 2, n
+            assert torch.equal(p, init_full(n, tuple(p.shape), lora.model, lora.train.seed)), n
+    assert any(f"{len(adapters)} tensors not in the checkpoint" in line for line in report), report
