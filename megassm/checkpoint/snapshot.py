@@ -129,6 +129,7 @@ class FileSink:
 
     deferred: bool = False
     jobs: list[tuple[Path, Callable[[], None]]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  # not deferred: what was written, for the fsync
 
     def put(self, path: Path, write: Callable[[], None]) -> None:
         """``write()`` creates ``path`` (a file, or a directory of files)."""
@@ -136,6 +137,11 @@ class FileSink:
             self.jobs.append((Path(path), write))
         else:
             write()
+            self.written.append(Path(path))
+
+    def fsync(self) -> int:
+        """Make what a synchronous save wrote durable before COMPLETE names it; returns its bytes."""
+        return sum(fsync_tree(p) for p in self.written if p.exists())
 
 
 def fsync_tree(path: Path) -> int:

@@ -218,6 +218,7 @@ class Trainer:
             self._info(f"checkpoint {tag_dir} ({reason}) at step {self.step}: snapshot in host memory after "
                        f"{pending.snapshot_s:.2f} s, writing in the background")
             return
+        sink.fsync()  # this rank's files durable before COMPLETE names them (the background writer does the same)
         ckpt.finalize(self.ckpt_dir, tag, self.cfg.train.keep_last, is_writer=self.rank == 0)
         if self.rank == 0:
             stats = save_stats(pending, "sync", tree_bytes(tag_dir), self.step)

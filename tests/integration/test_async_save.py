@@ -171,3 +171,36 @@ def test_a_signal_during_a_background_write_finishes_that_checkpoint_and_exits(t
 
 def ckpt_tags(ckpt_dir):
     return sorted(p.name for p in ckpt_dir.glob("step_*"))
+
+
+def test_a_synchronous_save_makes_its_files_durable_before_complete(tmp_path, monkeypatch):
+    """The synchronous path (final and signal saves; every save with train.async_save=false) fsyncs each
+    file it wrote -- DeepSpeed's, the EMA's, the trainer state -- before COMPLETE and ``latest`` name the
+    checkpoint, as the background writer does. One rank, in this process; fsync calls are recorded."""
+    from megassm.checkpoint import snapshot
+    from megassm.config import load_config
+    from megassm.train import loop
+    from tests.conftest import free_port
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    synced, order = [], []
+    fsync_tree = snapshot.fsync_tree
+
+    def recording(path):
+        synced.append(path)
+        order.append(("fsync", (tmp_path / "checkpoints" / "step_00000002" / "COMPLETE").exists()))
+        return fsync_tree(path)
+
+    monkeypatch.setattr(snapshot, "fsync_tree", recording)
+    cfg = load_config(SMOKE, [*TINY_OVERRIDES, f"run_dir={tmp_path}", "train.steps=2", "train.ckpt_every=2",
+                              "train.ema_decay=0.5", "train.async_save=false"])
+    assert loop.Trainer(cfg).fit() == 0
+    tag_dir = tmp_path / "checkpoints" / "step_00000002"
+    files = [p for p in tag_dir.rglob("*") if p.is_file()]
+    # written by megassm's atomic writer (fsync + rename) or DeepSpeed's copied recovery script
+    own = {"COMPLETE", "zero_to_fp32.py"} | {p.name for p in files if p.suffix == ".json" and "trainer" in p.parts}
+    missed = [p for p in files if p.name not in own and not any(p == s or s in p.parents for s in synced)]
+    assert not missed and any("ema" in p.parts for p in synced), (missed, synced)
+    assert order and not any(complete for _, complete in order)  # every fsync before COMPLETE

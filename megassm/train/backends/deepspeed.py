@@ -295,9 +295,10 @@ class DeepSpeedBackend:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: FileSink | None = None) -> None:
-        """DeepSpeed's ``save_checkpoint``; with a deferred ``sink`` its files are snapshotted instead of
-        written (``SnapshotCheckpointEngine``): the barriers and tag checks still run here, the writes later."""
-        if sink is None or not sink.deferred:
+        """DeepSpeed's ``save_checkpoint`` through ``sink`` (``SnapshotCheckpointEngine``): deferred, its
+        files are snapshotted instead of written (the barriers and tag checks still run here, the writes
+        later); not deferred, written at once and listed on the sink for its fsync."""
+        if sink is None:
             self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
             return
         own = self.engine.checkpoint_engine
@@ -335,8 +336,9 @@ class DeepSpeedBackend:
 
 
 class SnapshotCheckpointEngine:
-    """The checkpoint engine DeepSpeed's ``save_checkpoint`` writes through during a non-blocking save
-    (``megassm/train/checkpoint_writer.py``): ``save(state_dict, path)`` copies the state dict to host
+    """The checkpoint engine DeepSpeed's ``save_checkpoint`` writes through (a synchronous save: at once,
+    each file listed on the sink for the fsync before COMPLETE). During a non-blocking save
+    (``megassm/train/checkpoint_writer.py``) ``save(state_dict, path)`` copies the state dict to host
     memory (``host_snapshot``: the fp32 partitions, Adam moments and LR state the next step will change in
     place) and queues the engine's own ``save`` of the copy on the ``FileSink``, so the file is what a
     synchronous save writes. Directories are made at once; everything else is the engine's own. DeepSpeed
@@ -349,8 +351,8 @@ class SnapshotCheckpointEngine:
         self.name = f"snapshot({getattr(own, 'name', type(own).__name__)})"
 
     def save(self, state_dict, path: str) -> None:
-        snapshot = host_snapshot(state_dict)
-        self.sink.put(Path(path), lambda: self.own.save(snapshot, path))
+        state = host_snapshot(state_dict) if self.sink.deferred else state_dict  # written at once: no copy
+        self.sink.put(Path(path), lambda: self.own.save(state, path))
 
     def create(self, info) -> None:
         pass
