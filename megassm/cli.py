@@ -150,11 +150,23 @@ def _optional_commands(sub, isub) -> None:
     add_eval_parser(sub)
 
 
+def _close_process_group() -> None:
+    """After a command that ran distributed returned: tear its process group down here rather than in
+    the interpreter's exit, where gloo's threads can still be running when the group is destroyed (seen
+    as a rank aborting with "terminate called without an active exception" after a finished eval)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _close_process_group()
+        return code
     except ConfigError as e:
         print(f"megassm {args.command}: config error: {e}", file=sys.stderr)
         return 2
