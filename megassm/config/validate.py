@@ -137,10 +137,6 @@ def validate_data(d: DataConfig) -> None:
     _choice("data.order", d.order, ["global", "rank"])
     if d.window_shards < 1:
         raise ConfigError(f"data.window_shards={d.window_shards} must be >= 1")
-    if d.kind == "shards" and d.order == "global":
-        if d.buckets:
-            raise ConfigError("data.order=global with data.buckets: a bucketed step reads per-rank streams (the "
-                              "bucket schedule asks each rank for its shape); use data.order=rank with data.buckets")
 
 
 def validate_parallel(cfg: RunConfig) -> None:

@@ -24,6 +24,12 @@ workers or where a run was resumed:
    permutation at j mod n -- every sample has expectation L / N per block, as when shards are drawn by
    sample count.
 
+With ``data.buckets`` (``BucketedMix``) step 1 is the bucket schedule's instead: step s trains the bucket
+``BucketTable.draw(seed, s)`` (megassm/data/token_budget.py), its S_b samples at global indices
+s x stride + j (j < S_b; the indices up to the next step's are unused and draw nothing); steps 2-4 are as
+above over the datasets holding that bucket's shape, so the cursor (counts over every earlier step's whole
+S_b samples) does not depend on dp or grad_accum either.
+
 A rank then reads only its own samples, each by its byte offset (``ShardIndex``). A sample that cannot
 be read is replaced by the next readable k of the same stream (a function of the data alone, so every
 layout makes the same replacement) and counted.
@@ -115,6 +121,46 @@ class GlobalMix:
         return out
 
 
+class BucketedMix(GlobalMix):
+    """Global index -> stream with data.buckets: index g belongs to step g // stride, whose shape is the
+    bucket drawn for that step; g mod stride >= the bucket's samples is unused (-1). ``table``: a
+    ``BucketTable`` (stride, buckets, draw)."""
+
+    def __init__(self, seed: int, weights: list[float], streams: list[Stream], table):
+        super().__init__(seed, weights, streams, table.stride, 0)
+        self.table = table
+        missing = [b.describe() for b in table.buckets if b.weight > 0 and b.shape not in self.shapes]
+        if missing:
+            have = ", ".join("x".join(map(str, sh)) for sh in self.shapes)
+            raise ValueError(f"{'; '.join(missing)}: no dataset holds this latent shape (shapes present: {have}); "
+                             "give the bucket weight 0 or add a dataset of it")
+        self._shape_of_bucket = np.asarray([self.shapes.index(b.shape) if b.shape in self.shapes else -1
+                                            for b in table.buckets])
+
+    def step_bucket(self, steps: np.ndarray) -> np.ndarray:
+        return np.asarray([self.table.draw(self.seed, int(s)) for s in steps], dtype=np.int64)
+
+    def choices(self, start: int, stop: int) -> np.ndarray:
+        """The stream of every global index in [start, stop); -1 where the index is unused."""
+        g = np.arange(start, stop, dtype=np.int64)
+        out = np.full(len(g), -1, dtype=np.int64)
+        if not len(g):
+            return out
+        stride = self.table.stride
+        steps, j = g // stride, g % stride
+        first = int(steps[0])
+        buckets = self.step_bucket(np.arange(first, int(steps[-1]) + 1))[steps - first]
+        samples = np.asarray([b.samples for b in self.table.buckets])[buckets]
+        shape_of = self._shape_of_bucket[buckets]
+        used = j < samples
+        u = _uniform(self.seed, g.astype(np.uint64))
+        for k, ids in enumerate(self.by_shape):
+            m = used & (shape_of == k)
+            if m.any():
+                out[m] = ids[_pick(u[m], self.mass[ids])] if len(ids) > 1 else ids[0]
+        return out
+
+
 @dataclass
 class GlobalCursor:
     """Global samples consumed (``index``) and how many of them each stream gave (``counts``)."""
@@ -129,7 +175,8 @@ class GlobalCursor:
         counts, g = np.asarray(self.counts, dtype=np.int64), self.index
         while g < stop:
             hi = min(stop, g + chunk)
-            counts += np.bincount(mix.choices(g, hi), minlength=len(counts))
+            c = mix.choices(g, hi)
+            counts += np.bincount(c[c >= 0], minlength=len(counts))  # -1: an unused index (BucketedMix)
             g = hi
         return GlobalCursor(stop, counts.tolist())
 

@@ -31,7 +31,15 @@ from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
-from megassm.data.global_order import GlobalCursor, GlobalMix, GlobalReader, ShardIndex, Stream, StreamOrder
+from megassm.data.global_order import (
+    BucketedMix,
+    GlobalCursor,
+    GlobalMix,
+    GlobalReader,
+    ShardIndex,
+    Stream,
+    StreamOrder,
+)
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
@@ -311,8 +319,10 @@ class GlobalBatchStream(IterableDataset):
 
     def __init__(self, specs: list[DatasetSpec], streams: list[Stream], mix: GlobalMix, *, batch_size: int,
                  text_len: int, seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
-                 window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool):
+                 window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool,
+                 schedule: BucketSchedule | None = None):
         self.specs, self.streams, self.mix, self.batch_size, self.text_len = specs, streams, mix, batch_size, text_len
+        self.schedule = schedule
         self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
         self.resampled, self.window, self.base, self.first = resampled, window, base, first
         self.epochs, self.with_keys = epochs, with_keys
@@ -330,13 +340,13 @@ class GlobalBatchStream(IterableDataset):
                    for s in self.specs]
         reader = GlobalReader(self.streams, orders, indexes)
         limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
-        cur, B, dp = self.base, self.batch_size, self.dp_size
+        cur = self.base
         j = self.first + worker
         while True:
-            a = self.base.index + (j * dp + self.dp_rank) * B
+            a, n = self._slot(j)
             cur = cur.advanced(a, self.mix)
-            picks = self.mix.choices(a, a + B)
-            end = cur.advanced(a + B, self.mix)
+            picks = self.mix.choices(a, a + n)
+            end = cur.advanced(a + n, self.mix)
             if limits is not None and any(c > lim for c, lim in zip(end.counts, limits)):
                 return
             counts, items = list(cur.counts), []
@@ -346,6 +356,18 @@ class GlobalBatchStream(IterableDataset):
             cur = end
             yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
             j += self.num_workers
+
+    def _slot(self, j: int) -> tuple[int, int]:
+        """(first global index, size) of this rank's batch j: a contiguous block of one step's global batch."""
+        if self.schedule is None:
+            return self.base.index + (j * self.dp_size + self.dp_rank) * self.batch_size, self.batch_size
+        mb = self.schedule.micro_batch(bucketed_micro(self.base.index, self.schedule, j))
+        return mb.sample_index[0], len(mb.sample_index)
+
+
+def bucketed_micro(base_index: int, schedule: BucketSchedule, j: int) -> int:
+    """The schedule's micro-batch number of a rank's j-th batch after a (step-aligned) global cursor."""
+    return base_index // schedule.table.stride * schedule.grad_accum + j
 
 
 class ShardLoader:
@@ -381,13 +403,15 @@ class ShardLoader:
         if self.order not in ("rank", "global"):
             raise ValueError(f"data.order={self.order!r}; valid: global (layout-independent), rank (per-rank streams)")
         self._received, self._skipped = 0, {}
+        self.schedule = schedule
         if self.order == "global":
-            if schedule is not None:
-                raise ValueError("data.order=global with data.buckets: the bucket schedule reads per-rank streams; "
-                                 "use data.order=rank with data.buckets")
-            # the shape is drawn per global batch: G = micro-batch x grad_accum x dp (the Trainer passes it)
-            self.global_batch = int(global_batch or batch_size * dp_size)
-            if self.global_batch % (batch_size * dp_size):
+            if schedule is not None and (schedule.dp_size, schedule.dp_rank) != (dp_size, dp_rank):
+                raise ValueError(f"the bucket schedule is laid out for dp rank {schedule.dp_rank} of "
+                                 f"{schedule.dp_size}; this loader is rank {dp_rank} of {dp_size}")
+            # the shape is drawn per global batch: G = micro-batch x grad_accum x dp (the Trainer passes it);
+            # with data.buckets per step by the schedule, over the indices [step x stride, + S_b)
+            self.global_batch = schedule.table.stride if schedule else int(global_batch or batch_size * dp_size)
+            if schedule is None and self.global_batch % (batch_size * dp_size):
                 raise ValueError(f"global_batch={self.global_batch} must be a multiple of batch_size x dp_size = "
                                  f"{batch_size} x {dp_size}")
             self.streams = [st for d, spec in enumerate(self.specs) for st in spec.streams(d)]
@@ -398,7 +422,6 @@ class ShardLoader:
                     raise ValueError(f"dataset {s.path} has {len(s.shards)} shards, fewer than dp_size x workers = "
                                      f"{dp_size} x {nw}; without resampling each worker needs a shard. Use "
                                      "data.resampled=true, fewer data.num_workers, or more shards")
-        self.schedule = schedule
         if schedule is not None:
             for b in schedule.table.buckets:
                 if b.weight > 0 and not any(s.shapes is None or b.shape in s.shapes for s in self.specs):
@@ -446,7 +469,8 @@ class ShardLoader:
         ds = GlobalBatchStream(self.specs, self.streams, self.mix, batch_size=self.batch_size, text_len=self.text_len,
                                seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
                                resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
-                               first=self._received, epochs=self.epochs, with_keys=self.return_keys)
+                               first=self._received, epochs=self.epochs, with_keys=self.return_keys,
+                               schedule=self.schedule)
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
@@ -458,23 +482,45 @@ class ShardLoader:
                 return
             self._received += 1
             self._skipped[j % max(1, self.num_workers)] = pos["skipped"]
-            first = self._base.index + (j * dp + self.dp_rank) * B
-            batch["sample_index"] = list(range(first, first + B))
+            if self.schedule is not None:  # the micro-batch this batch is (the worker computed the same)
+                mb = self.schedule.micro_batch(bucketed_micro(self._base.index, self.schedule, j))
+                assert tuple(batch["latents"].shape[2:]) == mb.shape, (batch["latents"].shape, mb)
+                batch.update(sample_index=mb.sample_index, step_samples=mb.step_samples, step_tokens=mb.step_tokens,
+                             bucket=mb.bucket)
+            else:
+                first = self._base.index + (j * dp + self.dp_rank) * B
+                batch["sample_index"] = list(range(first, first + B))
             yield batch
 
     def _global_key(self) -> dict[str, Any]:
         """What the global order depends on (never the layout: dp, workers, micro-batch size)."""
         return {"seed": self.seed, "weights": self.weights, "resampled": bool(self.cfg.resampled),
                 "window_shards": self.window, "datasets": [[s.path, s.fingerprint] for s in self.specs],
-                "streams": [[st.dataset, list(st.shape)] for st in self.streams]}
+                "streams": [[st.dataset, list(st.shape)] for st in self.streams],
+                **({} if self.schedule is None else {"buckets": [  # not grad_accum: the cursor is per step
+                    [b.name, list(b.shape), b.weight, b.samples] for b in self.schedule.table.buckets]})}
 
     def _set_base(self, cursor: GlobalCursor, origin: int) -> None:
         self._base, self._origin, self._received, self._skipped = cursor, origin, 0, {}
-        self.mix = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, origin)
+        if self.schedule is not None:
+            self.mix = BucketedMix(self.seed, self.weights, self.streams, self.schedule.table)
+        else:
+            self.mix = GlobalMix(self.seed, self.weights, self.streams, self.global_batch, origin)
 
     def global_cursor(self) -> GlobalCursor:
-        """The cursor after every rank took as many batches as this one: samples [0, index) are consumed."""
-        stop = self._base.index + self._received * self.dp_size * self.batch_size
+        """The cursor after every rank took as many batches as this one: samples [0, index) are consumed
+        (data.buckets: global indices, the unused tail of each step's stride included)."""
+        if self.schedule is not None:
+            steps, micro = divmod(self._received, self.schedule.grad_accum)
+            stop = (self._base.index // self.global_batch + steps) * self.global_batch
+            if micro:  # mid-step: every rank's slots of the first ``micro`` micro-batches
+                b = self.schedule.table.buckets[self.schedule.table.draw(self.seed, stop // self.global_batch)]
+                slots = self.schedule.grad_accum * self.dp_size
+                base, extra = divmod(b.samples, slots)
+                q = micro * self.dp_size
+                stop += q * base + min(q, extra)
+        else:
+            stop = self._base.index + self._received * self.dp_size * self.batch_size
         return self._base.advanced(stop, self.mix)
 
     def stats(self) -> dict[str, Any]:
@@ -498,6 +544,10 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         if self.order == "global":  # identical on every rank (at a step boundary) and for every layout
+            if self.schedule is not None and self._received % self.schedule.grad_accum:
+                raise ValueError(f"data.buckets with data.order=global: the cursor is saved at a step boundary; "
+                                 f"{self._received} batches are {self._received % self.schedule.grad_accum} "
+                                 f"micro-batches into a step of grad_accum={self.schedule.grad_accum}")
             return {"version": STATE_VERSION, "order": "global", **self.global_cursor().state(),
                     "global_batch": self.global_batch, "origin": self._origin, "key": self._global_key()}
         return {"version": STATE_VERSION, "layout": self._layout(), "workers": copy.deepcopy(self._workers),
@@ -532,6 +582,11 @@ class ShardLoader:
     def _load_global(self, state: dict[str, Any]) -> None:
         cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])
         origin = int(state.get("origin", 0))
+        if self.schedule is not None:
+            return self._load_bucketed(state, cur)
+        if state["key"].get("buckets"):
+            raise ValueError("data cursor saved by a bucketed run (data.buckets); this loader has none: its global "
+                             "indices are per step of the bucket table. Resume with the same data.buckets")
         if int(state.get("global_batch", self.global_batch)) != self.global_batch:
             # another global batch (train.allow_batch_change): the shape draws go on in batches of the new size,
             # counted from the cursor
@@ -548,6 +603,24 @@ class ShardLoader:
             cur = GlobalCursor(0, [0] * len(self.streams)).advanced(cur.index, redraw)
             origin = 0 if cur.index % self.global_batch == 0 else cur.index
         self._set_base(cur, origin)
+
+    def _load_bucketed(self, state: dict[str, Any], cur: GlobalCursor) -> None:
+        """data.buckets: the cursor is at a step boundary (index = steps x stride). Same bucket table, weights
+        and datasets (any dp / grad_accum / workers): continue it exactly. Otherwise continue at the same
+        step (sample indices never repeat) with the per-stream counts redrawn under this table and mix."""
+        old_stride = int(state.get("global_batch") or 1)  # the saved run's indices per step
+        steps = -(-cur.index // old_stride)
+        old, new = state["key"], self._global_key()
+        if old == new and cur.index % old_stride:
+            raise ValueError(f"bucketed data cursor at global index {cur.index}, not a step boundary of the "
+                             f"stride {old_stride}; it was not written by a step-boundary state_dict()")
+        if old != new or len(cur.counts) != len(self.streams):
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            log.warning("data cursor saved with other %s; continuing at step %d with the counts of this bucket "
+                        "table and mix (samples of the old order may repeat or be left out)", ", ".join(diff), steps)
+            mix = BucketedMix(self.seed, self.weights, self.streams, self.schedule.table)
+            cur = GlobalCursor(0, [0] * len(self.streams)).advanced(steps * self.global_batch, mix)
+        self._set_base(cur, 0)
 
 
 def build_shard_loader(cfg: DataConfig, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,

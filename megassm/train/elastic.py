@@ -10,9 +10,10 @@ DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), mega
 - the data cursor: the built-in procedural data is a function of the global sample index, so the
   position is ``step x grad_accum`` at the new layout. Shard data in ``data.order=global`` is too
   (``megassm/data/global_order.py``): its saved cursor (global samples consumed, per-dataset counts) is
-  the same on every rank and for every layout, and every new rank restores rank 0's. Shard streams in
-  ``data.order=rank`` (and every bucketed shard run) are per data-parallel rank: a change of cp at the
-  same dp keeps each dp rank's stream; a change of dp is refused.
+  the same on every rank and for every layout, and every new rank restores rank 0's -- with data.buckets
+  too (the cursor counts every earlier step's whole bucket batch; the bucket table must stay, and
+  grad_accum x dp must still fit each bucket's samples). Shard streams in ``data.order=rank`` are per
+  data-parallel rank: a change of cp at the same dp keeps each dp rank's stream; a change of dp is refused.
 - randomness: every training draw is keyed on (seed, global sample index), so no per-rank generator
   has to carry over.
 
@@ -143,15 +144,19 @@ def _check_shard_cursor(cfg: RunConfig, state: dict, tag_dir: Path, old: dict, n
     """dp changes with shard data only in data.order=global, on both sides of the switch."""
     dp_old, dp_new = old["dp"], new["dp"]
     keep = f"keep dp={dp_old} (cp may change), or warm-start a new run with init_from"
-    if cfg.data.buckets:
-        raise ElasticResumeError(
-            f"checkpoint {tag_dir}: a bucketed shard run (data.buckets) reads per-rank streams, whose positions "
-            f"do not redistribute over another dp ({dp_old} -> {dp_new}); {keep}")
     if cfg.data.order != "global":
+        what = "a bucketed shard run (data.buckets) in " if cfg.data.buckets else ""
         raise ElasticResumeError(
-            f"checkpoint {tag_dir}: data.order={cfg.data.order} shard streams are per data-parallel rank, so dp "
-            f"cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global makes the data cursor "
-            "layout-independent -- from the start of a run, without data.buckets)")
+            f"checkpoint {tag_dir}: {what}data.order={cfg.data.order} shard streams are per data-parallel rank, "
+            f"so dp cannot change on resume ({dp_old} -> {dp_new}); {keep}. (data.order=global makes the data "
+            "cursor layout-independent, with or without data.buckets -- from the start of a run)")
+    if cfg.data.buckets:  # the new layout's slots must fit every bucket (the schedule's rule), said here
+        from megassm.data.token_budget import BucketError, BucketTable
+
+        try:
+            BucketTable.from_config(cfg.data, cfg.model.patch_size).check_slots(cfg.train.grad_accum, dp_new)
+        except BucketError as e:
+            raise ElasticResumeError(f"checkpoint {tag_dir}: at dp {dp_new}: {e}") from None
     # (the global cursor itself needs no check here: rank 0's is every rank's, and each batch carries the
     # global indices it holds, whatever batch sizes the run had before)
 

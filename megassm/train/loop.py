@@ -282,7 +282,7 @@ class Trainer:
         self._restore_counters(state)
         if self.cfg.data.kind == "procedural":  # a function of the global sample index
             self.data.load_state_dict({"position": self.step * self.micro_batches_per_step})
-        elif self.cfg.data.order == "global" and not self.cfg.data.buckets:  # layout-independent: rank 0's cursor
+        elif self.cfg.data.order == "global":  # layout-independent (bucketed too): rank 0's cursor
             self.data.load_state_dict(state["data"])
         else:  # same dp (plan_resume checked): this dp rank's stream continues
             self.data.load_state_dict(elastic.find_data_state(tag_dir, self.mesh.get_data_parallel_rank()))

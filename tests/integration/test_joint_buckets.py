@@ -1,6 +1,7 @@
 """configs/stage3_video_joint.yaml in miniature: two image sizes and two clip lengths, one bucket per step,
 trained at the config's own layout (cp 4 on 4 gloo ranks) from real shards (written by the shard writer,
-as stage configs read).
+as stage configs read), in the config's `data.order: global` (the step's bucket and sample indices the
+schedule's, each sample the global order's).
 
 The config's own settings stay: grad_accum 4, ZeRO-3, EMA, token-mean loss, the token budget; the model,
 the shapes and the budget shrink. Three launches shared by all assertions:
@@ -84,8 +85,8 @@ def test_each_step_trains_the_drawn_bucket_and_matches_one_process(runs):
 
 def test_resume_after_sigkill_is_bit_identical(runs):
     """The first launch logged steps 1..KILL_AT and died; the resumed one re-ran the steps after the last
-    checkpoint: same bucket, same samples (the reader's position holds its pending samples per shape),
-    same loss bit for bit."""
+    checkpoint: same bucket, same samples, same loss bit for bit (the data position is the bucketed global
+    cursor: the per-stream counts at the checkpoint's step)."""
     rows = _rows(runs["run"])
     first = {}
     for r in rows:

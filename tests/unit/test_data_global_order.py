@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megassm.config.schema import DataConfig
+from megassm.config.schema import BucketConfig, DataConfig
 from megassm.data.global_order import StreamOrder, dataset_choices, scan_offsets, scan_shapes
 from megassm.data.reader import build_shard_loader
 from megassm.data.testing import write_synthetic_dataset
+from megassm.data.token_budget import BucketSchedule, BucketTable
 
 SHAPE = (4, 1, 8, 8)
 N = 48  # one epoch = 6 steps of a global batch of 8
@@ -214,5 +215,104 @@ def test_what_global_order_cannot_take_fails_clearly(ds):
         glob.load_state_dict(rank.state_dict())
     with pytest.raises(ValueError, match="data.order=global"):
         rank.load_state_dict(glob.state_dict())
-    with pytest.raises(ConfigError, match="data.order=global with data.buckets"):
-        load_config("configs/stage3_video_joint.yaml", ["data.order=global"])
+    with pytest.raises(ConfigError, match="data.order"):
+        load_config("configs/stage3_video_joint.yaml", ["data.order=sorted"])
+    assert load_config("configs/stage3_video_joint.yaml").data.order == "global"  # with data.buckets
+
+
+# -- data.buckets in global order: the step's shape and samples are the bucket schedule's --------------------
+
+WIDE = (1, 8, 12)
+BUCKET_CFG = [BucketConfig("sq", [1, 8, 8], 1.0, 6), BucketConfig("wide", list(WIDE), 1.0, 4)]
+SEED = 7
+
+
+def _bucket_loaders(cfg, dp: int, accum: int, state: dict | None = None):
+    table = BucketTable.from_config(cfg, [1, 2, 2])
+    out = []
+    for r in range(dp):
+        ld = build_shard_loader(cfg, batch_size=1, dp_rank=r, dp_size=dp, seed=SEED, text_len=6, return_keys=True,
+                                schedule=BucketSchedule(table, SEED, accum, r, dp))
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+        out.append(ld)
+    return out, table
+
+
+def _bucket_switch(cfg, before, after, k: int, steps_after: int):
+    (dp0, acc0), (dp1, acc1) = before, after
+    old, table = _bucket_loaders(cfg, dp0, acc0)
+    first, _ = _run(old, k, acc0)
+    states = [ld.state_dict() for ld in old]
+    assert all(s == states[0] for s in states), "the bucketed global cursor differs between ranks"
+    assert states[0]["index"] == k * table.stride
+    resumed, _ = _run(_bucket_loaders(cfg, dp1, acc1, states[0])[0], steps_after, acc1)
+    straight, _ = _run(_bucket_loaders(cfg, dp1, acc1)[0], k + steps_after, acc1)
+    return table, first, resumed, straight[len(straight) - len(resumed):]
+
+
+def _check_steps(table, batches, per_step: int, first_step: int):
+    """Each step is one bucket, draw(seed, step), on every rank; its micro-batches tile [s x stride, + S_b)."""
+    for i in range(0, len(batches), per_step):
+        step = first_step + i // per_step
+        b = table.buckets[table.draw(SEED, step)]
+        got = batches[i:i + per_step]
+        assert {tuple(x["latents"].shape[2:]) for x in got} == {b.shape}
+        assert all(x["step_samples"] == b.samples and x["bucket"] == table.draw(SEED, step) for x in got)
+        idx = sorted(g for x in got for g in x["sample_index"])
+        assert idx == list(range(step * table.stride, step * table.stride + b.samples))
+
+
+@pytest.mark.parametrize("after", [(1, 4), (4, 1)], ids=["dp2_to_dp1", "dp2_to_dp4"])
+def test_bucketed_dp_change_continues_as_the_new_layout(ds, mixed, after):
+    """data.buckets at dp 2 x grad_accum 2 for 4 steps, rank 0's cursor, then dp 1 x accum 4 / dp 4 x accum 1
+    (4 slots: every bucket's samples >= 4, the schedule's rule; 6 = 2+2+1+1 is split unevenly): the batches
+    after the switch are the uninterrupted new-layout run's (keys, latents, indices), each step one bucket
+    drawn by (seed, step); the sample at each global index is the same at every layout; and no key of a
+    non-resampled stream repeats within one of its epochs (the wide stream, 20 samples, wraps)."""
+    cfg = _cfg(ds, mixed, buckets=BUCKET_CFG, tokens_per_step=None)
+    k, n = 4, 12  # steps 0-15 draw the wide bucket 7 times: 28 samples of its 20-sample stream
+    table, first, resumed, straight = _bucket_switch(cfg, (2, 2), after, k, n)
+    _same_batches(resumed, straight)
+    _check_steps(table, first, 4, 0)
+    _check_steps(table, resumed, 4, k)
+    at_dp2, _ = _run(_bucket_loaders(cfg, 2, 2)[0], k + n, 2)
+    assert _by_index(first + resumed) == _by_index(at_dp2)
+    by_stream: dict[tuple, list[str]] = {}
+    for _g, key in sorted(_by_index(first + resumed).items()):  # in global-index (= stream-local) order
+        shape = WIDE if key.startswith("m/") and int(key[-7:]) % 3 == 1 else (1, 8, 8)
+        by_stream.setdefault((key.split("/")[0], shape), []).append(key)
+    totals = {("a", (1, 8, 8)): N, ("m", (1, 8, 8)): 40, ("m", WIDE): 20}
+    assert set(by_stream) == set(totals), by_stream.keys()
+    assert len(by_stream["m", WIDE]) > 20  # the wide stream crossed an epoch during the run
+    for st, keys in by_stream.items():
+        for e in range(0, len(keys), totals[st]):
+            chunk = keys[e:e + totals[st]]
+            assert len(set(chunk)) == len(chunk), (st, e)
+        if len(keys) >= totals[st]:
+            assert len(set(keys[:totals[st]])) == totals[st]  # a whole epoch: every sample once
+
+
+def test_bucketed_cursor_rules(ds, mixed):
+    """The cursor is saved at step boundaries only; another bucket table continues at the same step with its
+    counts redrawn; a bucketed cursor does not load into a run without buckets; loader workers change
+    nothing."""
+    cfg = _cfg(ds, mixed, buckets=BUCKET_CFG, tokens_per_step=None)
+    lds, table = _bucket_loaders(cfg, 1, 2)
+    its = [iter(ld) for ld in lds]
+    next(its[0])
+    with pytest.raises(ValueError, match="step boundary"):
+        lds[0].state_dict()
+    next(its[0])
+    state = lds[0].state_dict()
+    other = _cfg(ds, mixed, buckets=[BucketConfig("sq", [1, 8, 8], 1.0, 8), BUCKET_CFG[1]], tokens_per_step=None)
+    lo, t2 = _bucket_loaders(other, 1, 2, state)
+    assert lo[0].global_cursor().index == t2.stride  # step 1 of the new table
+    assert next(iter(lo[0]))["sample_index"][0] == t2.stride
+    with pytest.raises(ValueError, match="bucketed run"):
+        _loaders(_cfg(ds, mixed), 1, 2, state)
+    # loader workers (round-robin micro-batches) do not change the bucketed batches
+    a, _ = _run(_bucket_loaders(cfg, 2, 2)[0], 3, 2)
+    b, _ = _run(_bucket_loaders(_cfg(ds, mixed, buckets=BUCKET_CFG, tokens_per_step=None, num_workers=2), 2, 2)[0],
+                3, 2)
+    _same_batches(a, b)

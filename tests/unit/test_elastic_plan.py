@@ -66,10 +66,29 @@ def test_a_bucketed_runs_global_batch_is_its_bucket_table(data, tmp_path):
     at4 = _cfg("data.kind=procedural", BUCKETS, world=4)
     assert layout_of(at1, 1)["global_batch"] == layout_of(at4, 4)["global_batch"] == "buckets a:8"
     assert plan_resume(at4, _checkpoint(tmp_path / "proc", at1, 1, 2, {"position": 4}), 4).elastic
-    d = _checkpoint(tmp_path / "shards", _cfg(*data, BUCKETS, "train.grad_accum=2", world=1), 1, 2, {})
-    with pytest.raises(ElasticResumeError, match="bucketed shard run"):
+    d = _checkpoint(tmp_path / "shards", _cfg(*data, BUCKETS, "train.grad_accum=2", world=1), 1, 2,
+                    {"version": 1, "workers": {}})  # a data.order=rank record
+    with pytest.raises(ElasticResumeError, match="bucketed shard run .*data.order=rank shard streams"):
         plan_resume(_cfg(*data, BUCKETS, world=4), d, 4)
     other = _cfg("data.kind=procedural", "data.buckets=[{name: a, shape: [1, 8, 8], weight: 1, samples: 4}]",
                  world=4)
     with pytest.raises(ElasticResumeError, match="global batch of buckets a:8"):
         plan_resume(other, _checkpoint(tmp_path / "p2", at1, 1, 2, {"position": 4}), 4)
+
+
+def test_a_bucketed_global_order_run_may_change_dp(data, tmp_path):
+    """data.order=global with data.buckets: the cursor is layout-independent, so dp 1 x grad_accum 2 -> dp 4
+    (the same bucket table) is bridged; the new layout's grad_accum x dp slots must still fit each bucket's
+    samples (8 < 4 x 4 is refused, saying so); tp stays fixed; a rank-order bucketed run is still refused."""
+    glob = ("data.order=global", BUCKETS)
+    old = _cfg(*data, *glob, "train.grad_accum=2", world=1)
+    cursor = {"version": 1, "order": "global", "index": 16, "counts": [16], "global_batch": 8, "key": {}}
+    d = _checkpoint(tmp_path / "g", old, 1, 2, cursor)
+    plan = plan_resume(_cfg(*data, *glob, world=4), d, 4)
+    assert plan.elastic and plan.old["global_batch"] == plan.new["global_batch"] == "buckets a:8"
+    with pytest.raises(ElasticResumeError, match="at dp 4: .*cannot fill train.grad_accum x dp = 4 x 4"):
+        plan_resume(_cfg(*data, *glob, "train.grad_accum=4", world=4), d, 4)
+    with pytest.raises(ElasticResumeError, match="parallel.tp=1; this run has parallel.tp=2"):
+        plan_resume(_cfg(*data, *glob, "parallel.tp=2", world=4), d, 4)
+    with pytest.raises(ElasticResumeError, match="written with data.order=global; this run has data.order=rank"):
+        plan_resume(_cfg(*data, BUCKETS, world=4), d, 4)
