@@ -139,6 +139,12 @@ class FileSink:
             write()
             self.written.append(Path(path))
 
+    def put_tensors(self, path: Path, tensors, write: Callable[[object], None]) -> None:
+        """``write(tensors)`` creates ``path``; deferred, it writes a host snapshot of ``tensors`` taken now
+        (a dict / list of tensors, or None), so that training may go on changing the originals."""
+        state = host_snapshot(tensors) if self.deferred else tensors
+        self.put(path, lambda: write(state))
+
     def fsync(self) -> int:
         """Make what a synchronous save wrote durable before COMPLETE names it; returns its bytes."""
         return sum(fsync_tree(p) for p in self.written if p.exists())

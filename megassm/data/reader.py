@@ -449,19 +449,28 @@ class ShardLoader:
             drop_last=self.drop_last, with_keys=self.return_keys, restore=copy.deepcopy(self._workers),
             rotation=self._next, generation=self._generation, start_epoch=self._start_epoch,
             text_dtype=self.text_dtype, schedule=self.schedule)
+        for batch, pos in self._batches(ds):
+            self._workers[str(pos["logical"])] = pos
+            self._next = (pos["logical"] + 1) % max(1, self.num_workers)
+            if self.schedule is not None:
+                self._mark_micro_batch(batch, (pos["batches"] - 1) * max(1, self.num_workers) + pos["logical"])
+            yield batch
+
+    def _batches(self, ds: IterableDataset):
+        """(batch, position) pairs of ``ds`` over the loader workers, text expanded in a background thread."""
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
-        for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
-            self._workers[str(pos["logical"])] = pos
-            self._next = (pos["logical"] + 1) % max(1, self.num_workers)
-            if self.schedule is not None:  # the micro-batch this batch is (the worker computed the same)
-                mb = self.schedule.micro_batch((pos["batches"] - 1) * max(1, self.num_workers) + pos["logical"])
-                assert tuple(batch["latents"].shape[2:]) == mb.shape, (batch["latents"].shape, mb)
-                batch.update(sample_index=mb.sample_index, step_samples=mb.step_samples, step_tokens=mb.step_tokens,
-                             bucket=mb.bucket)
-            yield batch
+        yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available())
+
+    def _mark_micro_batch(self, batch: dict, micro: int) -> None:
+        """data.buckets: the schedule's micro-batch ``micro`` is what this batch is (its worker computed the
+        same): its shape checked, its sample indices and the step's sample / token counts attached."""
+        mb = self.schedule.micro_batch(micro)
+        assert tuple(batch["latents"].shape[2:]) == mb.shape, (batch["latents"].shape, mb)
+        batch.update(sample_index=mb.sample_index, step_samples=mb.step_samples, step_tokens=mb.step_tokens,
+                     bucket=mb.bucket)
 
     # ---------------------------------------------------------------- data.order=global
     def _iter_global(self):
@@ -471,22 +480,15 @@ class ShardLoader:
                                resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
                                first=self._received, epochs=self.epochs, with_keys=self.return_keys,
                                schedule=self.schedule)
-        kw = {}
-        if self.num_workers > 0:
-            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
         B, dp = self.batch_size, self.dp_size
-        for batch, pos in _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available()):
+        for batch, pos in self._batches(ds):
             j = pos["batch"]
             if j != self._received:  # a worker stopped (finite epochs): the batches must stay contiguous
                 return
             self._received += 1
             self._skipped[j % max(1, self.num_workers)] = pos["skipped"]
-            if self.schedule is not None:  # the micro-batch this batch is (the worker computed the same)
-                mb = self.schedule.micro_batch(bucketed_micro(self._base.index, self.schedule, j))
-                assert tuple(batch["latents"].shape[2:]) == mb.shape, (batch["latents"].shape, mb)
-                batch.update(sample_index=mb.sample_index, step_samples=mb.step_samples, step_tokens=mb.step_tokens,
-                             bucket=mb.bucket)
+            if self.schedule is not None:
+                self._mark_micro_batch(batch, bucketed_micro(self._base.index, self.schedule, j))
             else:
                 first = self._base.index + (j * dp + self.dp_rank) * B
                 batch["sample_index"] = list(range(first, first + B))
@@ -577,7 +579,6 @@ class ShardLoader:
                     "epoch %d with fresh shuffles", ", ".join(diff), epoch)
         self._workers, self._next = {}, 0
         self._generation, self._start_epoch = int(state.get("generation", 0)) + 1, epoch
-
 
     def _load_global(self, state: dict[str, Any]) -> None:
         cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])

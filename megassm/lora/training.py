@@ -32,17 +32,16 @@ def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str
     (``megassm.train.checkpoint_writer.FileSink``): deferred, the gathered tensors are copied to host
     memory here and the files written by the background writer.
     """
-    from megassm.checkpoint.snapshot import FileSink, host_snapshot
+    from megassm.checkpoint.snapshot import FileSink
 
     sink = sink or FileSink()
     state = consolidate_over_tp(_local_adapters(module, gathered), module)
     shadow = consolidate_over_tp(_local_ema_adapters(ema), module) if ema is not None else None
     if is_writer:
-        if sink.deferred:
-            state, shadow = host_snapshot(state), host_snapshot(shadow)
-        sink.put(tag_dir / ADAPTER_DIR, lambda: save_adapters(tag_dir / ADAPTER_DIR, state, cfg, base))
+        sink.put_tensors(tag_dir / ADAPTER_DIR, state, lambda t: save_adapters(tag_dir / ADAPTER_DIR, t, cfg, base))
         if shadow is not None:
-            sink.put(tag_dir / EMA_ADAPTER_DIR, lambda: save_adapters(tag_dir / EMA_ADAPTER_DIR, shadow, cfg, base))
+            sink.put_tensors(tag_dir / EMA_ADAPTER_DIR, shadow,
+                             lambda t: save_adapters(tag_dir / EMA_ADAPTER_DIR, t, cfg, base))
 
 
 def _local_adapters(module: nn.Module, gathered: Gathered) -> dict[str, torch.Tensor]:

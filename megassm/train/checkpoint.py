@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from megassm.checkpoint.snapshot import FileSink, host_snapshot
+from megassm.checkpoint.snapshot import FileSink
 from megassm.checkpoint.tags import COMPLETE, LATEST, tag_for  # noqa: F401  (re-exported for the trainer)
 from megassm.data.writer import atomic_write_bytes
 
@@ -82,10 +82,8 @@ def save_trainer_state(tag_dir: Path, rank: int, state: dict, tensors: dict[str,
     rng_t, rng_meta = _rng_state()
     tensors = {**{f"rng.{k}": v for k, v in rng_t.items()}, **tensors}
     text = json.dumps({**state, "rng": rng_meta})
-    if sink.deferred:
-        tensors = host_snapshot(tensors)
     tf, jf = d / f"rank_{rank:05d}.safetensors", d / f"rank_{rank:05d}.json"
-    sink.put(tf, lambda: save_file(tensors, str(tf)))
+    sink.put_tensors(tf, tensors, lambda t: save_file(t, str(tf)))
     sink.put(jf, lambda: atomic_write_text(jf, text))
 
 

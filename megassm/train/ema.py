@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from megassm.checkpoint.snapshot import FileSink, host_snapshot
+from megassm.checkpoint.snapshot import FileSink
 from megassm.train.backends.base import LocalShards, PlainShards
 
 
@@ -113,11 +113,9 @@ class ShardedEMA:
         d.mkdir(parents=True, exist_ok=True)
         meta = {n: list(self.local.full_shape(p)) for n, p in self.params.items()}
         path = d / self.filename(shard_rank if self.partitioned else 0, mp_rank, mp_world)
-        state = {n: t.contiguous() for n, t in state.items()}
-        if sink.deferred:
-            state = host_snapshot(state)
         metadata = {"shapes": json.dumps(meta), "partitioned": str(self.partitioned), "decay": str(self.decay)}
-        sink.put(path, lambda: save_file(state, str(path), metadata=metadata))
+        sink.put_tensors(path, {n: t.contiguous() for n, t in state.items()},
+                         lambda t: save_file(t, str(path), metadata=metadata))
 
     def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
         """Partitioned: this rank's shard; otherwise the one whole-tensor file, read by every rank."""

@@ -368,9 +368,9 @@ class Trainer:
                     self.log_samples()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
-                if self.step == _fault_kill_step():
-                    self._reap_save(wait=True)  # a failure after the last checkpoint is whole (a kill mid-write:
-                    os.kill(os.getpid(), signal.SIGKILL)  # MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP); tests only
+                if self.step == _fault_kill_step():  # tests (mid-write: MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP)
+                    self._reap_save(wait=True)  # the failure comes after the last checkpoint is whole
+                    os.kill(os.getpid(), signal.SIGKILL)
                 self._reap_save(wait=False)
                 if out["stop"]:
                     self._save_on_signal(flag.signum)
@@ -403,11 +403,11 @@ class Trainer:
         flag = torch.tensor([0 if inflight is None else inflight.step + 1], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag) > 0:
-            inflight = inflight or PendingSave(self.ckpt_dir, ckpt.tag_for(int(flag) - 1), int(flag) - 1, [], 0.0, 0.0)
+            saved = int(flag) - 1  # the step of the save in flight on some rank
             self._reap_save(wait=True)
-            self._info(f"signal {signum} at step {self.step} while checkpoint {inflight.tag} was being written: "
-                       f"it is complete; exiting (steps {inflight.step + 1}-{self.step} are redone on resume)")
-            self._info(f"checkpoint written on signal at step {inflight.step}; exiting")
+            self._info(f"checkpoint written on signal at step {saved}; exiting (signal {signum} at step "
+                       f"{self.step} came while {ckpt.tag_for(saved)} was being written: that is the checkpoint, "
+                       f"steps {saved + 1}-{self.step} are redone on resume)")
             return
         self.save(f"signal {signum}")
         self._info(f"checkpoint written on signal at step {self.step}; exiting")

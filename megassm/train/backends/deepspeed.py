@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megassm.checkpoint.snapshot import FileSink, host_snapshot
+from megassm.checkpoint.snapshot import FileSink
 from megassm.checkpoint.tags import COMPLETE
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from megassm.runtime import use_bf16
@@ -351,8 +351,7 @@ class SnapshotCheckpointEngine:
         self.name = f"snapshot({getattr(own, 'name', type(own).__name__)})"
 
     def save(self, state_dict, path: str) -> None:
-        state = host_snapshot(state_dict) if self.sink.deferred else state_dict  # written at once: no copy
-        self.sink.put(Path(path), lambda: self.own.save(state, path))
+        self.sink.put_tensors(Path(path), state_dict, lambda state: self.own.save(state, path))
 
     def create(self, info) -> None:
         pass

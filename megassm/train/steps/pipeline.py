@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from megassm.checkpoint.snapshot import FileSink, host_snapshot
+from megassm.checkpoint.snapshot import FileSink
 from megassm.config.schema import RunConfig
 from megassm.parallel.apply import parallelize_hth
 from megassm.parallel.pipeline import (
@@ -63,11 +63,9 @@ class StageEMA(ShardedEMA):
         path = self._path(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {n: list(p.shape) for n, p in self.params.items()}
-        state = {n: t.contiguous() for n, t in state.items()}
-        if sink.deferred:
-            state = host_snapshot(state)
         metadata = {"shapes": json.dumps(meta), "partitioned": "False", "decay": str(self.decay), "layout": "pipeline"}
-        sink.put(path, lambda: save_file(state, str(path), metadata=metadata))
+        sink.put_tensors(path, {n: t.contiguous() for n, t in state.items()},
+                         lambda t: save_file(t, str(path), metadata=metadata))
 
     def load(self, directory: Path, shard_rank: int, mp_rank: int = 0, mp_world: int = 1) -> None:
         path = self._path(directory)
