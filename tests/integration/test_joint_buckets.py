@@ -4,7 +4,8 @@ as stage configs read), in the config's `data.order: global` (the step's bucket 
 schedule's, each sample the global order's).
 
 The config's own settings stay: grad_accum 4, ZeRO-3, EMA, token-mean loss, the token budget; the model,
-the shapes and the budget shrink. Four launches shared by all assertions:
+the shapes, the budget and the preview clips (3 frames) shrink; previews every
+SAMPLE_EVERY steps as the config's cadence scaled. Four launches shared by all assertions:
 - ``ref``: one process, ZeRO-0, cp 1, one micro-batch holding each step's whole global batch;
 - ``killed``: cp 4 on 4 ranks, SIGKILLed right after step KILL_AT (not a checkpoint step), then resumed;
 - ``elastic``: a copy of the killed run resumed at dp 2 x cp 2 (grad_accum 2) on the same 4 ranks.
@@ -27,7 +28,7 @@ from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 CONFIG = "configs/stage3_video_joint.yaml"
-STEPS, CKPT_EVERY, KILL_AT = 5, 2, 3
+STEPS, CKPT_EVERY, SAMPLE_EVERY, KILL_AT = 5, 2, 2, 3
 BUCKETS = ("[{name: img8, shape: [1, 8, 8], weight: 0.3}, {name: img16, shape: [1, 16, 16], weight: 0.2}, "
            "{name: vid3, shape: [3, 8, 8], weight: 0.25}, {name: vid5, shape: [5, 8, 8], weight: 0.25}]")
 # tokens per sample (patch 1x2x2): 16, 64, 48, 80 -> global samples per step 32, 8, 10, 6
@@ -39,7 +40,8 @@ def _overrides(data_dir) -> list[str]:
     # the config's own layout, cp 4 (4 ranks); 4 attention heads so that cp 4 divides them
     return [*tiny, "model.pattern=htvA", "model.num_heads=4", f"data.paths=[{data_dir}]", "data.weights=[1.0]",
             "data.num_workers=1", "data.shuffle_buffer=20", f"data.buckets={BUCKETS}", "data.tokens_per_step=512",
-            f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", "train.sample_every=0",
+            f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"train.sample_every={SAMPLE_EVERY}",
+            "train.preview_latent_shape=[3, 8, 8]",  # the config's 33x44x80 preview clips, in miniature
             "train.ema_decay=0.8", "optim.warmup_steps=3", "optim.lr=1e-3", "train.keep_last=10"]
 
 
@@ -127,3 +129,15 @@ def test_resume_at_another_dp_continues_the_run(runs):
     for s in range(events[-1]["step"] + 1, STEPS + 1):
         assert got[s]["seq_len"] == ref[s]["seq_len"], s
         assert math.isclose(got[s]["loss"], ref[s]["loss"], rel_tol=2e-5), (s, got[s]["loss"], ref[s]["loss"])
+
+
+def test_previews_of_the_configs_clip_shape_reach_tensorboard(runs):
+    """The config previews video clips (train.preview_latent_shape, shrunk to 3 frames): generated with the
+    EMA weights at cp 4 every SAMPLE_EVERY steps, also after the resume, and logged as images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["run"] / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "samples" in acc.Tags()["images"], acc.Tags()
+    steps = sorted({e.step for e in acc.Images("samples")})
+    assert steps == [s for s in range(1, STEPS + 1) if s % SAMPLE_EVERY == 0], steps
