@@ -8,16 +8,27 @@ from fixed seeds: no stage draws anything). The stages start from ``full_to_stag
 the reference's initial weights (non-PP -> PP) and end in a DeepSpeed checkpoint that
 ``consolidate_pipeline_checkpoint`` turns back into one HTHModel state dict (PP -> non-PP).
 
-Tolerances (fp32). The pipeline runs every micro-batch through the same ops as the reference; only
-the order of some sums differs (the t_mod / t_emb / y gradients add the later stages' part, which
-arrives as a message, to the earlier stages' part; DeepSpeed averages DP replicas; TP/CP split
-matmuls and reductions). That is fp32 rounding: measured, losses agree to 2.3e-7 relative, gradient
-norms to 1e-6 and weights to 2.1e-6 absolute after 3 steps (the largest where an Adam step divides
-an entry's rounding noise by a gradient that is itself ~0). We allow LOSS_RTOL = NORM_RTOL = 1e-5
-and, for the weights, an update (w_3 - w_0) error of at most 1e-3 of each tensor's update norm and
-1e-5 absolute per entry (1 % of one Adam step, lr = 1e-3). Dropping the later stages' part of the
-conditioning gradients, or one micro-batch, breaks both by orders of magnitude
-(``test_weight_check_has_teeth``).
+Tolerances. The pipeline runs in fp32 and every micro-batch through the same ops as the reference;
+only the order of some sums differs (the t_mod / t_emb / y gradients add the later stages' part, which
+arrives as a message, to the earlier stages' part; DeepSpeed averages DP replicas; TP/CP split matmuls
+and reductions). Losses agree with the fp32 reference to 2.3e-7 relative and gradient norms to 1e-6:
+LOSS_RTOL = NORM_RTOL = 1e-5. The weights after 3 AdamW steps are compared with the same run in
+**fp64** (the exact answer), not with another fp32 run: Adam divides each entry's update by its own
+gradient scale, so entries whose gradient is tiny (t_block.1.weight has entries of 2e-7 against a
+median of 4e-2) turn fp32 rounding of ~1e-8 into weight differences of 1e-5. Measured (this test's
+model and batches, 2026-12-06, 2-core x86 VM, torch 2.13.0 CPU):
+
+    max |w - w_fp64| after 3 steps        t_block.1.weight   worst tensor
+    single-process fp32 reference          2.0e-5             2.0e-5  (update error 1.3e-4 of its norm)
+    pp2 / pp2_cp2 / pp2_tp2 (fp32)          1.9e-5 / 1.2e-5    1.9e-5 / 1.2e-5 / 1.2e-5
+
+Two fp32 runs each ~2e-5 from the exact answer differ by up to ~4e-5; which one is closer depends on
+the machine's BLAS kernels (a fresh machine measured 5.1e-5 between the pipeline and the fp32
+reference, which the old 1e-5 bound against fp32 rejected). So each entry may be W_ATOL = 1e-4 from
+fp64 (5x the single-process fp32 error) and each tensor's update error UPDATE_RTOL = 1e-3 of its
+norm (8x). Dropping the later stages' part of the conditioning gradients, or one micro-batch, moves
+the weights by 5e-3 absolute and 0.5-1.2 of the update norm (``test_weight_check_has_teeth``): 50x
+and 500x past the bounds.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ LATENT = (4, 1, 8, 8)  # (C, T, H, W): 8x8 latents, patch 2 -> a 4x4 token grid
 SEQ_LEN = 16
 LR, CLIP, WD = 1e-3, 0.5, 0.01
 LOSS_RTOL = NORM_RTOL = 1e-5
-UPDATE_RTOL, W_ATOL = 1e-3, 1e-5
+UPDATE_RTOL, W_ATOL = 1e-3, 1e-4  # against the fp64 reference (module doc)
 
 
 def tiny_cfg() -> ModelConfig:
@@ -130,16 +141,17 @@ def _pipeline_worker(rank: int, world: int, layout: dict, out_dir: str) -> dict:
 
 # -- the single-process reference -----------------------------------------------------------------
 def reference_run(dp: int, clip: float = CLIP, broken: str | None = None,
-                  nan_step: int | None = None) -> tuple[dict, list, list]:
+                  nan_step: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[dict, list, list]:
     """3 AdamW steps of HTHModel on the dp replicas' micro-batches: (final state dict, losses, grad norms).
     A step with a non-finite loss is skipped (``nan_step``: see ``make_batches``).
 
     ``broken`` (for the teeth test): "conditioning" stops the t_mod / t_emb / y gradients of blocks
     2, 3 and the final layer (a pipeline that does not send them back); "micro_batch" skips one.
+    ``dtype``: the model, its inputs and the optimizer's arithmetic (float64: the exact answer).
     """
     from megassm.train.optim import param_groups
 
-    model = reference_model()
+    model = reference_model().to(dtype)
     opt = torch.optim.AdamW(param_groups(model, WD), lr=LR)
     losses, norms = [], []
     for step in range(STEPS):
@@ -147,6 +159,7 @@ def reference_run(dp: int, clip: float = CLIP, broken: str | None = None,
         step_losses = []
         for d in range(dp):
             for i, b in enumerate(make_batches(step, d, step == nan_step)):
+                b = MicroBatch(**{k: x.to(dtype) if x.is_floating_point() else x for k, x in vars(b).items()})
                 v = _broken_forward(model, b) if broken == "conditioning" else model(b.xt, b.t, b.text, b.text_mask)
                 loss = flow_loss(v, b.target)
                 if not (broken == "micro_batch" and i == M - 1):
@@ -206,7 +219,8 @@ def test_pipeline_matches_single_process(name, tmp_path):
     save_file(reference_model().state_dict(), str(tmp_path / "init.safetensors"))
     results = spawn(_pipeline_worker, world, tmp_path, layout, str(tmp_path))
     nan_step = layout.get("nan_step")
-    want_weights, want_losses, want_norms = reference_run(dp, clip, nan_step=nan_step)
+    _, want_losses, want_norms = reference_run(dp, clip, nan_step=nan_step)
+    want_weights = reference_run(dp, clip, nan_step=nan_step, dtype=torch.float64)[0]  # module doc: Adam
     finite_steps = [s for s in range(STEPS) if s != nan_step]
 
     for r in results:  # every rank reports the losses of its data-parallel replica's micro-batches
@@ -228,9 +242,9 @@ def test_pipeline_matches_single_process(name, tmp_path):
 def test_weight_check_has_teeth():
     """The weight comparison fails a pipeline that loses the conditioning gradients or a micro-batch."""
     init = reference_model().state_dict()
-    want, _, _ = reference_run(1)
+    want, _, _ = reference_run(1, dtype=torch.float64)
     assert max((want[k] - init[k]).abs().max().item() for k in want) > 1e-3  # the run trains
-    assert not weight_errors(reference_run(1)[0], want, init)
+    assert not weight_errors(reference_run(1)[0], want, init)  # an fp32 run of the same steps passes
     for broken, victims in (("conditioning", ("t_block.1.weight", "t_embedder.mlp.0.weight", "y_embedder.0.weight")),
                             ("micro_batch", ("blocks.0.mlp.fc1.weight",))):
         errors = " ".join(weight_errors(reference_run(1, broken=broken)[0], want, init))
