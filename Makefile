@@ -1,5 +1,6 @@
 # make demo: install (CPU torch if none) and run the CPU demo: train on built-in data, then sample.
 # make test: install (with the optional W&B extra, for its offline test) and run the test suite (the command CI runs).
+# Both install the versions in constraints.txt, the ones the suite is proven with.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -10,8 +11,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: install demo test lint
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[dev,wandb,remote]"  # wandb and remote (fsspec, s3fs, moto) pull no torch: the CPU build above stays
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION) -c constraints.txt
+	$(PIP) install -e ".[dev,wandb,remote]" -c constraints.txt  # wandb and remote (fsspec, s3fs, moto) pull no torch: the CPU build above stays
 
 demo: install
 	megassm train configs/smoke.yaml

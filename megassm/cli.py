@@ -18,6 +18,12 @@ def _cmd_train(args) -> int:
 
     # the world size from the launcher's variables: the layout is checked before any process group exists
     cfg = load_config(args.config, args.overrides, world=read_dist_env().world)
+    from megassm.runtime import check_deepspeed
+
+    try:
+        check_deepspeed()
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
     from megassm.train.loop import train
 
     return train(cfg)

@@ -29,3 +29,29 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if use_bf16(precision, device) else torch.float32
+
+
+# DeepSpeed versions megassm is proven with (the CI suite: constraints.txt pins the upper one; the lower one
+# ran the DeepSpeed checkpoint tests); pyproject.toml states the same range
+DEEPSPEED_RANGE = ("0.18.9", "0.20")
+
+
+def check_deepspeed(installed: str | None = None) -> str:
+    """The installed DeepSpeed's version, or a RuntimeError naming it and the supported range (before any
+    process group exists: DeepSpeed's engine, ZeRO-3 partitioning and checkpoint layout differ by version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    lo, hi = DEEPSPEED_RANGE
+    if installed is None:
+        try:
+            installed = version("deepspeed")
+        except PackageNotFoundError:
+            raise RuntimeError(f"DeepSpeed is not installed; megassm trains with deepspeed>={lo},<{hi}: "
+                               f"pip install 'deepspeed>={lo},<{hi}' (or pip install -e . -c constraints.txt)") from None
+    if not Version(lo) <= Version(installed) < Version(hi):
+        raise RuntimeError(f"DeepSpeed {installed} is installed; megassm is proven with deepspeed>={lo},<{hi} "
+                           f"(engine, ZeRO-3 partitions and checkpoint files differ by version): "
+                           f"pip install 'deepspeed>={lo},<{hi}'")
+    return installed

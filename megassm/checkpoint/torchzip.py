@@ -106,6 +106,8 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, state=None
 
 _ALLOWED: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
+    # sets: DeepSpeed <= 0.18 pickles some with protocol 2, which names the builtins module __builtin__
+    "builtins.set": set, "__builtin__.set": set, "builtins.frozenset": frozenset, "__builtin__.frozenset": frozenset,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,

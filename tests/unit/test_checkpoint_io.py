@@ -59,6 +59,14 @@ def test_torchzip_matches_torch_load(tmp_path):
     assert torch.equal(out, base[8:13])
 
 
+def test_torchzip_reads_sets_of_protocol_2(tmp_path):
+    """DeepSpeed 0.18 saves sets with pickle protocol 2, which spells the builtins module ``__builtin__``."""
+    path = tmp_path / "f.pt"
+    torch.save({"w": torch.ones(2), "groups": {1, 2}, "frozen": frozenset({3})}, path, pickle_protocol=2)
+    tf = TorchFile(path)
+    assert tf.obj["groups"] == {1, 2} and tf.obj["frozen"] == frozenset({3})
+
+
 def test_torchzip_never_runs_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
