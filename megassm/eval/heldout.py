@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megassm.config.schema import DiffusionConfig, RunConfig
 from megassm.diffusion.flow import flow_matching_loss
+from megassm.parallel.comm import all_reduce_
 
 
 def _procedural_batches(cfg: RunConfig, n: int, batch_size: int, seed: int) -> list[dict]:
@@ -106,9 +107,8 @@ class HeldOutLoss:
             if own and self.leader:
                 n = len(batch["index"])
                 total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            total = total.to(self.device)
-            dist.all_reduce(total)
+        if dist.is_initialized():  # world 1 included: a single-GPU run takes the cluster's path
+            all_reduce_(total)
         s, n = total.tolist()
         assert n == self.samples, f"held-out loss counted {n} samples of {self.samples}"
         return s / n

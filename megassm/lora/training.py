@@ -9,11 +9,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megassm.config.schema import LoRAConfig
 from megassm.lora.adapters import load_adapters, merge_lora, save_adapters
+from megassm.parallel.comm import all_gather_stacked
 from megassm.parallel.sharding import ADAPTER_SUFFIXES, merge_tensors, shard_spec
 
 # inside each checkpoints/step_* directory: the trained adapters, and their EMA (train.ema_decay > 0)
@@ -61,9 +61,8 @@ def _local_ema_adapters(ema) -> dict[str, torch.Tensor]:
             continue
         t = shadow[n]
         if ema.partitioned:  # ZeRO-3: rank r of the parameter's partition group holds flat [r*k, (r+1)*k)
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(p.ds_process_group))]
-            dist.all_gather(parts, t.contiguous(), group=p.ds_process_group)
-            t = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+            parts = all_gather_stacked(t, p.ds_process_group).to(t.device)  # (N, k)
+            t = parts.view(-1)[: p.ds_numel].view(p.ds_shape)
         out[n] = t
     return out
 
@@ -80,8 +79,7 @@ def consolidate_over_tp(state: dict[str, torch.Tensor], module: nn.Module) -> di
         if spec is None:  # replicated over TP: every rank holds the same tensor
             out[n] = t
             continue
-        shards = [torch.empty_like(t) for _ in range(ctx.tp)]
-        dist.all_gather(shards, t.contiguous(), group=ctx.tp_group)
+        shards = list(all_gather_stacked(t, ctx.tp_group).to(t.device))  # tp x t.shape
         out[n] = merge_tensors(shards, spec, n)
     return out
 

@@ -21,12 +21,11 @@ training backend says which, ``TrainBackend.cp_grad_scale`` in megassm/train/bac
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megassm.models.mixers import mixer_for_symbol
 from megassm.parallel.attention import parallelize_cross_attention, parallelize_feed_forward
-from megassm.parallel.comm import copy_to_group, gather_replicated, sum_grad_hook
+from megassm.parallel.comm import all_reduce_, copy_to_group, gather_replicated, sum_grad_hook
 from megassm.parallel.mesh import MeshError
 from megassm.parallel.sharding import ADAPTER_SUFFIXES, shard_spec, shard_tensor
 from megassm.parallel.tensor import ParallelContext
@@ -162,7 +161,7 @@ def _split_sequence(model: nn.Module, ctx: ParallelContext, grad_scale: float, c
 def _check_same_inputs(inputs, group) -> None:
     sig = torch.stack([t.detach().double().sum() for t in inputs if torch.is_tensor(t)])
     both = torch.cat([sig, -sig])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    all_reduce_(both, group, op="max")
     if not (torch.equal(both[: len(sig)], sig) and torch.equal(-both[len(sig) :], sig)):
         raise RuntimeError(
             "parallelize_hth: the TP/CP ranks of one sample got different model inputs (latents, t, text or "

@@ -13,7 +13,16 @@
 Every call goes through ``torch.distributed`` at call time (``dist.all_reduce``, ``all_to_all_single``,
 ``all_gather_single`` / ``reduce_scatter_single`` or their pre-2.13 names), on flat contiguous
 buffers, so tests can count bytes by wrapping those functions. A group of size 1
-makes every op the identity without communicating.
+makes every op the identity without communicating (those groups exist only where TP / CP are on, so a
+single-GPU run with tp = cp = 1 never builds these layers: nothing is hidden from it).
+
+The second half is every other collective of megassm -- flags, losses, cursors, warm-start pieces, EMA
+fragments, preview latents, pipeline messages, barriers. **No other module calls ``torch.distributed``
+collectives** (``tests/unit/test_comm_device.py`` reads the code). These functions know the device a
+group communicates on (``group_device``: the current CUDA device under NCCL, the CPU under gloo) and
+move a tensor that lives elsewhere there and back -- a CPU tensor handed to an NCCL group fails at run
+time (``No backend type associated with device type cpu``) on the cluster only, never in a gloo test.
+They run at any group size, one included, so a single-GPU NCCL run takes the same path as a cluster.
 """
 
 from __future__ import annotations
@@ -228,3 +237,85 @@ def sum_grad_hook(group, rows: tuple[int, int] | None = None):
         return g
 
     return hook
+
+
+# -- device-aware collectives for everything that is not a differentiable layer op ---------------------
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def group_device(group=None) -> torch.device:
+    """Where a collective over ``group`` (None: the world) takes its tensors: the current CUDA device
+    under NCCL (``init_distributed`` set it to LOCAL_RANK), the CPU under gloo."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    raise RuntimeError(f"process group backend {backend!r}: megassm knows nccl and gloo; say which device it "
+                       "communicates on in megassm.parallel.comm.group_device")
+
+
+def _on_device(t: Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _staged(t: Tensor, group) -> Tensor:
+    """``t`` itself if it is contiguous on the group's device, else a contiguous copy there."""
+    device = group_device(group)
+    return t if _on_device(t, device) and t.is_contiguous() else t.to(device).contiguous()
+
+
+def all_reduce_(t: Tensor, group=None, op: str = "sum") -> Tensor:
+    """In-place all-reduce of ``t`` (any device: staged through the group's device); returns ``t``."""
+    buf = _staged(t, group)
+    dist.all_reduce(buf, op=_OPS[op], group=group)
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
+def broadcast_(t: Tensor, src: int, group=None) -> Tensor:
+    """In-place broadcast of global rank ``src``'s ``t`` to every rank of ``group``; returns ``t``."""
+    buf = _staged(t, group)
+    dist.broadcast(buf, src=src, group=group)
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
+def all_gather_stacked(t: Tensor, group=None) -> Tensor:
+    """(*s) on each rank -> (n, *s) in rank order, **on the group's device** (its consumer, a GPU
+    parameter or a reduction, wants it there; ``.cpu()`` it where a host copy is needed)."""
+    buf = _staged(t, group)
+    out = buf.new_empty((dist.get_world_size(group),) + tuple(t.shape))
+    _all_gather_flat()(out.view(-1), buf.view(-1), group=group)
+    return out
+
+
+def barrier(group=None) -> None:
+    """A barrier that names its device under NCCL (torch otherwise guesses it, with a warning)."""
+    device = group_device(group)
+    dist.barrier(group=group, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gather_object(obj, dst: int = 0, group=None) -> list | None:
+    """Every rank's picklable ``obj`` on global rank ``dst`` (a list in rank order), None elsewhere. Only
+    for objects this job made itself (it unpickles what the other ranks send)."""
+    n = dist.get_world_size(group)
+    parts = [None] * n if dist.get_rank() == dst else None
+    dist.gather_object(obj, parts, dst=dst, group=group)
+    return parts
+
+
+def send_recv(sends: list[tuple[int, Tensor]], recvs: list[tuple[int, Tensor]], group=None) -> list:
+    """Post point-to-point ``sends`` (global rank, tensor) and ``recvs`` (global rank, buffer) as one batch
+    and return the work handles in that order (a coalescing backend, NCCL, may return fewer). Tensors
+    must already be on the group's device: these are activations, and a silent copy would hide a bug."""
+    device = group_device(group)
+    wrong = [tuple(t.shape) for _, t in [*sends, *recvs] if not _on_device(t, device)]
+    if wrong:
+        raise RuntimeError(f"pipeline message of shape {wrong[0]} is not on {device}, the device this group "
+                           "communicates on; the stage's activations should live there")
+    ops = [dist.P2POp(dist.isend, t, r, group) for r, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, r, group) for r, t in recvs]
+    return dist.batch_isend_irecv(ops) if ops else []

@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from megassm.config.schema import DataConfig, ModelConfig
@@ -32,6 +31,7 @@ from megassm.models.accounting import block_flops_per_token
 from megassm.models.block import TokenGrid
 from megassm.models.embed import unpatchify
 from megassm.models.hth import embed_text
+from megassm.parallel.comm import broadcast_
 from megassm.parallel.mesh import MeshError
 from megassm.parallel.pipeline_comm import PipeGroup, exchange, pack, unpack
 from megassm.parallel.pipeline_schedule import Exchange, Timeline, schedule, simulate
@@ -232,7 +232,7 @@ def _meta(batches: list[MicroBatch] | None, m: int, group: PipeGroup, device) ->
         for i, b in enumerate(batches):
             meta[i] = torch.tensor([*b.xt.shape, b.text.shape[1]])
     if group.size > 1:
-        dist.broadcast(meta, src=group.ranks[0], group=group.group)
+        broadcast_(meta, group.ranks[0], group.group)
     return meta.tolist()
 
 
@@ -294,7 +294,7 @@ def train_step_pipeline(
     if plan.num_stages - 1 in stage.vstages:
         losses.copy_(torch.stack([run.losses[i] for i in range(m)]))
     if group.size > 1:
-        dist.broadcast(losses, src=group.ranks[(plan.num_stages - 1) % plan.pp], group=group.group)
+        broadcast_(losses, group.ranks[(plan.num_stages - 1) % plan.pp], group.group)
     samples = sum(shapes.meta[i][0] for i in range(m))
     tokens = sum(shapes.meta[i][0] * math.prod(shapes.grid(i)) for i in range(m))
     return PipelineStepResult(losses.tolist(), timeline.bubble_fraction, samples, tokens)

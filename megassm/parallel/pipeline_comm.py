@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from megassm.parallel.comm import send_recv
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,11 @@ def unpack(flat: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
 def exchange(group: PipeGroup, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]]) -> list:
     """Post all ``sends`` (pipeline rank, tensor) and ``recvs`` (pipeline rank, buffer) as one batch;
     wait for the receives and return the send handles (their buffers must live until waited)."""
-    ops = [dist.P2POp(dist.isend, t, group.ranks[r], group.group) for r, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, group.ranks[r], group.group) for r, t in recvs]
-    if not ops:
+    n_ops = len(sends) + len(recvs)
+    if not n_ops:
         return []
-    works = dist.batch_isend_irecv(ops)
-    if len(works) != len(ops):  # a coalesced backend (NCCL) may return one handle for the batch
+    works = send_recv([(group.ranks[r], t) for r, t in sends], [(group.ranks[r], t) for r, t in recvs], group.group)
+    if len(works) != n_ops:  # a coalesced backend (NCCL) may return one handle for the batch
         for w in works:
             w.wait()
         return []

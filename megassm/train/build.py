@@ -29,6 +29,7 @@ from megassm.checkpoint.errors import CheckpointError
 from megassm.config.schema import RunConfig
 from megassm.models import build_model
 from megassm.models.init import init_shard
+from megassm.parallel.comm import all_gather_stacked
 from megassm.parallel.sharding import shard_spec
 
 
@@ -91,7 +92,7 @@ class WarmStart:
             raise CheckpointError(f"init_from={self.path}: shapes differ from the model config: {name}: checkpoint "
                                   f"{tuple(spec_src.shape)} vs model {tuple(shape)}")
         self.used.add(name)
-        if self.group is None or dist.get_world_size(self.group) == 1:
+        if self.group is None:  # no ZeRO-3 partition group (a group of one still gathers: the cluster's path)
             return self.weights.read_shard(name, spec, tp_rank, tp).float()
         return self._read_partitioned(name, local, spec, tp_rank, tp)
 
@@ -109,9 +110,8 @@ class WarmStart:
             lo, hi = e0 // per_row, -(-e1 // per_row)
             rows = self.weights.read_shard_rows(name, spec, tp_rank, tp, lo, hi).float().reshape(-1)
             mine[:e1 - e0] = rows[e0 - lo * per_row:e1 - lo * per_row]
-        parts = [torch.empty_like(mine) for _ in range(n_ranks)]
-        dist.all_gather(parts, mine, group=self.group)
-        return torch.cat(parts)[:numel].view(local)
+        parts = all_gather_stacked(mine, self.group)  # (N, per_rank) on the group's device (the GPU under NCCL)
+        return parts.view(-1)[:numel].view(local)
 
     def elsewhere(self, name: str, shape: tuple[int, ...]) -> None:
         """``name`` lives on another pipeline stage, which reads it: checked here for the report only."""

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from megassm.checkpoint.snapshot import FileSink
 from megassm.checkpoint.tags import COMPLETE, LATEST, tag_for  # noqa: F401  (re-exported for the trainer)
 from megassm.data.writer import atomic_write_bytes
+from megassm.parallel.comm import barrier
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -104,11 +105,11 @@ def load_trainer_state(tag_dir: Path, rank: int) -> tuple[dict, dict[str, torch.
 def finalize(ckpt_dir: Path, tag: str, keep_last: int, is_writer: bool) -> None:
     """After every rank wrote its files (the barrier): ``commit`` on the writer (the synchronous save)."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
     if is_writer:
         commit(ckpt_dir, tag, keep_last)
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
 
 
 def commit(ckpt_dir: Path, tag: str, keep_last: int) -> None:

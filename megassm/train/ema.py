@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megassm.checkpoint.snapshot import FileSink
+from megassm.parallel.comm import all_reduce_
 from megassm.train.backends.base import LocalShards, PlainShards
 
 
@@ -84,9 +85,9 @@ class ShardedEMA:
             frag = self.local.fragment(p)
             if frag is not None:
                 out[n].view(-1).narrow(0, *frag).copy_(self.shadow[n].view(-1).narrow(0, *frag))
-        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+        if dist.is_initialized():  # world 1 included: a single-GPU run takes the cluster's path
             flat = torch.cat([t.view(-1) for t in out.values()])
-            dist.all_reduce(flat, group=self.group)
+            all_reduce_(flat, self.group)
             offset = 0
             for t in out.values():
                 t.view(-1).copy_(flat[offset:offset + t.numel()])

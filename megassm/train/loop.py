@@ -22,6 +22,7 @@ from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
 from megassm.data import build_dataloader
 from megassm.models.accounting import train_flops
+from megassm.parallel.comm import all_reduce_, barrier
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.runtime import default_device
 from megassm.train import checkpoint as ckpt
@@ -118,7 +119,7 @@ class Trainer:
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        dist.barrier()
+        barrier()
 
         torch.manual_seed(cfg.train.seed)
         model = self._build_model()
@@ -194,7 +195,7 @@ class Trainer:
             import shutil
 
             shutil.rmtree(tag_dir)  # a partial leftover of an interrupted save at this step
-        dist.barrier()
+        barrier()
         sink = FileSink(deferred=not blocking)
         self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink)
         if self.ema is not None:
@@ -401,7 +402,7 @@ class Trainer:
         # one decision for all ranks: a rank whose own part is written may already have reaped the save
         # that another is still writing
         flag = torch.tensor([0 if inflight is None else inflight.step + 1], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        all_reduce_(flag, op="max")
         if int(flag) > 0:
             saved = int(flag) - 1  # the step of the save in flight on some rank
             self._reap_save(wait=True)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
+from megassm.parallel.comm import gather_object
 from megassm.sample import LatentDecoder, SampleSpec, TextEncoder, denoise, initial_noise
 from megassm.train.ema import ShardedEMA, applied
 
@@ -146,14 +147,13 @@ class Previews:
 
     def _gather(self, lat: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Every replica's latents on rank 0 as {prompt index: (C, T, h, w)}; None elsewhere."""
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        distributed = dist.is_initialized()  # world 1 included: a single-GPU run takes the cluster's path
         mine = (dist.get_rank() if distributed else 0, self.mine, lat) if self.leader else None
         if not distributed:
             parts = [mine]
         else:
-            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object(mine, parts, dst=0)
-            if dist.get_rank() != 0:
+            parts = gather_object(mine, dst=0)
+            if parts is None:
                 return None
         out: dict[int, torch.Tensor] = {}
         self.sources = {}

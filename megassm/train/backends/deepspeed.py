@@ -316,12 +316,12 @@ class DeepSpeedBackend:
         self._reopen_window()
 
     def load_resharded(self, ckpt_dir: Path, tag: str, is_writer: bool) -> None:
-        import torch.distributed as dist
+        from megassm.parallel.comm import barrier
 
         if is_writer:
             log.info(f"converting {Path(ckpt_dir) / tag} to DeepSpeed's universal format")
         root = convert_to_universal(ckpt_dir, tag, is_writer)
-        dist.barrier()
+        barrier()
         with universal_load_fixes(self.engine):
             load_path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                                        load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -28,6 +28,7 @@ from torch import nn
 from megassm.checkpoint.snapshot import FileSink
 from megassm.config.schema import RunConfig
 from megassm.parallel.apply import parallelize_hth
+from megassm.parallel.comm import all_reduce_
 from megassm.parallel.pipeline import (
     PipelinePlan,
     PipelineStage,
@@ -145,7 +146,7 @@ class PipelineStep:
         # one collective: a non-finite loss anywhere, the replicas' loss sum, a stop request
         flags = torch.tensor([float(not all(math.isfinite(v) for v in res.losses)), res.loss, float(stop)],
                              device=self.device)
-        dist.all_reduce(flags)  # SUM over the world: every rank of a replica holds its losses
+        all_reduce_(flags)  # SUM over the world: every rank of a replica holds its losses
         n_bad, loss_sum, n_stop = flags.tolist()
         lr = b.lr()
         # ZeRO-1 reduced the gradients in the last backward; its step() finds non-finite ones (a
