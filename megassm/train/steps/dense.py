@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from megassm.config.schema import RunConfig
 from megassm.diffusion.flow import FlowBatch, step_loss_scale, velocity_loss
 from megassm.parallel.apply import parallelize_hth
+from megassm.parallel.comm import all_reduce_
 from megassm.train.ema import ShardedEMA
 from megassm.train.steps import SampleIndices, check_same_bucket, flow_batch, next_batch
 
@@ -71,9 +72,11 @@ class DenseStep:
                 b.accumulate()
         local = torch.stack(losses)
         bad = (~torch.isfinite(local)).any() | b.nonfinite_grads()
-        flags = torch.stack([bad.float(), local.mean(), torch.tensor(float(stop)), torch.tensor(bucket),
-                             torch.tensor(bucket * bucket)]).to(self.device)
-        dist.all_reduce(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
+        # built on the losses' device: stacking them with host scalars failed on CUDA (found by the first
+        # `megassm train` on a GPU, benchmarks/gpu_configs.py)
+        host = torch.tensor([float(stop), bucket, bucket * bucket], device=local.device)
+        flags = torch.cat([torch.stack([bad.float().to(local.device), local.mean()]), host])
+        all_reduce_(flags)  # SUM over the world: TP x CP ranks of a replica hold the same loss
         n_bad, loss_sum, n_stop, b_sum, b_sq = flags.tolist()
         check_same_bucket(b_sum, b_sq, dist.get_world_size(), step)
         lr = b.lr()  # the rate this step's update applies
