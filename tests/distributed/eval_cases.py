@@ -46,3 +46,32 @@ def heldout_failing_on_one_rank(rank: int, world: int) -> dict:
     after = torch.tensor([rank + 1.0], device=device)
     dist.all_reduce(after)
     return {"outcome": outcome, "after": after.item()}
+
+
+def previews_failing_on_one_rank(rank: int, world: int) -> dict:
+    """The prompts' text encoder fails on rank 1 only (a file missing on its node, memory); the sampler's
+    forwards are collectives (a pre-hook all-reduce stands for ZeRO-3's gathers). Returns what generation
+    raised on this rank and the value of the next collective."""
+    from megassm.config.load import load_config
+    from megassm.models import build_model
+    from megassm.train.preview import Previews
+    from tests.conftest import TINY_OVERRIDES
+
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    cfg = load_config("configs/smoke.yaml", [*TINY_OVERRIDES, "diffusion.sample_steps=2"], world=world)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    model.register_forward_pre_hook(lambda m, args: dist.all_reduce(torch.ones(1, device=device)))
+    previews = Previews(cfg, device, torch.float32, dp_rank=rank, dp_size=world, prompts=["a", "b"])
+    if rank == 1:
+        def broken():
+            raise FileNotFoundError("text encoder weights: no such file on this node")
+        previews._encoded = broken
+    try:
+        previews.pixels(model)
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 -- what TrainingEvaluator catches and logs
+        outcome = f"{type(exc).__name__}: {exc}"
+    after = torch.tensor([rank + 1.0], device=device)
+    dist.all_reduce(after)
+    return {"outcome": outcome, "after": after.item()}
