@@ -15,8 +15,6 @@ batch the trainer *received* from each worker (prefetched batches do not count),
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import queue
 import threading
@@ -32,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
+from megassm.data.fingerprint import checked_position, dataset_fingerprint
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
 from megassm.data.global_order import (
     BucketedMix,
@@ -107,37 +106,6 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
                                  [s.get("offsets") for s in m["shards"]], [s.get("sample_shapes") for s in m["shards"]],
                                  [_shard_shapes(s) for s in m["shards"]]))
     return specs
-
-
-def dataset_fingerprint(m: dict) -> str:
-    """"{shards}:{samples}:{digest}" of what a dataset's sample order depends on: each shard's path, sample
-    count and per-shape counts, in the manifest's order (a re-split with the same totals changes the digest)."""
-    rows = [[s["path"], int(s["samples"]), sorted(s.get("shapes", {}).items())] for s in m["shards"]]
-    digest = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:16]
-    return f"{len(m['shards'])}:{m['num_samples']}:{digest}"
-
-
-def changed_datasets(saved: list, current: list) -> list[str]:
-    """Datasets (by path) whose content fingerprint differs between a saved position and this loader, each
-    described. A fingerprint of an older megassm ("{shards}:{samples}", no digest) that matches the counts is
-    taken as unchanged: it cannot tell a re-split with the same totals."""
-    now = dict((p, fp) for p, fp in current)
-    out = []
-    for path, old in saved:
-        new = now.get(path)
-        if new is None or new == old or _older_same(old, new):
-            continue  # a dataset added or removed is a change of the mix (the key check logs it)
-        (n0, s0), (n1, s1) = old.split(":")[:2], new.split(":")[:2]
-        what = (f"{n0} shards / {s0} samples then, {n1} / {s1} now" if (n0, s0) != (n1, s1) else
-                f"the same {n1} shards / {s1} samples, but the shards' names or per-shard counts differ (re-split "
-                "or rewritten)")
-        out.append(f"dataset {path} changed since the checkpoint: {what}")
-    return out
-
-
-def _older_same(old: str, new: str | None) -> bool:
-    """An older megassm's "{shards}:{samples}" fingerprint with the counts of this one's."""
-    return new is not None and old.count(":") == 1 and new.startswith(old + ":")
 
 
 def _shard_shapes(entry: dict) -> dict[tuple, int]:
@@ -597,7 +565,8 @@ class ShardLoader:
             raise ValueError(f"data position was saved with data.order={saved}, this loader has data.order="
                              f"{self.order}: per-rank stream positions and the global cursor do not convert into "
                              f"each other. Resume with data.order={saved}, or warm-start a new run with init_from")
-        state = self._checked_datasets(state)
+        state = checked_position(state, [[s.path, s.fingerprint] for s in self.specs],
+                                 getattr(self.cfg, "allow_dataset_change", False))
         if self.order == "global":
             return self._load_global(state)
         if state["layout"] == self._layout():
@@ -613,24 +582,6 @@ class ShardLoader:
                     "epoch %d with fresh shuffles", ", ".join(diff), epoch)
         self._workers, self._next = {}, 0
         self._generation, self._start_epoch = int(state.get("generation", 0)) + 1, epoch
-
-    def _checked_datasets(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Refuse a position saved over a dataset whose content changed (the order would silently differ:
-        samples repeated and others never seen in the epoch), unless data.allow_dataset_change; take an older
-        megassm's fingerprint that matches the counts as this loader's."""
-        at = "key" if state.get("order") == "global" else "layout"
-        saved = state.get(at, {}).get("datasets", [])
-        current = [[s.path, s.fingerprint] for s in self.specs]
-        changed = changed_datasets(saved, current)
-        if changed and not getattr(self.cfg, "allow_dataset_change", False):
-            raise ValueError("; ".join(changed) + ". Its sample order would differ from the one the data position "
-                             "counts in. Resume with the dataset as it was, or set data.allow_dataset_change=true "
-                             "to continue at the same position in the new order (samples may repeat or be left out)")
-        for c in changed:
-            log.warning("%s; data.allow_dataset_change: continuing in the new order", c)
-        now = dict((p, fp) for p, fp in current)
-        same = [[p, now[p] if _older_same(fp, now.get(p)) else fp] for p, fp in saved]
-        return {**state, at: {**state[at], "datasets": same}} if saved else state
 
     def _load_global(self, state: dict[str, Any]) -> None:
         cur = GlobalCursor(int(state["index"]), [int(c) for c in state["counts"]])
