@@ -5,8 +5,8 @@ DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), mega
 
 - model, fp32 masters, Adam moments, optimizer step and LR schedule: re-partitioned by the backend over
   the new dp x cp group;
-- the EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
-  layout's partitions (``ShardedEMA.load_full``).
+- the EMA: each rank reads its own partition of each tensor from the old layout's shards
+  (``ShardedEMA.load_sliced``), not the whole EMA.
 - the data cursor: the built-in procedural data is a function of the global sample index, so the
   position is ``step x grad_accum`` at the new layout. Shard data in ``data.order=global`` is too
   (``megassm/data/global_order.py``): its saved cursor (global samples consumed, per-dataset counts) is
