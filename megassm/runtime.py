@@ -49,7 +49,8 @@ def check_deepspeed(installed: str | None = None) -> str:
             installed = version("deepspeed")
         except PackageNotFoundError:
             raise RuntimeError(f"DeepSpeed is not installed; megassm trains with deepspeed>={lo},<{hi}: "
-                               f"pip install 'deepspeed>={lo},<{hi}' (or pip install -e . -c constraints.txt)") from None
+                               f"pip install 'deepspeed>={lo},<{hi}' (or: pip install -e . -c constraints.txt)"
+                               ) from None
     if not Version(lo) <= Version(installed) < Version(hi):
         raise RuntimeError(f"DeepSpeed {installed} is installed; megassm is proven with deepspeed>={lo},<{hi} "
                            f"(engine, ZeRO-3 partitions and checkpoint files differ by version): "

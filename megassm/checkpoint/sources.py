@@ -195,6 +195,24 @@ class EmaShards:
                 sf.read(name, 0, n, out=out[r * per:r * per + n])
         return out.view(spec.shape)
 
+    def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Flat elements [start, start + count) of tensor ``name``, read from only the shards that hold them
+        (a resume at another layout: each rank reads its own partition, ``ShardedEMA.load_sliced``)."""
+        spec = self.specs[name]
+        numel = math.prod(spec.shape)
+        if start < 0 or count < 0 or start + count > numel:
+            raise CheckpointError(f"{self.files[0].parent}: EMA {name} has {numel} elements; "
+                                  f"[{start}, {start + count}) is outside it")
+        if not self.partitioned:
+            return self.shards[0].read(name, start, count)
+        per, out, pos = math.ceil(numel / len(self.shards)), torch.empty(count, dtype=spec.dtype), start
+        while pos < start + count:
+            r, off = divmod(pos, per)
+            n = min(per - off, start + count - pos)
+            self.shards[r].read(name, off, n, out=out[pos - start:pos - start + n])
+            pos += n
+        return out
+
 
 # -- opening ---------------------------------------------------------------------------------
 

@@ -94,6 +94,9 @@ class DataConfig:
     # (docs/shard_format.md §6)
     order: str = "rank"
     window_shards: int = 8  # order=global: consecutive shards whose samples are permuted together
+    # resume over a dataset whose shards changed (re-split, rewritten, shards added: its fingerprint differs):
+    # off = refused, naming the dataset; on = continue at the same position in the new order (logged)
+    allow_dataset_change: bool = False
     # dtype of batch["text"]: bfloat16 (as stored; half the host memory traffic of float32 for
     # T5-XXL's 4096 x text_len per sample) or float32; the model casts to its compute dtype anyway
     text_dtype: str = "bfloat16"

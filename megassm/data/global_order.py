@@ -18,11 +18,11 @@ workers or where a run was resumed:
 4. **where k lives** (``StreamOrder``, over the stream's samples only: each shard's count of that shape):
    without resampling, epoch e = k // N visits the shards in a permutation keyed on (seed, stream, e), cut
    into windows of ``data.window_shards`` consecutive shards whose samples are permuted by (seed, stream,
-   e, window): every sample exactly once per epoch. With resampling, block b = k // (W x L) draws W shards
-   by (seed, stream, b), weighted by their sample counts, L slots each (L = the mean shard count), the
-   W x L slots permuted; slot j of a shard of n samples takes that shard's (seed, stream, b, shard slot)
-   permutation at j mod n -- every sample has expectation L / N per block, as when shards are drawn by
-   sample count.
+   e, window): every sample exactly once per epoch. With resampling, block b = k // (W x L) (L = the mean
+   shard count) is a window of a stream of whole shards drawn uniformly by (seed, stream, b), each visited
+   in a fresh permutation of its samples, entered at a point uniform over the stream's N samples; the
+   W x L slots permuted. Every slot is a uniform draw over the N samples, and a short shard's samples
+   repeat only when the shard is drawn again (never L / n times from one draw).
 
 With ``data.buckets`` (``BucketedMix``) step 1 is the bucket schedule's instead: step s trains the bucket
 ``BucketTable.draw(seed, s)`` (megassm/data/token_budget.py), its S_b samples at global indices
@@ -237,18 +237,37 @@ class StreamOrder:
     def _resampled(self, k: int) -> tuple[int, int]:
         per = self.window * self.slots
         b, j = divmod(k, per)
+        shards, samples = self._memo(("block", b), lambda: self._block(b, per))
+        return int(shards[j]), int(samples[j])
 
-        def block():
-            rng = self._rng(b, 17)
-            p = self.counts / self.total
-            return rng.choice(len(self.counts), size=self.window, p=p), rng.permutation(per)
+    def _block(self, b: int, per: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's ``per`` slots as (shard, sample) arrays: a window of a stream of whole shards drawn
+        uniformly (each visited in a fresh permutation of its samples), entered at a point that is uniform
+        over all N samples (a shard drawn by sample count, at a uniform offset in it); the slots permuted.
 
-        shards, order = self._memo(("block", b), block)
-        q = int(order[j])
-        slot, r = divmod(q, self.slots)
-        shard = int(shards[slot])
-        within = self._memo(("slot", b, slot), lambda: self._rng(b, slot, 19).permutation(int(self.counts[shard])))
-        return shard, int(within[r % len(within)])
+        Every slot is then a uniform draw over the N samples, so each sample's expectation is per / N in
+        every block, and a sample repeats only when its shard is drawn again (no L-slot bursts of a short
+        shard)."""
+        rng = self._rng(b, 23)
+        live = np.flatnonzero(self.counts > 0)
+        first = int(rng.choice(len(self.counts), p=self.counts / self.total))
+        skip = int(rng.integers(self.counts[first]))
+        drawn, have = [np.asarray([first])], int(self.counts[first]) - skip
+        while have < per:  # enough uniform draws to fill the block (mean shard count: 1 / that many per draw)
+            more = live[rng.integers(len(live), size=max(1, 2 * -(-(per - have) * len(live) // self.total)))]
+            drawn.append(more)
+            have += int(self.counts[more].sum())
+        ids = np.concatenate(drawn)
+        sizes = self.counts[ids]
+        visit = np.repeat(np.arange(len(ids)), sizes)  # visit number of each position of the stream
+        # a fresh permutation of each visited shard's samples: sort random keys within each visit
+        within = np.empty(len(visit), dtype=np.int64)
+        within[np.lexsort((rng.random(len(visit)), visit))] = np.arange(len(visit)) - np.repeat(
+            np.cumsum(sizes) - sizes, sizes)
+        # within[pos] is pos's rank within its visit after the sort; it serves as the sample number
+        window = slice(skip, skip + per)
+        order = rng.permutation(per)
+        return ids[visit[window]][order], within[window][order]
 
 
 def scan_offsets(where: str) -> list[int]:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.buckets import ShapeBucketer
+from megassm.data.fingerprint import checked_position, dataset_fingerprint
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
 from megassm.data.global_order import (
     BucketedMix,
@@ -101,7 +102,7 @@ def load_datasets(cfg: DataConfig) -> list[DatasetSpec]:
         shapes = frozenset(parse_shape_key(k)[1:] for k in m.get("shape_histogram", {})) or None
         specs.append(DatasetSpec(str(p), [remote.join(str(p), s["path"]) for s in m["shards"]],
                                  [int(s["samples"]) for s in m["shards"]], LatentNorm(scale, shift),
-                                 f"{len(m['shards'])}:{m['num_samples']}", shapes,
+                                 dataset_fingerprint(m), shapes,
                                  [s.get("offsets") for s in m["shards"]], [s.get("sample_shapes") for s in m["shards"]],
                                  [_shard_shapes(s) for s in m["shards"]]))
     return specs
@@ -564,6 +565,8 @@ class ShardLoader:
             raise ValueError(f"data position was saved with data.order={saved}, this loader has data.order="
                              f"{self.order}: per-rank stream positions and the global cursor do not convert into "
                              f"each other. Resume with data.order={saved}, or warm-start a new run with init_from")
+        state = checked_position(state, [[s.path, s.fingerprint] for s in self.specs],
+                                 getattr(self.cfg, "allow_dataset_change", False))
         if self.order == "global":
             return self._load_global(state)
         if state["layout"] == self._layout():

@@ -8,7 +8,10 @@
     rank 0 only: CLIP / InceptionV3 loaded once (bf16 on GPUs) and kept; the reference features computed once;
                  CLIP score and KID. FID needs thousands of samples and stays offline (``megassm eval``).
 
-A metric that fails logs an error and is left out of that evaluation; training goes on.
+A metric that fails logs an error and is left out of that evaluation; training goes on. The held-out loss
+fails on every rank together (its ranks agree before each ZeRO-3 forward, ``comm.failed_ranks``), so
+one rank's failure leaves no other waiting in a gather; every rank logs it. (A failure inside a forward on one
+rank only, e.g. out of memory, cannot be agreed on: the others are already in that forward's gathers.)
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megassm.config.schema import DiffusionConfig, RunConfig
-from megassm.diffusion.flow import flow_matching_loss
-from megassm.parallel.comm import all_reduce_
+from megassm.diffusion.flow import FlowBatch, prepare_batch, velocity_loss
+from megassm.parallel.comm import all_reduce_, failed_ranks
 
 
 def _procedural_batches(cfg: RunConfig, n: int, batch_size: int, seed: int) -> list[dict]:
@@ -89,26 +89,58 @@ class HeldOutLoss:
         self.forwards = math.ceil(len(batches) / dp_size)  # the same on every rank
         self.samples = sum(len(b["index"]) for b in batches)
 
-    @torch.no_grad()
-    def batch_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """The training loss (``flow_matching_loss``) of one validation batch, 0-d float32."""
+    def inputs(self, model: torch.nn.Module, batch: dict) -> FlowBatch:
+        """One validation batch on the device with its fixed draws (no collective: may fail on one rank)."""
         x0 = batch["latents"].to(self.device, self.dtype)
         text = batch["text"].to(self.device, self.dtype)
         seq_len = math.prod(model.patch_embed.grid(tuple(x0.shape)))
-        return flow_matching_loss(model, x0, text, batch["text_mask"].to(self.device), self.diffusion, seq_len,
-                                  batch["index"], self.seed).float()
+        return prepare_batch(x0, text, batch["text_mask"].to(self.device), self.diffusion, seq_len, batch["index"],
+                             self.seed)
 
+    @torch.no_grad()
+    def batch_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The training loss (``flow_matching_loss``) of one validation batch, 0-d float32."""
+        b = self.inputs(model, batch)
+        return velocity_loss(model(b.xt, b.t, b.text, b.text_mask), b.target).float()
+
+    @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> float:
+        """Every forward is a collective under ZeRO-3; what runs between them (a batch's preparation, the
+        loss's bookkeeping) may fail on one rank alone, so before each forward and before the sum every
+        rank says whether it failed (``failed_ranks``): all of them raise together, the failing rank its own
+        error, the others one naming it, and none is left waiting in a gather."""
         total = torch.zeros(2, dtype=torch.float64)  # (sum of loss x samples, samples) of this rank
+        error: Exception | None = None
         for k in range(self.forwards):
             own = k < len(self.mine)
             batch = self.batches[self.mine[k] if own else 0]  # a stand-in keeps the ZeRO-3 gathers in step
-            loss = self.batch_loss(model, batch)
-            if own and self.leader:
-                n = len(batch["index"])
-                total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            try:
+                b = self.inputs(model, batch)
+            except Exception as exc:  # noqa: BLE001 -- every rank is told below
+                error = exc
+            self._agree(error, f"forward {k + 1} of {self.forwards}")
+            loss = velocity_loss(model(b.xt, b.t, b.text, b.text_mask), b.target).float()
+            try:
+                if own and self.leader:
+                    n = len(batch["index"])
+                    total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        self._agree(error, "the loss sum")
         if dist.is_initialized():  # world 1 included: a single-GPU run takes the cluster's path
             all_reduce_(total)
         s, n = total.tolist()
         assert n == self.samples, f"held-out loss counted {n} samples of {self.samples}"
         return s / n
+
+    def _agree(self, error: Exception | None, where: str) -> None:
+        """Raise on every rank if any rank failed (collective; the device is the group's)."""
+        failed = failed_ranks(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise HeldOutError(f"held-out loss: rank(s) {failed} failed before {where}; stopped on every rank")
+
+
+class HeldOutError(RuntimeError):
+    """Another rank's held-out loss failed; this rank stopped with it (its own state is fine)."""

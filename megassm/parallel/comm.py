@@ -319,3 +319,17 @@ def send_recv(sends: list[tuple[int, Tensor]], recvs: list[tuple[int, Tensor]], 
     ops = [dist.P2POp(dist.isend, t, r, group) for r, t in sends]
     ops += [dist.P2POp(dist.irecv, t, r, group) for r, t in recvs]
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def failed_ranks(failed: bool, group=None) -> list[int]:
+    """Agreement on a local failure before the next collective: the ranks of ``group`` that passed ``failed``.
+
+    A rank that raises between two collectives (a bad batch, a metric's own error) and leaves strands the
+    others in the next one (ZeRO-3's parameter gathers, a loss all-reduce); every rank calls this at the
+    same point so that all stop together. One all-reduce of a world-sized flag vector (also at world 1);
+    without a process group: [0] or []."""
+    if not dist.is_initialized():
+        return [0] if failed else []
+    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32)
+    flags[dist.get_rank(group)] = int(failed)
+    return [r for r, f in enumerate(all_reduce_(flags, group).tolist()) if f]

@@ -5,8 +5,8 @@ DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), mega
 
 - model, fp32 masters, Adam moments, optimizer step and LR schedule: re-partitioned by the backend over
   the new dp x cp group;
-- the EMA is consolidated from its shards (``ShardedEMA.consolidate``) and re-sliced into this
-  layout's partitions (``ShardedEMA.load_full``).
+- the EMA: each rank reads its own partition of each tensor from the old layout's shards
+  (``ShardedEMA.load_sliced``), not the whole EMA.
 - the data cursor: the built-in procedural data is a function of the global sample index, so the
   position is ``step x grad_accum`` at the new layout. Shard data in ``data.order=global`` is too
   (``megassm/data/global_order.py``): its saved cursor (global samples consumed, per-dataset counts) is
@@ -18,7 +18,8 @@ DeepSpeed's universal checkpoint, ``megassm/train/backends/deepspeed.py``), mega
   has to carry over.
 
 What cannot be bridged fails in ``plan_resume``, before anything is written: another model, another
-tp or pp or ZeRO stage, or another global batch (unless ``train.allow_batch_change``).
+tp or pp or ZeRO stage, a layout change of a tp > 1 run (its TP-sliced weights and EMA are not re-sliced),
+or another global batch (unless ``train.allow_batch_change``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,14 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
             f"{', '.join(f'parallel.{k}={new[k]}' for k in fixed)}. A resume may change dp and cp (and the micro-"
             "batching), not tp, pp or the ZeRO stage: keep them, or convert the checkpoint (`megassm convert`) and "
             "warm-start with init_from")
+    if old["tp"] > 1:
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} was written at parallel.tp={old['tp']}; a resume at another layout ("
+            f"{', '.join(f'{k} {old[k]} -> {new[k]}' for k in ('dp', 'cp', 'world') if old[k] != new[k])}) is "
+            "supported only at tp=1 (DeepSpeed's universal checkpoint does not re-slice megassm's tensor-parallel "
+            f"weights, nor does the EMA). Resume at the checkpoint's own layout (world {old['world']}, dp "
+            f"{old['dp']}, cp {old['cp']}), or warm-start a new run at this layout with init_from={tag_dir} (read at "
+            "any tp; the optimizer state and data position start afresh)")
     bucketed = isinstance(old["global_batch"], str) or isinstance(new["global_batch"], str)
     if old["global_batch"] != new["global_batch"] and not cfg.train.allow_batch_change and bucketed:
         raise ElasticResumeError(

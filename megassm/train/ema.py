@@ -138,10 +138,9 @@ class ShardedEMA:
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Set the EMA from whole tensors (``consolidate``'s output), sliced into this layout's partitions
         (ZeRO-3: rank r of the parameter's partition group takes flat elements [r x n, (r + 1) x n), n its
-        partition size, zero-padded at the end) -- for a resume at another layout."""
-        missing = set(self.shadow) - set(full)
-        if missing:
-            raise KeyError(f"EMA to load lacks {sorted(missing)[:5]}...")
+        partition size, zero-padded at the end) -- for a resume at another layout. A tensor whose shape is
+        not this rank's whole parameter (a TP-merged one, another model) raises."""
+        self._check_shapes({n: tuple(t.shape) for n, t in full.items()}, "EMA to load")
         for n, t in self.shadow.items():
             src = full[n].float().reshape(-1)
             if self.partitioned:
@@ -151,6 +150,45 @@ class ShardedEMA:
             else:
                 t.copy_(src.reshape(t.shape))
         self.refresh()
+
+    @torch.no_grad()
+    def load_sliced(self, directory: Path) -> None:
+        """Set the EMA from the ``ema/`` shards of a checkpoint written at another (dp, cp) layout, reading only
+        what this rank keeps: partitioned (ZeRO-3), its flat range [r x n, (r + 1) x n) of each tensor from
+        the old shards that hold it (~1/N of the EMA per rank, not all of it); otherwise whole tensors, one at
+        a time. TP / PP shards (``mp_*``) are refused (``plan_resume`` refuses such a resume first)."""
+        from megassm.checkpoint.sources import EmaShards
+
+        ema_dir = Path(directory) / "ema"
+        if any(ema_dir.glob("mp_*_shard_*.safetensors")):
+            raise ValueError(f"{ema_dir} holds tensor/pipeline-parallel EMA shards (mp_*); a resume at another "
+                             "layout re-slices only tp=1, pp=1 ones: resume at the checkpoint's own layout")
+        files = sorted(ema_dir.glob("shard_*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no EMA shards under {ema_dir} (was the checkpoint written with ema_decay=0?)")
+        src = EmaShards(files)
+        self._check_shapes({n: s.shape for n, s in src.specs.items()}, str(ema_dir))
+        for n, t in self.shadow.items():
+            if not self.partitioned:
+                t.copy_(src.read(n).reshape(t.shape))
+                continue
+            r, numel = self.local.partition(self.params[n])[0], math.prod(src.specs[n].shape)
+            lo, hi = min(numel, r * t.numel()), min(numel, (r + 1) * t.numel())
+            flat = t.view(-1)
+            flat[:hi - lo].copy_(src.read_flat(n, lo, hi - lo))
+            flat[hi - lo:].zero_()  # ZeRO-3's padding of the last partition
+        self.refresh()
+
+    def _check_shapes(self, shapes: dict[str, tuple], where: str) -> None:
+        missing = set(self.shadow) - set(shapes)
+        if missing:
+            raise KeyError(f"{where} lacks {sorted(missing)[:5]}...")
+        bad = [f"{n}: {tuple(shapes[n])} there, {tuple(self.local.full_shape(p))} here" for n, p in self.params.items()
+               if tuple(shapes[n]) != tuple(self.local.full_shape(p))]
+        if bad:
+            raise ValueError(f"{where}: EMA tensors do not have this rank's parameter shapes ({'; '.join(bad[:3])}"
+                             f"{'...' if len(bad) > 3 else ''}): a tensor-parallel checkpoint merged, or another "
+                             "model. A resume at another layout keeps tp and the model")
 
     @staticmethod
     def consolidate(directory: Path, model_cfg=None) -> dict[str, torch.Tensor]:

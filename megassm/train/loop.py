@@ -36,7 +36,6 @@ from megassm.train.checkpoint_writer import (
     tree_bytes,
     write_stats,
 )
-from megassm.train.ema import ShardedEMA
 from megassm.train.metrics import MetricsLogger, peak_flops
 from megassm.train.profiling import StepProfiler
 from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported)
@@ -288,7 +287,7 @@ class Trainer:
         else:  # same dp (plan_resume checked): this dp rank's stream continues
             self.data.load_state_dict(elastic.find_data_state(tag_dir, self.mesh.get_data_parallel_rank()))
         if self.ema is not None:
-            self.ema.load_full(ShardedEMA.consolidate(tag_dir, self.cfg.model))
+            self.ema.load_sliced(tag_dir)  # this rank's part of each tensor only
         self._info(f"resumed from step {self.step} ({tag_dir}) at the new layout")
         self.metrics.event({"event": "resume", "step": self.step, "elastic": plan.describe()})
 

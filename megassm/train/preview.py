@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
-from megassm.parallel.comm import gather_object
+from megassm.parallel.comm import failed_ranks, gather_object
 from megassm.sample import LatentDecoder, SampleSpec, TextEncoder, denoise, initial_noise
 from megassm.train.ema import ShardedEMA, applied
 
@@ -115,8 +115,20 @@ class Previews:
 
     @torch.no_grad()
     def latents(self, model: torch.nn.Module) -> torch.Tensor:
-        """(k, C, T, h, w) float32 latents of this replica's prompts (the stand-in's if it has none), CPU."""
-        text, mask = self._encoded()
+        """(k, C, T, h, w) float32 latents of this replica's prompts (the stand-in's if it has none), CPU.
+
+        The text encoder (loaded at the first call) may fail on one rank alone (a file, memory): the ranks
+        agree on that before sampling, whose forwards are collectives, and all raise together."""
+        error = None
+        try:
+            text, mask = self._encoded()
+        except Exception as exc:  # noqa: BLE001 -- every rank is told below
+            error = exc
+        failed = failed_ranks(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"previews: encoding the prompts failed on rank(s) {failed}; stopped on every rank")
         d = self.cfg.diffusion
         noise = initial_noise(self._specs(), self.cfg.model.in_channels, self.latent_shape)
         return denoise(model, self.cfg, noise, text, mask, d.sample_steps, d.cfg_scale, device=self.device,

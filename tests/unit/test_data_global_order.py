@@ -316,3 +316,22 @@ def test_bucketed_cursor_rules(ds, mixed):
     b, _ = _run(_bucket_loaders(_cfg(ds, mixed, buckets=BUCKET_CFG, tokens_per_step=None, num_workers=2), 2, 2)[0],
                 3, 2)
     _same_batches(a, b)
+
+
+def test_resampled_short_shard_is_not_repeated_in_bursts():
+    """Resampled: a 5-sample shard among 1,000-sample ones. Each sample's expectation per block is
+    block / N (~0.2 here); a drawn short shard once filled L = 900 slots with its 5 samples (180 repeats of
+    each in one block). Now a repeat within a block needs the shard drawn again, and the long-run
+    frequency of the short shard's samples is that of every other sample."""
+    counts = [1000] * 9 + [5]
+    order = StreamOrder((0, 0), counts, seed=3, resampled=True, window=2)
+    block, blocks = order.window * order.slots, 100
+    seen = Counter()
+    for b in range(blocks):
+        one = Counter(order.locate(k) for k in range(b * block, (b + 1) * block))
+        assert max((n for (s, _), n in one.items() if s == 9), default=0) <= 4, (b, one.most_common(3))
+        seen += one
+    expected = blocks * block / sum(counts)  # ~20 per sample
+    short = [seen[9, i] for i in range(5)]
+    assert all(abs(n / expected - 1) < 0.5 for n in short), (short, expected)
+    assert len(seen) > 0.85 * sum(counts)  # the long shards' samples are drawn too, not one shard's

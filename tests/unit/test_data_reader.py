@@ -182,3 +182,41 @@ def test_shards_are_readable_by_plain_webdataset(ds):
 
     samples = list(wds.WebDataset(str(ds / "shard-000000.tar"), shardshuffle=False))
     assert len(samples) == 6 and {"__key__", "json", "safetensors"} <= set(samples[0])
+
+
+def _write_split(d: Path, per_shard: int) -> None:
+    """40 samples in 4 shards: 10/10/10/10 or 12/12/12/4 -- the same "{shards}:{samples}" (4:40)."""
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    write_synthetic_dataset(d, SHAPES[:1], num_samples=40, samples_per_shard=per_shard, seed=3)
+
+
+@pytest.mark.parametrize("order", ["global", "rank"])
+def test_a_resplit_dataset_is_not_resumed_in_another_order(tmp_path, order, caplog):
+    """The dataset is re-split with the same shard and sample totals between the save and the resume: the
+    position counts in the old order, so the resume is refused, naming the dataset; with
+    data.allow_dataset_change it continues, saying so. An unchanged dataset whose saved fingerprint is an
+    older megassm's ("4:40") still resumes exactly."""
+    d = tmp_path / "a"
+    _write_split(d, 10)
+    cfg = _cfg(d, order=order, resampled=False)
+    first = _loader(cfg)
+    _take(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    at = "key" if order == "global" else "layout"
+    older = json.loads(json.dumps(state))
+    older[at]["datasets"][0][1] = "4:40"
+    full = _take(_loader(cfg), 6)
+    again = _loader(cfg)
+    again.load_state_dict(older)
+    assert [b["keys"] for b in _take(again, 3)] == [b["keys"] for b in full[3:]]
+
+    _write_split(d, 12)
+    with pytest.raises(ValueError, match=rf"dataset {d} changed since the checkpoint: the same 4 shards / 40 "
+                                         r"samples, but .*per-shard counts.*data.allow_dataset_change"):
+        _loader(cfg).load_state_dict(state)
+    allowed = _loader(_cfg(d, order=order, resampled=False, allow_dataset_change=True))
+    allowed.load_state_dict(state)
+    assert f"dataset {d} changed" in caplog.text
+    assert len(_take(allowed, 2)) == 2

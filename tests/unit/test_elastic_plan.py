@@ -92,3 +92,15 @@ def test_a_bucketed_global_order_run_may_change_dp(data, tmp_path):
         plan_resume(_cfg(*data, *glob, "parallel.tp=2", world=4), d, 4)
     with pytest.raises(ElasticResumeError, match="written with data.order=global; this run has data.order=rank"):
         plan_resume(_cfg(*data, BUCKETS, world=4), d, 4)
+
+
+def test_a_tp_run_resumes_only_at_its_own_layout(tmp_path):
+    """tp 2: dp 1 -> dp 2 (world 2 -> 4) is refused before anything is read or written (DeepSpeed's universal
+    checkpoint would cut the TP-sliced tensors at the wrong offsets, and the EMA would be cropped); the
+    same layout resumes as before."""
+    old = _cfg("data.kind=procedural", "parallel.tp=2", "train.micro_batch_size=4", world=2)
+    d = _checkpoint(tmp_path / "tp", old, 2, 3, {"position": 3})
+    with pytest.raises(ElasticResumeError, match=r"parallel.tp=2; a resume at another layout \(dp 1 -> 2, world 2 -> "
+                                                 r"4\) is supported only at tp=1.*init_from="):
+        plan_resume(_cfg("data.kind=procedural", "parallel.tp=2", "train.micro_batch_size=2", world=4), d, 4)
+    assert not plan_resume(old, d, 2).elastic

@@ -24,6 +24,7 @@ def test_train_refuses_another_deepspeed_before_anything_is_written(tmp_path, mo
     from megassm.cli import main
 
     monkeypatch.setattr(megassm.runtime, "DEEPSPEED_RANGE", ("0.1", "0.2"))
-    code = main(["train", str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"), f"run_dir={tmp_path / 'run'}"])
+    config = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    code = main(["train", str(config), f"run_dir={tmp_path / 'run'}"])
     assert code == 2 and "megassm is proven with deepspeed>=0.1,<0.2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
