@@ -195,7 +195,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     log_every: int = 10
     ckpt_every: int = 100
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept, the newest in commit order; 0 keeps every one
     # periodic checkpoints snapshotted to host memory and written by a background thread while training
     # goes on (megassm/train/checkpoint_writer.py); the final and signal saves stay synchronous
     async_save: bool = False

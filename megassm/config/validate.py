@@ -104,6 +104,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.steps < 0:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1, train.steps >= 0")
     validate_profile(cfg.train.profile, cfg.train.steps)
+    validate_checkpointing(cfg.train)
     if cfg.logging.wandb is not None:
         _choice("logging.wandb.mode", cfg.logging.wandb.mode, list(WANDB_MODES))
         if not cfg.logging.wandb.project:
@@ -224,6 +225,16 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         if tokens % (p.cp * p.tp):
             raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
                               f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
+
+
+def validate_checkpointing(t) -> None:
+    """train.keep_last / ckpt_every / resume_from (``TrainConfig``): values only; whether resume_from names a
+    checkpoint of the run directory is checked when the run starts (``check_resume_from``)."""
+    if t.keep_last < 0:
+        raise ConfigError(f"train.keep_last={t.keep_last} must be >= 0: N keeps the newest N checkpoints, "
+                          "0 keeps every checkpoint")
+    if t.ckpt_every < 1:
+        raise ConfigError(f"train.ckpt_every={t.ckpt_every} must be >= 1 (steps between checkpoints)")
 
 
 def validate_profile(p, train_steps: int) -> None:

@@ -114,12 +114,50 @@ def finalize(ckpt_dir: Path, tag: str, keep_last: int, is_writer: bool) -> None:
 def commit(ckpt_dir: Path, tag: str, keep_last: int) -> None:
     """Mark ``tag`` complete, point ``latest`` at it, then prune old / partial checkpoints. No collective:
     the background writer of an asynchronous save calls it once every rank's files are durable
-    (``checkpoint_writer.BackgroundSave``), so pruning never runs before COMPLETE."""
-    atomic_write_text(ckpt_dir / tag / COMPLETE, tag)
+    (``checkpoint_writer.BackgroundSave``), so pruning never runs before COMPLETE. COMPLETE records the
+    commit's number, one more than any earlier commit's: the order pruning and resume go by."""
+    ckpt_dir = Path(ckpt_dir)
+    number = 1 + max((_commit_number(ckpt_dir / t) for t in complete_tags(ckpt_dir) if t != tag), default=0)
+    atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"tag": tag, "commit": number}))
     atomic_write_text(ckpt_dir / LATEST, tag)
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
-    for old in complete[: max(0, len(complete) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in ckpt_dir.glob("step_*"):
-        if partial.name != tag and not (partial / COMPLETE).exists():
+    prune(ckpt_dir, keep_last, keep=tag)
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Remove the complete checkpoints older than the newest ``keep_last`` in commit order (0 keeps them
+    all) and every partial one except ``keep``; never ``keep`` nor what ``latest`` names."""
+    if keep_last < 0:
+        raise ValueError(f"train.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
+    latest = Path(ckpt_dir) / LATEST
+    protected = {keep, latest.read_text().strip() if latest.is_file() else keep}
+    complete = complete_tags(ckpt_dir)
+    for old in complete[: len(complete) - keep_last] if keep_last else []:
+        if old not in protected:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    for partial in Path(ckpt_dir).glob("step_*"):
+        if partial.name not in protected and not (partial / COMPLETE).exists():
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _commit_number(tag_dir: Path) -> int:
+    """The commit number COMPLETE records; 0 for one written before COMPLETE recorded it (or unreadable)."""
+    try:
+        return int(json.loads((tag_dir / COMPLETE).read_text()).get("commit", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The complete checkpoints, oldest commit first. Commit order, not name order: after ``latest`` was
+    rolled back to an older step, the run's next checkpoint has a lower step than the abandoned ones but
+    is newer. Checkpoints from before COMPLETE recorded a number come first, by COMPLETE's time."""
+    dirs = [p for p in Path(ckpt_dir).glob("step_*") if (p / COMPLETE).is_file()]
+
+    def order(p: Path) -> tuple[int, int, str]:
+        try:
+            mtime = (p / COMPLETE).stat().st_mtime_ns
+        except OSError:
+            mtime = 0
+        return _commit_number(p), mtime, p.name
+
+    return [p.name for p in sorted(dirs, key=order)]

@@ -190,10 +190,12 @@ class Trainer:
         started = time.perf_counter()
         tag = ckpt.tag_for(self.step)
         tag_dir = self.ckpt_dir / tag
-        if self.rank == 0 and tag_dir.exists() and not (tag_dir / ckpt.COMPLETE).exists():
+        if self.rank == 0 and tag_dir.exists() and tag != self.resume_plan.tag:
             import shutil
 
-            shutil.rmtree(tag_dir)  # a partial leftover of an interrupted save at this step
+            # a partial leftover of an interrupted save at this step, or a checkpoint of a line of training
+            # abandoned by a rollback (train.resume_from): new files must not land among its old ones
+            shutil.rmtree(tag_dir)
         dist.barrier()
         sink = FileSink(deferred=not blocking)
         self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink)
