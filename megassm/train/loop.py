@@ -115,6 +115,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         # before anything is written: a checkpoint at another layout is bridged or refused here
         self.resume_plan = elastic.plan_resume(cfg, self.ckpt_dir, dist.get_world_size())
+        for note in self.resume_plan.notes:  # a damaged latest and the fallback, or train.resume_from
+            self._info(note)
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
