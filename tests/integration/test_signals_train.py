@@ -1,0 +1,94 @@
+"""Signals to `megassm train` (CPU, gloo; megassm/train/signals.py): SIGUSR1 during start-up exits 0 without
+training or a traceback (slurm/common.sh then requeues); Ctrl-C during training checkpoints and exits 130;
+under torchrun a SIGUSR1 to the launcher, which torchrun does not pass on, still makes the workers checkpoint
+and exit."""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY_OVERRIDES, child_env, read_metrics, train_cmd
+
+pytestmark = pytest.mark.slow
+SMOKE = "configs/smoke.yaml"
+LONG = [*TINY_OVERRIDES, "train.steps=100000", "train.ckpt_every=100000"]
+
+
+def _popen(run_dir, nproc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(SMOKE, *LONG, f"run_dir={run_dir}", nproc=nproc), cwd=REPO, text=True,
+                            env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _read_until(proc: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"exited ({proc.wait()}) before {text!r}:\n{''.join(seen)[-4000:]}")
+
+
+def _kill_leftovers(run_dir: Path) -> None:
+    """Processes still running for ``run_dir`` (orphaned workers when the test fails): by pid."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(run_dir).encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_sigusr1_during_start_up_exits_0_without_training(tmp_path):
+    run = tmp_path / "run"
+    proc = _popen(run)
+    try:
+        # during the start-up: after the build, DeepSpeed's engine, the EMA and the data loader come next
+        head = _read_until(proc, "model built by partitions")
+        proc.send_signal(signal.SIGUSR1)
+        _, tail = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    log = head + tail
+    assert proc.returncode == 0, log[-4000:]
+    assert "SIGUSR1 came before training started (step 0); exiting without a checkpoint" in log, log[-4000:]
+    assert "Traceback" not in log and not [r for r in read_metrics(run) if "loss" in r]
+    assert not list((run / "checkpoints").glob("step_*"))
+
+
+def test_ctrl_c_during_training_checkpoints_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    proc = _popen(run)
+    try:
+        _read_until(proc, "Hydra mixers:")  # logged after the first step
+        proc.send_signal(signal.SIGINT)
+        _, tail = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, tail[-4000:]
+    assert "checkpoint written on signal at step" in tail and "Traceback" not in tail, tail[-4000:]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / tag / "COMPLETE").is_file()
+
+
+@pytest.mark.distributed
+def test_sigusr1_to_the_torchrun_launcher_reaches_the_workers(tmp_path):
+    run = tmp_path / "run"
+    proc = _popen(run, nproc=2)
+    try:
+        _read_until(proc, "Hydra mixers:")
+        proc.send_signal(signal.SIGUSR1)  # torchrun does not pass it on: it dies of it
+        assert proc.wait(timeout=60) == -signal.SIGUSR1
+        _, tail = proc.communicate(timeout=180)  # the workers hold the pipe until they exit
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the workers went on after their launcher died") from None
+    finally:
+        proc.kill()
+        _kill_leftovers(run)
+    assert tail.count("checkpoint written on signal at step") == 1, tail[-4000:]  # rank 0 logs it
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / tag / "COMPLETE").is_file()
+    assert {p.name for p in (run / "checkpoints" / tag / "trainer").glob("*.json")} == {"rank_00000.json",
+                                                                                        "rank_00001.json"}
