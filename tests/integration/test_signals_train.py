@@ -92,3 +92,34 @@ def test_sigusr1_to_the_torchrun_launcher_reaches_the_workers(tmp_path):
     assert (run / "checkpoints" / tag / "COMPLETE").is_file()
     assert {p.name for p in (run / "checkpoints" / tag / "trainer").glob("*.json")} == {"rank_00000.json",
                                                                                         "rank_00001.json"}
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the launcher with RANK=rank)."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid \
+                    and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
+        except (OSError, ValueError, IndexError):
+            pass
+    raise AssertionError(f"no worker of rank {rank} under the launcher {launcher.pid}")
+
+
+@pytest.mark.distributed
+def test_a_signal_to_one_rank_during_start_up_stops_every_rank_before_training(tmp_path):
+    """SIGUSR1 to rank 1 alone while the ranks start up: rank 0 never got it, yet both exit 0 where training
+    would start (one all-reduce decides), so torchrun reports success; before, rank 1 died of it."""
+    run = tmp_path / "run"
+    proc = _popen(run, nproc=2)
+    try:
+        head = _read_until(proc, "model built by partitions")
+        os.kill(_worker_pid(proc, 1), signal.SIGUSR1)
+        _, tail = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        _kill_leftovers(run)
+    log = head + tail
+    assert proc.returncode == 0, log[-4000:]
+    assert "SIGUSR1 came before training started (step 0)" in log and "Traceback" not in log, log[-4000:]
+    assert not [r for r in read_metrics(run) if "loss" in r]
