@@ -197,7 +197,7 @@ def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     latest = Path(ckpt_dir) / LATEST
     protected = {keep, latest.read_text().strip() if latest.is_file() else keep}
     complete = complete_tags(ckpt_dir)
-    for old in complete[: len(complete) - keep_last] if keep_last else []:
+    for old in complete[: max(0, len(complete) - keep_last)] if keep_last else []:
         if old not in protected:
             shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     for partial in Path(ckpt_dir).glob("step_*"):

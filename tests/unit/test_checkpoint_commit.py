@@ -87,6 +87,10 @@ def test_pruning_goes_by_commit_order_and_never_removes_latest(tmp_path):
     _fake_tag(ckpt_dir, 170, complete=False)
     ckpt.commit(ckpt_dir, "step_00000170", keep_last=2)
     assert ckpt.complete_tags(ckpt_dir) == ["step_00000160", "step_00000170"]
+    # fewer checkpoints than keep_last: all stay
+    _fake_tag(ckpt_dir, 180, complete=False)
+    ckpt.commit(ckpt_dir, "step_00000180", keep_last=5)
+    assert ckpt.complete_tags(ckpt_dir) == ["step_00000160", "step_00000170", "step_00000180"]
 
 
 def test_checkpoints_from_before_commit_numbers_sort_first_by_complete_time(tmp_path):
