@@ -6,6 +6,7 @@ and exit."""
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ SMOKE = "configs/smoke.yaml"
 LONG = [*TINY_OVERRIDES, "train.steps=100000", "train.ckpt_every=100000"]
 
 
-def _popen(run_dir, nproc: int = 1) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(SMOKE, *LONG, f"run_dir={run_dir}", nproc=nproc), cwd=REPO, text=True,
-                            env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _popen(run_dir, *overrides, nproc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(SMOKE, *LONG, f"run_dir={run_dir}", *overrides, nproc=nproc), cwd=REPO,
+                            text=True, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
 def _read_until(proc: subprocess.Popen, text: str) -> str:
@@ -94,14 +96,24 @@ def test_sigusr1_to_the_torchrun_launcher_reaches_the_workers(tmp_path):
                                                                                         "rank_00001.json"}
 
 
-def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of torchrun's worker of ``rank`` (a child of the launcher with RANK=rank)."""
+def _children(pid: int) -> list[int]:
+    out = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid \
-                    and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
-                return int(d.name)
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
         except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the launcher with RANK=rank)."""
+    for pid in _children(launcher.pid):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
             pass
     raise AssertionError(f"no worker of rank {rank} under the launcher {launcher.pid}")
 
@@ -123,3 +135,31 @@ def test_a_signal_to_one_rank_during_start_up_stops_every_rank_before_training(t
     assert proc.returncode == 0, log[-4000:]
     assert "SIGUSR1 came before training started (step 0)" in log and "Traceback" not in log, log[-4000:]
     assert not [r for r in read_metrics(run) if "loss" in r]
+
+
+def test_sigterm_to_every_process_of_a_task_with_loader_workers_checkpoints(tmp_path):
+    """What srun does with a forwarded SIGTERM: the trainer and its data-loader worker both get it (from
+    another process); the worker keeps serving and the trainer checkpoints and exits 0. The worker's copy
+    comes first here and the trainer's 8 steps later, past what the loader had prefetched: a worker that
+    died of it fails the run."""
+    from megassm.data.testing import write_synthetic_dataset
+
+    data = tmp_path / "latents"
+    write_synthetic_dataset(data, [(3, 1, 8, 8)], num_samples=32, samples_per_shard=4, text_dim=16, max_text=8)
+    run = tmp_path / "run"
+    proc = _popen(run, "data.kind=shards", f"data.paths=[{data}]", "data.num_workers=1")
+    try:
+        _read_until(proc, "Hydra mixers:")
+        workers = _children(proc.pid)
+        assert workers, "no loader worker"
+        subprocess.run(["kill", "-TERM", *map(str, workers)], check=True)
+        first, deadline = max(r["step"] for r in read_metrics(run) if "loss" in r), time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and \
+                max(r["step"] for r in read_metrics(run) if "loss" in r) < first + 8:
+            time.sleep(0.05)
+        subprocess.run(["kill", "-TERM", str(proc.pid)], check=False)
+        _, tail = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, tail[-4000:]
+    assert "checkpoint written on signal at step" in tail and "Traceback" not in tail, tail[-4000:]
