@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megassm.data.writer import fsync_dir
+from megassm.checkpoint.safetensors_io import fsync_dir
 
 # -- host snapshot -------------------------------------------------------------------------------------
 
