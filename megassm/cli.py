@@ -13,6 +13,10 @@ OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=2
 
 
 def _cmd_train(args) -> int:
+    from megassm.train.signals import install_for_process
+
+    # first: a SIGUSR1 / SIGTERM / SIGINT during the minutes before training is recorded, not fatal
+    install_for_process()
     from megassm.config.load import load_config
     from megassm.parallel.mesh import read_dist_env
 
@@ -96,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a stage config", description=(
         "Train from a YAML config (configs/*.yaml). Runs as one process without a launcher, under torchrun, "
-        "or under srun (SLURM). Resumes automatically from RUN_DIR/checkpoints/latest; SIGUSR1/SIGTERM write "
-        "a checkpoint and exit."))
+        "or under srun (SLURM). Resumes automatically from RUN_DIR/checkpoints/latest (train.resume_from=TAG "
+        "picks another); SIGUSR1/SIGTERM/SIGINT write a checkpoint and exit (0; 130 after SIGINT), before "
+        "training starts they exit at once; a second Ctrl-C aborts without a checkpoint."))
     t.add_argument("config", help="stage config YAML, e.g. configs/smoke.yaml")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.set_defaults(func=_cmd_train)

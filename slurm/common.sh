@@ -13,7 +13,9 @@
 # Preemption (docs/architecture.md §6, §7; docs/cluster.md). The batch shell traps
 #   USR1  sent by `--signal=B:USR1@<s>` before the time limit, or by
 #         `scancel --signal=USR1 --batch JOBID`: forwarded to the tasks through srun; the
-#         trainer writes a checkpoint and exits 0; then `scontrol requeue`. The requeued
+#         trainer writes a checkpoint and exits 0 (still starting up -- building the model,
+#         loading the resume checkpoint --: exits 0 when training would start, writing
+#         nothing); then `scontrol requeue`. The requeued
 #         job keeps its job id, hence its run directory, and the trainer resumes from
 #         RUN_DIR/checkpoints/latest. Preprocessing is requeued at once (re-running it
 #         keeps finished shards).
@@ -256,7 +258,7 @@ megassm_train() {
         elif [[ $_megassm_rc != 0 ]]; then
             _megassm_log "error: tasks failed (code $_megassm_rc) after SIGUSR1; not requeueing a failing run" >&2
         else
-            _megassm_log "checkpoint written; the requeued job resumes from $run_dir/checkpoints/latest"
+            _megassm_log "tasks exited 0 after SIGUSR1; the requeued job resumes from $run_dir/checkpoints/latest"
             _megassm_requeue
         fi
     fi

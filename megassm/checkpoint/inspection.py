@@ -2,7 +2,8 @@
 
 Reports the kind, step, stage, stored config, parameter count per component and dtypes; checks
 names/shapes against the stored (or given) config and scans every tensor for NaN/Inf, one tensor
-at a time. ``crc`` also verifies the CRC-32 of every record of DeepSpeed's zip files.
+at a time. A DeepSpeed checkpoint's files are checked whole (``verify.damaged_files``, what a resume checks);
+``crc`` also verifies the CRC-32 of every record of DeepSpeed's zip files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from megassm.checkpoint.errors import CheckpointError
 from megassm.checkpoint.model_specs import compare_specs, expected_specs
 from megassm.checkpoint.sources import Checkpoint, WeightSet, open_checkpoint
 from megassm.models.mixers import is_mixer_symbol, mixer_for_symbol
@@ -66,15 +66,11 @@ def inspect_checkpoint(path: str | Path, *, tag: str | None = None, config: dict
             problems += [f"ema: {p}" for p in compare_specs(ckpt.ema.specs, expected_specs(ckpt.model_config()))]
     else:
         problems.append("no config stored with the checkpoint: shapes not checked (pass --config)")
-    if crc and ckpt.kind == "deepspeed":
-        from megassm.checkpoint.torchzip import TorchFile
-        from megassm.checkpoint.zero import DeepSpeedCheckpoint
+    if ckpt.kind == "deepspeed":  # every rank's file whole (the check a resume runs; crc: every record too)
+        from megassm.checkpoint.verify import damaged_files
 
-        for f in DeepSpeedCheckpoint(ckpt.path).files():
-            try:
-                TorchFile(f).check_crc()
-            except CheckpointError as e:
-                problems.append(str(e))
+        tag_dir = Path(ckpt.path)
+        problems += damaged_files(tag_dir, crc=crc, training=(tag_dir / "trainer").is_dir())
     if scan:
         problems += _scan(ckpt.model, "")
         if ckpt.ema is not None:

@@ -277,7 +277,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if out.exists():
             if not force:
@@ -285,7 +285,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     except BaseException:
@@ -293,7 +293,8 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making the names created or renamed in it durable (skipped if it cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

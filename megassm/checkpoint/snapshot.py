@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megassm.checkpoint.safetensors_io import fsync_dir
+
 # -- host snapshot -------------------------------------------------------------------------------------
 
 
@@ -151,8 +153,13 @@ class FileSink:
 
 
 def fsync_tree(path: Path) -> int:
-    """fsync ``path`` (a file, or every file under a directory); returns the bytes they hold."""
-    files = [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file()]
+    """fsync ``path`` (a file, or every file and directory under a directory, the directories for the
+    names in them); returns the bytes the files hold."""
+    if path.is_file():
+        files, dirs = [path], []
+    else:
+        entries = sorted(path.rglob("*"))
+        files, dirs = [p for p in entries if p.is_file()], [path, *(p for p in entries if p.is_dir())]
     total = 0
     for f in files:
         fd = os.open(f, os.O_RDONLY)
@@ -161,6 +168,8 @@ def fsync_tree(path: Path) -> int:
         finally:
             os.close(fd)
         total += f.stat().st_size
+    for d in dirs:
+        fsync_dir(d)
     return total
 
 

@@ -152,52 +152,61 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return StorageRef(key, _STORAGE_DTYPES[storage_type], int(numel))
 
 
+def read_archive(path: Path) -> tuple[dict[str, tuple[int, int]], bytes]:
+    """The structure of a torch.save zip file, checked without unpickling: every storage record's (byte
+    offset, nbytes) inside the file, and data.pkl's bytes (its CRC-32 checked by the read). A truncated or
+    corrupt archive is a CheckpointError naming the file (the check resume runs, ``checkpoint/verify.py``)."""
+    records: dict[str, tuple[int, int]] = {}
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            pkl = next((i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
+            if pkl is None:
+                raise CheckpointError(f"{path}: not a torch.save file (no data.pkl inside)")
+            prefix = pkl.filename[: -len("data.pkl")]
+            data = zf.read(pkl)
+            if zf.NameToInfo.get(prefix + "byteorder") and zf.read(prefix + "byteorder").strip() != b"little":
+                raise CheckpointError(f"{path}: big-endian torch files are not supported")
+        with open(path, "rb") as f:
+            for info in infos:
+                if info.filename.startswith(prefix + "data/"):
+                    records[info.filename[len(prefix) + 5:]] = (_data_offset(path, f, info), info.file_size)
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(
+            f"{path}: unreadable ({e}); the file is truncated or corrupt (a torch.save file is a zip "
+            "archive whose directory is at the end, so a cut-off copy loses it)"
+        ) from None
+    for key, (off, nbytes) in records.items():
+        if off + nbytes > size:
+            raise CheckpointError(f"{path}: storage {key} ends at byte {off + nbytes} but the file has "
+                                  f"{size}; the file is truncated")
+    return records, data
+
+
+def _data_offset(path: Path, f, info: zipfile.ZipInfo) -> int:
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: record {info.filename} is compressed; torch.save never does that")
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: bad zip entry header for {info.filename}; the file is corrupt")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
 class TorchFile:
     """One torch.save zip file: ``.obj`` is its object tree (tensors as ``TensorRef``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._records: dict[str, tuple[int, int]] = {}  # storage key -> (byte offset, nbytes)
-        try:
-            size = self.path.stat().st_size
-            with zipfile.ZipFile(self.path) as zf:
-                infos = zf.infolist()
-                pkl = next((i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
-                if pkl is None:
-                    raise CheckpointError(f"{self.path}: not a torch.save file (no data.pkl inside)")
-                prefix = pkl.filename[: -len("data.pkl")]
-                data = zf.read(pkl)
-                if zf.NameToInfo.get(prefix + "byteorder") and zf.read(prefix + "byteorder").strip() != b"little":
-                    raise CheckpointError(f"{self.path}: big-endian torch files are not supported")
-            with open(self.path, "rb") as f:
-                for info in infos:
-                    if info.filename.startswith(prefix + "data/"):
-                        self._records[info.filename[len(prefix) + 5:]] = (self._data_offset(f, info), info.file_size)
-        except zipfile.BadZipFile as e:
-            raise CheckpointError(
-                f"{self.path}: unreadable ({e}); the file is truncated or corrupt (a torch.save file is a zip "
-                "archive whose directory is at the end, so a cut-off copy loses it)"
-            ) from None
-        for key, (off, nbytes) in self._records.items():
-            if off + nbytes > size:
-                raise CheckpointError(f"{self.path}: storage {key} ends at byte {off + nbytes} but the file has "
-                                      f"{size}; the file is truncated")
+        self._records, data = read_archive(self.path)  # storage key -> (byte offset, nbytes); data.pkl
         try:
             self.obj = _RestrictedUnpickler(io.BytesIO(data), self.path).load()
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.path}: data.pkl is corrupt ({type(e).__name__}: {e})") from None
-
-    def _data_offset(self, f, info: zipfile.ZipInfo) -> int:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{self.path}: record {info.filename} is compressed; torch.save never does that")
-        f.seek(info.header_offset)
-        header = f.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{self.path}: bad zip entry header for {info.filename}; the file is corrupt")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        return info.header_offset + 30 + name_len + extra_len
 
     def read(self, ref: TensorRef, start: int = 0, count: int | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:

@@ -198,7 +198,10 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     log_every: int = 10
     ckpt_every: int = 100
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept, the newest in commit order; 0 keeps every one
+    # resume from this checkpoint of run_dir/checkpoints (e.g. step_00000400) instead of the one `latest` names
+    # (a rollback); it must be complete and whole. Drop it once the run has saved: a restart would roll back again
+    resume_from: str | None = None
     # periodic checkpoints snapshotted to host memory and written by a background thread while training
     # goes on (megassm/train/checkpoint_writer.py); the final and signal saves stay synchronous
     async_save: bool = False

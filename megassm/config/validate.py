@@ -36,6 +36,7 @@ def check_run(cfg: RunConfig, world: int | None = None) -> None:
     if world is not None:
         check_world(cfg.parallel, world)
     check_extras(cfg)
+    check_resume_from(cfg)
     validate_buckets(cfg)  # again, now with the datasets' manifests
     check_preview_sources(cfg)
     check_eval_sources(cfg)
@@ -104,6 +105,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.steps < 0:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1, train.steps >= 0")
     validate_profile(cfg.train.profile, cfg.train.steps)
+    validate_checkpointing(cfg.train)
     if cfg.logging.wandb is not None:
         _choice("logging.wandb.mode", cfg.logging.wandb.mode, list(WANDB_MODES))
         if not cfg.logging.wandb.project:
@@ -224,6 +226,35 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         if tokens % (p.cp * p.tp):
             raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
                               f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
+
+
+def validate_checkpointing(t) -> None:
+    """train.keep_last / ckpt_every / resume_from (``TrainConfig``): values only; whether resume_from names a
+    checkpoint of the run directory is checked when the run starts (``check_resume_from``)."""
+    if t.keep_last < 0:
+        raise ConfigError(f"train.keep_last={t.keep_last} must be >= 0: N keeps the newest N checkpoints, "
+                          "0 keeps every checkpoint")
+    if t.ckpt_every < 1:
+        raise ConfigError(f"train.ckpt_every={t.ckpt_every} must be >= 1 (steps between checkpoints)")
+
+
+def check_resume_from(cfg: RunConfig) -> None:
+    """train.resume_from names a complete checkpoint of run_dir/checkpoints (whether its files are whole is
+    checked when the run resumes: ``megassm/train/checkpoint.py: resume_tag``)."""
+    tag = cfg.train.resume_from
+    if not tag:
+        return
+    from megassm.checkpoint.tags import COMPLETE, complete_tags
+
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    if Path(tag).name != tag or tag in (".", ".."):
+        raise ConfigError(f"train.resume_from={tag!r} must be the name of a checkpoint directory in {ckpt_dir}, "
+                          "e.g. step_00000400, not a path")
+    if not (ckpt_dir / tag / COMPLETE).is_file():
+        valid = complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+        why = "has no COMPLETE file (a partial save)" if (ckpt_dir / tag).is_dir() else "does not exist"
+        raise ConfigError(f"train.resume_from={tag}: {ckpt_dir / tag} {why}; the complete checkpoints of this run, "
+                          f"oldest first: {', '.join(valid) or 'none'}")
 
 
 def validate_profile(p, train_steps: int) -> None:

@@ -45,6 +45,7 @@ from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
 from megassm.data.token_budget import BucketSchedule, PendingByShape
+from megassm.data.worker_signals import keep_workers_on_foreign_sigterm
 from megassm.encoders.latent_norm import LatentNorm
 
 log = logging.getLogger("megassm.data")
@@ -461,7 +462,8 @@ class ShardLoader:
         """(batch, position) pairs of ``ds`` over the loader workers, text expanded in a background thread."""
         kw = {}
         if self.num_workers > 0:
-            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
+            kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False,
+                  "worker_init_fn": keep_workers_on_foreign_sigterm}  # srun's SIGTERM is the trainer's to act on
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
         yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available())
 

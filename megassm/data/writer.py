@@ -1,8 +1,8 @@
 """Write latent shards: ``LatentShardWriter`` (one tar) and atomic file helpers.
 
 A shard is written under a temporary name in the same directory and renamed to its final
-name only when complete (after fsync), so a crash or preemption never leaves a partial
-shard under a name the reader or a resumed preprocessing run would trust.
+name only when complete (after fsync; the directory is fsync'd after the rename), so a crash or
+preemption never leaves a partial shard under a name the reader or a resumed preprocessing run would trust.
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ from typing import Any
 from megassm.data.format import LatentSample, encode_sample, shape_key
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory: makes the names created, renamed or removed in it durable (a rename is only
+    in the directory's own blocks until then, and a node failure can undo it)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename + fsync of the directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -27,6 +37,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -76,6 +87,7 @@ class LatentShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self.tmp_path, self.path)
+            fsync_dir(self.path.parent)
             self.closed = True
         entry = {"path": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
                  "shapes": dict(sorted(self.shapes.items())), "offsets": list(self.offsets)}

@@ -10,8 +10,10 @@
 With ``train.async_save`` a periodic save is snapshotted to host memory and written by a background thread
 (``checkpoint_writer.py``); COMPLETE and ``latest`` then follow every rank's durable files the same way.
 A crash mid-save leaves a tag directory without COMPLETE and ``latest`` still naming the previous,
-whole checkpoint; the next save or resume ignores and removes such leftovers. Nothing is pickled
-except DeepSpeed's own files, which it reads itself.
+whole checkpoint; the next save or resume ignores and removes such leftovers. A resume first checks the
+checkpoint's files (``resume_tag``; ``megassm/checkpoint/verify.py``) and falls back to the newest whole one
+before a damaged ``latest``. COMPLETE records a commit number: pruning (``train.keep_last``) and the fallback
+go by commit order, not by step. Nothing is pickled except DeepSpeed's own files, which it reads itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megassm.checkpoint.snapshot import FileSink
-from megassm.checkpoint.tags import COMPLETE, LATEST, tag_for  # noqa: F401  (re-exported for the trainer)
+from megassm.checkpoint.tags import (  # noqa: F401  (re-exported for the trainer)
+    COMPLETE,
+    LATEST,
+    commit_number,
+    complete_tags,
+    tag_for,
+)
+from megassm.checkpoint.verify import damaged_files
 from megassm.data.writer import atomic_write_bytes
 from megassm.parallel.comm import barrier
 
@@ -35,6 +45,62 @@ from megassm.parallel.comm import barrier
 def atomic_write_text(path: Path, text: str) -> None:
     """Temporary file + fsync + rename (shared with the shard writer)."""
     atomic_write_bytes(path, text.encode())
+
+
+class ResumeError(ValueError):
+    """The run's checkpoints cannot be resumed as asked; the message says which are whole."""
+
+
+def resume_tag(ckpt_dir: Path, resume_from: str | None = None,
+               check: Callable[[Path], list[str]] = damaged_files) -> tuple[str | None, list[str]]:
+    """The checkpoint a run resumes from (None: there is none, a fresh start) and lines to log about the choice.
+
+    ``resume_from`` (``train.resume_from``): that tag; it must be complete and whole, else ResumeError listing
+    the complete tags. Otherwise the one ``latest`` names, once ``check`` (``checkpoint/verify.py``, the check
+    of ``megassm inspect checkpoint``) found every file whole. If it is damaged, or ``latest`` is missing or
+    names no complete checkpoint, the newest whole checkpoint committed before it; ResumeError if none is.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    complete = complete_tags(ckpt_dir)
+    latest = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+    if resume_from:
+        return _chosen_tag(ckpt_dir, resume_from, complete, latest, check)
+    if latest is None and not complete:
+        return None, []
+    notes = []
+    if latest not in complete:
+        notes.append(f"{ckpt_dir / LATEST} is missing" if latest is None else
+                     f"{ckpt_dir / LATEST} names {latest}, which has no {COMPLETE} file (not a whole checkpoint)")
+        candidates = complete[::-1]
+    else:  # latest's, then those committed before it, newest first (not those of a line rolled back from)
+        candidates = complete[complete.index(latest)::-1]
+    for tag in candidates:
+        problems = check(ckpt_dir / tag)
+        if not problems:
+            if notes:
+                notes.append(f"resuming from {tag} instead, the newest whole checkpoint before it")
+            return tag, notes
+        notes.append(f"checkpoint {ckpt_dir / tag} is damaged: " + "; ".join(problems))
+    raise ResumeError(f"no whole checkpoint to resume from in {ckpt_dir}: " + " | ".join(notes) + ". Restore "
+                      "the damaged files, or move the directory aside to start afresh (`megassm inspect checkpoint "
+                      "DIR` checks one)")
+
+
+def _chosen_tag(ckpt_dir: Path, tag: str, complete: list[str], latest: str | None,
+                check: Callable[[Path], list[str]]) -> tuple[str, list[str]]:
+    """``train.resume_from=tag``: complete and whole, or ResumeError naming the valid tags."""
+    if tag not in complete:
+        raise ResumeError(f"train.resume_from={tag!r}: {ckpt_dir / tag} is not a complete checkpoint; the "
+                          f"complete ones, oldest first: {', '.join(complete) or 'none'}")
+    problems = check(ckpt_dir / tag)
+    if problems:
+        raise ResumeError(f"train.resume_from={tag}: the checkpoint is damaged: {'; '.join(problems)}. Choose "
+                          f"another of {', '.join(t for t in complete if t != tag) or 'none'}")
+    note = f"resuming from {tag} (train.resume_from)"
+    if latest and latest != tag:
+        note += (f", not from {latest}, which latest names. Drop train.resume_from once this run has saved: "
+                 "a restart that still sets it goes back to it again")
+    return tag, [note]
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -115,12 +181,26 @@ def finalize(ckpt_dir: Path, tag: str, keep_last: int, is_writer: bool) -> None:
 def commit(ckpt_dir: Path, tag: str, keep_last: int) -> None:
     """Mark ``tag`` complete, point ``latest`` at it, then prune old / partial checkpoints. No collective:
     the background writer of an asynchronous save calls it once every rank's files are durable
-    (``checkpoint_writer.BackgroundSave``), so pruning never runs before COMPLETE."""
-    atomic_write_text(ckpt_dir / tag / COMPLETE, tag)
+    (``checkpoint_writer.BackgroundSave``), so pruning never runs before COMPLETE. COMPLETE records the
+    commit's number, one more than any earlier commit's: the order pruning and resume go by."""
+    ckpt_dir = Path(ckpt_dir)
+    number = 1 + max((commit_number(ckpt_dir / t) for t in complete_tags(ckpt_dir) if t != tag), default=0)
+    atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"tag": tag, "commit": number}))
     atomic_write_text(ckpt_dir / LATEST, tag)
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
-    for old in complete[: max(0, len(complete) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in ckpt_dir.glob("step_*"):
-        if partial.name != tag and not (partial / COMPLETE).exists():
+    prune(ckpt_dir, keep_last, keep=tag)
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Remove the complete checkpoints older than the newest ``keep_last`` in commit order (0 keeps them
+    all) and every partial one except ``keep``; never ``keep`` nor what ``latest`` names."""
+    if keep_last < 0:
+        raise ValueError(f"train.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
+    latest = Path(ckpt_dir) / LATEST
+    protected = {keep, latest.read_text().strip() if latest.is_file() else keep}
+    complete = complete_tags(ckpt_dir)
+    for old in complete[: max(0, len(complete) - keep_last)] if keep_last else []:
+        if old not in protected:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    for partial in Path(ckpt_dir).glob("step_*"):
+        if partial.name not in protected and not (partial / COMPLETE).exists():
             shutil.rmtree(partial, ignore_errors=True)

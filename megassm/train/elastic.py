@@ -25,7 +25,7 @@ or another global batch (unless ``train.allow_batch_change``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megassm.config.load import to_dict
@@ -64,6 +64,7 @@ class ResumePlan:
     elastic: bool = False
     old: dict | None = None
     new: dict | None = None
+    notes: list[str] = field(default_factory=list)  # why this tag (a damaged latest, train.resume_from), logged
 
     def describe(self) -> str:
         keys = ("world", "dp", "cp", "micro_batch_size", "micro_batches_per_step")
@@ -78,11 +79,16 @@ def read_rank0_state(tag_dir: Path) -> dict:
 
 
 def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
-    """Compare the latest checkpoint's layout and model with this run's; raise what cannot be bridged.
+    """Choose the checkpoint to resume (``checkpoint.resume_tag``: latest's if whole, else the newest whole
+    one before it, or train.resume_from), compare its layout and model with this run's; raise what cannot be
+    bridged. Reads the checkpoint's file structure and JSON; writes nothing."""
+    tag, notes = ckpt.resume_tag(ckpt_dir, cfg.train.resume_from)
+    plan = _plan_for(cfg, Path(ckpt_dir), tag, world)
+    plan.notes = notes
+    return plan
 
-    Reads only JSON; writes nothing.
-    """
-    tag = ckpt.read_latest(ckpt_dir)
+
+def _plan_for(cfg: RunConfig, ckpt_dir: Path, tag: str | None, world: int) -> ResumePlan:
     if tag is None:
         return ResumePlan()
     tag_dir = Path(ckpt_dir) / tag

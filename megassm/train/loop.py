@@ -26,7 +26,7 @@ from megassm.parallel.comm import all_reduce_, barrier
 from megassm.parallel.mesh import ParallelMesh, init_distributed
 from megassm.runtime import default_device
 from megassm.train import checkpoint as ckpt
-from megassm.train import elastic
+from megassm.train import elastic, signals
 from megassm.train.backends import TrainBackend, build_backend
 from megassm.train.checkpoint_writer import (
     BackgroundSave,
@@ -50,26 +50,6 @@ log = logging.getLogger("megassm.train")
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class _SignalFlag:
-    """Set by SIGUSR1 / SIGTERM; the loop checkpoints and exits at the next step boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def install(self):
-        for s in (signal.SIGUSR1, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _fault_kill_step() -> int | None:
@@ -115,6 +95,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         # before anything is written: a checkpoint at another layout is bridged or refused here
         self.resume_plan = elastic.plan_resume(cfg, self.ckpt_dir, dist.get_world_size())
+        for note in self.resume_plan.notes:  # a damaged latest and the fallback, or train.resume_from
+            self._info(note)
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -137,7 +119,7 @@ class Trainer:
         self.nonfinite_run = 0
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tb=True, wandb=cfg.logging.wandb,
                                      run_config=to_dict(cfg))
-        self._stop: _SignalFlag | None = None  # installed by fit()
+        self._stop: signals.StopSignals | None = None  # set by fit(): the process's (megassm train) or its own
         self.resume()
         self.profiler = StepProfiler(cfg.train.profile, self.run_dir / "profile", self.rank, dist.get_world_size(),
                                      self.device, first_step=self.step + 1)  # after resume: knows the next step
@@ -190,10 +172,12 @@ class Trainer:
         started = time.perf_counter()
         tag = ckpt.tag_for(self.step)
         tag_dir = self.ckpt_dir / tag
-        if self.rank == 0 and tag_dir.exists() and not (tag_dir / ckpt.COMPLETE).exists():
+        if self.rank == 0 and tag_dir.exists() and tag != self.resume_plan.tag:
             import shutil
 
-            shutil.rmtree(tag_dir)  # a partial leftover of an interrupted save at this step
+            # a partial leftover of an interrupted save at this step, or a checkpoint of a line of training
+            # abandoned by a rollback (train.resume_from): new files must not land among its old ones
+            shutil.rmtree(tag_dir)
         barrier()
         sink = FileSink(deferred=not blocking)
         self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink)
@@ -321,8 +305,16 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> int:
+        """Train to ``train.steps``; returns the exit status (``signals.py``: 0, or 130 after SIGINT)."""
         cfg = self.cfg.train
-        flag = self._stop = _SignalFlag().install()
+        process_wide = signals.process_signals()  # installed at `megassm train`'s entry, before the build
+        flag = self._stop = process_wide or signals.StopSignals().install()
+        if self._stopped_before_training(flag):
+            self.profiler.close()
+            self.metrics.close()
+            if flag is not process_wide:
+                flag.restore()
+            return flag.exit_status()
         data_iter = iter(self.data)
         # train_step reports one data-parallel replica's samples; the pp x tp x cp ranks of a replica
         # share its work, so per-GPU FLOPs divide by that many
@@ -374,7 +366,7 @@ class Trainer:
                 self._reap_save(wait=False)
                 if out["stop"]:
                     self._save_on_signal(flag.signum)
-                    return 0
+                    return flag.exit_status()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     final = self.step == cfg.steps
                     self.save("final" if final else "periodic", blocking=final or not cfg.async_save)
@@ -389,21 +381,36 @@ class Trainer:
         finally:
             self.profiler.close()
             bar.close()
-            flag.restore()
+            if flag is not process_wide:
+                flag.restore()
             self.metrics.close()
 
+    def _stopped_before_training(self, flag: signals.StopSignals) -> bool:
+        """A signal during start-up (the build, the resume load), on any rank: every rank exits before the
+        first step and writes nothing; ``latest`` still names the checkpoint this run resumed from."""
+        signum = self._max_over_ranks(flag.signum or 0)  # one decision for all ranks
+        if not signum:
+            return False
+        self._info(f"{signal.Signals(signum).name} came before training started (step {self.step}); exiting "
+                   f"without a checkpoint, {self.ckpt_dir / ckpt.LATEST} still names "
+                   f"{self.resume_plan.tag or 'none (a fresh start)'}")
+        return True
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` over all ranks (the signal path's one collective)."""
+        return int(all_reduce_(torch.tensor([value]), op="max"))
+
     def _save_on_signal(self, signum: int) -> None:
-        """SIGUSR1 / SIGTERM: a checkpoint inside the grace window (docs/cluster.md). If a background save
-        is in flight, finishing it is the checkpoint: the steps since it are redone after the requeue, and
+        """SIGUSR1 / SIGTERM / SIGINT: a checkpoint inside the grace window (docs/cluster.md). If a background
+        save is in flight, finishing it is the checkpoint: the steps since it are redone after the requeue, and
         the window needs one save, not two. Otherwise a synchronous save of this step."""
         writer = getattr(self, "_background_save", None)
         inflight = writer.in_flight if writer is not None else None
         # one decision for all ranks: a rank whose own part is written may already have reaped the save
         # that another is still writing
-        flag = torch.tensor([0 if inflight is None else inflight.step + 1], device=self.device)
-        all_reduce_(flag, op="max")
-        if int(flag) > 0:
-            saved = int(flag) - 1  # the step of the save in flight on some rank
+        flag = self._max_over_ranks(0 if inflight is None else inflight.step + 1)
+        if flag > 0:
+            saved = flag - 1  # the step of the save in flight on some rank
             self._reap_save(wait=True)
             self._info(f"checkpoint written on signal at step {saved}; exiting (signal {signum} at step "
                        f"{self.step} came while {ckpt.tag_for(saved)} was being written: that is the checkpoint, "

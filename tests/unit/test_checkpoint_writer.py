@@ -91,7 +91,8 @@ def test_rank0_commits_only_after_every_rank_marked_its_files_durable(tmp_path):
     assert w1.wait() == {}
     stats = w0.wait()
     assert ckpt.read_latest(ckpt_dir) == tag and not (ckpt_dir / tag / MARKERS).exists()
-    assert stats["tag"] == tag and stats["mode"] == "async" and stats["bytes"] == len("zero") + len("one") + len(tag)
+    assert stats["tag"] == tag and stats["mode"] == "async" and stats["bytes"] == len("zero") + len("one") + (
+        ckpt_dir / tag / ckpt.COMPLETE).stat().st_size
     assert stats["step_at_commit"] == 10 and stats["steps_during_write"] == 6
     assert (ckpt_dir / STATS).is_file()
 

@@ -1,12 +1,14 @@
 """``plan_resume`` (megassm/train/elastic.py) on hand-written checkpoint records: what a dp change with
 shard data needs (data.order=global on both sides), and that a bucketed
-run's global batch is its bucket table's, not micro x grad_accum x dp. It reads only JSON; nothing runs."""
+run's global batch is its bucket table's, not micro x grad_accum x dp. It reads the records (and checks the
+files are whole); nothing runs."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from megassm.config.load import load_config, to_dict
 from megassm.data.testing import write_synthetic_dataset
@@ -31,6 +33,7 @@ def _checkpoint(root, cfg, world: int, step: int, data_state: dict):
     tag = ckpt.tag_for(step)
     (root / tag / "trainer").mkdir(parents=True)
     (root / tag / ckpt.COMPLETE).write_text("")
+    torch.save({}, root / tag / "mp_rank_00_model_states.pt")  # a whole file (resume checks them before it plans)
     (root / ckpt.LATEST).write_text(tag)
     state = {"step": step, "layout": layout_of(cfg, world), "model": to_dict(cfg.model), "data": data_state}
     (root / tag / "trainer" / "rank_00000.json").write_text(json.dumps(state))

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megassm.checkpoint.snapshot import FileSink
+from megassm.checkpoint.snapshot import FileSink, fsync_tree
 from megassm.checkpoint.tags import COMPLETE
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from megassm.data.writer import fsync_dir
 from megassm.runtime import use_bf16
 from megassm.train.backends.base import StepResult
 from megassm.train.optim import build_optimizer
@@ -385,7 +386,9 @@ def convert_to_universal(ckpt_dir: Path, tag: str, is_writer: bool) -> Path:
                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                            strict=True, inject_missing_state=False))
         (tmp / COMPLETE).write_text("")
+        fsync_tree(tmp)  # the converted files and their names durable before the rename commits them
         tmp.rename(out)
+        fsync_dir(root)
     return root
 
 
