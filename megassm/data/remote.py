@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import time
 from typing import Any
@@ -79,9 +80,11 @@ def check_location(loc: str, what: str) -> None:
 
 
 def join(loc: str, name: str) -> str:
-    """The location of file ``name`` inside dataset ``loc``."""
+    """The location of file ``name`` inside dataset ``loc``. pipe: the name is shell-quoted into the user's
+    command (manifests hold only plain relative names, ``manifest.check_shard_path``; quoting is the second
+    guard: a name is never shell syntax)."""
     if scheme(loc) == "pipe":
-        return loc.replace("{path}", name)
+        return loc.replace("{path}", shlex.quote(name))
     if is_local(loc):
         return os.path.join(local_path(loc), name)
     return loc.rstrip("/") + "/" + name
