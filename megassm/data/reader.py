@@ -504,6 +504,7 @@ class ShardLoader:
 
     def _set_base(self, cursor: GlobalCursor, origin: int) -> None:
         self._base, self._origin, self._received, self._skipped = cursor, origin, 0, {}
+        self._cursor = cursor  # the last global_cursor(): later ones count only the draws after it
         if self.schedule is not None:
             self.mix = BucketedMix(self.seed, self.weights, self.streams, self.schedule.table)
         else:
@@ -523,7 +524,10 @@ class ShardLoader:
                 stop += q * base + min(q, extra)
         else:
             stop = self._base.index + self._received * self.dp_size * self.batch_size
-        return self._base.advanced(stop, self.mix)
+        # incremental: the draws of [base, previous stop) are counted already (stop never decreases), so a
+        # save late in a run costs the batches since the last one, not every batch since the resume
+        self._cursor = self._cursor.advanced(stop, self.mix)
+        return self._cursor
 
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
