@@ -94,6 +94,9 @@ class DataConfig:
     # (docs/shard_format.md §6)
     order: str = "rank"
     window_shards: int = 8  # order=global: consecutive shards whose samples are permuted together
+    # shards: the trainer waiting longer than this for one batch is an error naming the shard each loader
+    # worker was reading (a hung pipe:/remote read, a shard the reader cannot get through)
+    stall_timeout_s: float = 600.0
     # dtype of batch["text"]: bfloat16 (as stored; half the host memory traffic of float32 for
     # T5-XXL's 4096 x text_len per sample) or float32; the model casts to its compute dtype anyway
     text_dtype: str = "bfloat16"

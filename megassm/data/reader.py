@@ -18,6 +18,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
 from megassm.data.token_budget import BucketSchedule, PendingByShape
+from megassm.data.watch import ReadBoard, attach
 from megassm.encoders.latent_norm import LatentNorm
 
 log = logging.getLogger("megassm.data")
@@ -169,14 +171,26 @@ def collate(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_l
     return expand(pack(items, specs, text_len, with_keys), text_len, text_dtype, False)
 
 
-def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, depth: int = 2):
+class DataStallError(RuntimeError):
+    """The trainer waited longer than ``data.stall_timeout_s`` for one batch."""
+
+
+_POLL_S = 0.5  # how often a waiting trainer checks the stall limit and its wait hook (signals)
+
+
+def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, depth: int = 2, *,
+               board: ReadBoard | None = None, stall_timeout_s: float = float("inf"), wait_hook=None):
     """Expand compact batches in a background thread (torch ops release the GIL), ``depth`` ahead.
 
     The thread owns the DataLoader iterator and shuts its workers down when the consumer stops
-    (generator closed, or interpreter exit via threading's atexit hook).
+    (generator closed, or interpreter exit via threading's atexit hook). The consumer waits in ticks of
+    ``_POLL_S``: ``wait_hook(waited_s, reading)`` may raise (the trainer ends the run on a signal), and a
+    wait beyond ``stall_timeout_s`` raises ``DataStallError`` naming what each worker was reading. Either
+    way the workers are killed: a stalled one does not answer SIGTERM (it inherits the trainer's handler).
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    owned: list = []  # the DataLoader iterator, for killing its workers
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -195,6 +209,7 @@ def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: 
         if _OPENMP:
             torch.set_num_threads(1)
         it = iter(loader)
+        owned.append(it)
         try:
             for packed, pos in it:
                 if not put((expand(packed, text_len, text_dtype, pin), pos)):
@@ -203,20 +218,65 @@ def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: 
         except BaseException as e:  # hand worker errors (e.g. FormatError) to the consumer
             put(e)
         finally:
+            owned.clear()
             del it  # shuts the DataLoader workers down
 
     if hasattr(threading, "_register_atexit"):  # stop before the interpreter joins threads at exit
         threading._register_atexit(stop.set)
-    t = threading.Thread(target=run, name="megassm-batch-expand")
+    # a daemon: a thread stuck in a stalled read must not keep the process from exiting
+    t = threading.Thread(target=run, name="megassm-batch-expand", daemon=True)
     t.start()
+    normal = False
     try:
-        while (item := q.get()) is not None:
+        while (item := _wait(q, board, stall_timeout_s, wait_hook)) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
+        normal = True
+    except GeneratorExit:  # the consumer closed the generator
+        normal = True
+        raise
     finally:
         stop.set()
-        t.join(timeout=30)
+        if not normal:
+            _kill_workers(owned)
+        t.join(timeout=30 if normal else 1)
+
+
+def _wait(q: queue.Queue, board, stall_timeout_s: float, wait_hook):
+    """The next item of ``q``, waiting in ticks (see ``_expanding``)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            waited = time.monotonic() - t0
+            reading = board.describe() if board is not None else "?"
+            if wait_hook is not None:
+                wait_hook(waited, reading)
+            if waited > stall_timeout_s:
+                raise DataStallError(
+                    f"no batch from the data loader for {waited:.0f} s (data.stall_timeout_s={stall_timeout_s:g}); "
+                    f"reading: {reading}. A hung pipe:/remote read or a shard the reader cannot get through; "
+                    "check that shard, or raise data.stall_timeout_s if reads are legitimately this slow") from None
+
+
+def _kill_workers(owned: list) -> None:
+    """SIGKILL a DataLoader iterator's worker processes (after an error or an interrupt: a stalled worker
+    ignores SIGTERM, having inherited the trainer's checkpoint-signal handler)."""
+    for it in list(owned):
+        workers = getattr(it, "_workers", None) or []
+        try:  # torch's SIGCHLD check would report the kill as a worker failure in this thread
+            if getattr(it, "_worker_pids_set", False):
+                from torch.utils.data._utils import signal_handling
+
+                signal_handling._remove_worker_pids(id(it))
+                it._worker_pids_set = False
+        except Exception:
+            pass
+        for w in workers:
+            if w.is_alive():
+                w.kill()
 
 
 class LatentBatchStream(IterableDataset):
@@ -239,6 +299,7 @@ class LatentBatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info else 0
+        attach(getattr(self, "board", None), physical)
         torch.set_num_threads(1)
         logical = (physical + self.rotation) % self.num_workers
         streams = [SampleStream(i, s.shards, s.counts, worker=logical, num_workers=self.num_workers, **self.kw)
@@ -330,6 +391,7 @@ class GlobalBatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
+        attach(getattr(self, "board", None), worker)
         torch.set_num_threads(1)
         shape_no = {}
         for st in self.streams:
@@ -393,6 +455,11 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.text_len, self.epochs, self.drop_last, self.return_keys = text_len, epochs, drop_last, return_keys
         self.num_workers = int(cfg.num_workers)
+        self.stall_timeout_s = float(getattr(cfg, "stall_timeout_s", 600.0))
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"data.stall_timeout_s={self.stall_timeout_s} must be > 0")
+        # wait_hook(waited_s, reading): called while the trainer waits for a batch (each _POLL_S); may raise
+        self.wait_hook = None
         tdt = getattr(cfg, "text_dtype", "bfloat16")
         if tdt not in TEXT_DTYPES:
             raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
@@ -461,8 +528,10 @@ class ShardLoader:
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False}
+        ds.board = ReadBoard(self.num_workers)  # where each worker reads, for a stall's error message
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
-        yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available())
+        yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available(), board=ds.board,
+                              stall_timeout_s=self.stall_timeout_s, wait_hook=self.wait_hook)
 
     def _mark_micro_batch(self, batch: dict, micro: int) -> None:
         """data.buckets: the schedule's micro-batch ``micro`` is what this batch is (its worker computed the

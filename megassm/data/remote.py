@@ -28,6 +28,8 @@ import subprocess
 import time
 from typing import Any
 
+from megassm.data import watch
+
 log = logging.getLogger("megassm.data")
 
 FSSPEC_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
@@ -261,6 +263,7 @@ class ShardStream:
 
 def open_shard(loc: str, start: int = 0, buffering: int = 1 << 16):
     """A readable of shard ``loc`` positioned at byte ``start`` (local: a plain file)."""
+    watch.reading(loc)
     if is_local(loc):
         f = open(local_path(loc), "rb", buffering=buffering)
         f.seek(start)
@@ -272,6 +275,7 @@ def open_shard(loc: str, start: int = 0, buffering: int = 1 << 16):
 
 def open_random(loc: str):
     """A seekable readable for random reads (restore), or None where only streaming works (pipe:)."""
+    watch.reading(loc)
     if is_local(loc):
         return open(local_path(loc), "rb")
     if scheme(loc) == "pipe":

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from megassm.data import watch
 from megassm.data.format import (
     HEADER_PREFIX_BYTES,
     META_EXT,
@@ -117,6 +118,7 @@ def iter_members(f: BinaryIO, where: str, start: int = 0) -> Iterator[TarMember]
     file_size = _file_size(f)
     pos, long_name, member_start = start, None, None
     while True:
+        watch.reading(where)  # a stalled read names this shard (data.stall_timeout_s)
         f.seek(pos)
         block = f.read(_BLOCK)
         if not block:

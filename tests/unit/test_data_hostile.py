@@ -17,7 +17,7 @@ from megassm.config.schema import DataConfig
 from megassm.data import remote
 from megassm.data.format import FormatError
 from megassm.data.manifest import load_manifest
-from megassm.data.reader import build_shard_loader
+from megassm.data.reader import DataStallError, build_shard_loader
 from megassm.data.tario import iter_samples
 from megassm.data.testing import write_synthetic_dataset
 
@@ -136,3 +136,54 @@ def test_a_shard_with_a_malformed_pax_header_is_skipped_by_the_loader(ds, tmp_pa
     loader = _loader(str(d), epochs=1, drop_last=False)
     keys = [k for b in loader for k in b["keys"]]
     assert len(keys) == 8 and loader.stats()["skipped"] == {"corrupt_shard": 1}
+
+
+# ---------------------------------------------------------------- a loader that blocks
+def _hanging(ds: Path, shard: str = "shard-000001.tar") -> str:
+    """A pipe: dataset whose command for ``shard`` (a glob) hangs, as a stuck download would; the rest is read."""
+    return f"pipe:sh -c 'case \"$0\" in {shard}) sleep 30;; esac; exec cat {ds}/\"$0\"' {{path}}"
+
+
+def _dead_workers_soon(before: set) -> bool:
+    import multiprocessing
+
+    new = [p for p in multiprocessing.active_children() if p.pid not in before]
+    for p in new:
+        p.join(timeout=10)
+    return not any(p.is_alive() for p in new)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stalled_loader_fails_after_the_stall_timeout_naming_the_shard(ds, workers):
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = _loader(_hanging(ds), workers=workers, epochs=1, drop_last=False, cfg={"stall_timeout_s": 1.5})
+    with pytest.raises(DataStallError, match=r"data\.stall_timeout_s=1\.5.*worker 0: .*shard-000001\.tar"):
+        for _ in loader:
+            pass
+    assert _dead_workers_soon(before)  # the stuck worker is killed, not left to block the exit
+
+
+def test_a_signal_while_the_trainer_waits_for_data_ends_the_wait(ds):
+    """SIGTERM while next(loader) blocks on a hung read: the trainer's wait hook (loop.Trainer._on_data_wait)
+    raises within a poll tick instead of waiting for a step boundary that never comes."""
+    import multiprocessing
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    from megassm.train import loop
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = _loader(_hanging(ds, "shard-*"), workers=1, epochs=1, drop_last=False)  # stall limit: 600 s
+    trainer = SimpleNamespace(_stop=loop._SignalFlag().install(), step=7)
+    loader.wait_hook = lambda waited, reading: loop.Trainer._on_data_wait(trainer, waited, reading)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with pytest.raises(loop.DataWaitInterrupted, match=r"signal 15 while waiting .*step 8.*shard-00000"):
+            for _ in loader:
+                pass
+    finally:
+        trainer._stop.restore()
+    assert _dead_workers_soon(before)
