@@ -94,6 +94,9 @@ class DataConfig:
     # (docs/shard_format.md §6)
     order: str = "rank"
     window_shards: int = 8  # order=global: consecutive shards whose samples are permuted together
+    # order=global, pipe: datasets (no seeking): each loader worker plans this many samples ahead and streams
+    # each shard once for all of them, holding them in memory until used (more: fewer passes over a shard)
+    read_ahead_samples: int = 256
     # shards: the trainer waiting longer than this for one batch is an error naming the shard each loader
     # worker was reading (a hung pipe:/remote read, a shard the reader cannot get through)
     stall_timeout_s: float = 600.0

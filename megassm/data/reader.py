@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,12 +381,12 @@ class GlobalBatchStream(IterableDataset):
     def __init__(self, specs: list[DatasetSpec], streams: list[Stream], mix: GlobalMix, *, batch_size: int,
                  text_len: int, seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
                  window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool,
-                 schedule: BucketSchedule | None = None):
+                 schedule: BucketSchedule | None = None, read_ahead: int = 256):
         self.specs, self.streams, self.mix, self.batch_size, self.text_len = specs, streams, mix, batch_size, text_len
         self.schedule = schedule
         self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
         self.resampled, self.window, self.base, self.first = resampled, window, base, first
-        self.epochs, self.with_keys = epochs, with_keys
+        self.epochs, self.with_keys, self.read_ahead = epochs, with_keys, read_ahead
 
     def __iter__(self):
         info = get_worker_info()
@@ -402,8 +402,25 @@ class GlobalBatchStream(IterableDataset):
                    for s in self.specs]
         reader = GlobalReader(self.streams, orders, indexes)
         limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
-        cur = self.base
-        j = self.first + worker
+        plan = self._plan(worker, limits)
+        # pipe: datasets: announce the samples of the batches up to read_ahead samples ahead, so that each
+        # shard is streamed once for all of them (GlobalReader.expect); other sources read sample by sample
+        horizon = max(1, self.read_ahead // max(1, self.batch_size)) if any(ix.streamed for ix in indexes) else 1
+        ahead: deque = deque()
+        while True:
+            while len(ahead) < horizon and (nxt := next(plan, None)) is not None:
+                ahead.append(nxt)
+                reader.expect(nxt[1])
+            if not ahead:
+                return
+            j, picks = ahead.popleft()
+            items = [(self.streams[q].dataset, reader.read(q, k)) for q, k in picks]
+            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+
+    def _plan(self, worker: int, limits: list[int] | None):
+        """(j, [(stream, k) of each sample]) of this worker's batches j in order; stops before the first batch
+        that would take a stream past ``limits``."""
+        cur, j = self.base, self.first + worker
         while True:
             a, n = self._slot(j)
             cur = cur.advanced(a, self.mix)
@@ -413,10 +430,10 @@ class GlobalBatchStream(IterableDataset):
                 return
             counts, items = list(cur.counts), []
             for q in picks.tolist():
-                items.append((self.streams[q].dataset, reader.read(q, counts[q])))
+                items.append((q, counts[q]))
                 counts[q] += 1
             cur = end
-            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+            yield j, items
             j += self.num_workers
 
     def _slot(self, j: int) -> tuple[int, int]:
@@ -548,7 +565,7 @@ class ShardLoader:
                                seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
                                resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
                                first=self._received, epochs=self.epochs, with_keys=self.return_keys,
-                               schedule=self.schedule)
+                               schedule=self.schedule, read_ahead=int(getattr(self.cfg, "read_ahead_samples", 256)))
         B, dp = self.batch_size, self.dp_size
         for batch, pos in self._batches(ds):
             j = pos["batch"]

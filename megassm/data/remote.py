@@ -214,6 +214,23 @@ class ShardStream:
             del self.buf[:cut]
             self.base += cut
 
+    def advance(self, offset: int) -> None:
+        """Move forward to ``offset``, dropping every byte before it (read through in 1 MiB pieces and not
+        kept: skipping to a later sample of a shard costs no memory)."""
+        if offset < self.base:
+            raise ShardReadError(f"{self.loc}: cannot go back to byte {offset} (stream window starts at {self.base})")
+        while self.base + len(self.buf) < offset:
+            self.base += len(self.buf)
+            self.buf = bytearray()
+            chunk = self._pull(min(offset - self.base, 1 << 20))
+            if not chunk:
+                break
+            self.buf += chunk
+        cut = min(offset, self.base + len(self.buf)) - self.base
+        del self.buf[:cut]
+        self.base += cut
+        self.pos = offset
+
     def seek(self, offset: int, whence: int = 0) -> int:
         assert whence == 0, "ShardStream seeks by absolute offset only"
         if offset < self.base:
