@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import queue
-import threading
-import time
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -29,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megassm.config.schema import DataConfig
-from megassm.data import remote
+from megassm.data import handoff, remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
 from megassm.data.global_order import (
@@ -41,6 +38,7 @@ from megassm.data.global_order import (
     Stream,
     StreamOrder,
 )
+from megassm.data.handoff import DataStallError  # noqa: F401  (re-exported)
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
@@ -50,7 +48,6 @@ from megassm.encoders.latent_norm import LatentNorm
 
 log = logging.getLogger("megassm.data")
 STATE_VERSION = 1
-_OPENMP = "OpenMP" in torch.__config__.parallel_info()
 TEXT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -165,118 +162,15 @@ def expand(packed: dict[str, Any], text_len: int, text_dtype: torch.dtype, pin: 
     return batch
 
 
+def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, **kw):
+    """``handoff.batches`` of ``loader`` with the text expanded (``expand``) in the background thread."""
+    return handoff.batches(loader, lambda packed: expand(packed, text_len, text_dtype, pin), **kw)
+
+
 def collate(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int, with_keys: bool,
             text_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """[(dataset, sample)] -> trainer batch in one step (``pack`` then ``expand``)."""
     return expand(pack(items, specs, text_len, with_keys), text_len, text_dtype, False)
-
-
-class DataStallError(RuntimeError):
-    """The trainer waited longer than ``data.stall_timeout_s`` for one batch."""
-
-
-_POLL_S = 0.5  # how often a waiting trainer checks the stall limit and its wait hook (signals)
-
-
-def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, depth: int = 2, *,
-               board: ReadBoard | None = None, stall_timeout_s: float = float("inf"), wait_hook=None):
-    """Expand compact batches in a background thread (torch ops release the GIL), ``depth`` ahead.
-
-    The thread owns the DataLoader iterator and shuts its workers down when the consumer stops
-    (generator closed, or interpreter exit via threading's atexit hook). The consumer waits in ticks of
-    ``_POLL_S``: ``wait_hook(waited_s, reading)`` may raise (the trainer ends the run on a signal), and a
-    wait beyond ``stall_timeout_s`` raises ``DataStallError`` naming what each worker was reading. Either
-    way the workers are killed: a stalled one does not answer SIGTERM (it inherits the trainer's handler).
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    owned: list = []  # the DataLoader iterator, for killing its workers
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def run():
-        # One intra-op thread for this thread only (OpenMP's thread count is per calling thread): the
-        # copies here are memory-bound, and waking the process's OpenMP team for each one made idle
-        # team threads spin -- 6x the CPU time per sample on a loaded 2-core machine (reader_bench).
-        # Only with OpenMP: ATen's native thread pool would take the setting process-wide.
-        if _OPENMP:
-            torch.set_num_threads(1)
-        it = iter(loader)
-        owned.append(it)
-        try:
-            for packed, pos in it:
-                if not put((expand(packed, text_len, text_dtype, pin), pos)):
-                    return
-            put(None)
-        except BaseException as e:  # hand worker errors (e.g. FormatError) to the consumer
-            put(e)
-        finally:
-            owned.clear()
-            del it  # shuts the DataLoader workers down
-
-    if hasattr(threading, "_register_atexit"):  # stop before the interpreter joins threads at exit
-        threading._register_atexit(stop.set)
-    # a daemon: a thread stuck in a stalled read must not keep the process from exiting
-    t = threading.Thread(target=run, name="megassm-batch-expand", daemon=True)
-    t.start()
-    normal = False
-    try:
-        while (item := _wait(q, board, stall_timeout_s, wait_hook)) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        normal = True
-    except GeneratorExit:  # the consumer closed the generator
-        normal = True
-        raise
-    finally:
-        stop.set()
-        if not normal:
-            _kill_workers(owned)
-        t.join(timeout=30 if normal else 1)
-
-
-def _wait(q: queue.Queue, board, stall_timeout_s: float, wait_hook):
-    """The next item of ``q``, waiting in ticks (see ``_expanding``)."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            return q.get(timeout=_POLL_S)
-        except queue.Empty:
-            waited = time.monotonic() - t0
-            reading = board.describe() if board is not None else "?"
-            if wait_hook is not None:
-                wait_hook(waited, reading)
-            if waited > stall_timeout_s:
-                raise DataStallError(
-                    f"no batch from the data loader for {waited:.0f} s (data.stall_timeout_s={stall_timeout_s:g}); "
-                    f"reading: {reading}. A hung pipe:/remote read or a shard the reader cannot get through; "
-                    "check that shard, or raise data.stall_timeout_s if reads are legitimately this slow") from None
-
-
-def _kill_workers(owned: list) -> None:
-    """SIGKILL a DataLoader iterator's worker processes (after an error or an interrupt: a stalled worker
-    ignores SIGTERM, having inherited the trainer's checkpoint-signal handler)."""
-    for it in list(owned):
-        workers = getattr(it, "_workers", None) or []
-        try:  # torch's SIGCHLD check would report the kill as a worker failure in this thread
-            if getattr(it, "_worker_pids_set", False):
-                from torch.utils.data._utils import signal_handling
-
-                signal_handling._remove_worker_pids(id(it))
-                it._worker_pids_set = False
-        except Exception:
-            pass
-        for w in workers:
-            if w.is_alive():
-                w.kill()
 
 
 class LatentBatchStream(IterableDataset):

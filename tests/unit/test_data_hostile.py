@@ -187,3 +187,20 @@ def test_a_signal_while_the_trainer_waits_for_data_ends_the_wait(ds):
     finally:
         trainer._stop.restore()
     assert _dead_workers_soon(before)
+
+
+def test_a_signal_pending_before_the_wait_gives_the_loader_a_grace():
+    """A signal that came during the step's compute (pending when the wait begins) lets a flowing loader deliver
+    the step's next micro-batch (the step then checkpoints at its boundary); only a wait past the grace ends it."""
+    import time
+    from types import SimpleNamespace
+
+    from megassm.train import loop
+
+    flag = loop._SignalFlag()
+    flag.signum, flag.at = signal.SIGUSR1, time.monotonic() - 60  # a minute before this wait began
+    trainer = SimpleNamespace(_stop=flag, step=3)
+    loop.Trainer._on_data_wait(trainer, 1.0, "worker 0: x.tar")  # within the grace: keep waiting
+    with pytest.raises(loop.DataWaitInterrupted, match=r"signal 10 while waiting 10\.5 s .*step 4.*x\.tar"):
+        loop.Trainer._on_data_wait(trainer, loop.SIGNAL_DATA_GRACE_S + 0.5, "worker 0: x.tar")
+    loop.Trainer._on_data_wait(SimpleNamespace(_stop=loop._SignalFlag(), step=3), 1e6, "")  # no signal: no-op
