@@ -15,7 +15,7 @@ import pytest
 
 from megassm.config.schema import DataConfig
 from megassm.data import remote
-from megassm.data.format import FormatError
+from megassm.data.format import FormatError, load_tensors
 from megassm.data.manifest import load_manifest
 from megassm.data.reader import DataStallError, build_shard_loader
 from megassm.data.tario import iter_samples
@@ -72,8 +72,16 @@ def _header_offsets(data: bytes) -> list[int]:
         return [m.offset for m in tf.getmembers()]
 
 
-def _parse(data: bytes) -> tuple[list, list]:
-    """iter_samples over ``data`` (no size known, as for a pipe), under an alarm: a hang fails, not blocks."""
+class _Sized(io.BytesIO):
+    """Bytes whose size is known up front, as for a local file or an object store (truncation is seen early)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.getbuffer())
+
+
+def _parse(data: bytes, sized: bool = False) -> tuple[list, list]:
+    """iter_samples over ``data`` (size unknown as for a pipe, or known), under an alarm: a hang fails, not blocks."""
     errors: list = []
 
     def hung(*_):
@@ -82,7 +90,7 @@ def _parse(data: bytes) -> tuple[list, list]:
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(20)  # a guard against hanging the suite, not a speed requirement
     try:
-        got = list(iter_samples(io.BytesIO(data), 0, "fuzz.tar", errors=errors))
+        got = list(iter_samples((_Sized if sized else io.BytesIO)(data), 0, "fuzz.tar", errors=errors))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -100,15 +108,16 @@ def test_a_malformed_pax_record_is_a_corrupt_shard_not_a_hang(ds, payload):
 
 
 def test_fuzzed_headers_and_truncations_are_skipped_and_counted(ds):
-    """Deterministic fuzz: truncations, random bytes in header fields (checksum then fixed up so the
-    field itself is parsed), garbage pax headers. Never an exception, never a hang; a lost sample is counted."""
+    """Deterministic fuzz: truncations, random bytes in header fields (checksum then fixed up so the field itself
+    is parsed), garbage pax headers, random bytes anywhere (JSON, safetensors headers, tensors), each read with
+    the size unknown (pipe) and known (file). Never an exception, never a hang; a lost sample is counted."""
     clean = (ds / "shard-000000.tar").read_bytes()
     n_clean = len(_parse(clean)[0])
     heads = _header_offsets(clean)
     rng = np.random.default_rng(1234)
-    for trial in range(300):
+    for trial in range(400):
         data = bytearray(clean)
-        kind = trial % 3
+        kind = trial % 4
         if kind == 0:
             data = data[:int(rng.integers(0, len(clean)))]
         elif kind == 1:
@@ -117,14 +126,20 @@ def test_fuzzed_headers_and_truncations_are_skipped_and_counted(ds):
                 data[h + int(rng.integers(0, 512))] = int(rng.integers(0, 256))
             data[h + 148:h + 156] = b" " * 8
             data[h + 148:h + 156] = b"%06o\0 " % sum(data[h:h + 512])
-        else:
+        elif kind == 2:
             junk = bytes(rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8))
             h = int(rng.choice(heads))
             data = data[:h] + _pax_header(junk) + data[h:]
-        got, errors = _parse(bytes(data))
-        assert len(got) <= n_clean
-        if len(got) < n_clean:
-            assert errors, f"trial {trial}: {n_clean - len(got)} samples lost without a count"
+        else:
+            for _ in range(int(rng.integers(1, 20))):
+                data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        for sized in (False, True):
+            got, errors = _parse(bytes(data), sized)
+            assert len(got) <= n_clean
+            for smp in got:  # what passed the reader's checks decodes (the worker's pack would)
+                load_tensors(smp.key, smp.st_bytes, "fuzz.tar")
+            if len(got) < n_clean:
+                assert errors, f"trial {trial}: {n_clean - len(got)} samples lost without a count"
 
 
 def test_a_shard_with_a_malformed_pax_header_is_skipped_by_the_loader(ds, tmp_path):
