@@ -45,7 +45,7 @@ import numpy as np
 from megassm.data import remote
 from megassm.data.format import FormatError
 from megassm.data.stream import ShardFiles
-from megassm.data.tario import RawSample, iter_members, iter_samples, read_sample_at, split_key
+from megassm.data.tario import RawSample, iter_members, iter_samples, split_key
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -337,20 +337,7 @@ class ShardIndex:
         return self.files.read(shard, self.offset(shard, shape, i))
 
     def read_many(self, shard: int, offsets: list[int]) -> dict[int, RawSample | Exception]:
-        """The samples at ``offsets`` (ascending) of one shard in one pass of a single stream; a sample that
-        cannot be read maps to its error (a broken stream: that error for the rest)."""
-        where, out = self.paths[shard], {}
-        try:
-            with remote.open_shard(where, offsets[0]) as f:
-                for off in offsets:
-                    f.advance(off)
-                    try:
-                        out[off] = read_sample_at(f, shard, off, where)
-                    except FormatError as e:
-                        out[off] = e
-        except OSError as e:
-            out.update({off: e for off in offsets if off not in out})
-        return out
+        return self.files.read_many(shard, offsets)
 
 
 class GlobalReader:

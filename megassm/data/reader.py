@@ -206,8 +206,7 @@ class LatentBatchStream(IterableDataset):
             for st, ss in zip(streams, saved["streams"]):
                 st.restore(ss)
             mix_rng, count[0] = rng_from(saved["mix_rng"]), saved["batches"]
-            bucketer.restore([(tuple(shape), [(d, streams[d].files.read(sh, off)) for d, sh, off in items])
-                              for shape, items in saved["pending"]])
+            bucketer.restore(_read_pending(streams, saved["pending"]))
         live = [not s.finished for s in streams]
         w = np.asarray(self.weights, dtype=np.float64)
 
@@ -261,6 +260,17 @@ class LatentBatchStream(IterableDataset):
                     streams[d]._count(why, f"{s.key}: latent {shape_key(s.shape)}")
             count[0] += 1
             yield pack(pending.take(mb.shape, n), self.specs, self.text_len, self.with_keys), position()
+
+
+def _read_pending(streams: list[SampleStream], pending: list) -> list[tuple[tuple, list]]:
+    """A saved bucketer's pending samples [[shape, [[dataset, shard, offset], ...]], ...] read back, each
+    dataset's in one ``read_each`` (a pipe: shard streamed once)."""
+    addresses: dict[int, list[tuple[int, int]]] = {}
+    for _, items in pending:
+        for d, sh, off in items:
+            addresses.setdefault(d, []).append((sh, off))
+    got = {d: dict(zip(a, streams[d].files.read_each(a))) for d, a in addresses.items()}
+    return [(tuple(shape), [(d, got[d][sh, off]) for d, sh, off in items]) for shape, items in pending]
 
 
 class GlobalBatchStream(IterableDataset):
