@@ -408,4 +408,6 @@ class GlobalReader:
             del pending[o]
             if o != off:
                 self._held.pop((st.dataset, shard, o), None)
+        if not pending:
+            del self._pending[st.dataset, shard]
         return s
