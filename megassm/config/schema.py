@@ -97,6 +97,12 @@ class DataConfig:
     # resume over a dataset whose shards changed (re-split, rewritten, shards added: its fingerprint differs):
     # off = refused, naming the dataset; on = continue at the same position in the new order (logged)
     allow_dataset_change: bool = False
+    # order=global, pipe: datasets (no seeking): each loader worker plans this many samples ahead and streams
+    # each shard once for all of them, holding them in memory until used (more: fewer passes over a shard)
+    read_ahead_samples: int = 256
+    # shards: the trainer waiting longer than this for one batch is an error naming the shard each loader
+    # worker was reading (a hung pipe:/remote read, a shard the reader cannot get through)
+    stall_timeout_s: float = 600.0
     # dtype of batch["text"]: bfloat16 (as stored; half the host memory traffic of float32 for
     # T5-XXL's 4096 x text_len per sample) or float32; the model casts to its compute dtype anyway
     text_dtype: str = "bfloat16"

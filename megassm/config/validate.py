@@ -139,6 +139,13 @@ def validate_data(d: DataConfig) -> None:
     _choice("data.order", d.order, ["global", "rank"])
     if d.window_shards < 1:
         raise ConfigError(f"data.window_shards={d.window_shards} must be >= 1")
+    if d.read_ahead_samples < 1:
+        raise ConfigError(f"data.read_ahead_samples={d.read_ahead_samples} must be >= 1 (samples each loader worker "
+                          "reads ahead from pipe: datasets in data.order=global; default 256)")
+    if not isinstance(d.stall_timeout_s, (int, float)) or not d.stall_timeout_s > 0:
+        raise ConfigError(f"data.stall_timeout_s={d.stall_timeout_s!r} must be a number of seconds > 0 (the longest "
+                          "the trainer waits for one batch before it fails naming the shard being read; "
+                          "default 600)")
 
 
 def validate_parallel(cfg: RunConfig) -> None:

@@ -340,28 +340,65 @@ class ShardIndex:
         self._offsets.setdefault((shard, shape), [])
         return self._offsets[shard, shape]
 
-    def read(self, shard: int, shape: tuple[int, int, int], i: int) -> RawSample:
+    @property
+    def streamed(self) -> bool:
+        """Whether a shard can only be streamed from its start (pipe:), so reads are batched per shard."""
+        return bool(self.paths) and remote.scheme(self.paths[0]) == "pipe"
+
+    def offset(self, shard: int, shape: tuple[int, int, int], i: int) -> int:
         offs = self.offsets(shard, shape)
         if i >= len(offs):
             raise FormatError(f"{self.paths[shard]}: has {len(offs)} readable samples of latent {shape}, sample {i} "
                               "is missing (truncated or rewritten shard?)")
-        return self.files.read(shard, offs[i])
+        return offs[i]
+
+    def read(self, shard: int, shape: tuple[int, int, int], i: int) -> RawSample:
+        return self.files.read(shard, self.offset(shard, shape, i))
+
+    def read_many(self, shard: int, offsets: list[int]) -> dict[int, RawSample | Exception]:
+        return self.files.read_many(shard, offsets)
 
 
 class GlobalReader:
-    """Reads stream-local index k of each stream, replacing an unreadable sample by the next readable k."""
+    """Reads stream-local index k of each stream, replacing an unreadable sample by the next readable k.
+
+    pipe: datasets (a shard can only be streamed from its start): ``expect`` announces the (stream, k) of the
+    coming batches; a read of a shard then streams it once for all of its announced samples, holding them
+    until they are read, so a shard is streamed once per read-ahead horizon instead of once per sample."""
 
     def __init__(self, streams: list[Stream], orders: list[StreamOrder], indexes: list[ShardIndex]):
         self.streams, self.orders, self.indexes = streams, orders, indexes
         self.skipped: Counter[str] = Counter()
+        self._pending: dict[tuple[int, int], Counter[int]] = {}  # (dataset, shard) -> announced offsets
+        self._held: dict[tuple[int, int, int], RawSample] = {}  # (dataset, shard, offset) -> read ahead
+
+    def _where(self, stream: int, k: int) -> tuple[int, int, int] | None:
+        """(dataset, shard, offset) of stream-local index k of a pipe: dataset; None otherwise or if unknown."""
+        st = self.streams[stream]
+        index = self.indexes[st.dataset]
+        if not index.streamed:
+            return None
+        shard, i = self.orders[stream].locate(k)
+        offs = index.offsets(shard, st.shape)
+        return (st.dataset, shard, offs[i]) if i < len(offs) else None
+
+    def expect(self, items: list[tuple[int, int]]) -> None:
+        """(stream, k) that will be read (each once per announcement), in the coming batches."""
+        for q, k in items:
+            w = self._where(q, k)
+            if w is not None:
+                self._pending.setdefault(w[:2], Counter())[w[2]] += 1
 
     def read(self, stream: int, k: int) -> RawSample:
         order, st = self.orders[stream], self.streams[stream]
         index = self.indexes[st.dataset]
+        w = self._where(stream, k)
+        if w is not None and self._pending.get(w[:2], {}).get(w[2], 0) > 0:
+            self._pending[w[:2]][w[2]] -= 1  # consumed (even if unreadable and replaced below)
         for j in range(k, k + order.total):
             shard, i = order.locate(j)
             try:
-                s = index.read(shard, st.shape, i)
+                s = self._read(st, index, shard, i)
             except (FormatError, OSError):
                 self.skipped["corrupt_sample"] += 1
                 continue
@@ -371,3 +408,25 @@ class GlobalReader:
             return s
         raise FormatError(f"dataset {index.paths[0].rsplit('/', 1)[0]}: no readable sample of latent shape "
                           f"{st.shape} in a whole epoch of it ({order.total} tried)")
+
+    def _read(self, st: Stream, index: ShardIndex, shard: int, i: int) -> RawSample:
+        if not index.streamed:
+            return index.read(shard, st.shape, i)
+        off = index.offset(shard, st.shape, i)
+        pending = self._pending.setdefault((st.dataset, shard), Counter())
+        key = (st.dataset, shard, off)
+        if key not in self._held:  # stream the shard once for this sample and every announced one
+            wanted = sorted({off, *(o for o, n in pending.items() if n > 0)})
+            for o, s in index.read_many(shard, wanted).items():
+                if isinstance(s, RawSample):
+                    self._held[(st.dataset, shard, o)] = s
+                elif o == off:
+                    raise s
+        s = self._held[key] if pending.get(off, 0) > 0 else self._held.pop(key)
+        for o in [o for o, n in pending.items() if n <= 0]:  # keep only what is still to be read
+            del pending[o]
+            if o != off:
+                self._held.pop((st.dataset, shard, o), None)
+        if not pending:
+            del self._pending[st.dataset, shard]
+        return s

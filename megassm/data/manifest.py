@@ -10,6 +10,7 @@ content and rename atomically).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,16 @@ from megassm.data.writer import atomic_write_json
 
 PROGRESS_DIR = ".progress"
 RUN_INFO = "run.json"
+# a shard path in a manifest: parts of letters, digits, '.', '_', '-' joined by '/' (no '..', not absolute) --
+# it is joined to the dataset location and, for pipe: datasets, substituted into a shell command
+_SHARD_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+SHARD_PATH_RULE = ("a plain relative name inside the dataset: parts of letters, digits, '.', '_', '-' joined by "
+                   "'/', no part starting with '.' (so no '..'), not absolute, e.g. 'shard-000000.tar'")
+
+
+def is_plain_shard_path(path: object) -> bool:
+    """Whether ``path`` may name a shard in a manifest (``SHARD_PATH_RULE``)."""
+    return isinstance(path, str) and all(_SHARD_PART.fullmatch(part) for part in path.split("/"))
 
 
 def record_path(out: Path, task: int) -> Path:
@@ -122,4 +133,7 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict) or not {"path", "samples"} <= set(s):
             raise FormatError(f"{p}: shards[{i}] must have 'path' and 'samples', got {s!r}")
+        if not is_plain_shard_path(s["path"]):
+            raise FormatError(f"{p}: shards[{i}].path={s['path']!r} is not {SHARD_PATH_RULE}; a manifest may not "
+                              "name files outside its dataset, nor shell syntax (pipe: datasets)")
     return m

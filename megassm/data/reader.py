@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import queue
-import threading
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megassm.config.schema import DataConfig
-from megassm.data import remote
+from megassm.data import handoff, remote
 from megassm.data.buckets import ShapeBucketer
 from megassm.data.fingerprint import checked_position, dataset_fingerprint
 from megassm.data.format import load_tensors, parse_shape_key, shape_key
@@ -41,16 +39,17 @@ from megassm.data.global_order import (
     Stream,
     StreamOrder,
 )
+from megassm.data.handoff import DataStallError  # noqa: F401  (re-exported)
 from megassm.data.manifest import load_manifest
 from megassm.data.stream import SampleStream, rng_from, rng_state
 from megassm.data.tario import RawSample
 from megassm.data.token_budget import BucketSchedule, PendingByShape
+from megassm.data.watch import ReadBoard, attach
 from megassm.data.worker_signals import keep_workers_on_foreign_sigterm
 from megassm.encoders.latent_norm import LatentNorm
 
 log = logging.getLogger("megassm.data")
 STATE_VERSION = 1
-_OPENMP = "OpenMP" in torch.__config__.parallel_info()
 TEXT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -165,60 +164,15 @@ def expand(packed: dict[str, Any], text_len: int, text_dtype: torch.dtype, pin: 
     return batch
 
 
+def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, **kw):
+    """``handoff.batches`` of ``loader`` with the text expanded (``expand``) in the background thread."""
+    return handoff.batches(loader, lambda packed: expand(packed, text_len, text_dtype, pin), **kw)
+
+
 def collate(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_len: int, with_keys: bool,
             text_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """[(dataset, sample)] -> trainer batch in one step (``pack`` then ``expand``)."""
     return expand(pack(items, specs, text_len, with_keys), text_len, text_dtype, False)
-
-
-def _expanding(loader: DataLoader, text_len: int, text_dtype: torch.dtype, pin: bool, depth: int = 2):
-    """Expand compact batches in a background thread (torch ops release the GIL), ``depth`` ahead.
-
-    The thread owns the DataLoader iterator and shuts its workers down when the consumer stops
-    (generator closed, or interpreter exit via threading's atexit hook).
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def run():
-        # One intra-op thread for this thread only (OpenMP's thread count is per calling thread): the
-        # copies here are memory-bound, and waking the process's OpenMP team for each one made idle
-        # team threads spin -- 6x the CPU time per sample on a loaded 2-core machine (reader_bench).
-        # Only with OpenMP: ATen's native thread pool would take the setting process-wide.
-        if _OPENMP:
-            torch.set_num_threads(1)
-        it = iter(loader)
-        try:
-            for packed, pos in it:
-                if not put((expand(packed, text_len, text_dtype, pin), pos)):
-                    return
-            put(None)
-        except BaseException as e:  # hand worker errors (e.g. FormatError) to the consumer
-            put(e)
-        finally:
-            del it  # shuts the DataLoader workers down
-
-    if hasattr(threading, "_register_atexit"):  # stop before the interpreter joins threads at exit
-        threading._register_atexit(stop.set)
-    t = threading.Thread(target=run, name="megassm-batch-expand")
-    t.start()
-    try:
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=30)
 
 
 class LatentBatchStream(IterableDataset):
@@ -241,6 +195,7 @@ class LatentBatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info else 0
+        attach(getattr(self, "board", None), physical)
         torch.set_num_threads(1)
         logical = (physical + self.rotation) % self.num_workers
         streams = [SampleStream(i, s.shards, s.counts, worker=logical, num_workers=self.num_workers, **self.kw)
@@ -253,8 +208,7 @@ class LatentBatchStream(IterableDataset):
             for st, ss in zip(streams, saved["streams"]):
                 st.restore(ss)
             mix_rng, count[0] = rng_from(saved["mix_rng"]), saved["batches"]
-            bucketer.restore([(tuple(shape), [(d, streams[d].files.read(sh, off)) for d, sh, off in items])
-                              for shape, items in saved["pending"]])
+            bucketer.restore(_read_pending(streams, saved["pending"]))
         live = [not s.finished for s in streams]
         w = np.asarray(self.weights, dtype=np.float64)
 
@@ -310,6 +264,17 @@ class LatentBatchStream(IterableDataset):
             yield pack(pending.take(mb.shape, n), self.specs, self.text_len, self.with_keys), position()
 
 
+def _read_pending(streams: list[SampleStream], pending: list) -> list[tuple[tuple, list]]:
+    """A saved bucketer's pending samples [[shape, [[dataset, shard, offset], ...]], ...] read back, each
+    dataset's in one ``read_each`` (a pipe: shard streamed once)."""
+    addresses: dict[int, list[tuple[int, int]]] = {}
+    for _, items in pending:
+        for d, sh, off in items:
+            addresses.setdefault(d, []).append((sh, off))
+    got = {d: dict(zip(a, streams[d].files.read_each(a))) for d, a in addresses.items()}
+    return [(tuple(shape), [(d, got[d][sh, off]) for d, sh, off in items]) for shape, items in pending]
+
+
 class GlobalBatchStream(IterableDataset):
     """data.order=global, per worker: this rank's batches j = first + worker, first + worker + workers, ...
 
@@ -322,16 +287,17 @@ class GlobalBatchStream(IterableDataset):
     def __init__(self, specs: list[DatasetSpec], streams: list[Stream], mix: GlobalMix, *, batch_size: int,
                  text_len: int, seed: int, dp_rank: int, dp_size: int, num_workers: int, resampled: bool,
                  window: int, base: GlobalCursor, first: int, epochs: int | None, with_keys: bool,
-                 schedule: BucketSchedule | None = None):
+                 schedule: BucketSchedule | None = None, read_ahead: int = 256):
         self.specs, self.streams, self.mix, self.batch_size, self.text_len = specs, streams, mix, batch_size, text_len
         self.schedule = schedule
         self.seed, self.dp_rank, self.dp_size, self.num_workers = seed, dp_rank, dp_size, max(1, num_workers)
         self.resampled, self.window, self.base, self.first = resampled, window, base, first
-        self.epochs, self.with_keys = epochs, with_keys
+        self.epochs, self.with_keys, self.read_ahead = epochs, with_keys, read_ahead
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
+        attach(getattr(self, "board", None), worker)
         torch.set_num_threads(1)
         shape_no = {}
         for st in self.streams:
@@ -342,8 +308,25 @@ class GlobalBatchStream(IterableDataset):
                    for s in self.specs]
         reader = GlobalReader(self.streams, orders, indexes)
         limits = None if self.epochs is None else [self.epochs * o.total for o in orders]
-        cur = self.base
-        j = self.first + worker
+        plan = self._plan(worker, limits)
+        # pipe: datasets: announce the samples of the batches up to read_ahead samples ahead, so that each
+        # shard is streamed once for all of them (GlobalReader.expect); other sources read sample by sample
+        horizon = max(1, self.read_ahead // max(1, self.batch_size)) if any(ix.streamed for ix in indexes) else 1
+        ahead: deque = deque()
+        while True:
+            while len(ahead) < horizon and (nxt := next(plan, None)) is not None:
+                ahead.append(nxt)
+                reader.expect(nxt[1])
+            if not ahead:
+                return
+            j, picks = ahead.popleft()
+            items = [(self.streams[q].dataset, reader.read(q, k)) for q, k in picks]
+            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+
+    def _plan(self, worker: int, limits: list[int] | None):
+        """(j, [(stream, k) of each sample]) of this worker's batches j in order; stops before the first batch
+        that would take a stream past ``limits``."""
+        cur, j = self.base, self.first + worker
         while True:
             a, n = self._slot(j)
             cur = cur.advanced(a, self.mix)
@@ -353,10 +336,10 @@ class GlobalBatchStream(IterableDataset):
                 return
             counts, items = list(cur.counts), []
             for q in picks.tolist():
-                items.append((self.streams[q].dataset, reader.read(q, counts[q])))
+                items.append((q, counts[q]))
                 counts[q] += 1
             cur = end
-            yield pack(items, self.specs, self.text_len, self.with_keys), {"batch": j, "skipped": dict(reader.skipped)}
+            yield j, items
             j += self.num_workers
 
     def _slot(self, j: int) -> tuple[int, int]:
@@ -395,6 +378,11 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.text_len, self.epochs, self.drop_last, self.return_keys = text_len, epochs, drop_last, return_keys
         self.num_workers = int(cfg.num_workers)
+        self.stall_timeout_s = float(getattr(cfg, "stall_timeout_s", 600.0))
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"data.stall_timeout_s={self.stall_timeout_s} must be > 0")
+        # wait_hook(waited_s, reading): called while the trainer waits for a batch (each _POLL_S); may raise
+        self.wait_hook = None
         tdt = getattr(cfg, "text_dtype", "bfloat16")
         if tdt not in TEXT_DTYPES:
             raise ValueError(f"data.text_dtype={tdt!r}; valid: {sorted(TEXT_DTYPES)}")
@@ -464,8 +452,10 @@ class ShardLoader:
         if self.num_workers > 0:
             kw = {"prefetch_factor": max(1, int(getattr(self.cfg, "prefetch", 2))), "persistent_workers": False,
                   "worker_init_fn": keep_workers_on_foreign_sigterm}  # srun's SIGTERM is the trainer's to act on
+        ds.board = ReadBoard(self.num_workers)  # where each worker reads, for a stall's error message
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
-        yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available())
+        yield from _expanding(loader, self.text_len, self.text_dtype, torch.cuda.is_available(), board=ds.board,
+                              stall_timeout_s=self.stall_timeout_s, wait_hook=self.wait_hook)
 
     def _mark_micro_batch(self, batch: dict, micro: int) -> None:
         """data.buckets: the schedule's micro-batch ``micro`` is what this batch is (its worker computed the
@@ -482,7 +472,7 @@ class ShardLoader:
                                seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=self.num_workers,
                                resampled=bool(self.cfg.resampled), window=self.window, base=self._base,
                                first=self._received, epochs=self.epochs, with_keys=self.return_keys,
-                               schedule=self.schedule)
+                               schedule=self.schedule, read_ahead=int(getattr(self.cfg, "read_ahead_samples", 256)))
         B, dp = self.batch_size, self.dp_size
         for batch, pos in self._batches(ds):
             j = pos["batch"]
@@ -507,6 +497,7 @@ class ShardLoader:
 
     def _set_base(self, cursor: GlobalCursor, origin: int) -> None:
         self._base, self._origin, self._received, self._skipped = cursor, origin, 0, {}
+        self._cursor = cursor  # the last global_cursor(): later ones count only the draws after it
         if self.schedule is not None:
             self.mix = BucketedMix(self.seed, self.weights, self.streams, self.schedule.table)
         else:
@@ -526,7 +517,10 @@ class ShardLoader:
                 stop += q * base + min(q, extra)
         else:
             stop = self._base.index + self._received * self.dp_size * self.batch_size
-        return self._base.advanced(stop, self.mix)
+        # incremental: the draws of [base, previous stop) are counted already (stop never decreases), so a
+        # save late in a run costs the batches since the last one, not every batch since the resume
+        self._cursor = self._cursor.advanced(stop, self.mix)
+        return self._cursor
 
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import time
 from typing import Any
+
+from megassm.data import watch
 
 log = logging.getLogger("megassm.data")
 
@@ -79,9 +82,11 @@ def check_location(loc: str, what: str) -> None:
 
 
 def join(loc: str, name: str) -> str:
-    """The location of file ``name`` inside dataset ``loc``."""
+    """The location of file ``name`` inside dataset ``loc``. pipe: the name is shell-quoted into the user's
+    command (manifests hold only plain relative names, ``manifest.check_shard_path``; quoting is the second
+    guard: a name is never shell syntax)."""
     if scheme(loc) == "pipe":
-        return loc.replace("{path}", name)
+        return loc.replace("{path}", shlex.quote(name))
     if is_local(loc):
         return os.path.join(local_path(loc), name)
     return loc.rstrip("/") + "/" + name
@@ -209,6 +214,23 @@ class ShardStream:
             del self.buf[:cut]
             self.base += cut
 
+    def advance(self, offset: int) -> None:
+        """Move forward to ``offset``, dropping every byte before it (read through in 1 MiB pieces and not
+        kept: skipping to a later sample of a shard costs no memory)."""
+        if offset < self.base:
+            raise ShardReadError(f"{self.loc}: cannot go back to byte {offset} (stream window starts at {self.base})")
+        while self.base + len(self.buf) < offset:
+            self.base += len(self.buf)
+            self.buf = bytearray()
+            chunk = self._pull(min(offset - self.base, 1 << 20))
+            if not chunk:
+                break
+            self.buf += chunk
+        cut = min(offset, self.base + len(self.buf)) - self.base
+        del self.buf[:cut]
+        self.base += cut
+        self.pos = offset
+
     def seek(self, offset: int, whence: int = 0) -> int:
         assert whence == 0, "ShardStream seeks by absolute offset only"
         if offset < self.base:
@@ -258,6 +280,7 @@ class ShardStream:
 
 def open_shard(loc: str, start: int = 0, buffering: int = 1 << 16):
     """A readable of shard ``loc`` positioned at byte ``start`` (local: a plain file)."""
+    watch.reading(loc)
     if is_local(loc):
         f = open(local_path(loc), "rb", buffering=buffering)
         f.seek(start)
@@ -269,6 +292,7 @@ def open_shard(loc: str, start: int = 0, buffering: int = 1 << 16):
 
 def open_random(loc: str):
     """A seekable readable for random reads (restore), or None where only streaming works (pipe:)."""
+    watch.reading(loc)
     if is_local(loc):
         return open(local_path(loc), "rb")
     if scheme(loc) == "pipe":

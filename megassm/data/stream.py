@@ -42,7 +42,8 @@ class ShardFiles:
     """A few open shard files for random reads (restoring buffered samples).
 
     Local files and offset-addressable URLs (range reads) stay open; a ``pipe:`` shard is
-    streamed again from its start, skipping to the sample, for every read.
+    streamed again from its start, skipping to the sample, for every ``read`` -- ``read_many`` /
+    ``read_each`` stream it once for several samples.
     """
 
     def __init__(self, paths: list[str], capacity: int = 8):
@@ -62,6 +63,42 @@ class ShardFiles:
             with remote.open_shard(where, offset) as f:
                 return read_sample_at(f, shard, offset, where, lazy)
         return read_sample_at(self.get(shard), shard, offset, where, lazy)
+
+    def read_many(self, shard: int, offsets: list[int]) -> dict[int, RawSample | Exception]:
+        """The samples at ``offsets`` (ascending) of one shard, a pipe: shard in one pass of a single stream
+        (skipped bytes are not kept); a sample that cannot be read maps to its error (a broken stream: that
+        error for the rest)."""
+        where, out = self.paths[shard], {}
+        if remote.scheme(where) != "pipe":
+            for off in offsets:
+                try:
+                    out[off] = self.read(shard, off)
+                except (FormatError, OSError) as e:
+                    out[off] = e
+            return out
+        try:
+            with remote.open_shard(where, offsets[0]) as f:
+                for off in offsets:
+                    f.advance(off)
+                    try:
+                        out[off] = read_sample_at(f, shard, off, where)
+                    except FormatError as e:
+                        out[off] = e
+        except OSError as e:
+            out.update({off: e for off in offsets if off not in out})
+        return out
+
+    def read_each(self, addresses: list[tuple[int, int]]) -> list[RawSample]:
+        """The samples at (shard, offset) ``addresses``, in order (a restore's buffer); raises the first
+        error. pipe: each shard is streamed once for all of its addresses."""
+        wanted: dict[int, set[int]] = {}
+        for sh, off in addresses:
+            wanted.setdefault(sh, set()).add(off)
+        got = {(sh, off): s for sh, offs in wanted.items() for off, s in self.read_many(sh, sorted(offs)).items()}
+        for a in addresses:
+            if isinstance(got[a], Exception):
+                raise got[a]
+        return [got[a] for a in addresses]
 
 
 class SampleStream:
@@ -221,7 +258,7 @@ class SampleStream:
         self.shard_rng, self.shuffle_rng = rng_from(st["shard_rng"]), rng_from(st["shuffle_rng"])
         self.skipped = Counter(st["skipped"])
         self._order = self._epoch_order(self.epoch) if not self.resampled else []
-        self.buffer = [self.files.read(sh, off) for sh, off in st["buffer"]]
+        self.buffer = self.files.read_each([(sh, off) for sh, off in st["buffer"]])
         self.last_offset, self._it, self._epoch_samples = st["offset"], None, 1
         if self.shard >= 0 and not self.exhausted:
             self._open_shard(after=self.last_offset)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from megassm.data import watch
 from megassm.data.format import (
     HEADER_PREFIX_BYTES,
     META_EXT,
@@ -77,17 +78,31 @@ def _check_checksum(block: bytes, where: str) -> None:
         raise FormatError(f"{where}: tar header checksum mismatch (stored {stored}, computed {actual})")
 
 
-def _pax_path(data: bytes) -> str | None:
+def _pax_path(data: bytes, where: str) -> str | None:
+    """The ``path`` of a pax extended header: records "LEN key=value\\n", LEN counting the whole record.
+
+    A record whose length is not a decimal number, is too short to hold its own "LEN " and newline, or
+    runs past the header is a ``FormatError`` (a zero length used to loop for ever)."""
     path, pos = None, 0
     while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        record = data[sp + 1:pos + length - 1]
-        k, _, v = record.partition(b"=")
+        sp = data.find(b" ", pos, pos + 21)
+        digits = data[pos:sp] if sp > pos else b""
+        length = int(digits) if digits.isdigit() else -1
+        if length < sp - pos + 2 or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise FormatError(f"{where}: malformed pax header record at byte {pos} of {len(data)} "
+                              f"({data[pos:pos + 24]!r}); expected 'LENGTH key=value\\n' (corrupt header)")
+        k, _, v = data[sp + 1:pos + length - 1].partition(b"=")
         if k == b"path":
-            path = v.decode("utf-8")
+            path = _utf8(v, where)
         pos += length
     return path
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: member name {raw[:60]!r} is not UTF-8 ({e.reason}; corrupt header)") from None
 
 
 def _file_size(f: BinaryIO) -> int | None:
@@ -103,6 +118,7 @@ def iter_members(f: BinaryIO, where: str, start: int = 0) -> Iterator[TarMember]
     file_size = _file_size(f)
     pos, long_name, member_start = start, None, None
     while True:
+        watch.reading(where)  # a stalled read names this shard (data.stall_timeout_s)
         f.seek(pos)
         block = f.read(_BLOCK)
         if not block:
@@ -120,7 +136,7 @@ def iter_members(f: BinaryIO, where: str, start: int = 0) -> Iterator[TarMember]
         member_start = pos if member_start is None else member_start
         if kind in (b"x", b"L"):
             data = f.read(size)
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
+            long_name = _pax_path(data, here) if kind == b"x" else _utf8(data.rstrip(b"\0"), here)
         elif kind in (b"0", b"\0", b"7"):
             name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
             if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):

@@ -52,6 +52,17 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class DataWaitInterrupted(BaseException):
+    """A checkpoint signal came while the loop was blocked on the data loader (``Trainer._on_data_wait``).
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` of the data path may swallow it."""
+
+
+# A signal pending when a wait for data begins (it came during the step's compute) gives the loader this
+# long to deliver the step's next micro-batch, so that the step can finish and checkpoint; a signal that
+# comes during a wait ends it at once.
+SIGNAL_DATA_GRACE_S = 10.0
+
+
 def _fault_kill_step() -> int | None:
     """``MEGASSM_FAULT_SIGKILL_AT_STEP=N``: every rank SIGKILLs itself right after step N is logged -- a
     node failure between checkpoints, for the resume tests; a background save still being written is
@@ -315,6 +326,8 @@ class Trainer:
             if flag is not process_wide:
                 flag.restore()
             return flag.exit_status()
+        if hasattr(self.data, "wait_hook"):  # a loader that can block (shards) lets a signal end the wait
+            self.data.wait_hook = self._on_data_wait
         data_iter = iter(self.data)
         # train_step reports one data-parallel replica's samples; the pp x tp x cp ranks of a replica
         # share its work, so per-GPU FLOPs divide by that many
@@ -374,6 +387,12 @@ class Trainer:
             if self.rank == 0:
                 (self.run_dir / "DONE").write_text(str(self.step))
             return 0
+        except DataWaitInterrupted as e:
+            if getattr(self, "_background_save", None) is not None:
+                self._background_save.abandon()  # no commit that waits on ranks blocked elsewhere
+            log.warning(f"rank {self.rank}: {e}; no checkpoint written (a save needs every rank at a step "
+                        f"boundary); resuming uses the last complete one in {self.ckpt_dir}; exiting")
+            return flag.exit_status()
         except BaseException:
             if getattr(self, "_background_save", None) is not None:
                 self._background_save.abandon()  # own files finish; no commit that waits on a dead rank
@@ -399,6 +418,18 @@ class Trainer:
     def _max_over_ranks(self, value: int) -> int:
         """The largest ``value`` over all ranks (the signal path's one collective)."""
         return int(all_reduce_(torch.tensor([value]), op="max"))
+
+    def _on_data_wait(self, waited: float, reading: str) -> None:
+        """The data loader's wait hook (called about every 0.5 s while this rank waits for a batch): a
+        checkpoint signal ends the wait -- at once if it came during it, after ``SIGNAL_DATA_GRACE_S`` if it
+        was already pending -- instead of leaving the run blocked until SIGKILL."""
+        flag = self._stop
+        if flag is None or flag.signum is None:
+            return
+        during = flag.at >= time.monotonic() - waited
+        if during or waited >= SIGNAL_DATA_GRACE_S:
+            raise DataWaitInterrupted(f"signal {flag.signum} while waiting {waited:.1f} s for the data loader "
+                                      f"(step {self.step + 1}, loader reading: {reading})")
 
     def _save_on_signal(self, signum: int) -> None:
         """SIGUSR1 / SIGTERM / SIGINT: a checkpoint inside the grace window (docs/cluster.md). If a background

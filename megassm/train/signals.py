@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_STATUS = {signal.SIGUSR1: 0, signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT}
@@ -37,6 +38,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum: int | None = None
+        self.at = 0.0  # time.monotonic() of the first signal (a data wait that began before it ends at once)
         self._old: dict[int, object] = {}
 
     def install(self) -> StopSignals:
@@ -62,7 +64,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self.at = signum, time.monotonic()
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
             if os.environ.get("RANK", "0") == "0":  # os.write: no lock a signal could find held
