@@ -13,11 +13,15 @@ OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=2
 
 
 def _cmd_train(args) -> int:
+    import logging
+
     from megassm.config.load import load_config
     from megassm.parallel.mesh import read_dist_env
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = read_dist_env()
     # the world size from the launcher's variables: the layout is checked before any process group exists
-    cfg = load_config(args.config, args.overrides, world=read_dist_env().world)
+    cfg = load_config(args.config, args.overrides, world=env.world, quiet=env.rank != 0, training=True)
     from megassm.train.loop import train
 
     return train(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megassm.config.datasets import apply_datasets, explicit_keys
 from megassm.config.schema import RunConfig
 
 # the gate's names, re-exported: most of megassm imports ConfigError (and a few rules) from here
@@ -31,6 +33,8 @@ from megassm.config.validate import (  # noqa: F401
     validate,
     validate_model,
 )
+
+log = logging.getLogger("megassm.config")
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
@@ -112,14 +116,18 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world: int | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world: int | None = None,
+                quiet: bool = False, training: bool = False) -> RunConfig:
     """Build a validated ``RunConfig`` from a YAML file (with its bases) and overrides; ``world``: the world
-    size of the launch that will run it, if known (``megassm train`` passes it, before dist init)."""
+    size of the launch that will run it, if known (``megassm train`` passes it, before dist init). The model's
+    input widths come from the local datasets where the config leaves them out (logged unless ``quiet``);
+    ``training`` (``megassm train``): also what a run reads must exist and agree (config/datasets.py)."""
     cfg = OmegaConf.structured(RunConfig)
-    if path is not None:
-        for file, data in _read_yaml(Path(path)):
-            cfg = _merge(cfg, data, str(file))
-    for key, value in parse_overrides(overrides):
+    files = _read_yaml(Path(path)) if path is not None else []
+    for file, data in files:
+        cfg = _merge(cfg, data, str(file))
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         dotted = OmegaConf.from_dotlist([])
         try:
             OmegaConf.update(dotted, key, value, force_add=True)
@@ -131,7 +139,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), w
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
+    notes = apply_datasets(run, explicit_keys([d for _, d in files], parsed), training)
     check_run(run, world)
+    for note in notes if not quiet else ():
+        log.info(note)
     return run
 
 

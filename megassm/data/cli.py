@@ -125,6 +125,11 @@ def preprocess_main(args: argparse.Namespace) -> int:
           f"(of {r['tasks']} in total); skipped inputs: {skipped}")
     if r["manifest"]:
         m = r["manifest"]
+        if not m["num_samples"]:
+            print(f"megassm preprocess: error: no sample was written: every one of the "
+                  f"{m['inputs']['items_seen']} inputs was skipped ({skipped}); see "
+                  f"{join(args.output, 'skipped.json')} for each input's reason", file=sys.stderr)
+            return 1
         print(f"dataset complete: {m['num_samples']} samples in {m['num_shards']} shards -> "
               f"{join(args.output, 'manifest.json')} (skip report: {join(args.output, 'skipped.json')})")
     else:

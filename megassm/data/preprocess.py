@@ -162,6 +162,7 @@ class Preprocessor:
             raise ValueError(f"--dtype={o.dtype!r}; valid: auto, {', '.join(DTYPES)}")
         self.dtype, self.store = DTYPES[dt], STORE_DTYPES[o.store_dtype]
         self.buckets = ResolutionBuckets.build(o.resolution, o.aspect_ratios, o.bucket_multiple)
+        self.tasks = discover(o.inputs, o.samples_per_shard, o.caption_ext)  # bad --input: before the encoders load
         self.vae = VAEEncoder(o.vae, self.device, self.dtype, o.latent_scale, o.latent_shift, o.vae_tiling)
         if self.vae.is_video and (o.frames - 1) % self.vae.temporal_stride:
             raise ValueError(f"--frames={o.frames}: this VAE compresses time by {self.vae.temporal_stride}, so "
@@ -175,7 +176,7 @@ class Preprocessor:
 
     def run(self) -> dict[str, Any]:
         o = self.o
-        tasks = discover(o.inputs, o.samples_per_shard, o.caption_ext)
+        tasks = self.tasks
         (self.out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         if self.remote:
             self.remote.pull()

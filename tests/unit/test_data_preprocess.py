@@ -316,3 +316,32 @@ def test_output_to_s3_uploads_shards_and_resumes(enc, images, tmp_path):
         assert load_manifest(url)["shards"] == local["shards"]
     with pytest.raises(ValueError, match="read-only"):
         run_preprocess(_opts(enc, [images], "https://host/ds"))
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from megassm.data.cli import add_preprocess_parser
+
+    sub = argparse.ArgumentParser(prog="megassm").add_subparsers(dest="command")
+    add_preprocess_parser(sub)
+    args = sub._name_parser_map["preprocess"].parse_args(argv)
+    return args.func(args)
+
+
+def test_no_sample_written_exits_nonzero_and_input_is_checked_before_the_encoders(enc, images, tmp_path, capsys):
+    """Every input skipped: the run fails (rc 1, the reasons named) instead of "0 samples in 0 shards", rc 0; a
+    missing --input is named before any encoder loads (here the VAE does not exist either)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    T.corrupt_copy(images / "png0.png", bad / "garbage.png", "garbage")
+    (bad / "garbage.txt").write_text("garbage")
+    T.write_image(bad / "nocaption.png", 32, 32, 50)
+    common = ["--text-encoder", str(enc["text"]), "--resolution", "32", "--num-workers", "0", "--no-progress"]
+    assert _cli(["--input", str(bad), "--output", str(tmp_path / "out"), "--vae", str(enc["vae"]), *common]) == 1
+    err = capsys.readouterr().err
+    assert "no sample was written" in err and "skipped.json" in err and "missing_caption" in err
+    rc = _cli(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--vae", str(tmp_path / "novae"),
+               *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and "novae" not in err
