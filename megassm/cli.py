@@ -164,9 +164,51 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _config_keys(node=None, prefix: str = "") -> list[str]:
+    """Every dotted key of RunConfig (nested sections' defaults included)."""
+    import dataclasses
+
+    from megassm.config.load import _field_default
+    from megassm.config.schema import RunConfig
+
+    node = RunConfig() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        sub = _field_default(node, f.name)
+        keys += _config_keys(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [prefix + f.name]
+    return keys
+
+
+def _unknown_args_hint(command: str, unknown: list[str]) -> str:
+    """Flags given where config overrides go (``megassm train cfg.yaml --steps 10``): the key=value spelling."""
+    hints = []
+    keys = _config_keys()
+    for i, tok in enumerate(unknown):
+        if not tok.startswith("--"):
+            continue
+        name, _, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if not value and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
+            value = unknown[i + 1]
+        if name in ("resume", "resume_from", "auto_resume"):
+            hints.append("resuming is automatic: megassm train continues from RUN_DIR/checkpoints/latest "
+                         "(a new run_dir=... starts afresh; init_from=CKPT warm-starts from another run)")
+            continue
+        found = [k for k in keys if k == name or k.endswith("." + name)]
+        if found:
+            hints.append(f"config values are overrides written key=value: {found[0]}={value or 'VALUE'}"
+                         + (f" (or one of {', '.join(found[1:4])})" if len(found) > 1 else ""))
+    if command in ("train", "plan") or (command == "inspect" and hints):
+        hints = hints or [f"config values are overrides written key=value, e.g. train.steps=10 ({OVERRIDES_HELP})"]
+    return "".join(f"  hint: {h}\n" for h in hints)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"megassm {args.command}: error: unrecognized arguments: {' '.join(unknown)}\n"
+                    f"{_unknown_args_hint(args.command, unknown)}")
     try:
         code = int(args.func(args) or 0)
         _close_process_group()

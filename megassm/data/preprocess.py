@@ -100,6 +100,16 @@ def _settings(o: PreprocessOptions, buckets: ResolutionBuckets) -> dict[str, Any
             "samples_per_shard": o.samples_per_shard}
 
 
+def _changed(key: str, old: Any, new: Any) -> str:
+    """'settings.resolution: was '256', now '512'' -- the entries of two settings that differ, not both dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        short = lambda v: repr(v) if len(repr(v)) <= 60 else f"{type(v).__name__} of {len(v)}"  # noqa: E731
+        return "; ".join(f"{key}.{k}: was {short(old.get(k))}, now {short(new.get(k))}" for k in keys)
+    what = "inputs (tasks)" if key == "num_tasks" else key
+    return f"{what}: was {old!r}, now {new!r}"
+
+
 def _check_run_info(out: Path, info: dict) -> None:
     """First run writes .progress/run.json; a resumed run must match it (else mixed shards)."""
     p = out / PROGRESS_DIR / RUN_INFO
@@ -107,7 +117,7 @@ def _check_run_info(out: Path, info: dict) -> None:
         old = json.loads(p.read_text())
         for k in ("num_tasks", "settings", "dtype", "latent_scale", "latent_shift"):
             if old.get(k) != info[k]:
-                raise ValueError(f"{out} was started with {k}={old.get(k)!r}, now {info[k]!r}; resume with "
+                raise ValueError(f"{out} was started with other {_changed(k, old.get(k), info[k])}; resume with "
                                  "the same inputs and options, or write to a new --output directory")
         for k in ("vae", "text_encoder"):
             if old[k]["fingerprint"] != info[k]["fingerprint"]:

@@ -106,6 +106,7 @@ class MetricsLogger:
                  run_config: dict | None = None):
         """enabled: this rank logs (rank 0); wandb: also log to Weights & Biases (run_config: its config panel)."""
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.writer = None
         self.jsonl = None
         self.wandb = None
@@ -170,9 +171,16 @@ class MetricsLogger:
                 self.wandb.scalars({f"event/{row['event']}": 1}, row["step"])
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        """images: (N, 3, H, W) in [0, 1]."""
+        """images: (N, 3, H, W) in [0, 1]; also written as PNGs to run_dir/<tag>/step_<step>_<i>.png."""
         if not self.enabled:
             return
+        from PIL import Image
+
+        out = self.run_dir / tag
+        out.mkdir(parents=True, exist_ok=True)
+        hwc = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, im in enumerate(hwc):
+            Image.fromarray(im).save(out / f"step_{step:08d}_{i}.png")
         if self.writer is not None:
             self.writer.add_images(tag, images, step)
             self.writer.flush()

@@ -94,6 +94,7 @@ def test_text_log_of_steps_and_evaluation_and_a_resume_mark_in_tensorboard(first
                        r"[\d.]+ samples/s \| MFU n/a \| mem [\d.]+ GiB \| [\d.]+ s/step", log)
     assert steps == ["1", "2", "3", "4"], log[-3000:]  # train.log_every=1
     assert re.search(r"step 4 \| eval/heldout_loss \d", log), log[-3000:]
+    assert sorted(p.name for p in (first_run[0] / "samples").iterdir())[:1] == ["step_00000004_0.png"]
     run, _, proc = resumed
     assert re.findall(r"step (\d+)/6 \| loss", proc.stderr) == ["5", "6"]
     acc = EventAccumulator(str(run / "tb")).Reload()

@@ -122,8 +122,9 @@ def test_resume_redoes_only_missing_shards(enc, images, tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before  # deterministic
     assert not list(out.glob(".*.tmp-*"))
     assert run_preprocess(_opts(enc, [images], out))["processed"] == 0
-    with pytest.raises(ValueError, match="was started with settings"):
+    with pytest.raises(ValueError, match=r"was started with other .*settings.resolution: was '32', now '64'") as e:
         run_preprocess(_opts(enc, [images], out, resolution="64"))
+    assert "samples_per_shard" not in str(e.value)  # only what changed, not both settings dicts
 
 
 def test_ranks_split_tasks_and_manifest_waits_for_all(enc, images, tmp_path, monkeypatch):
@@ -345,3 +346,15 @@ def test_no_sample_written_exits_nonzero_and_input_is_checked_before_the_encoder
                *common])
     err = capsys.readouterr().err
     assert rc == 2 and "nope" in err and "novae" not in err
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(enc, images, tmp_path, monkeypatch, capsys):
+    from megassm.data import preprocess
+
+    def interrupted(options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess, "run_preprocess", interrupted)
+    rc = _cli(["--input", str(images), "--output", str(tmp_path / "o"), "--vae", str(enc["vae"]), "--text-encoder",
+               str(enc["text"])])
+    assert rc == 130 and "re-run the same command to resume" in capsys.readouterr().err
