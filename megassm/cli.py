@@ -106,11 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         "token sequence is split over all N (Ulysses context parallel) and rank 0 writes the outputs."))
     s.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint (step_*) or consolidated directory")
     s.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames")
+    s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames "
+                   "(or latent_frames)")
     s.add_argument("--negative-prompt", default=None, help="negative prompt for the unconditional branch")
     s.add_argument("--out", default="sample.png", help="output file (.png / .mp4); several prompts get _N suffixes")
-    s.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the model's training size)")
-    s.add_argument("--frames", type=int, default=1, help="latent frames (1 = image)")
+    s.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the model's training size, "
+                   "from its run config: previews / buckets / the datasets' most common shape)")
+    s.add_argument("--frames", type=int, default=None, help="output frames, as `preprocess --frames`: 1 = an "
+                   "image, videos 1 + k * the VAE's temporal stride (e.g. 33 for Wan's 4); default: the model's "
+                   "training shape")
+    s.add_argument("--latent-frames", type=int, default=None, help="the same in latent frames (instead of --frames)")
     s.add_argument("--fps", type=int, default=16, help="frames per second of written videos")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: config diffusion.sample_steps)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")

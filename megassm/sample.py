@@ -53,11 +53,42 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
                         "source": f"{ckpt.kind}:{ckpt.path}"}
 
 
+def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, str]:
+    """(latent (T, h, w), where it came from) of the training run that ``cfg`` is the config of: its previews'
+    shape, the procedural data's size, its heaviest bucket, or the most common shape in its datasets'
+    manifests (when they are readable here); (None, why not) otherwise."""
+    t, d = cfg.train, cfg.data
+    if t.preview_latent_shape is not None:
+        return tuple(t.preview_latent_shape), "train.preview_latent_shape"  # type: ignore[return-value]
+    if d.kind == "procedural":
+        return (d.frames, d.image_size, d.image_size), "data.image_size"
+    if d.buckets:
+        b = max(d.buckets, key=lambda b: b.weight)
+        return tuple(b.shape), f"data.buckets ({b.name or b.shape})"  # type: ignore[return-value]
+    from megassm.train.preview import most_common_latent_shape
+
+    try:
+        shape = most_common_latent_shape(list(d.paths))
+    except (ValueError, OSError) as e:
+        return None, f"the training data's manifests are not readable here ({str(e).splitlines()[0]})"
+    return (shape, "the most common latent shape of data.paths") if shape else (None, "no shape in the manifests")
+
+
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
-    """Latent (h, w) when none is asked for: the demo's image size, else 32 x 32 (256 px at VAE x8)."""
-    if cfg.data.kind == "procedural":
-        return cfg.data.image_size, cfg.data.image_size
-    return 32, 32
+    """Latent (h, w) when none is asked for: the training size (``training_latent_shape``), else 32 x 32."""
+    shape, _ = training_latent_shape(cfg)
+    return (shape[1], shape[2]) if shape else (32, 32)
+
+
+def latent_frames(pixel_frames: int, temporal_factor: int) -> int:
+    """Output (pixel) frames -> latent frames of a VAE that compresses time by ``temporal_factor`` (causal: the
+    first frame alone, then ``temporal_factor`` frames per latent frame, as in preprocessing)."""
+    if pixel_frames < 1 or (pixel_frames - 1) % temporal_factor:
+        k = max(1, (pixel_frames - 1) // temporal_factor)
+        raise ConfigError(f"frames={pixel_frames}: this VAE compresses time by {temporal_factor}, so videos have "
+                          f"1 + k*{temporal_factor} frames (e.g. {1 + k * temporal_factor} or "
+                          f"{1 + (k + 1) * temporal_factor}); or give --latent-frames")
+    return 1 + (pixel_frames - 1) // temporal_factor
 
 
 def initial_noise(specs: list[SampleSpec], channels: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -144,6 +175,17 @@ def _context_parallel(model: HTHModel, device: torch.device, env) -> int:
     return env.rank
 
 
+def _latent_frames(item: dict, args, temporal_factor: int, trained: tuple[int, int, int] | None) -> int:
+    """A prompt's latent frames: its ``frames`` (output frames, as ``preprocess --frames``) or ``latent_frames``,
+    else --frames / --latent-frames, else the training data's."""
+    for source in (item, vars(args)):
+        if source.get("latent_frames") is not None:
+            return int(source["latent_frames"])
+        if source.get("frames") is not None:
+            return latent_frames(int(source["frames"]), temporal_factor)
+    return trained[0] if trained else 1
+
+
 def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) -> int:
     """``megassm sample``: see ``megassm sample --help``."""
     from tqdm import tqdm
@@ -174,13 +216,18 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    trained, source = training_latent_shape(cfg)
+    if rank == 0 and size is None and not all(item.get("size") for item in prompts):
+        print(f"size: {trained[1] * decoder.factor}x{trained[2] * decoder.factor} (latent {trained[1]}x{trained[2]}, "
+              f"from {source})" if trained else f"size: 256x256 by default ({source}); give --size HxW")
     specs = []
     for i, item in enumerate(prompts):
         hw = item.get("size") or size
         if isinstance(hw, str):
             hw = tuple(int(v) for v in hw.lower().split("x"))
         specs.append((SampleSpec(item["prompt"], int(item.get("seed", args.seed + i)), *(hw or (None, None)),
-                                 int(item.get("frames", args.frames)), args.negative_prompt), item))
+                                 _latent_frames(item, args, decoder.temporal_factor, trained), args.negative_prompt),
+                      item))
     paths = _outputs(out, len(specs))
     pf = cfg.model.patch_size
     for start in range(0, len(specs), args.batch_size):

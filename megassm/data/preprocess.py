@@ -34,6 +34,7 @@ from megassm.data.sources import (
     DecodeSettings,
     Skipped,
     TaskPartDone,
+    _media_kind,
     discover,
     rank_tasks,
 )
@@ -178,11 +179,22 @@ class Preprocessor:
             raise ValueError(f"--frames={o.frames}: this VAE compresses time by {self.vae.temporal_stride}, so "
                              f"frames must be 1 + k*{self.vae.temporal_stride} (e.g. "
                              f"{1 + 32 * self.vae.temporal_stride})")
+        self._warn_single_frame_videos()
         self.text = TextEncoder(EncoderConfig(text_encoder=str(o.text_encoder), tokenizer=o.tokenizer), None,
                                 self.device, self.dtype, max_length=o.text_max_length)
         self.sample_meta = {"vae": identity_summary(self.vae.identity),
                             "text_encoder": identity_summary(self.text.identity),
                             "latent_scale": self.vae.latent_scale, "latent_shift": self.vae.latent_shift}
+
+    def _warn_single_frame_videos(self) -> None:
+        """Videos under --frames 1 (the default) become one-frame images: said, not done silently."""
+        videos = sum(_media_kind(it.path or it.source) == "video" for t in self.tasks for it in t.items)
+        if videos and self.o.frames == 1 and self.rank == 0:
+            s = self.vae.temporal_stride
+            log.warning("%d inputs are videos and --frames is 1 (the default): each is encoded as a single-frame "
+                        "image. To keep the motion give --frames 1 + k*%d (this VAE's temporal stride), e.g. "
+                        "--frames %d; --frames counts frames of the video at --fps (as `megassm sample --frames`)",
+                        videos, s, 1 + 32 * s if self.vae.is_video else 33)
 
     def run(self) -> dict[str, Any]:
         o = self.o

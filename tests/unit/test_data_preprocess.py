@@ -358,3 +358,17 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(enc, images, tmp_path, mo
     rc = _cli(["--input", str(images), "--output", str(tmp_path / "o"), "--vae", str(enc["vae"]), "--text-encoder",
                str(enc["text"])])
     assert rc == 130 and "re-run the same command to resume" in capsys.readouterr().err
+
+
+def test_videos_under_the_default_one_frame_are_warned_about(enc, images, caplog):
+    import logging
+
+    from megassm.data.preprocess import Preprocessor
+
+    with caplog.at_level(logging.WARNING, logger="megassm.preprocess"):
+        Preprocessor(_opts(enc, [images], "unused", vae=str(enc["video_vae"])))
+    assert "1 inputs are videos and --frames is 1 (the default)" in caplog.text and "--frames 1 + k*2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megassm.preprocess"):
+        Preprocessor(_opts(enc, [images], "unused", vae=str(enc["video_vae"]), frames=5))
+    assert "videos" not in caplog.text
