@@ -33,9 +33,11 @@ class SampleSpec:
     negative_prompt: str | None = None
 
 
-def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                            merge: bool = False):
     """The checkpoint's model (EMA weights by default), built on the meta device and filled one tensor at a
-    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory."""
+    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory. A LoRA run's
+    checkpoint is its base (``init_from``) with the run's adapters applied (``merge``: folded in)."""
     from megassm.checkpoint.sliced import fill_meta_model
     from megassm.checkpoint.sources import open_checkpoint
 
@@ -44,6 +46,8 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
         raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
                               "the model. Copy the training run's config.yaml next to the weights")
     cfg: RunConfig = from_dict(ckpt.config)
+    if cfg.finetune.lora is not None and ckpt.kind == "deepspeed":
+        return _load_lora_run(path, Path(ckpt.path), cfg, use_ema, device, merge)
     with torch.device("meta"):
         model = build_model(cfg.model)
     ema = use_ema and ckpt.ema is not None
@@ -72,6 +76,30 @@ def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, 
     except (ValueError, OSError) as e:
         return None, f"the training data's manifests are not readable here ({str(e).splitlines()[0]})"
     return (shape, "the most common latent shape of data.paths") if shape else (None, "no shape in the manifests")
+
+
+def _load_lora_run(path, tag_dir: Path, cfg: RunConfig, use_ema: bool, device, merge: bool):
+    """A LoRA run's step: the base's raw weights (``init_from``, as training read them) + the step's exported
+    adapters (``lora_ema/`` with ``use_ema`` where the run kept an EMA, else ``lora/``)."""
+    from megassm.lora import load_adapters, merge_lora
+
+    adapters = tag_dir / ("lora_ema" if use_ema and (tag_dir / "lora_ema").is_dir() else "lora")
+    base = cfg.init_from
+    if not adapters.is_dir() or not base or not Path(base).exists():
+        raise CheckpointError(
+            f"{path} is a LoRA run: its step holds adapters over the base init_from={base!r}"
+            f"{'' if base and Path(base).exists() else ', which is not on this machine'}"
+            f"{'' if adapters.is_dir() else f', and {adapters} is missing'}. With the base checkpoint at BASE, "
+            f"run `megassm sample BASE --lora {adapters} ...` or `megassm convert merge-lora BASE {adapters} OUT` "
+            "(a plain checkpoint for every other command)")
+    model, _, info = load_model_for_sampling(base, use_ema=False, device=device)
+    report = load_adapters(model, adapters)
+    if merge:
+        merge_lora(model)
+    model.to(device).eval()
+    cfg.finetune.lora = None  # the model is the base's architecture (plus unmerged adapters, unless merged)
+    return model, cfg, {**info, "lora": str(adapters), "lora_report": report,
+                        "weights": f"base model + {adapters.name}"}
 
 
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:

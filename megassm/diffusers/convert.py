@@ -31,7 +31,7 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
     from megassm.diffusers.transformer import HTHTransformerModel
     from megassm.encoders import TextEncoder, VAEEncoder
 
-    model, cfg, info = load_model_for_sampling(source, use_ema=use_ema)
+    model, cfg, info = load_model_for_sampling(source, use_ema=use_ema, merge=True)  # a LoRA run: folded in
     enc = cfg.encoders
     enc.vae, enc.text_encoder, enc.tokenizer = vae or enc.vae, text_encoder or enc.text_encoder, \
         tokenizer or enc.tokenizer
