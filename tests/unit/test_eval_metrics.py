@@ -157,6 +157,48 @@ def test_clip_score_ranks_the_matching_caption_first(tmp_path):
         CLIPScorer(tmp_path / "none", CPU)
 
 
+def test_clip_score_equals_torchmetrics_with_the_saved_processor(tmp_path):
+    """A directory whose processor CLIPProcessor.save_pretrained wrote (transformers 5: processor_config.json,
+    here with its own mean / std and a shortest-edge resize + centre crop): megassm's CLIP score of non-square
+    images equals torchmetrics' CLIPScore over the same model and processor, which clamps the mean, not each
+    pair. Tolerance 1e-4 points: float32 embeddings of the same pixel values."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import ByT5Tokenizer, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from megassm.eval.clip_score import CLIPScorer
+
+    _train_tiny_clip(tmp_path, steps=3)
+    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                            image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    CLIPProcessor(image_processor=ip, tokenizer=ByT5Tokenizer()).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 24, 40, generator=g)  # 48 x 80 in the issue, in miniature
+    images[0, :, :, :12] = 0.0  # what a squash would keep and a centre crop cuts
+    prompts = ["a red square", "a blue square", "a green disc"]
+    ours = CLIPScorer(tmp_path, CPU)
+    class Features(torch.nn.Module):
+        """The CLIP model as torchmetrics 1.9 calls it: transformers 5's get_*_features return an output object
+        whose pooler_output is the projected embedding (torchmetrics' documented callable protocol)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, *a, **k):
+            return self.model.get_image_features(*a, **k).pooler_output
+
+        def get_text_features(self, *a, **k):
+            return self.model.get_text_features(*a, **k).pooler_output
+
+    tm = CLIPScore(model_name_or_path=lambda: (Features(CLIPModel.from_pretrained(tmp_path)),
+                                               CLIPProcessor.from_pretrained(tmp_path)))
+    tm.update(list((images * 255).round().to(torch.uint8)), prompts)
+    assert ours(images, prompts) == pytest.approx(float(tm.compute()), abs=1e-4)
+    # a negative mean is clamped as a whole, not pair by pair
+    per_pair = ours.scores(images, prompts)
+    assert ours(images, prompts) == pytest.approx(max(float(per_pair.mean()), 0.0), abs=1e-6)
+
+
 def test_a_failing_metric_is_logged_and_left_out(caplog):
     from megassm.eval.during_training import _report
     from megassm.eval.suite import compute
