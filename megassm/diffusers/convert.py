@@ -35,7 +35,7 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
     enc = cfg.encoders
     enc.vae, enc.text_encoder, enc.tokenizer = vae or enc.vae, text_encoder or enc.text_encoder, \
         tokenizer or enc.tokenizer
-    transformer = HTHTransformerModel(megassm_model=asdict(cfg.model))
+    transformer = HTHTransformerModel(**asdict(cfg.model))
     transformer.hth.load_state_dict(model.state_dict(), strict=True)
     transformer.to(DTYPES[dtype])
     notes = []
