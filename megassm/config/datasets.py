@@ -95,8 +95,7 @@ def _widths(cfg: RunConfig, found: list[tuple[str, dict]], explicit: set[str]) -
         path, value = next(iter(values.items()))
         have = getattr(cfg.model, key)
         if f"model.{key}" not in explicit:
-            if have != value:
-                notes.append(f"model.{key}={value} from the manifest of {path} (the config leaves it unset)")
+            notes.append(f"model.{key}={value} from the manifest of {path} (the config leaves it unset)")
             setattr(cfg.model, key, int(value))
         elif have != value:
             raise _error(f"model.{key}={have} but dataset {path} has {mkey}={value} (its manifest.json); set "
