@@ -8,7 +8,8 @@ directory exists).
         knows what latents it was trained on). With ``training`` (a config loaded to train, not to plan or
         inspect): every ``data.paths`` entry is a finished dataset that holds samples; the previews' VAE and
         text encoder are the data's; a checkpoint resumed or warm-started from (``init_from``) was trained
-        with the same input widths and encoders. Returns notes for the log.
+        with the same input widths (and, resumed, the same encoders; warm-started from other encoders: a
+        warning). Returns notes and warnings for the log.
 
 Remote datasets (URLs, ``pipe:``) are checked by the reader when training starts.
 """
@@ -164,11 +165,13 @@ def stored_run_config(path: str | Path) -> dict | None:
     return None
 
 
-def check_checkpoint(cfg: RunConfig, what: str, stored: dict | None) -> None:
-    """A checkpoint (``what``: 'init_from=X' or 'the checkpoint in run_dir') trained with other input widths or
-    other encoders than this config's data: named here, before anything is built."""
+def check_checkpoint(cfg: RunConfig, what: str, stored: dict | None, resume: bool) -> list[str]:
+    """A checkpoint (``what``: 'init_from=X' or the run's own) trained with other input widths (an error: its
+    weights cannot take the inputs) or other encoders than this config's data: an error for a resume (the
+    data changed under the run), a warning returned for a warm start (a deliberate change of encoder, then
+    adapted to, is possible)."""
     if not stored:
-        return
+        return []
     model = stored.get("model") or {}
     for key, _ in WIDTHS:
         old, new = model.get(key), getattr(cfg.model, key)
@@ -177,16 +180,20 @@ def check_checkpoint(cfg: RunConfig, what: str, stored: dict | None) -> None:
                          f"{'the data' if cfg.data.kind == 'shards' else 'the config'}); its weights cannot take "
                          "these inputs: train on data encoded like the checkpoint's, or start without it")
     old_fp = (stored.get("data") or {}).get("encoded_with") or {}
+    found = []
     for kind, name in ENCODERS:
         a, b = old_fp.get(kind), cfg.data.encoded_with.get(kind)
         if a and b and a != b:
-            raise _error(f"{what} was trained on latents of another {name} (fingerprint {a}) than data.paths "
-                         f"(fingerprint {b}, see `megassm inspect data`); re-encode the data with the checkpoint's "
-                         f"{name}, or start without the checkpoint")
+            found.append(f"{what} was trained on latents of another {name} (fingerprint {a}) than data.paths "
+                         f"(fingerprint {b}, see `megassm inspect data`)")
+    if found and resume:
+        raise _error("; ".join(found) + ": resume on the data the run was trained on, or start a new run_dir")
+    return [f"{msg}: the model starts from weights that read another latent space" for msg in found]
 
 
-def apply_datasets(cfg: RunConfig, explicit: set[str], training: bool = True) -> list[str]:
-    """The load-time data rules (module doc); fills model widths and ``data.encoded_with``; returns log notes."""
+def apply_datasets(cfg: RunConfig, explicit: set[str], training: bool = True) -> tuple[list[str], list[str]]:
+    """The load-time data rules (module doc); fills model widths and ``data.encoded_with``; returns (notes,
+    warnings) for the log."""
     notes: list[str] = []
     if cfg.data.kind == "shards":
         found = _local_manifests(cfg, training)
@@ -195,11 +202,13 @@ def apply_datasets(cfg: RunConfig, explicit: set[str], training: bool = True) ->
         if training:
             _check_preview_encoders(cfg, found)
     if not training:
-        return notes
-    if cfg.init_from:
-        check_checkpoint(cfg, f"init_from={cfg.init_from}", stored_run_config(cfg.init_from))
+        return notes, []
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "checkpoints" / "latest").is_file():
+    if (run_dir / "checkpoints" / "latest").is_file():  # a resume: init_from is not read
         check_checkpoint(cfg, f"the checkpoint in run_dir={cfg.run_dir} (resumed automatically)",
-                         stored_run_config(run_dir))
-    return notes
+                         stored_run_config(run_dir), resume=True)
+        return notes, []
+    if cfg.init_from:
+        return notes, check_checkpoint(cfg, f"init_from={cfg.init_from}", stored_run_config(cfg.init_from),
+                                       resume=False)
+    return notes, []

@@ -178,10 +178,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), w
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
-    notes = apply_datasets(run, explicit_keys([d for _, d in files], parsed), training)
+    notes, warnings = apply_datasets(run, explicit_keys([d for _, d in files], parsed), training)
     check_run(run, world)
     for note in notes if not quiet else ():
         log.info(note)
+    for warning in warnings if not quiet else ():
+        log.warning(warning)
     return run
 
 

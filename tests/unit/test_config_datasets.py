@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -83,18 +84,23 @@ def test_previews_with_other_encoders_than_the_data_fail_at_load(data, tmp_path)
     load_config(None, _over(real, tmp_path, f"encoders.vae={vae}"), training=True)
 
 
-def test_checkpoint_of_other_encoders_or_widths_is_named(data, tmp_path):
+def test_checkpoint_of_other_encoders_or_widths_is_named(data, tmp_path, caplog):
     other = _as(data, tmp_path / "other", vae={"fingerprint": "a" * 16})
     src = tmp_path / "stage0"
     (src / "checkpoints").mkdir(parents=True)
     stored = {"model": {"in_channels": 6, "text_dim": 32}, "data": {"encoded_with": {"vae": "a" * 16}}}
     (src / "config.yaml").write_text(yaml.safe_dump(stored))
-    with pytest.raises(ConfigError, match=r"init_from=.*stage0 was trained on latents of another VAE "
-                                          r"\(fingerprint a{16}\) than data.paths \(fingerprint 0{16}"):
+    with caplog.at_level(logging.WARNING, logger="megassm.config"):  # a warm start across encoders: said
         load_config(None, [*_over(data, tmp_path), f"init_from={src}"], training=True)
-    load_config(None, [*_over(other, tmp_path), f"init_from={src}"], training=True)
+    assert re.search(r"init_from=.*stage0 was trained on latents of another VAE \(fingerprint a{16}\) than "
+                     r"data.paths \(fingerprint 0{16}", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megassm.config"):
+        load_config(None, [*_over(other, tmp_path), f"init_from={src}"], training=True)
+    assert "another VAE" not in caplog.text
     (src / "checkpoints" / "latest").write_text("step_00000001")  # src as this run's own directory: a resume
     with pytest.raises(ConfigError, match=r"checkpoint in run_dir=.*resumed automatically.*another VAE"):
         load_config(None, [*_over(data, tmp_path), f"run_dir={src}"], training=True)
     with pytest.raises(ConfigError, match=r"trained with model.text_dim=32, this config has model.text_dim=16"):
-        load_config(None, ["init_from=" + str(src), "model.in_channels=6", "model.text_dim=16"], training=True)
+        load_config(None, [f"init_from={src}", f"run_dir={tmp_path / 'r2'}", "model.in_channels=6",
+                           "model.text_dim=16"], training=True)
