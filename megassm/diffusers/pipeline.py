@@ -24,7 +24,7 @@ from megassm.diffusers.transformer import HTHTransformerModel
 from megassm.diffusion.flow import resolution_shift, shift_t
 from megassm.encoders import VIDEO_VAE_CLASSES, LatentNorm
 
-DEFAULT_LATENT_HW = 32  # latent side when no size is asked for, as megassm sample (256 px at VAE x8)
+DEFAULT_LATENT_HW = 32  # latent side when no size is asked for nor recorded (256 px at VAE x8)
 
 
 @dataclass
@@ -72,13 +72,16 @@ class HTHPipeline(DiffusionPipeline):
     def __init__(self, transformer: HTHTransformerModel, vae, text_encoder, tokenizer,
                  scheduler: FlowMatchEulerDiscreteScheduler, latent_scale: float | list[float] | None = None,
                  latent_shift: float | list[float] | None = None, shift: float | None = None,
-                 shift_base_tokens: int = 256, sample_steps: int = 30, cfg_scale: float = 4.0):
+                 shift_base_tokens: int = 256, sample_steps: int = 30, cfg_scale: float = 4.0,
+                 sample_latent_hw: list[int] | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
-        # latents fed to the model = (vae_latent - shift) * scale; None: the VAE config's own values
+        # latents fed to the model = (vae_latent - shift) * scale; None: the VAE config's own values;
+        # sample_latent_hw: the latent (h, w) the model was trained at, the size when none is asked for
         self.register_to_config(latent_scale=latent_scale, latent_shift=latent_shift, shift=shift,
-                                shift_base_tokens=shift_base_tokens, sample_steps=sample_steps, cfg_scale=cfg_scale)
+                                shift_base_tokens=shift_base_tokens, sample_steps=sample_steps, cfg_scale=cfg_scale,
+                                sample_latent_hw=sample_latent_hw)
         vc = vae.config
         self.is_video_vae = type(vae).__name__ in VIDEO_VAE_CLASSES
         self.vae_spatial = int(getattr(vc, "scale_factor_spatial", 0) or 2 ** (len(vc.block_out_channels) - 1))
@@ -112,8 +115,8 @@ class HTHPipeline(DiffusionPipeline):
 
     def _latent_shape(self, batch: int, height: int | None, width: int | None, frames: int) -> tuple[int, ...]:
         cfg = self.transformer.hth.cfg
-        if height is None or width is None:
-            h = w = DEFAULT_LATENT_HW
+        if height is None or width is None:  # the training size (as megassm sample), else 32 x 32
+            h, w = self.config.get("sample_latent_hw") or (DEFAULT_LATENT_HW, DEFAULT_LATENT_HW)
         else:
             f, (_, ph, pw) = self.vae_spatial, cfg.patch_size
             if height % (f * ph) or width % (f * pw):

@@ -45,6 +45,8 @@ def test_pipeline_matches_megassm_sample(checkpoint, tmp_path, cli):
         # sigma and timestep = 1000 sigma in float32 (megassm keeps t in double until the model's input) and
         # dt = sigma_next - sigma in float32. Measured: bit-identical here; 1e-4 leaves room for other step counts.
         torch.testing.assert_close(lat[i], ref, rtol=0, atol=1e-4)
+    # no size asked for: the training size recorded in model_index.json (the demo data's 8 x 8), as megassm sample
+    assert pipe("waves", num_inference_steps=1, output_type="latent").images.shape[-2:] == (8, 8)
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     images = pipe(**{**args, "generator": gens}).images
     for i, img in enumerate(images):  # the same PNG up to one 8-bit level where the rounding flips
