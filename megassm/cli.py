@@ -13,10 +13,17 @@ OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=2
 
 
 def _cmd_train(args) -> int:
-    from megassm.train.signals import install_for_process
+    from megassm.train.signals import install_for_process, uninstall_for_process
 
     # first: a SIGUSR1 / SIGTERM / SIGINT during the minutes before training is recorded, not fatal
     install_for_process()
+    try:
+        return _train(args)
+    finally:
+        uninstall_for_process()
+
+
+def _train(args) -> int:
     import logging
 
     from megassm.config.load import load_config

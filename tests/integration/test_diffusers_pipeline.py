@@ -64,7 +64,10 @@ def test_diffusion_pipeline_from_pretrained_in_a_fresh_process(checkpoint, tmp_p
     from tests.conftest import child_env
 
     to_diffusers(checkpoint, tmp_path / "pipe")
-    code = (f"import sys, torch\nfrom diffusers import DiffusionPipeline\nassert 'megassm' not in sys.modules\n"
+    # the child computes with this process's thread count: another count sums in another order (7e-7 apart,
+    # seen when an earlier test of the same worker had left OMP_NUM_THREADS=1 for its children)
+    code = (f"import sys, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+            f"from diffusers import DiffusionPipeline\nassert 'megassm' not in sys.modules\n"
             f"p = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
             "print(type(p).__name__)\n"
             "lat = p('waves', height=16, width=16, num_inference_steps=3, output_type='latent',\n"
