@@ -16,6 +16,9 @@ ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
 # on CUDA when they import; fused = always (on CPU only in Triton's interpreter, TRITON_INTERPRET=1);
 # reference = the PyTorch reference parts (megassm/ops/hydra_mix.py)
 HYDRA_PATHS = {"auto": None, "fused": True, "reference": False}
+# model.fp8: torchao's float8 training recipes (megassm/ops/fp8.py), and the torchao CI is proven with
+FP8_RECIPES = ("none", "tensorwise", "rowwise")
+TORCHAO_PIN = "torchao==0.18.0"
 
 
 @dataclass
@@ -55,6 +58,10 @@ class ModelConfig:
     ssd_impl: str = "auto"
     # Hydra's path: auto | fused | reference (HYDRA_PATHS); the SSD scan inside the fused one follows ssd_impl
     hydra_path: str = "auto"
+    # FP8 linears in training: none | tensorwise | rowwise (torchao float8; megassm/ops/fp8.py says which)
+    fp8: str = "none"
+    # torch.compile: none | blocks (each HTHBlock's forward, static shapes; megassm/models/block.py)
+    compile: str = "none"
 
 
 @dataclass
@@ -178,6 +185,9 @@ class ParallelConfig:
     offload_params: bool = False
     micro_batches: int = 1  # pipeline micro-batches per step (pp > 1)
     virtual_stages: int = 1  # > 1: interleaved 1F1B with this many model chunks per pipeline rank
+    # extra DeepSpeed zero_optimization keys (ZERO_OPTIONS in megassm/config/validate.py), e.g.
+    # {stage3_param_persistence_threshold: 1.0e+9} keeps every parameter gathered on a single rank
+    zero_options: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -18,8 +18,10 @@ from typing import Any
 
 from megassm.config.schema import (
     ATTENTION_BACKENDS,
+    FP8_RECIPES,
     HYDRA_PATHS,
     LORA_TARGETS,
+    TORCHAO_PIN,
     WANDB_MODES,
     DataConfig,
     ParallelConfig,
@@ -86,6 +88,11 @@ def validate_model(m) -> None:
     _choice("model.ssd_impl", m.ssd_impl, ["auto", "ref", "triton"])
     _choice("model.attention_backend", m.attention_backend, list(ATTENTION_BACKENDS))
     _choice("model.hydra_path", m.hydra_path, list(HYDRA_PATHS))
+    _choice("model.fp8", m.fp8, list(FP8_RECIPES))
+    _choice("model.compile", m.compile, ["none", "blocks"])
+    if m.fp8 != "none" and not _importable("torchao"):
+        raise ConfigError(f"model.fp8={m.fp8} needs torchao, which is not installed: pip install {TORCHAO_PIN} "
+                          "(or set model.fp8=none)")
     for k in ("d_model", "d_state", "chunk_size", "text_dim", "max_text_len"):
         if getattr(m, k) < 1:
             raise ConfigError(f"model.{k}={getattr(m, k)} must be >= 1")
@@ -182,6 +189,39 @@ def validate_parallel(cfg: RunConfig) -> None:
     _check_parallel_model(cfg)
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+    validate_zero_options(p)
+    if cfg.model.fp8 != "none" and p.tp > 1:
+        raise ConfigError(f"model.fp8={cfg.model.fp8} with parallel.tp={p.tp}: FP8 linears are not wired into the "
+                          "tensor-parallel linears yet; set model.fp8=none or parallel.tp=1")
+    if cfg.model.compile != "none" and cfg.finetune.lora is not None:
+        raise ConfigError("model.compile=blocks with finetune.lora is not proven (LoRA's ZeRO-3 leaves and the "
+                          "compiled blocks' leaves differ); set model.compile=none for LoRA fine-tuning")
+    if cfg.model.fp8 != "none" and cfg.finetune.lora is not None:
+        raise ConfigError(f"model.fp8={cfg.model.fp8} with finetune.lora: LoRA wraps the linears FP8 would take; "
+                          "set model.fp8=none for LoRA fine-tuning")
+
+
+# DeepSpeed zero_optimization keys megassm passes through (parallel.zero_options) and their kind
+ZERO_OPTIONS = {"stage3_param_persistence_threshold": "count", "stage3_prefetch_bucket_size": "count",
+                "stage3_max_live_parameters": "count", "stage3_max_reuse_distance": "count",
+                "reduce_bucket_size": "count", "allgather_bucket_size": "count", "overlap_comm": "bool",
+                "contiguous_gradients": "bool", "memory_efficient_linear": "bool"}
+
+
+def validate_zero_options(p) -> None:
+    for key, value in p.zero_options.items():
+        kind = ZERO_OPTIONS.get(key)
+        if kind is None:
+            raise ConfigError(f"parallel.zero_options.{key} is not a key megassm passes to DeepSpeed; valid: "
+                              f"{sorted(ZERO_OPTIONS)}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, bool) if kind == "bool" else number and value >= 0 and float(value).is_integer()
+        if not ok:
+            want = "true or false" if kind == "bool" else "a whole number >= 0 (1.0e+9 is fine)"
+            raise ConfigError(f"parallel.zero_options.{key}={value!r} must be {want}")
+        if p.zero_stage != 3 and key.startswith("stage3_"):
+            raise ConfigError(f"parallel.zero_options.{key} applies to ZeRO-3 only; parallel.zero_stage="
+                              f"{p.zero_stage}")
 
 
 def validate_buckets(cfg: RunConfig, manifests: bool = True) -> None:

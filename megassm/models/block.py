@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,17 @@ class TokenGrid:
         if order not in self._perms:
             self._perms[order] = scan_permutation(order, self.grid, self.device)
         return self._perms[order]
+
+    def precompute(self, blocks) -> TokenGrid:
+        """Fill the caches every block of ``blocks`` will read (scan permutations, RoPE angles) up front, so
+        that each block sees the same grid: a compiled block then has one graph per kind, not one per cache
+        state."""
+        for blk in blocks:
+            if blk.scan_order is not None:
+                self.perm(blk.scan_order)
+        if self.rope_head_dim:  # (L, head_dim/2) angles: small beside any block's activations
+            self.rope()
+        return self
 
     def rope(self) -> Tensor:
         if self._rope is None:
@@ -106,6 +118,7 @@ class HTHBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
         self.grad_checkpoint = False
         self.fuse_elementwise = cfg.fuse_elementwise  # on CUDA only; eager elsewhere
+        self.compile_backend: str | None = None  # torch.compile backend of _forward (compile_blocks), None: eager
 
     def set_scan_order(self, symbol: str) -> None:
         """Switch the scan order among the symbols of this block's mixer kind (e.g. spatial -> temporal-major
@@ -133,6 +146,36 @@ class HTHBlock(nn.Module):
         return ew.gated_residual(x, gate2, self.mlp(h))
 
     def forward(self, x, t_mod, text, text_mask, grid: TokenGrid) -> Tensor:
+        fwd = self._forward
+        if self.compile_backend is not None:
+            fwd = partial(compiled_block_forward(self.compile_backend), self)
         if self.grad_checkpoint and torch.is_grad_enabled():
-            return tcp.checkpoint(self._forward, x, t_mod, text, text_mask, grid, use_reentrant=False)
-        return self._forward(x, t_mod, text, text_mask, grid)
+            return tcp.checkpoint(fwd, x, t_mod, text, text_mask, grid, use_reentrant=False)
+        return fwd(x, t_mod, text, text_mask, grid)
+
+
+# Regional compilation (``model.compile: blocks``): one compiled ``HTHBlock._forward`` per backend, shared
+# by every block (torch.compile specialises per mixer kind, scan order and shape: static shapes, one graph
+# per bucket). Hydra's fused kernels run eager inside it (megassm.ops.hydra_fused: compiler-disabled).
+_COMPILED: dict[str, object] = {}
+RECOMPILE_LIMIT = 64  # graphs per compiled function: kinds x scan orders x buckets x grad modes
+
+
+def compiled_block_forward(backend: str = "inductor"):
+    if backend not in _COMPILED:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for key in ("recompile_limit", "cache_size_limit"):  # the name moved between torch versions
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(getattr(cfg, key), RECOMPILE_LIMIT))
+        _COMPILED[backend] = torch.compile(HTHBlock._forward, backend=backend, dynamic=False)
+    return _COMPILED[backend]
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Turn on regional compilation of every HTHBlock in ``model``; returns how many blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, HTHBlock)]
+    for blk in blocks:
+        blk.compile_backend = backend
+    return len(blocks)

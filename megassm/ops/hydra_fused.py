@@ -305,6 +305,7 @@ class HydraMixFn(torch.autograd.Function):
                 dw_part.sum(0).to(norm_w.dtype), None, None, None, None, None, None)
 
 
+@torch.compiler.disable  # Triton launches and hand-written backward: eager inside a compiled block
 def hydra_mix_fused(zxbcdt: Tensor, conv_w: Tensor, conv_b: Tensor | None, dt_bias: Tensor, A: Tensor,
                     fc_w: Tensor, D: Tensor, norm_w: Tensor, eps: float, headdim: int, d_state: int,
                     ngroups: int, chunk_size: int = 256, scan_impl: str = "triton") -> Tensor:
@@ -358,6 +359,7 @@ class LocalMixFn(torch.autograd.Function):
         return dxbc, ddt, dconv_w, dconv_b, ddt_bias, dA, None, None, None, None
 
 
+@torch.compiler.disable  # Triton launches and hand-written backward: eager inside a compiled block
 def local_mix_fused(xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tensor | None, dt_bias: Tensor, A: Tensor,
                     headdim: int, d_state: int, chunk_size: int, scan_impl: str = "triton") -> tuple[Tensor, Tensor]:
     """``hydra_mix.local_mix`` without fc_D: -> scan (2B, L, h*p), x (B, L, h*p), in xbc's dtype."""
@@ -383,6 +385,7 @@ class CombineFn(torch.autograd.Function):
         return dscan, dx, ddiag.to(diag.dtype)
 
 
+@torch.compiler.disable  # Triton launches and hand-written backward: eager inside a compiled block
 def combine_fused(scan: Tensor, x: Tensor, diag: Tensor) -> Tensor:
     """``hydra_mix.combine``: scan (2B, L, h*p), x (B, L, h*p), diag (B, L, h) -> y (B, L, h*p)."""
     return CombineFn.apply(scan, x, diag)
@@ -438,6 +441,7 @@ class GatedNormFn(torch.autograd.Function):
         return dy, dz, dw_part.sum(0).to(w.dtype), None, None, None
 
 
+@torch.compiler.disable  # Triton launches and hand-written backward: eager inside a compiled block
 def gated_norm_fused(y: Tensor, z: Tensor, w: Tensor, eps: float, width: int,
                      sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``hydra_mix.gated_norm`` (group_size None): y, z (B, L, d), w (d,); ``width`` the token's full width.

@@ -185,7 +185,7 @@ def ssd_scan(
             "pip install --no-build-isolation --no-deps mamba-ssm"
         )
     _check_shapes(x, dt, A, B, C)
-    return kernel(
+    return torch.compiler.disable(kernel)(  # mamba-ssm's launches run eager inside a compiled block
         x, dt, A, B, C, chunk_size=chunk_size, D=None, z=None,
         initial_states=initial_states, return_final_states=return_final_states,
     )

@@ -38,6 +38,7 @@ from megassm.train.checkpoint_writer import (
 )
 from megassm.train.metrics import MetricsLogger, eval_line, peak_flops, progress_line
 from megassm.train.profiling import StepProfiler
+from megassm.train.speed import apply_speed
 from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported)
     StepStrategy,
     apply_activation_checkpointing,
@@ -116,6 +117,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = self._build_model()
         apply_activation_checkpointing(model, cfg.train)
+        for line in apply_speed(model, cfg.model, self.device):  # model.fp8 / model.compile
+            self._info(line)
         self.model = self.strategy.wrap(model, load_universal=self.resume_plan.elastic)
         self.ema = self.strategy.build_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 

@@ -56,6 +56,7 @@ def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: fl
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    zero.update(p.zero_options)  # validated at load (config/validate.py: ZERO_OPTIONS)
     ds = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
@@ -134,11 +135,15 @@ def mark_model(model: nn.Module, zero_stage: int) -> None:
     if zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
+        from megassm.models.block import HTHBlock
         from megassm.models.hydra import Hydra
         from megassm.parallel.hydra import ParallelHydra
+        from megassm.train.speed import compiled_blocks
 
-        # both Hydra paths read submodule weights (fc_D; conv1d / norm when fused) without calling them
-        set_z3_leaf_modules(model, [Hydra, ParallelHydra], raise_if_not_found=False)
+        # both Hydra paths read submodule weights (fc_D; conv1d / norm when fused) without calling them;
+        # compiled blocks are leaves whole: no hook inside the compiled region (megassm/train/speed.py)
+        leaves = [HTHBlock] if compiled_blocks(model) else [Hydra, ParallelHydra]
+        set_z3_leaf_modules(model, leaves, raise_if_not_found=False)
         if any(not p.requires_grad for p in model.parameters()):  # a frozen base (LoRA) around adapter leaves
             from megassm.lora.training import feed_grad_into_zero3_leaves
 

@@ -1,0 +1,171 @@
+"""The training fast paths against their references: FP8 linears (torchao in emulation on CPU), regional
+compilation of the blocks (a recording backend, no code generation), ZeRO-3 options and leaves.
+
+Tolerances: FP8 e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per element, ~2^-5 on average);
+a GEMM's output averages that error over its inner dimension, so the emulated model's output stays within a
+few percent of fp32's -- 10 % is asserted, and more than 1e-4 (it did round: FP8 really ran). Padding and
+compilation change no arithmetic: they are compared to 1e-6 (fp32 reassociation) or exactly.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from megassm.config import ModelConfig
+from megassm.config.load import load_config
+from megassm.config.validate import ConfigError, validate
+from megassm.models import build_model
+from megassm.models.block import HTHBlock, compile_blocks
+
+torchao = pytest.importorskip("torchao")  # CI installs it (pyproject's dev extra)
+
+from megassm.ops.fp8 import _padded_class, convert_to_fp8, fp8_targets  # noqa: E402
+from megassm.train.speed import apply_speed  # noqa: E402
+
+# widths where every token linear is a multiple of 16 (Hydra's in_proj: 2*128 + 4*8 + 2*8 = 304)
+M16 = dict(in_channels=4, d_model=64, num_heads=4, headdim=16, d_state=8, chunk_size=8, text_dim=16, max_text_len=6)
+
+
+def _inputs(B=2, T=2, H=6, W=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 4, T, H, W, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, 5, 16, generator=g), torch.ones(B, 5, dtype=torch.bool))
+
+
+def _model(pattern="hvAt", seed=0, **kw):
+    torch.manual_seed(seed)
+    m = build_model(ModelConfig(pattern=pattern, **{**M16, **kw}))
+    for p in m.parameters():  # open the zero-initialised gates and output: every path carries a gradient
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.2)
+    return m
+
+
+def _step(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fp8_takes_the_token_linears_and_keeps_the_rest():
+    take, keep = fp8_targets(_model())
+    leaves = {n.split(".", 2)[2] for n in take}
+    assert leaves == {"mixer.in_proj", "mixer.out_proj", "mixer.qkv", "mixer.proj", "cross_attn.q",
+                      "cross_attn.proj", "mlp.fc1", "mlp.fc2"}
+    assert {k.split(".", 2)[2].split(" ")[0] for k in keep} == {"mixer.fc_D", "cross_attn.kv"}
+    # widths that are not multiples of 16 stay in bf16, named with the reason
+    _, keep = fp8_targets(_model(d_model=40, num_heads=4, headdim=20))
+    assert any("multiples of 16" in k and "mixer.in_proj" in k for k in keep)
+
+
+def test_fp8_emulated_model_is_near_fp32_and_really_rounds():
+    ref, inputs = _model(), _inputs()
+    fp8 = copy.deepcopy(ref)
+    report = convert_to_fp8(fp8, "tensorwise", emulate=True)
+    assert "tensorwise (emulated) on 24 linears" in report, report
+    names = dict(ref.named_parameters()).keys()
+    assert dict(fp8.named_parameters()).keys() == names  # checkpoints cannot tell
+    out_r, g_r = _step(ref, inputs)
+    out_f, g_f = _step(fp8, inputs)
+    rel = (out_f - out_r).norm() / out_r.norm()
+    assert 1e-4 < rel < 0.1, rel
+    for n in ("blocks.0.mixer.in_proj.weight", "blocks.2.mixer.qkv.weight", "blocks.3.mlp.fc2.weight"):
+        rel = (g_f[n] - g_r[n]).norm() / g_r[n].norm()
+        assert 1e-4 < rel < 0.15, (n, rel)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_token_padding_is_exact(recipe):
+    """A token count that is not a multiple of 16 (stage 3 under cp 4: 7,260) is padded with zero rows: the
+    same output rows and the same weight gradient as the unpadded emulated GEMM."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from megassm.ops.fp8 import _float8_config
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48)
+    cfg = _float8_config(recipe, emulate=True)
+    plain, padded = Float8Linear.from_float(copy.deepcopy(lin), config=cfg), _padded_class().from_float(
+        copy.deepcopy(lin), config=cfg)
+    x = torch.randn(3, 7, 32)  # 21 tokens
+    outs = []
+    for mod in (plain, padded):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
+    assert outs[1][0].shape == (3, 7, 48)
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()
+
+
+def test_compiled_blocks_equal_eager_and_compile_something():
+    """Regional compilation through a recording backend (the captured graphs run as they are): output and
+    every gradient equal eager; graphs were captured for each mixer kind; Hydra's fused kernels stay out."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ref, inputs = _model("hvvA"), _inputs()
+    comp = copy.deepcopy(ref)
+    assert compile_blocks(comp, backend=recording) == 4
+    comp.blocks[3].grad_checkpoint = True  # checkpointing around a compiled block
+    out_r, g_r = _step(ref, inputs)
+    out_c, g_c = _step(comp, inputs)
+    assert graphs, "nothing was compiled"
+    n = len(graphs)
+    _step(comp, inputs)  # a second step (a new grid, same shapes) reuses the graphs
+    assert len(graphs) == n, f"recompiled: {n} graphs after one step, {len(graphs)} after two"
+    assert torch.allclose(out_c, out_r, rtol=1e-6, atol=1e-6)
+    assert g_c.keys() == g_r.keys()
+    for n in g_r:
+        assert torch.allclose(g_c[n], g_r[n], rtol=1e-5, atol=1e-6), n
+
+
+def _cfg(**over):
+    cfg = load_config("configs/smoke.yaml")
+    for k, v in over.items():
+        section, key = k.split(".")
+        setattr(getattr(cfg, section), key, v)
+    return cfg
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"model.fp8": "fp8"}, r"model.fp8='fp8' is not valid; choose one of \['none', 'tensorwise', 'rowwise'\]"),
+    ({"model.compile": "full"}, r"model.compile='full' is not valid; choose one of \['none', 'blocks'\]"),
+    ({"model.fp8": "tensorwise", "parallel.tp": 2}, r"model.fp8=tensorwise with parallel.tp=2"),
+    ({"parallel.zero_options": {"stage3_prefetch": 5}}, r"parallel.zero_options.stage3_prefetch is not a key"),
+    ({"parallel.zero_options": {"reduce_bucket_size": -1}}, r"must be a whole number >= 0"),
+    ({"parallel.zero_options": {"overlap_comm": 1}}, r"must be true or false"),
+    ({"parallel.zero_options": {"stage3_max_live_parameters": 10}, "parallel.zero_stage": 2},
+     r"applies to ZeRO-3 only"),
+])
+def test_bad_speed_keys_are_refused_at_load(over, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(_cfg(**over))
+
+
+def test_zero_options_reach_deepspeed_and_compiled_blocks_are_leaves():
+    from megassm.train.backends.deepspeed import deepspeed_config, mark_model
+
+    cfg = _cfg(**{"parallel.zero_options": {"stage3_param_persistence_threshold": 1e9, "overlap_comm": False}})
+    validate(cfg)
+    ds = deepspeed_config(cfg.parallel, cfg.train, 1.0, torch.device("cpu"), 1, 1)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 1e9
+    assert ds["zero_optimization"]["overlap_comm"] is False
+    pytest.importorskip("deepspeed")
+    model = _model("hA")
+    notes = apply_speed(model, ModelConfig(**{**M16, "pattern": "hA", "compile": "blocks"}), torch.device("cpu"))
+    assert notes == ["compile: 2 blocks (torch.compile per block, static shapes; the first step compiles)"]
+    mark_model(model, 3)
+    assert [type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)] == ["HTHBlock"] * 2
+    eager = _model("hA")
+    mark_model(eager, 3)
+    assert {type(m).__name__ for m in eager.modules() if getattr(m, "_z3_leaf", False)} == {"Hydra"}
+    assert all(isinstance(b, HTHBlock) for b in model.blocks)
