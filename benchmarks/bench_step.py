@@ -2,6 +2,7 @@
 against the memory plan, and the same with an all-attention stack (speedup_vs_attention).
 
     python benchmarks/bench_step.py [--seq-lens 16384,29040] [--engine deepspeed|torch] [--profile 29040]
+        [--variants today,persist,compile,fp8] [--attention-variants today,fp8]
 
 Each stage runs as its config says (configs/<stage>.yaml: micro-batch, activation checkpointing) at its
 full sequence length on one GPU (Ulysses CP would split the same work over cp GPUs, per-GPU FLOPs / cp).
@@ -12,7 +13,12 @@ engine=deepspeed: DeepSpeed ZeRO-3 (one rank), bf16, fused torch AdamW, as megas
 builds it;
 engine=torch: bf16 weights with a plain torch AdamW (no fp32 master), for when DeepSpeed is not there.
 MFU counts model FLOPs (3 x forward, accounting.train_flops); ``hw_mfu`` adds recomputed forwards.
-Rows: bench=model_step per (stage, stack). Each case runs in a fresh process.
+Rows: bench=model_step per (stage, stack, variant). Each case runs in a fresh process.
+
+Variants (``VARIANTS``) are the speed settings a config turns on -- model.compile, model.fp8,
+model.attention_backend, parallel.zero_options -- applied by the same code ``megassm train`` runs
+(megassm/train/speed.py, the backend's mark_model and deepspeed_config); ``today`` is none of them, and
+``speedup_vs_today`` compares each with it from the same call.
 """
 
 from __future__ import annotations
@@ -42,8 +48,20 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = [("stage0_256px", 256), ("stage1_1k", 4096), ("stage2_2k", 16384), ("stage3_video", 29040),
           ("long_65k", 65536)]
 DEPTHS = (32, 24, 16, 12, 8, 4)
-COLUMNS = ["bench", "stage", "pattern", "activation_checkpointing", "seq_len", "batch", "ms", "tokens_per_s_per_gpu",
-           "tflops", "mfu", "hw_mfu", "speedup_vs_attention", "peak_mem_gb", "predicted_mem_gb", "mem_error"]
+PERSIST = {"stage3_param_persistence_threshold": 10**12}  # one rank: gather nothing, ever
+VARIANTS = {
+    "today": {},
+    "persist": {"zero_options": PERSIST},
+    "compile": {"compile": "blocks"},
+    "compile_persist": {"compile": "blocks", "zero_options": PERSIST},
+    "fp8": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST},
+    "fp8_rowwise": {"compile": "blocks", "fp8": "rowwise", "zero_options": PERSIST},
+    "fp8_eager": {"fp8": "tensorwise", "zero_options": PERSIST},
+    "fp8_flash": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "attention_backend": "flash"},
+}
+COLUMNS = ["bench", "stage", "pattern", "variant", "activation_checkpointing", "seq_len", "batch", "ms",
+           "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
+           "peak_mem_gb", "predicted_mem_gb", "mem_error"]
 
 
 def stage_settings(stage: str) -> tuple[int, str, int]:
@@ -74,9 +92,9 @@ def pick_depth(m, seq_len: int, batch: int, mode: str, every_k: int, budget_gb: 
     return None, None
 
 
-def make_engine(model, engine: str):
+def make_engine(model, engine: str, zero_options: dict | None = None):
     from megassm.config.schema import RunConfig
-    from megassm.train.backends.deepspeed import deepspeed_config
+    from megassm.train.backends.deepspeed import deepspeed_config, mark_model
     from megassm.train.optim import param_groups
 
     if engine == "torch":
@@ -92,6 +110,8 @@ def make_engine(model, engine: str):
         deepspeed.init_distributed(dist_backend="nccl")
     cfg = RunConfig()
     cfg.train.micro_batch_size, cfg.train.precision, cfg.parallel.zero_stage = 1, "bf16", 3
+    cfg.parallel.zero_options = dict(zero_options or {})
+    mark_model(model, 3)  # as DeepSpeedBackend.prepare: Hydra (or, compiled, whole blocks) as ZeRO-3 leaves
     ds = deepspeed_config(cfg.parallel, cfg.train, cfg.optim.grad_clip, torch.device("cuda"), 1, cfg.train.grad_accum)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
     return eng, None
@@ -112,10 +132,15 @@ def one_step(model, opt, batch):
 
 
 def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: int, engine: str, steps: int,
-              ck: str = "all", every_k: int = 2, profile_path: str | None = None) -> dict:
+              ck: str = "all", every_k: int = 2, profile_path: str | None = None, variant: str = "today") -> dict:
     """Build the stack, take 2 warm-up and ``steps`` timed optimizer steps; returns the result row."""
+    from megassm.train.speed import apply_speed
+
     cfg = copy.deepcopy(m)
     cfg.pattern = pattern
+    v = VARIANTS[variant]
+    cfg.compile, cfg.fp8 = v.get("compile", "none"), v.get("fp8", "none")
+    cfg.attention_backend = v.get("attention_backend", cfg.attention_backend)
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -124,7 +149,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         model = HTHModel(cfg)
     for i, blk in enumerate(model.blocks):
         blk.grad_checkpoint = ck == "all" or (ck == "every_k" and i % every_k == 0)
-    model, opt = make_engine(model, engine)
+    speed_notes = apply_speed(model, cfg, torch.device("cuda"))
+    model, opt = make_engine(model, engine, v.get("zero_options"))
     T, H, W = GRIDS[seq_len]
     pt, ph, pw = cfg.patch_size
     dev = "cuda"
@@ -135,9 +161,11 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     mask = torch.ones(batch, cfg.max_text_len, dtype=torch.bool, device=dev)
     mask[:, 120:] = False
     data = (latents, t, text, mask, target)
-    for _ in range(2):
+    t0 = time.perf_counter()
+    for _ in range(2):  # a compiled variant compiles here
         one_step(model, opt, data)
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     static = torch.cuda.memory_allocated() - base
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -156,7 +184,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     hw_flops = flops + (train_flops(cfg, seq_len, batch, recompute=True) - flops) * n_ck / len(pattern)
     peak_tf = res.info["datasheet_bf16_tflops"] or 989.0
     tok_s = batch * seq_len / (ms * 1e-3)
-    row = {"bench": "model_step", "stage": stage, "pattern": pattern, "depth": len(pattern), "engine": engine,
+    row = {"bench": "model_step", "stage": stage, "pattern": pattern, "variant": variant, "settings": v,
+           "speed_notes": speed_notes, "warmup_s": warmup_s, "depth": len(pattern), "engine": engine,
            "seq_len": seq_len, "batch": batch, "ms": ms, "step_ms_all": [x * 1e3 for x in times],
            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s, "tflops": flops / (ms * 1e-3) / 1e12,
            "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf, "hw_mfu": hw_flops / (ms * 1e-3) / 1e12 / peak_tf,
@@ -193,10 +222,13 @@ def run_isolated(args, case: dict) -> dict:
         row_path = Path(tmp) / "row.json"
         cmd = [sys.executable, __file__, "--child", json.dumps(case), "--row-out", str(row_path),
                "--engine", args.engine, "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+        except subprocess.TimeoutExpired:
+            return {"bench": "model_step", **case, "engine": args.engine, "error": f"timeout {args.case_timeout}s"}
         if proc.returncode == 0 and row_path.exists():
             return json.loads(row_path.read_text())
-        return {"bench": "model_step", **case, "engine": args.engine, "error": proc.stderr[-600:]}
+        return {"bench": "model_step", **case, "engine": args.engine, "error": proc.stderr[-1500:]}
 
 
 def main(argv=None) -> int:
@@ -207,7 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--mem-fraction", type=float, default=0.85, help="share of the card's memory to plan into")
     p.add_argument("--max-depth", type=int, default=32)
     p.add_argument("--profile", default="", help="comma-separated seq lens whose hybrid step is profiled")
+    p.add_argument("--variants", default="today", help=f"hybrid stack's variants, of {', '.join(VARIANTS)}")
+    p.add_argument("--attention-variants", default="today", help="the all-attention stack's variants")
+    p.add_argument("--case-timeout", type=int, default=300, help="seconds per case (build, compile, steps)")
+    p.add_argument("--depth", type=int, default=0, help="force this depth (0: the largest that fits)")
     p.add_argument("--out", default=None)
+    p.add_argument("--tag", default="", help="added to the result files' names (step_<engine>_<tag>_<card>)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,13 +254,14 @@ def main(argv=None) -> int:
         res = Results(Path(tempfile.mkdtemp()), "child", COLUMNS)
         try:
             row = run_stack(res, m, c["pattern"], c["stage"], c["seq_len"], c["batch"], args.engine, args.steps,
-                            c["activation_checkpointing"], c["every_k"], c.get("profile_path"))
+                            c["activation_checkpointing"], c["every_k"], c.get("profile_path"), c["variant"])
         except torch.cuda.OutOfMemoryError as e:
             row = {"bench": "model_step", **c, "engine": args.engine, "error": f"OOM {e}"[:300]}
         Path(args.row_out).write_text(json.dumps(row))
         return 0
     out = Path(args.out) if args.out else out_dir()
-    res = Results(out, f"step_{args.engine}", COLUMNS, extra={"model": "hth-5b width, reduced depth"})
+    stem = f"step_{args.engine}{'_' + args.tag if args.tag else ''}"
+    res = Results(out, stem, COLUMNS, extra={"model": "hth-5b width, reduced depth"})
     budget = torch.cuda.get_device_properties(0).total_memory / 1e9 * args.mem_fraction
     by_len = {n: st for st, n in STAGES}
     order = [int(x) for x in args.seq_lens.split(",")] if args.seq_lens else list(by_len)
@@ -232,20 +270,35 @@ def main(argv=None) -> int:
         stage = by_len[seq_len]
         batch, mode, every_k = stage_settings(stage)
         depth, ck = pick_depth(m, seq_len, batch, mode, every_k, budget)
-        depth = min(depth or 4, args.max_depth)
+        depth = args.depth or min(depth or 4, args.max_depth)
         rows = {}
-        for pattern in (m.pattern[:depth], "A" * depth):
-            case = {"stage": stage, "seq_len": seq_len, "batch": batch, "pattern": pattern,
+        stacks = [(m.pattern[:depth], v) for v in args.variants.split(",")]
+        stacks += [("A" * depth, v) for v in args.attention_variants.split(",") if v]
+        for pattern, variant in stacks:
+            case = {"stage": stage, "seq_len": seq_len, "batch": batch, "pattern": pattern, "variant": variant,
                     "activation_checkpointing": ck or "all", "configured_checkpointing": mode, "every_k": every_k}
             if seq_len in profiled and pattern != "A" * depth:
-                case["profile_path"] = str(out / f"profile_step_{res.json_path.stem.split('_')[-1]}.txt")
-            rows[pattern] = run_isolated(args, case)
-            res.add(rows[pattern])
-        hy, at = rows[m.pattern[:depth]], rows["A" * depth]
-        if "ms" in hy and "ms" in at:
-            hy["speedup_vs_attention"] = at["ms"] / hy["ms"]
-            res.write()
+                case["profile_path"] = str(out / f"profile_step_{res.json_path.stem.split('_')[-1]}_{variant}.txt")
+            rows[pattern, variant] = row = run_isolated(args, case)
+            print(json.dumps({k: row.get(k) for k in ("stage", "pattern", "variant", "ms", "mfu", "peak_mem_gb",
+                                                         "warmup_s", "error")}), flush=True)
+            res.add(row)
+        compare(rows, m.pattern[:depth], "A" * depth)
+        res.write()
     return 0
+
+
+def compare(rows: dict, hybrid: str, attention: str) -> None:
+    """speedup_vs_today per stack and variant; speedup_vs_attention of each hybrid variant against the
+    all-attention stack's same variant (or its best, when that variant was not run)."""
+    for (pattern, _), row in rows.items():
+        today = rows.get((pattern, "today"), {})
+        if "ms" in row and "ms" in today:
+            row["speedup_vs_today"] = today["ms"] / row["ms"]
+    att = {v: r["ms"] for (p, v), r in rows.items() if p == attention and "ms" in r}
+    for (pattern, variant), row in rows.items():
+        if pattern == hybrid and "ms" in row and att:
+            row["speedup_vs_attention"] = att.get(variant, min(att.values())) / row["ms"]
 
 
 if __name__ == "__main__":

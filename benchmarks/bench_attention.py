@@ -1,0 +1,75 @@
+"""Self-attention forward + backward through SDPA's kernels at the stage shapes (hth-5b: 24 heads x 128).
+
+    python benchmarks/bench_attention.py [--seq-lens 16384,29040] [--out DIR]
+
+Per kernel (cudnn, flash, efficient): median ms of forward and of forward + backward, bf16, batch 1, and
+the backward / forward ratio (FlashAttention-3-class kernels are near 2x on Hopper). A kernel that cannot
+run the shape is recorded with its error. ``model.attention_backend`` picks among them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, out_dir  # noqa: E402
+
+from megassm.models.attention import self_attention  # noqa: E402
+
+COLUMNS = ["bench", "seq_len", "backend", "fwd_ms", "fwd_bwd_ms", "bwd_over_fwd", "fwd_tflops", "fwd_bwd_tflops"]
+
+
+def _time(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def bench(seq_len: int, backend: str, heads: int = 24, hd: int = 128) -> dict:
+    q, k, v = (torch.randn(1, heads, seq_len, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn_like(q)
+    fwd = _time(lambda: self_attention(q, k, v, backend))
+
+    def both():
+        self_attention(q, k, v, backend).backward(g)
+
+    fb = _time(both)
+    flops = 4 * seq_len * seq_len * hd * heads  # QK^T and PV
+    return {"bench": "attention", "seq_len": seq_len, "backend": backend, "fwd_ms": fwd, "fwd_bwd_ms": fb,
+            "bwd_over_fwd": (fb - fwd) / fwd, "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / fb / 1e9}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", default="16384,29040")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    res = Results(Path(args.out) if args.out else out_dir(), "attention", COLUMNS)
+    for n in (int(x) for x in args.seq_lens.split(",")):
+        for backend in ("cudnn", "flash", "efficient"):
+            try:
+                row = bench(n, backend)
+            except Exception as e:  # a kernel that refuses the shape
+                err = f"{type(e).__name__}: {e}"[:300]
+                row = {"bench": "attention", "seq_len": n, "backend": backend, "error": err}
+            res.add(row)
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

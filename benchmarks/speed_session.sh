@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 34 on one GPU, in one device call: the training fast paths checked and timed side by side.
+#   tests  tests/gpu/test_speed_cuda.py + test_block_cuda.py (FP8 hardware vs emulated vs bf16, compiled vs eager)
+#   attn   benchmarks/bench_attention.py: SDPA's cuDNN / flash / efficient kernels, forward and backward
+#   step3  benchmarks/bench_step.py at stage 3's shape (29,040 tokens, depth 8): $STEP3_VARIANTS of the hybrid,
+#          $ATT_VARIANTS of the all-attention stack, each in a fresh process, all in this call
+#   step2  the same at stage 2's shape (16,384 tokens, depth 12)
+#   conv   benchmarks/fp8_convergence.py: bf16 vs FP8 vs another seed through `megassm train`
+#
+#   OUT=... DEADLINE=570 SECTIONS="tests attn step3" bash benchmarks/speed_session.sh
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+LOG=$OUT/speed_log.txt
+DEADLINE=${DEADLINE:-570}
+if ls wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=/tmp/megassm-ext
+export TRITON_CACHE_DIR=/tmp/megassm-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/megassm-cache/inductor
+export TRITON_CACHE_AUTOTUNING=1
+STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
+STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
+ATT_VARIANTS=${ATT_VARIANTS:-today,fp8}
+
+section() {  # section NAME CAP_SECONDS CMD...
+    local name=$1 cap=$2 t rc
+    shift 2
+    t=$((DEADLINE - SECONDS))
+    ((t > cap)) && t=$cap
+    if ((t < 20)); then
+        echo "==== $name skipped: ${t}s left"
+        return
+    fi
+    echo "==== $name start $(date -u +%T) limit ${t}s (t=${SECONDS}s)"
+    timeout "$t" "$@"
+    rc=$?
+    echo "==== $name exit $rc $(date -u +%T) (t=${SECONDS}s)"
+}
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__, torch.cuda.get_device_name())"
+    python3 -c "from importlib.metadata import version as v; print(*[f'{p} {v(p)}' for p in ('deepspeed', 'mamba_ssm', \
+'torchao', 'omegaconf')])"
+    for s in ${SECTIONS:-tests attn step3}; do
+        case $s in
+            tests) section tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speed_cuda.py \
+                       tests/gpu/test_block_cuda.py ;;
+            attn) section attn 60 python3 benchmarks/bench_attention.py --out "$OUT" ;;
+            step3) section step3 420 python3 benchmarks/bench_step.py --seq-lens 29040 --depth 8 --steps 5 --tag speed3 \
+                       --variants "$STEP3_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
+            step2) section step2 300 python3 benchmarks/bench_step.py --seq-lens 16384 --depth 12 --steps 5 --tag speed2 \
+                       --variants "$STEP2_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
+            conv) section conv 360 python3 benchmarks/fp8_convergence.py --work /tmp/fp8conv --out "$OUT" \
+                      --steps "${CONV_STEPS:-300}" ;;
+        esac
+    done
+    echo "==== done t=${SECONDS}s"
+} 2>&1 | tee "$LOG"
