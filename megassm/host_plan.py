@@ -10,6 +10,7 @@ TP-local parameter, N = ZeRO-3 partitions (gpus / tp: DP x CP), w = bytes per tr
                    now          construction + 4L, reads 4 P_tp / N (ZeRO-3: the rows of its 1/N of each
                                 TP slice, by offset; otherwise 4 P_tp, its whole TP slices)
     resume         DeepSpeed's own per-rank files: 12 P_tp / N (fp32 masters + Adam moments) + EMA 4 P_tp / N
+    offload        parallel.offload_optimizer: 16 P_tp / N resident, pinned (fp32 masters, Adam m and v, fp32 grads)
     checkpoint     12 P + 4 P (EMA) in all; seconds = size / the job's aggregate write rate
 
 The formulas are compared with measurements at 1.16B parameters on a CPU in benchmarks/results/init_cpu.md.
@@ -60,6 +61,7 @@ def predict_host(cfg: RunConfig, gpus: int, write_gbps: float) -> dict:
         "save_s": size / GB / write_gbps,
         "write_gbps": write_gbps,
         "largest_param_gb": 4 * L / GB,
+        "offload_optimizer_gb": 16 * P_tp / N / GB if p.offload_optimizer else 0.0,
         "grace_s": grace_seconds(size / GB, write_gbps),
     }
 
@@ -71,5 +73,7 @@ def print_host(h: dict) -> None:
     r = h["warm_start_read_gb"]
     print(f"  warm-start read {r['now']:8.2f} GB   (before: {r['before']:.2f});  "
           f"resume read {h['resume_read_gb']:.2f} GB")
+    if h.get("offload_optimizer_gb"):
+        print(f"  offloaded optimizer {h['offload_optimizer_gb']:8.2f} GB resident, pinned (fp32 masters, Adam, grads)")
     print(f"  checkpoint      {h['checkpoint_gb']:8.1f} GB in all, {h['save_s']:.0f} s at {h['write_gbps']:.1f} GB/s "
           f"-> SIGUSR1 grace >= {h['grace_s']} s")

@@ -42,6 +42,10 @@ STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "st
 GiB = 1024**3
 GB = 1e9
 SUB_GROUP = 1e9  # DeepSpeed ZeRO-3 default sub_group_size (elements)
+# optimizer offload (parallel.offload_optimizer), per GPU's host share: Adam updates per second on the host
+# and the host <-> GPU copy rate (bf16 gradients down, bf16 weights up); docs/performance.md has the measurement
+CPU_ADAM_PARAMS_PER_S = 1.0e9
+HOST_LINK_GBPS = 20.0
 REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements)
 WORKSPACE = 0.25 * GB  # cuBLAS / Triton workspaces in torch's allocator
 HEADROOM = 0.9  # fit predicted allocated bytes into this share of the budget (fragmentation, CUDA context)
@@ -62,6 +66,7 @@ class Layout:
     checkpointing: str = "all"  # none | all | every_k
     every_k: int = 2
     zero_stage: int = 3
+    offload_optimizer: bool = False  # parallel.offload_optimizer: fp32 masters, Adam and fp32 grads on the host
 
     @property
     def dp(self) -> int:
@@ -181,13 +186,15 @@ def predict_memory(m: ModelConfig, seq_len: int, layout: Layout, engine: str = "
         out.update(params=2 * P, grads=2 * P, optimizer=4 * P)
         step_phase = 0.0
     else:
-        z = layout.zero_stage
+        z, off = layout.zero_stage, layout.offload_optimizer
         out["params"] = 2 * P / (shard if z >= 3 else 1)
-        out["grads"] = 2 * P / (shard if z >= 2 else 1)
-        out["optimizer"] = 12 * P / shard  # fp32 master + m + v
+        # offloaded: reduced gradients go to the host's fp32 partition, the GPU keeps only the buckets
+        out["grads"] = 0.0 if off else 2 * P / (shard if z >= 2 else 1)
+        out["optimizer"] = 0.0 if off else 12 * P / shard  # fp32 master + m + v
         out["zero_buckets"] = 2 * min(REDUCE_BUCKET, P)  # the reduce bucket (bf16), allocated once
         out["zero_gathered"] = 2 * 2 * big_block if (z >= 3 and shard > 1) else 0.0
-        step_phase = 4 * min(P / shard, SUB_GROUP)  # fp32 grads of one sub-group during optimizer.step()
+        # fp32 grads of one sub-group during optimizer.step() (on the host when offloaded)
+        step_phase = 0.0 if off else 4 * min(P / shard, SUB_GROUP)
     tokens = layout.micro_batch * seq_len / layout.cp
     per_block = [activation_bytes_per_token(m, s) / layout.tp for s in m.pattern]
     kept = sum(2 * d if layout.checkpointed(i) else per_block[i] for i in range(len(per_block)))
@@ -233,10 +240,15 @@ def predict_step_seconds(m: ModelConfig, seq_len: int, layout: Layout, mfu: floa
         # (cp-1)/cp of it leaving the GPU; Hydra's in/out widths are ~2 d, attention's ~3 d and d
         per = tokens * 2 * (4 * m.d_model) * (layout.cp - 1) / layout.cp
         comm += n * per * (2 + 2 + 2 * ck) / (link_gbps * 1e9)
-    return {"compute_s": compute, "comm_s": comm, "total_s": compute + comm}
+    out = {"compute_s": compute, "comm_s": comm, "total_s": compute + comm}
+    if layout.offload_optimizer:  # once per optimizer step, not per micro-batch: Adam on the host + the copies
+        P = param_counts(m)["total"] / (layout.tp * layout.dp * layout.cp)
+        out["offload_optimizer_s"] = P / CPU_ADAM_PARAMS_PER_S + 2 * 2 * P / (HOST_LINK_GBPS * 1e9)
+    return out
 
 
-def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, every_k: int) -> list[Layout]:
+def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, every_k: int,
+                      offload_optimizer: bool = False) -> list[Layout]:
     out = []
     for tp in (1, 2, 4, 8):
         for cp in range(1, gpus + 1):
@@ -247,15 +259,16 @@ def candidate_layouts(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int,
             except MeshError:
                 continue
             for ck in ("none", "every_k", "all"):
-                out.append(Layout(gpus, tp, cp, micro_batch, ck, every_k))
+                out.append(Layout(gpus, tp, cp, micro_batch, ck, every_k, offload_optimizer=offload_optimizer))
     return out
 
 
 def choose_layout(m: ModelConfig, seq_len: int, gpus: int, micro_batch: int, budget_bytes: float, mfu: float,
-                  peak_tflops: float, link_gbps: float, every_k: int = 2, preview: PreviewLoad | None = None):
+                  peak_tflops: float, link_gbps: float, every_k: int = 2, preview: PreviewLoad | None = None,
+                  offload_optimizer: bool = False):
     """The fastest candidate (predicted step time per sample) whose predicted memory fits the budget."""
     best = None
-    for lay in candidate_layouts(m, seq_len, gpus, micro_batch, every_k):
+    for lay in candidate_layouts(m, seq_len, gpus, micro_batch, every_k, offload_optimizer):
         mem = predict_memory(m, seq_len, lay, preview=preview)["total"]
         if mem > HEADROOM * budget_bytes:
             continue
@@ -270,7 +283,7 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
          link_gbps: float, ckpt_write_gbps: float = 1.0) -> dict:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     configured = Layout(gpus, p.tp, p.cp, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k,
-                        p.zero_stage)
+                        p.zero_stage, p.offload_optimizer)
     budget = gpu_mem_gb * GB
     preview, sources = preview_load(cfg, seq_len)
     res = {"model": m.name, "params": param_counts(m)["total"], "seq_len": seq_len, "gpus": gpus,
@@ -288,7 +301,7 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
 
     res["host"] = predict_host(cfg, gpus, ckpt_write_gbps)
     pick = choose_layout(m, seq_len, gpus, t.micro_batch_size, budget, mfu, peak_tflops, link_gbps,
-                         t.checkpoint_every_k, preview)
+                         t.checkpoint_every_k, preview, p.offload_optimizer)
     if pick is not None:
         lay, mem = pick
         res["recommended"] = {"layout": asdict(lay), "describe": lay.describe(), "memory_gb": mem / GB,
@@ -358,6 +371,9 @@ def _print(res: dict) -> None:
         print(f"  step (one micro-batch): {c['step']['total_s'] * 1e3:.0f} ms "
               f"(compute {c['step']['compute_s'] * 1e3:.0f}, TP/CP communication {c['step']['comm_s'] * 1e3:.0f}); "
               f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
+        if "offload_optimizer_s" in c["step"]:
+            print(f"  + offloaded optimizer step (Adam on the host, copies): {c['step']['offload_optimizer_s']:.1f} s "
+                  "per optimizer step")
     if res.get("host"):
         from megassm.host_plan import print_host
 

@@ -26,6 +26,25 @@ def test_zero3_static_memory_shards_over_dp_and_cp(m5b):
     assert eight["zero_gathered"] > 0 and one["zero_gathered"] == 0  # nothing to gather on one rank
 
 
+def test_optimizer_offload_moves_masters_adam_and_grads_to_the_host(m5b):
+    """parallel.offload_optimizer: 14P/N leave the GPU (bf16 grads, fp32 masters, Adam m and v), the host holds
+    16P/N pinned, and each optimizer step pays Adam on the host plus the bf16 copies both ways."""
+    from megassm.plan import CPU_ADAM_PARAMS_PER_S, HOST_LINK_GBPS, plan
+
+    P = param_counts(m5b)["total"]
+    on, off = (predict_memory(m5b, 16384, Layout(gpus=2, checkpointing="all", offload_optimizer=o)) for o in (0, 1))
+    static = lambda m: m["params"] + m["grads"] + m["optimizer"]  # noqa: E731
+    assert static(on) - static(off) == pytest.approx(14 * P / 2)
+    assert off["optimizer_step"] == 0 < on["optimizer_step"] and off["total"] < on["total"]
+    step = predict_step_seconds(m5b, 16384, Layout(gpus=2, checkpointing="all", offload_optimizer=True), 0.35, 989, 100)
+    assert step["offload_optimizer_s"] == pytest.approx(P / 2 / CPU_ADAM_PARAMS_PER_S + 2 * P / (HOST_LINK_GBPS * 1e9))
+    cfg = load_config("configs/stage2_2k.yaml", ["parallel.cp=1", "parallel.offload_optimizer=true",
+                                                 "train.sample_every=0"])
+    res = plan(cfg, 1, 16384, 80, 0.35, 989, 100)
+    assert res["host"]["offload_optimizer_gb"] == pytest.approx(16 * P / 1e9)
+    assert res["recommended"]["layout"]["offload_optimizer"]  # the search keeps the configured offload
+
+
 def test_checkpointing_and_cp_reduce_activations(m5b):
     acts = {ck: predict_memory(m5b, 16384, Layout(gpus=8, checkpointing=ck))["activations"]
             for ck in ("none", "every_k", "all")}

@@ -1,0 +1,125 @@
+"""Full-parameter training of the full hth-5b on one GPU through ``megassm train`` (issue 35 §3), against
+``megassm plan``'s prediction for the same config.
+
+    python benchmarks/full_size_full_param.py --out benchmarks/results/full_size_full_param_<card>.json
+
+For stage 2's shape (16 x 1 x 256 x 256 latents: 16,384 tokens, configs/stage2_2k.yaml) and stage 3's
+(16 x 33 x 44 x 80: 29,040 tokens, configs/stage3_video.yaml): random-latent shards with T5-XXL-wide text
+(``write_synthetic_dataset``), then ``megassm train`` at world 1 with ZeRO-3, DeepSpeed's optimizer offload
+(``parallel.offload_optimizer``: fp32 masters, Adam and fp32 gradients on the host), activation checkpointing
+``all``, micro-batch 1, no accumulation, no EMA (a 20 GB fp32 copy the GPU would have to hold), seeded draws.
+Per step: time, peak GPU memory (metrics.jsonl); the process's peak host memory (VmHWM).
+
+The run is stopped (SIGKILL) once its last step is logged, before the final checkpoint: ZeRO-3's optimizer
+checkpoint of 5.12B parameters is 12 x 5.12 GB = 61.5 GB plus the 10 GB model -- more than this machine's
+64 GB disk. ``megassm plan`` prints that size; the model-only save is not a megassm feature yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHAPES = {"stage2_2k": (16, 1, 256, 256), "stage3_video": (16, 33, 44, 80)}
+COMMON = ["parallel.cp=1", "parallel.offload_optimizer=true", "train.activation_checkpointing=all",
+          "train.micro_batch_size=1", "train.grad_accum=1", "train.ema_decay=0", "train.sample_every=0",
+          "train.eval_every=0", "train.progress_bar=false", "train.log_every=1", "optim.warmup_steps=2",
+          "data.num_workers=1", "data.shuffle_buffer=4", "encoders.vae=unused", "encoders.text_encoder=unused",
+          "init_from=null"]
+
+
+def vm_kb(pid: int, key: str) -> int:
+    try:
+        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def train(stage: str, data: Path, run_dir: Path, steps: int, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "megassm", "train", f"configs/{stage}.yaml", f"run_dir={run_dir}",
+           f"data.paths=[{data}]", "data.weights=[1.0]", f"train.steps={steps}", f"train.ckpt_every={steps + 1}",
+           *COMMON]
+    t0, hwm = time.time(), 0
+    log = open(run_dir.parent / f"{stage}.log", "w")
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
+                                                                                   "PYTHONUNBUFFERED": "1"})
+    metrics, rows, killed = run_dir / "metrics.jsonl", [], False
+    while p.poll() is None and time.time() - t0 < timeout:
+        time.sleep(1.0)
+        hwm = max(hwm, vm_kb(p.pid, "VmHWM"))
+        if metrics.is_file():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if any(r.get("step") == steps and "loss" in r for r in rows):
+                p.send_signal(signal.SIGKILL)  # before the final save (module doc)
+                killed = True
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    log.close()
+    tail = [ln for ln in (run_dir.parent / f"{stage}.log").read_text().splitlines() if ln.strip()][-25:]
+    return {"stage": stage, "cmd": " ".join(cmd[3:]), "seconds": round(time.time() - t0, 1),
+            "rc": p.returncode, "stopped_before_final_save": killed, "host_peak_gb": hwm * 1024 / 1e9,
+            "steps": [{k: r.get(k) for k in ("step", "loss", "step_time_s", "peak_mem_gb", "tokens_per_s", "mfu")}
+                      for r in rows if "loss" in r], "tail": tail}
+
+
+def planned(stage: str) -> dict:
+    cmd = [sys.executable, "-m", "megassm", "plan", f"configs/{stage}.yaml", *COMMON, "--gpus", "1", "--json"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if p.returncode:
+        return {"error": p.stderr[-800:]}
+    res = json.loads(p.stdout[p.stdout.index("{"):])
+    c = res["configured"]
+    return {"gpu_gb": c["memory_gb"]["total"], "step_s": c["step"]["total_s"],
+            "offload_optimizer_s": c["step"].get("offload_optimizer_s", 0.0),
+            "host_offload_gb": res["host"].get("offload_optimizer_gb"), "checkpoint_gb": res["host"]["checkpoint_gb"]}
+
+
+def main() -> int:
+    from megassm.data.testing import write_synthetic_dataset
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/megassm_full5b")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--stages", default="stage2_2k,stage3_video")
+    ap.add_argument("--timeout", type=int, default=330, help="seconds per training run")
+    args = ap.parse_args()
+    work = Path(args.work)
+    res: dict = {"runs": []}
+    for stage in args.stages.split(","):
+        data = work / f"data_{stage}"
+        write_synthetic_dataset(data, [SHAPES[stage]], num_samples=8, samples_per_shard=8, text_dim=4096,
+                                max_text=300, text_tokens=120)
+        run = train(stage, data, work / f"run_{stage}", args.steps, args.timeout)
+        run["plan"] = planned(stage)
+        steady = [s for s in run["steps"] if s["step"] > 1]
+        if steady and "error" not in run["plan"]:
+            measured = min(s["step_time_s"] for s in steady)
+            predicted = run["plan"]["step_s"] + run["plan"]["offload_optimizer_s"]
+            peak = max(s["peak_mem_gb"] or 0 for s in run["steps"]) * 1.073741824  # GiB -> GB
+            run["compare"] = {"step_s": measured, "planned_step_s": predicted, "step_error": predicted / measured - 1,
+                              "gpu_gb": peak, "planned_gpu_gb": run["plan"]["gpu_gb"],
+                              "gpu_error": run["plan"]["gpu_gb"] / peak - 1 if peak else None}
+        print(json.dumps({k: run.get(k) for k in ("stage", "rc", "seconds", "host_peak_gb", "steps", "plan",
+                                                   "compare")}), flush=True)
+        if not run["steps"]:
+            print("\n".join(run["tail"]), flush=True)
+        res["runs"].append(run)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0 if all(r["steps"] for r in res["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
