@@ -76,6 +76,19 @@ def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: fl
     return ds
 
 
+def host_adam(model: nn.Module, cfg: OptimConfig, total_steps: int):
+    """The optimizer of ``parallel.offload_optimizer``: DeepSpeed's CPUAdam (AVX, compiled just in time into
+    TORCH_EXTENSIONS_DIR on first use) in AdamW mode over megassm's parameter groups and schedule -- the same
+    update as build_optimizer's torch AdamW. DeepSpeed refuses a torch optimizer under ZeRO-Offload."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from megassm.train.optim import lr_lambda, param_groups
+
+    opt = DeepSpeedCPUAdam(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, adamw_mode=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+
+
 class CPFoldedMPU:
     """DeepSpeed's view of a mesh with CP folded into data parallelism: data-parallel group = DP x CP,
     sequence-parallel size 1. Everything else (model-parallel groups and ranks) is the mesh's."""
@@ -220,7 +233,10 @@ class DeepSpeedBackend:
 
         mark_model(model, self.parallel.zero_stage)
         model = model.to(self.device)
-        opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device)
+        if self.parallel.offload_optimizer:
+            opt, sched = host_adam(model, self.optim, self.train.steps)
+        else:
+            opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device)
         # ZeRO shards and gradients reduce over DP x CP (module doc: DeepSpeed counts the mpu's DP world)
         mpu = self.mpu()
         ds_cfg = deepspeed_config(self.parallel, self.train, self.optim.grad_clip, self.device,
