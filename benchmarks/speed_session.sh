@@ -6,6 +6,7 @@
 #          $ATT_VARIANTS of the all-attention stack, each in a fresh process, all in this call
 #   step2  the same at stage 2's shape (16,384 tokens, depth 12)
 #   conv   benchmarks/fp8_convergence.py: bf16 vs FP8 vs another seed through `megassm train`
+#   full   benchmarks/full_size_full_param.py: full hth-5b, ZeRO-3 + optimizer offload, against `megassm plan` (#35)
 #
 #   OUT=... DEADLINE=570 SECTIONS="tests attn step3" bash benchmarks/speed_session.sh
 set -u -o pipefail
@@ -58,6 +59,8 @@ triton.__version__, torch.cuda.get_device_name())"
                        --variants "$STEP2_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
             conv) section conv 360 python3 benchmarks/fp8_convergence.py --work /tmp/fp8conv --out "$OUT" \
                       --steps "${CONV_STEPS:-300}" ;;
+            full) section full 560 python3 benchmarks/full_size_full_param.py --out "$OUT/full_size_full_param.json" \
+                      --stages "${FULL_STAGES:-stage2_2k,stage3_video}" ;;
         esac
     done
     echo "==== done t=${SECONDS}s"
