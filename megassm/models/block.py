@@ -139,7 +139,8 @@ class HTHBlock(nn.Module):
         B, d = x.shape[0], x.shape[-1]
         mod = self.scale_shift_table[None] + t_mod.view(B, 6, d)  # (B, 6, d)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, d)
-        ew = FUSED if (self.fuse_elementwise and x.is_cuda) else EAGER
+        # a compiled block leaves the glue to Inductor, which fuses it with its neighbours (norms, FP8 casts)
+        ew = FUSED if (self.fuse_elementwise and x.is_cuda and self.compile_backend is None) else EAGER
         x = ew.gated_residual(x, gate1, self.mix(ew.modulated_norm(x, shift1, scale1, self.norm1.eps), grid))
         x, h = ew.residual_modulated_norm(x, self.cross_attn(self.norm2(x), text, text_mask), shift2, scale2,
                                           self.norm3.eps)
