@@ -21,7 +21,7 @@ fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=/tmp/megassm-ext
 export TRITON_CACHE_DIR=/tmp/megassm-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/megassm-cache/inductor
-export TRITON_CACHE_AUTOTUNING=1
+export TRITON_CACHE_AUTOTUNING=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
 STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
 ATT_VARIANTS=${ATT_VARIANTS:-today,fp8}

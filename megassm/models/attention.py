@@ -35,6 +35,7 @@ def _kernels(backend: str, device: torch.device) -> list | None:
     return [_KERNELS[backend]]
 
 
+@torch.compiler.disable  # one kernel either way; eager keeps the backend's choice inside a compiled block
 def self_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
     """Unmasked SDPA over (B, heads, L, hd) with the kernel ``backend`` picks (module docstring)."""
     kernels = _kernels(backend, q.device)
