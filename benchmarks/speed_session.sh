@@ -53,7 +53,7 @@ triton.__version__, torch.cuda.get_device_name())"
             tests) section tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speed_cuda.py \
                        tests/gpu/test_block_cuda.py ;;
             attn) section attn 60 python3 benchmarks/bench_attention.py --out "$OUT" ;;
-            step3) section step3 420 python3 benchmarks/bench_step.py --seq-lens 29040 --depth 8 --steps 5 --tag speed3 \
+            step3) section step3 420 python3 benchmarks/bench_step.py --seq-lens 29040 --depth "${STEP3_DEPTH:-8}" --steps 5 --tag speed3 \
                        --variants "$STEP3_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
             step2) section step2 300 python3 benchmarks/bench_step.py --seq-lens 16384 --depth 12 --steps 5 --tag speed2 \
                        --variants "$STEP2_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
