@@ -255,8 +255,13 @@ def main(argv=None) -> int:
         try:
             row = run_stack(res, m, c["pattern"], c["stage"], c["seq_len"], c["batch"], args.engine, args.steps,
                             c["activation_checkpointing"], c["every_k"], c.get("profile_path"), c["variant"])
-        except torch.cuda.OutOfMemoryError as e:
-            row = {"bench": "model_step", **c, "engine": args.engine, "error": f"OOM {e}"[:300]}
+        except torch.cuda.OutOfMemoryError as e:  # where it ran out, and what was allocated then
+            import traceback
+
+            where = [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)]
+            row = {"bench": "model_step", **c, "engine": args.engine, "error": f"OOM {e}"[:300],
+                   "oom_where": where[-8:], "allocated_gb": torch.cuda.memory_allocated() / 1e9,
+                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
         Path(args.row_out).write_text(json.dumps(row))
         return 0
     out = Path(args.out) if args.out else out_dir()
