@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
 # on CUDA when they import; fused = always (on CPU only in Triton's interpreter, TRITON_INTERPRET=1);
 # reference = the PyTorch reference parts (megassm/ops/hydra_mix.py)
 HYDRA_PATHS = {"auto": None, "fused": True, "reference": False}
+CP_IMPLS = ("ulysses", "state_passing", "auto")  # parallel.cp_impl: how Hydra blocks run under cp > 1
 
 
 @dataclass
@@ -173,6 +174,11 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     pp: int = 1
+    # how a Hydra block runs under cp > 1 (docs/parallelism.md §3): "ulysses" (all-to-all of activations),
+    # "state_passing" (each rank scans its slice; scan states all-gathered, halos sent to neighbours) or
+    # "auto" (state passing where the block's scan order keeps each rank's tokens contiguous and the
+    # communication model says it moves fewer bytes, else Ulysses); attention always runs Ulysses
+    cp_impl: str = "ulysses"
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False

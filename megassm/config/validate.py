@@ -18,6 +18,7 @@ from typing import Any
 
 from megassm.config.schema import (
     ATTENTION_BACKENDS,
+    CP_IMPLS,
     HYDRA_PATHS,
     LORA_TARGETS,
     WANDB_MODES,
@@ -152,6 +153,7 @@ def validate_parallel(cfg: RunConfig) -> None:
     """The degrees, the two regimes (ZeRO-3 + TP + CP; PP + TP + CP + ZeRO-1), the pipeline's schedule rules,
     and the model sizes the degrees must divide."""
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, [0, 1, 2, 3])
+    _choice("parallel.cp_impl", cfg.parallel.cp_impl, CP_IMPLS)
     p = cfg.parallel
     for k in ("tp", "cp", "pp"):
         if getattr(p, k) < 1:
