@@ -181,3 +181,60 @@ def run_drop_checks(rank: int, world: int) -> dict:
             undo()
         report[name] = {"clean": clean, "broken": len(broken), "example": broken[:2]}
     return report
+
+
+# -- communication accounting ------------------------------------------------------------------------
+def _for_rank(collectives, cp_rank: int, cp: int):
+    """comm_model lists a CP rank with two neighbours; the first / last one sends only towards the other."""
+    drop = (["to rank r-1"] if cp_rank == 0 else []) + (["to rank r+1"] if cp_rank == cp - 1 else [])
+    return [c for c in collectives if not any(d in c.what for d in drop)]
+
+
+def check_comm(world: int, tp: int, cp: int, sp: bool, cfg, grid) -> list:
+    """Counted bytes per (op, group) of each block and of the whole model under cp_impl=state_passing (fp32)
+    against comm_model, which resolves each block's implementation on the grid."""
+    from comm_cases import CommCounter, _fmt
+
+    from megassm.parallel.comm_model import block_collectives, block_cp_impl, model_collectives, summarize
+
+    failures = []
+    par = build_reference(cfg)
+    ctx = parallelize_hth(par, make_mesh(world, tp, cp), sequence_parallel=sp, check_inputs=False,
+                          cp_impl="state_passing")
+    tg = token_grid(cfg, grid)
+    B, L, d, Lt = 2, tg.seq_len, cfg.d_model, 5
+    gen = torch.Generator().manual_seed(5)
+    sends = 0
+    for i, blk in enumerate(par.blocks):
+        x = _slice(_randn(B, L, d, generator=gen), ctx).requires_grad_()
+        t_mod = _randn(B, 6 * d, generator=gen).requires_grad_()
+        text = _randn(B, Lt, d, generator=gen).requires_grad_()
+        mask = torch.ones(B, Lt, dtype=torch.bool, device=x.device)
+        with CommCounter(ctx) as counter:
+            blk(x, t_mod, text, mask, tg).square().sum().backward()
+        impl = block_cp_impl(cfg, blk.symbol, "state_passing", grid, tp, cp, sp)
+        want = summarize(_for_rank(block_collectives(cfg, blk.symbol, B, L, Lt, tp, cp, sp, 4, 4, impl), ctx.cp_rank,
+                                   cp))
+        sends += sum(1 for c in counter.calls if c[0] == "send")
+        if counter.summary() != want:
+            failures.append(f"block {i} ({blk.symbol}, {impl}): counted {_fmt(counter.summary())} != "
+                            f"model {_fmt(want)}")
+    if not sends:
+        failures.append("no point-to-point message was counted: no block passed states, or the counter is not wired")
+    latents, t, text, mask = model_inputs(cfg, grid)
+    with CommCounter(ctx) as counter:
+        par(latents, t, text, mask).square().sum().backward()
+    want = summarize(_for_rank(model_collectives(cfg, B, L, text.shape[1], tp, cp, sp, 4, 4, "state_passing", grid),
+                               ctx.cp_rank, cp))
+    if counter.summary() != want:
+        failures.append(f"whole model: counted {_fmt(counter.summary())} != model {_fmt(want)}")
+    return failures
+
+
+def run_comm_checks(rank: int, world: int) -> dict:
+    layouts = [(1, 2, False)] if world == 2 else [(1, 4, False), (2, 2, True)]
+    report = {}
+    for tp, cp, sp in layouts:
+        for cname, cfg in (("g1", tiny_cfg(pattern="hvtA")), ("g2", tiny_cfg(pattern="hv", ngroups=2))):
+            report[f"tp{tp} cp{cp} sp{int(sp)} {cname}"] = {"failures": check_comm(world, tp, cp, sp, cfg, VIDEO)}
+    return report

@@ -48,3 +48,11 @@ def test_dropped_messages_are_detected(tmp_path):
     for name, r in report.items():
         assert r["clean"] == 0, f"{name}: the unbroken layout already fails"
         assert r["broken"] > 0, f"{name}: dropping it went unnoticed"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_comm_bytes_match_comm_model(world, tmp_path):
+    """Bytes per (op, group) of each block and the whole model under state passing, counted by wrapping
+    torch.distributed (point-to-point messages included), equal comm_model's -- the first / last CP rank
+    sending only towards its one neighbour."""
+    _assert_clean(spawn(sc.run_comm_checks, world, tmp_path))
