@@ -156,3 +156,17 @@ def wire_bytes(collectives: list[Collective], group_sizes: dict[str, int]) -> fl
         elif n > 1:
             total += (2 if c.op == "all_reduce" else 1) * (n - 1) / n * c.nbytes
     return total
+
+
+def step_wire_bytes(model_cfg, seq_len: int, tp: int, cp: int, cp_impl: str = "ulysses",
+                    grid: tuple[int, int, int] | None = None, batch: int = 1, text_len: int | None = None,
+                    sequence_parallel: bool = True, act_bytes: int = 2) -> tuple[float, int]:
+    """(bytes each rank sends per training step of ``batch`` samples -- every block and the model-level
+    collectives, DeepSpeed's gradient reduction excluded --, number of blocks that pass states) for
+    ``parallel.cp_impl`` on the token ``grid`` (None: only 'row' blocks are known to keep slices contiguous)."""
+    m = model_cfg
+    text_len = m.max_text_len if text_len is None else text_len
+    colls = model_collectives(m, batch, seq_len, text_len, tp, cp, sequence_parallel, act_bytes, act_bytes,
+                              cp_impl, grid)
+    passing = sum(block_cp_impl(m, s, cp_impl, grid, tp, cp, sequence_parallel) == "state_passing" for s in m.pattern)
+    return wire_bytes(colls, {"tp": tp, "cp": cp, "tpcp": tp * cp}), passing
