@@ -24,6 +24,8 @@ replicated rows, ``sharding.replicated_rows``).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +39,8 @@ from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
 from megassm.parallel.hydra_state import state_passing_mix
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
 
+log = logging.getLogger(__name__)
+_LOGGED: set = set()  # (grid, scan order, cp_impl) already reported
 _SYMBOL_OF = {order: sym for sym, order in HYDRA.symbols.items()}  # scan order -> pattern symbol
 
 
@@ -115,8 +119,13 @@ class ParallelHydra(nn.Module):
         """"ulysses" or "state_passing": how this block runs under CP on ``grid`` (``comm_model.block_cp_impl``)."""
         key = (tuple(grid.grid), scan_order)
         if key not in self._cp_impls:
-            self._cp_impls[key] = block_cp_impl(self.model_cfg, symbol, self.ctx.cp_impl, grid.grid, self.ctx.tp,
-                                                self.ctx.cp, self.ctx.sequence_parallel)
+            ctx = self.ctx
+            impl = block_cp_impl(self.model_cfg, symbol, ctx.cp_impl, grid.grid, ctx.tp, ctx.cp, ctx.sequence_parallel)
+            self._cp_impls[key] = impl
+            if ctx.cp_rank == ctx.tp_rank == 0 and (key, ctx.cp_impl) not in _LOGGED:  # once per kind of block
+                _LOGGED.add((key, ctx.cp_impl))
+                log.info("parallel.cp_impl=%s: Hydra '%s' blocks on token grid %s over cp=%d run %s", ctx.cp_impl,
+                         symbol, key[0], ctx.cp, impl)
         return self._cp_impls[key]
 
     def forward(self, u: Tensor, grid, scan_order: str) -> Tensor:
