@@ -100,12 +100,15 @@ def check_uneven(world: int, bounds: list[int], cfg) -> list:
     return failures
 
 
-def check_model(world: int, tp: int, cp: int, grid, cfg, impl: str = "state_passing") -> list:
-    """The whole HTH model: output and every parameter's gradient."""
+def check_model(world: int, tp: int, cp: int, grid, cfg, impl: str = "state_passing", recompute: bool = False) -> list:
+    """The whole HTH model: output and every parameter's gradient; ``recompute``: activation checkpointing in
+    every block (the neighbour messages and the all-gather run again inside backward)."""
     failures = []
     ref = _ref64(cfg)
     par = copy.deepcopy(ref)
     ctx = parallelize_hth(par, make_mesh(world, tp, cp), sequence_parallel=tp > 1, cp_impl=impl)
+    for blk in par.blocks:
+        blk.grad_checkpoint = recompute
     latents, t, text, mask = (v.double() if v.is_floating_point() else v for v in model_inputs(cfg, grid))
     out_r, out_p = ref(latents, t, text, mask), par(latents, t, text, mask)
     w = _randn(*out_r.shape, generator=torch.Generator().manual_seed(11)).double()
@@ -145,6 +148,9 @@ def run_model_checks(rank: int, world: int) -> dict:
             for impl in ("state_passing", "auto"):
                 f = check_model(world, tp, cp, grid, tiny_cfg(pattern=STAGE3), impl)
                 report[f"tp{tp} cp{cp} {gname} {impl}"] = {"failures": f}
+    if world == 2:
+        f = check_model(world, 1, 2, VIDEO, tiny_cfg(pattern=STAGE3), recompute=True)
+        report["tp1 cp2 video, activation checkpointing"] = {"failures": f}
     return report
 
 
