@@ -32,9 +32,11 @@ def _split(m: Hydra, zxbcdt):
     return torch.split(zxbcdt, [m.d_inner, m.d_inner + 2 * m.d_bc, 2 * m.nheads], dim=-1)
 
 
-def sliced_mix(m: Hydra, zxbcdt: torch.Tensor, bounds: list[int], drop: str | None = None) -> torch.Tensor:
+def sliced_mix(m: Hydra, zxbcdt: torch.Tensor, bounds: list[int], drop: str | None = None,
+               scan_impl: str = "ref") -> torch.Tensor:
     """The mixer as ``len(bounds) - 1`` ranks compute it, each holding tokens [bounds[r], bounds[r+1]), every
-    message handed over explicitly. ``drop``: "state", "halo" or "shift" replaces that message by zeros."""
+    message handed over explicitly. ``drop``: "state", "halo" or "shift" replaces that message by zeros;
+    ``scan_impl``: ``ssd_scan``'s ("triton": mamba-ssm's kernel with return_final_states, CUDA)."""
     z, xbc, dt = _split(m, zxbcdt)
     k, cp = m.d_conv // 2, len(bounds) - 1
     sl = [(bounds[r], bounds[r + 1]) for r in range(cp)]
@@ -47,7 +49,7 @@ def sliced_mix(m: Hydra, zxbcdt: torch.Tensor, bounds: list[int], drop: str | No
         ext = torch.cat([prev, xbc[:, a:b], nxt], dim=1)
         scans.append(sp.slice_scan(ext, dt[:, a:b], m.conv1d.weight, m.conv1d.bias, m.dt_bias,
                                    decay_rates(m.A_log), headdim=m.headdim, d_state=m.d_state,
-                                   chunk_size=m.chunk_size))
+                                   chunk_size=m.chunk_size, scan_impl=scan_impl))
     stacked = torch.stack([s.summary for s in scans])  # what the all-gather delivers
     corrected = []
     for r, s in enumerate(scans):
