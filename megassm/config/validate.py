@@ -235,6 +235,11 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         if tokens % (p.cp * p.tp):
             raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
                               f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
+        halo = cfg.model.d_conv // 2
+        if p.cp > 1 and p.cp_impl != "ulysses" and tokens // p.cp < halo:
+            raise ConfigError(f"parallel.cp_impl={p.cp_impl} with parallel.cp={p.cp}: {tokens // p.cp} tokens per CP "
+                              f"rank, fewer than the conv halo (model.d_conv - 1) / 2 = {halo} that state passing "
+                              "takes from each neighbour; use parallel.cp_impl=ulysses, a smaller cp or larger images")
 
 
 def validate_checkpointing(t) -> None:
