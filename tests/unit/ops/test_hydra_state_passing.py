@@ -136,3 +136,19 @@ def test_incoming_state_is_the_prefix_and_suffix():
 def test_slice_shorter_than_the_halo_is_rejected():
     with pytest.raises(ValueError, match="shorter than the conv's halo"):
         sp.halo_rows(torch.zeros(1, 2, 4), 3)
+
+
+def test_bf16_sliced_is_as_close_to_fp64_as_unsplit():
+    """In bf16 the slices' summaries travel in fp32 and the shift rows in bf16: the sliced mixer is no further
+    from the fp64 mixer than the unsplit one in bf16 (twice its error, plus a floor of bf16 rounding)."""
+    import copy
+
+    L, bounds, cs, d_conv, g = CASES["4 slices shorter than a chunk"]
+    m = _hydra(d_conv=d_conv, ngroups=g, chunk_size=cs)
+    zxbcdt = torch.randn(2, L, m.in_proj.out_features, dtype=torch.float64)
+    mb = copy.deepcopy(m).to(torch.bfloat16)
+    with torch.no_grad():
+        want = _reference(m, zxbcdt)
+        err_unsplit = _rel(_reference(mb, zxbcdt.bfloat16()).double(), want)
+        err_sliced = _rel(sliced_mix(mb, zxbcdt.bfloat16(), bounds).double(), want)
+    assert err_sliced <= 2 * err_unsplit + 4e-3, (err_sliced, err_unsplit)
