@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from megassm.models.hydra import decay_rates
-from megassm.models.scan import apply_scan, slice_scan_permutation
+from megassm.models.scan import apply_scan
 from megassm.ops.hydra_mix import combine
 from megassm.ops.hydra_state_passing import correct_scan, edge_rows, halo_rows, incoming_state, slice_scan
 from megassm.parallel.comm import exchange_with_neighbours, gather_along, reduce_scatter_along
@@ -38,12 +38,9 @@ def state_passing_mix(layer, x: Tensor, bc: Tensor, dt: Tensor, grid, scan_order
     """
     ctx, p, n = layer.ctx, layer.headdim, layer.d_state
     h = layer.h_local
-    perm = None
-    if grid.perm(scan_order) is not None:  # a non-identity order: the slice's own tokens, reordered
-        perm = slice_scan_permutation(scan_order, grid.grid, ctx.cp, ctx.cp_rank)
-        if perm is not None:
-            perm = tuple(t.to(x.device) for t in perm)
-            x, bc, dt = (apply_scan(t, perm[0]) for t in (x, bc, dt))
+    perm = grid.slice_perm(scan_order, ctx.cp, ctx.cp_rank)  # None: the slice is in scan order already
+    if perm is not None:
+        x, bc, dt = (apply_scan(t, perm[0]) for t in (x, bc, dt))
     xbc = torch.cat([x, bc], dim=-1)  # (B, Lc, conv_dim)
     from_prev, from_next = exchange_with_neighbours(*halo_rows(xbc, layer.d_conv // 2), ctx.cp_group)
     s = slice_scan(torch.cat([from_prev, xbc, from_next], dim=1), dt, layer.conv1d.weight, layer.conv1d.bias,
