@@ -120,7 +120,8 @@ def check_model(world: int, tp: int, cp: int, grid, cfg, impl: str = "state_pass
 
 
 # -- spawned entry points ------------------------------------------------------------------------
-STAGE3 = "hthAvtvA"  # configs/stage3_video.yaml's pattern, one period
+STAGE3 = "hthAvtvA"
+AUTO_GRID = (2, 8, 8)  # configs/stage3_video.yaml's pattern, one period
 
 
 def run_mixer_checks(rank: int, world: int) -> dict:
@@ -132,6 +133,9 @@ def run_mixer_checks(rank: int, world: int) -> dict:
                                                                                           d_conv=5))):
                 f, paths = check_mixers(world, tp, cp, grid, cfg)
                 report[f"tp{tp} cp{cp} {gname} {cname}"] = {"failures": f, "paths": paths}
+        # auto: at 128 tokens the comm model picks state passing for 'h' (and 'v' when frame-aligned)
+        f, paths = check_mixers(world, tp, cp, AUTO_GRID, tiny_cfg(pattern="hvt"), impl="auto")
+        report[f"tp{tp} cp{cp} auto {AUTO_GRID}"] = {"failures": f, "paths": paths}
     return report
 
 

@@ -20,11 +20,15 @@ def _assert_clean(results: list[dict]) -> None:
 def test_hydra_blocks_match_single_process(world, tmp_path):
     """cp 2 / cp 4 / tp2 x cp2; which blocks passed states: 'h' always, 'v' when the cuts fall between frames
     (video (2, 2, 4) on cp 2: 8 tokens = 1 frame; never on a one-frame image), 't' only on images (T' = 1);
-    the rest ran Ulysses."""
+    the rest ran Ulysses. ``auto`` on a 128-token video: its per-block choice (test_cp_impl covers the rule)."""
     results = spawn(sc.run_mixer_checks, world, tmp_path)
     _assert_clean(results)
     for case, v in results[0].items():
         paths = v["paths"]
+        if "auto" in case:  # 128 tokens: 'h' passes states wherever cheaper, here at cp 2 and 4 (comm_model)
+            want = ["state_passing", "state_passing" if "cp2" in case else "reference", "reference"]
+            assert [paths[f"block {i} ({s})"] for i, s in enumerate("hvt")] == want, (case, paths)
+            continue
         video = "video" in case
         aligned = video and "cp2" in case
         assert paths["block 0 (h)"] == "state_passing", (case, paths)
