@@ -295,6 +295,7 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
         step = predict_step_seconds(m, seq_len, configured, mfu, peak_tflops, link_gbps)
         res["configured"] = {"layout": asdict(configured), "memory_gb": {k: v / GB for k, v in mem.items()},
                              "fits": mem["total"] <= HEADROOM * budget, "step": step,
+                             "cp_traffic": _cp_traffic(cfg, seq_len),
                              "tokens_per_s_per_gpu": t.micro_batch_size * seq_len / step["total_s"] / configured.tp
                              / configured.cp}
     from megassm.host_plan import predict_host
@@ -307,6 +308,22 @@ def plan(cfg: RunConfig, gpus: int, seq_len: int, gpu_mem_gb: float, mfu: float,
         res["recommended"] = {"layout": asdict(lay), "describe": lay.describe(), "memory_gb": mem / GB,
                               "step": predict_step_seconds(m, seq_len, lay, mfu, peak_tflops, link_gbps)}
     return res
+
+
+def _cp_traffic(cfg: RunConfig, seq_len: int) -> dict | None:
+    """Bytes per rank and training step of one micro-batch under the configured TP x CP, Ulysses against
+    state passing and the configured parallel.cp_impl (comm_model; the grid is unknown here, so only
+    'h' blocks count as able to pass states)."""
+    from megassm.parallel.comm_model import step_wire_bytes
+
+    p, mb = cfg.parallel, cfg.train.micro_batch_size
+    if p.cp == 1:
+        return None
+    out = {"cp_impl": p.cp_impl}
+    for impl in ("ulysses", "state_passing", p.cp_impl):
+        nbytes, passing = step_wire_bytes(cfg.model, seq_len, p.tp, p.cp, impl, batch=mb)
+        out[impl] = {"gib": nbytes / GiB, "state_passing_blocks": passing}
+    return out
 
 
 def plan_buckets(cfg: RunConfig, gpus: int, gpu_mem_gb: float, mfu: float, peak_tflops: float,
@@ -374,6 +391,12 @@ def _print(res: dict) -> None:
         if "offload_optimizer_s" in c["step"]:
             print(f"  + offloaded optimizer step (Adam on the host, copies): {c['step']['offload_optimizer_s']:.1f} s "
                   "per optimizer step")
+        cpt = c.get("cp_traffic")
+        if cpt:
+            u, sp, mine = cpt["ulysses"], cpt["state_passing"], cpt[cpt["cp_impl"]]
+            print(f"  TP/CP bytes sent per rank and step: Ulysses {u['gib']:.2f} GiB, state passing "
+                  f"{sp['gib']:.2f} GiB ({sp['state_passing_blocks']} 'h' blocks); parallel.cp_impl="
+                  f"{cpt['cp_impl']}: {mine['gib']:.2f} GiB")
     if res.get("host"):
         from megassm.host_plan import print_host
 

@@ -19,6 +19,7 @@ HYDRA_PATHS = {"auto": None, "fused": True, "reference": False}
 # model.fp8: torchao's float8 training recipes (megassm/ops/fp8.py), and the torchao CI is proven with
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
 TORCHAO_PIN = "torchao==0.18.0"
+CP_IMPLS = ("ulysses", "state_passing", "auto")  # parallel.cp_impl: how Hydra blocks run under cp > 1
 
 
 @dataclass
@@ -180,6 +181,11 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     pp: int = 1
+    # how a Hydra block runs under cp > 1 (docs/parallelism.md §3): "ulysses" (all-to-all of activations),
+    # "state_passing" (each rank scans its slice; scan states all-gathered, halos sent to neighbours) or
+    # "auto" (state passing where the block's scan order keeps each rank's tokens contiguous and the
+    # communication model says it moves fewer bytes, else Ulysses); attention always runs Ulysses
+    cp_impl: str = "ulysses"
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False

@@ -18,6 +18,7 @@ from typing import Any
 
 from megassm.config.schema import (
     ATTENTION_BACKENDS,
+    CP_IMPLS,
     FP8_RECIPES,
     HYDRA_PATHS,
     LORA_TARGETS,
@@ -159,6 +160,7 @@ def validate_parallel(cfg: RunConfig) -> None:
     """The degrees, the two regimes (ZeRO-3 + TP + CP; PP + TP + CP + ZeRO-1), the pipeline's schedule rules,
     and the model sizes the degrees must divide."""
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, [0, 1, 2, 3])
+    _choice("parallel.cp_impl", cfg.parallel.cp_impl, CP_IMPLS)
     p = cfg.parallel
     for k in ("tp", "cp", "pp"):
         if getattr(p, k) < 1:
@@ -273,6 +275,11 @@ def _check_parallel_model(cfg: RunConfig) -> None:
         if tokens % (p.cp * p.tp):
             raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
                               f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
+        halo = cfg.model.d_conv // 2
+        if p.cp > 1 and p.cp_impl != "ulysses" and tokens // p.cp < halo:
+            raise ConfigError(f"parallel.cp_impl={p.cp_impl} with parallel.cp={p.cp}: {tokens // p.cp} tokens per CP "
+                              f"rank, fewer than the conv halo (model.d_conv - 1) / 2 = {halo} that state passing "
+                              "takes from each neighbour; use parallel.cp_impl=ulysses, a smaller cp or larger images")
 
 
 def validate_checkpointing(t) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from megassm.models.attention import CrossAttention
 from megassm.models.embed import rope_axial
 from megassm.models.mixers import mixer_for_symbol
-from megassm.models.scan import is_identity, scan_permutation
+from megassm.models.scan import is_identity, scan_permutation, slice_scan_permutation
 from megassm.ops.modulate import FusedGlue
 
 
@@ -39,6 +39,15 @@ class TokenGrid:
         if order not in self._perms:
             self._perms[order] = scan_permutation(order, self.grid, self.device)
         return self._perms[order]
+
+    def slice_perm(self, order: str, cp: int, rank: int) -> tuple[Tensor, Tensor] | None:
+        """(perm, inverse) putting CP rank ``rank``'s slice of ``cp`` into scan ``order``, or None when it is in
+        that order already (``scan.slice_scan_permutation``; only for orders that keep slices contiguous)."""
+        key = (order, cp, rank)
+        if key not in self._perms:
+            perm = None if self.perm(order) is None else slice_scan_permutation(order, self.grid, cp, rank)
+            self._perms[key] = None if perm is None else tuple(t.to(self.device) for t in perm)
+        return self._perms[key]
 
     def precompute(self, blocks) -> TokenGrid:
         """Fill the caches every block of ``blocks`` will read (scan permutations, RoPE angles) up front, so

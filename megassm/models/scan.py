@@ -59,3 +59,39 @@ def is_identity(order: str, grid: tuple[int, int, int]) -> bool:
     if order == "col":
         return H == 1 or W == 1
     return T == 1  # temporal
+
+
+@lru_cache(maxsize=256)
+def _slice_perms(order: str, grid: tuple[int, int, int], cp: int) -> tuple[tuple[Tensor, Tensor] | None, ...] | None:
+    L = grid[0] * grid[1] * grid[2]
+    if is_identity(order, grid):
+        return (None,) * cp
+    if L % cp:
+        return None
+    perm, _ = _perm_cpu(order, *grid)
+    n = L // cp
+    out = []
+    for r in range(cp):
+        local = perm[r * n : (r + 1) * n] - r * n  # scan position (within the slice) -> canonical (within it)
+        if local.min().item() < 0 or local.max().item() >= n:
+            return None
+        inv = torch.empty_like(local)
+        inv[local] = torch.arange(n)
+        out.append(None if torch.equal(local, torch.arange(n)) else (local, inv))
+    return tuple(out)
+
+
+def keeps_slices_contiguous(order: str, grid: tuple[int, int, int], cp: int) -> bool:
+    """Whether scan ``order`` maps each of ``cp`` equal contiguous canonical slices [r L/cp, (r+1) L/cp) onto
+    the same contiguous range of the scan order (so a rank can scan its own tokens and pass states on):
+    'row' always; 'col' when the cuts fall between frames (or H or W is 1); 'temporal' when T = 1."""
+    return _slice_perms(order, tuple(grid), cp) is not None
+
+
+def slice_scan_permutation(order: str, grid: tuple[int, int, int], cp: int, rank: int) -> tuple[Tensor, Tensor] | None:
+    """(perm, inverse) that put rank ``rank``'s slice (B, L/cp, ...) into scan order (``apply_scan``), None when
+    the slice is already in scan order. Only for orders that ``keeps_slices_contiguous``."""
+    perms = _slice_perms(order, tuple(grid), cp)
+    if perms is None:
+        raise ValueError(f"scan order {order!r} over grid {tuple(grid)} does not keep {cp} slices contiguous")
+    return perms[rank]

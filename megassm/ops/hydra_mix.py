@@ -43,11 +43,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32 for bf16/fp32, fp64 stays fp64
 
 
-def conv_silu_ref(xbc: Tensor, w: Tensor, bias: Tensor | None, d_inner: int) -> tuple[Tensor, Tensor]:
-    """xbc (B, L, conv_dim) -> xs (2B, L, d_inner) = [x; flip(x)], bcs (2B, L, d_bc) = [BC_f; flip(BC_b)]."""
+def conv_silu_ref(xbc: Tensor, w: Tensor, bias: Tensor | None, d_inner: int,
+                  padding: int | None = None) -> tuple[Tensor, Tensor]:
+    """xbc (B, L, conv_dim) -> xs (2B, L', d_inner) = [x; flip(x)], bcs (2B, L', d_bc) = [BC_f; flip(BC_b)].
+
+    ``padding`` None: zeros each side, (d_conv - 1) / 2, L' = L ('same'); 0: xbc already holds that many
+    neighbour tokens each side (a context-parallel slice with its halo), L' = L - (d_conv - 1)."""
     acc = _acc(xbc.dtype)
     out = F.conv1d(xbc.to(acc).transpose(1, 2), w.to(acc), None if bias is None else bias.to(acc),
-                   padding=w.shape[-1] // 2, groups=xbc.shape[-1])
+                   padding=w.shape[-1] // 2 if padding is None else padding, groups=xbc.shape[-1])
     out = F.silu(out).transpose(1, 2).to(xbc.dtype)  # (B, L, conv_dim): non-causal 'same' conv
     x, bc = out.split([d_inner, out.shape[-1] - d_inner], dim=-1)
     d_bc = bc.shape[-1] // 2
@@ -98,26 +102,35 @@ def local_mix(xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tensor | None, dt
     return LocalMix(scan, x, F.linear(x, fc_w.to(x.dtype)))  # cuBLAS on both paths
 
 
-def _combine_ref(scan: Tensor, x: Tensor, diag: Tensor) -> Tensor:
+def _combine_ref(scan: Tensor, x: Tensor, diag: Tensor, shift_in: Tensor | None = None) -> Tensor:
     Bsz, h = x.shape[0], diag.shape[-1]
     acc = _acc(x.dtype)
-    y = F.pad(scan.to(acc)[:, :-1], (0, 0, 1, 0))  # shift by one: position i sees tokens strictly before it
+    if shift_in is None:  # shift by one: position i sees tokens strictly before it
+        y = F.pad(scan.to(acc)[:, :-1], (0, 0, 1, 0))
+    else:  # ... the first one the neighbouring slice's edge row (state-passing context parallelism)
+        y = torch.cat([shift_in.to(acc).unsqueeze(1), scan.to(acc)[:, :-1]], dim=1)
     y = y[:Bsz] + y[Bsz:].flip(1)  # the backward direction back in token order
     return (y + x.to(acc) * diag.to(acc).repeat_interleave(x.shape[-1] // h, dim=-1)).to(x.dtype)
 
 
-def combine(scan: Tensor, x: Tensor, diag: Tensor, fused: bool = False) -> Tensor:
+def combine(scan: Tensor, x: Tensor, diag: Tensor, fused: bool = False, shift_in: Tensor | None = None) -> Tensor:
     """y = shift(scan_f) + flip(shift(scan_b)) + x * diag: scan (2B, L, h*p), x (B, L, h*p), diag (B, L, h)
-    -> (B, L, h*p) in x's dtype (the diagonal term's product in fp32)."""
+    -> (B, L, h*p) in x's dtype (the diagonal term's product in fp32).
+
+    ``shift_in`` (2B, h*p): what the shift moves into each direction's first row (zeros when None): a slice's
+    neighbours' edge rows under state-passing CP (``megassm.ops.hydra_state_passing``; reference path only)."""
     Bsz, L, d = x.shape
     assert scan.shape == (2 * Bsz, L, d), f"scan must be {(2 * Bsz, L, d)}, got {tuple(scan.shape)}"
     assert diag.dim() == 3 and diag.shape[:2] == (Bsz, L) and d % diag.shape[-1] == 0, (
         f"diag must be (B, L, heads) with heads dividing {d}, got {tuple(diag.shape)}")
+    assert shift_in is None or shift_in.shape == (2 * Bsz, d), f"shift_in must be {(2 * Bsz, d)}"
     if fused:
+        if shift_in is not None:
+            raise NotImplementedError("the fused combine has no shift_in (state-passing CP runs the reference)")
         from megassm.ops.hydra_fused import combine_fused
 
         return combine_fused(scan, x, diag)
-    return _combine_ref(scan, x, diag)
+    return _combine_ref(scan, x, diag, shift_in)
 
 
 def gated_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, width: int | None = None,

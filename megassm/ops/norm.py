@@ -17,22 +17,23 @@ def gated_rms_norm_ref(
 
     ``sum_over_ranks`` (with ``group_size=None``): x holds d of each token's ``width`` channels, the
     rest on other ranks; the (..., 1) sums of squares are summed across them with it (a differentiable
-    all-reduce, ``megassm.parallel``). Computes in fp32 and returns x's dtype.
+    all-reduce, ``megassm.parallel``). Computes in fp32 (fp64 stays fp64) and returns x's dtype.
     """
     dtype = x.dtype
-    xf, zf = x.float(), z.float()
+    acc = torch.promote_types(dtype, torch.float32)
+    xf, zf = x.to(acc), z.to(acc)
     d = xf.shape[-1]
     if sum_over_ranks is not None:
         if group_size is not None:
             raise ValueError("gated norm: a channel-sharded norm (sum_over_ranks) needs group_size=None")
         sumsq = sum_over_ranks(xf.square().sum(dim=-1, keepdim=True))  # (..., 1) over all ranks' channels
         rstd = torch.rsqrt(sumsq / (width or d) + eps)
-        return (xf * rstd * weight.float() * F.silu(zf)).to(dtype)
+        return (xf * rstd * weight.to(acc) * F.silu(zf)).to(dtype)
     gs = d if group_size is None else group_size
     assert d % gs == 0, f"group_size={gs} must divide the width {d}"
     xg = xf.reshape(*xf.shape[:-1], d // gs, gs)  # (..., groups, gs)
     rstd = torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)
-    out = (xg * rstd).reshape_as(xf) * weight.float()
+    out = (xg * rstd).reshape_as(xf) * weight.to(acc)
     return (out * F.silu(zf)).to(dtype)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megassm.config.schema import CP_IMPLS
 from megassm.models.mixers import mixer_for_symbol
 from megassm.parallel.attention import parallelize_cross_attention, parallelize_feed_forward
 from megassm.parallel.comm import all_reduce_, copy_to_group, gather_replicated, sum_grad_hook
@@ -39,6 +40,7 @@ def parallelize_hth(
     cp_grad_scale: float = 1.0,
     check_inputs: bool = True,
     pipeline: bool = False,
+    cp_impl: str = "ulysses",
 ) -> ParallelContext | None:
     """Shard ``model`` (an HTHModel) in place for ``mesh``'s TP and CP degrees; returns the context.
 
@@ -49,6 +51,8 @@ def parallelize_hth(
                        latents, t, text and mask (their losses must be one loss); raises if not.
     pipeline:          the model is cut into ``PipelineStage``s afterwards (megassm/train/steps/pipeline.py):
                        the TP / CP groups lie within a stage, so only they shard it (pp is the stages').
+    cp_impl:           how Hydra blocks run under CP (``parallel.cp_impl``): "ulysses", "state_passing" or
+                       "auto" (``megassm.parallel.hydra_state``); parameters are the same either way.
     """
     dims = mesh.dims
     if dims.pp > 1 and not pipeline:
@@ -61,7 +65,9 @@ def parallelize_hth(
         raise RuntimeError("parallelize_hth was already applied to this model")
     cfg = model.cfg
     dims.check_model(cfg)
-    ctx = ParallelContext.from_mesh(mesh, sequence_parallel)
+    if cp_impl not in CP_IMPLS:
+        raise ValueError(f"parallelize_hth: cp_impl={cp_impl!r}; valid: {list(CP_IMPLS)}")
+    ctx = ParallelContext.from_mesh(mesh, sequence_parallel, cp_impl)
 
     sharded = _shard_parameters(model, cfg, ctx)
     for blk in model.blocks:

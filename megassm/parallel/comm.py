@@ -9,10 +9,12 @@
     all_to_all                 all-to-all (scatter a, gather b)  all-to-all (scatter b, gather a)
     gather_replicated          all-gather along dim       own slice * scale (output consumed by a loss
                                                                              that every rank computes)
+    exchange_with_neighbours   send to ranks r-1 / r+1    the same exchange of the gradients
+                               (point-to-point, batched)  (state-passing CP: the conv halo, the shift rows)
 
 Every call goes through ``torch.distributed`` at call time (``dist.all_reduce``, ``all_to_all_single``,
-``all_gather_single`` / ``reduce_scatter_single`` or their pre-2.13 names), on flat contiguous
-buffers, so tests can count bytes by wrapping those functions. A group of size 1
+``all_gather_single`` / ``reduce_scatter_single`` or their pre-2.13 names, ``batch_isend_irecv``), on flat
+contiguous buffers, so tests can count bytes by wrapping those functions. A group of size 1
 makes every op the identity without communicating (those groups exist only where TP / CP are on, so a
 single-GPU run with tp = cp = 1 never builds these layers: nothing is hidden from it).
 
@@ -171,6 +173,39 @@ class _GatherReplicated(Function):
         return (g * ctx.scale if ctx.scale != 1.0 else g.contiguous()), None, None, None
 
 
+def _neighbour_exchange(to_prev: Tensor, to_next: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Rank r sends ``to_prev`` to r-1 and ``to_next`` to r+1 (group ranks, no wrap-around) and returns
+    (what r-1 sent as its to_next, what r+1 sent as its to_prev); zeros at the ends."""
+    n, r = group_size(group), dist.get_rank(group)
+    to_prev, to_next = to_prev.contiguous(), to_next.contiguous()
+    from_prev, from_next = torch.zeros_like(to_next), torch.zeros_like(to_prev)
+    sends, recvs = [], []
+    if r > 0:
+        prev = dist.get_global_rank(group, r - 1)
+        sends.append((prev, to_prev))
+        recvs.append((prev, from_prev))
+    if r < n - 1:
+        nxt = dist.get_global_rank(group, r + 1)
+        sends.append((nxt, to_next))
+        recvs.append((nxt, from_next))
+    for work in send_recv(sends, recvs, group):
+        work.wait()
+    return from_prev, from_next
+
+
+class _NeighbourExchange(Function):
+    @staticmethod
+    def forward(ctx, to_prev, to_next, group):
+        ctx.group = group
+        return _neighbour_exchange(to_prev, to_next, group)
+
+    @staticmethod
+    def backward(ctx, g_from_prev, g_from_next):
+        # r-1's to_next arrived here as from_prev: its gradient goes back to r-1, and so on
+        g_to_prev, g_to_next = _neighbour_exchange(g_from_prev, g_from_next, ctx.group)
+        return g_to_prev, g_to_next, None
+
+
 # -- public wrappers: the identity for a group of one -------------------------------------------
 def copy_to_group(x: Tensor, group) -> Tensor:
     """Forward identity, backward all-reduce: a replicated input to a rank-local computation."""
@@ -208,6 +243,15 @@ def gather_replicated(x: Tensor, group, dim: int = 1, grad_scale: float = 1.0) -
     if group_size(group) == 1:
         return x if grad_scale == 1.0 else _scale_grad(x, grad_scale)
     return _GatherReplicated.apply(x, group, dim, float(grad_scale))
+
+
+def exchange_with_neighbours(to_prev: Tensor, to_next: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Point-to-point along the group's rank order: send ``to_prev`` to rank r-1 and ``to_next`` to r+1;
+    returns (from_prev, from_next), rank r-1's ``to_next`` and rank r+1's ``to_prev`` (zeros where there is
+    no neighbour). Neighbours' tensors have equal shapes. Backward sends the gradients back the same way."""
+    if group_size(group) == 1:
+        return torch.zeros_like(to_next), torch.zeros_like(to_prev)
+    return _NeighbourExchange.apply(to_prev, to_next, group)
 
 
 class _ScaleGrad(Function):

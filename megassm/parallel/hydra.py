@@ -6,6 +6,8 @@ Per block, for TP rank t of T and CP rank c of C (h = nheads/T local heads, hc =
     x, dt:  all-to-all over CP -> (B, L, hc heads)       B/C: all-gather over CP -> (B, L, all groups)
     scan permutation -> local_mix: depthwise conv (this rank's channels), SSD both directions (hc heads),
               and fc_D's partial products over this rank's channels (B, L, nheads)
+    (under parallel.cp_impl state_passing / auto, a block whose scan order keeps each CP rank's slice
+    contiguous runs ``megassm.parallel.hydra_state`` instead: no all-to-all, states passed between ranks)
     diagonal  fc_D(x) + D sums over *all* channels: the partial products are reduce-scattered over
               TP x CP to this rank's hc heads
     combine   y = shift/flip/sum of the scan + x * diag
@@ -22,21 +24,30 @@ replicated rows, ``sharding.replicated_rows``).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
 from megassm.models.hydra import Hydra, decay_rates
-from megassm.models.mixers.hydra import bc_sharded
+from megassm.models.mixers.hydra import HYDRA, bc_sharded
 from megassm.models.scan import apply_scan
 from megassm.ops.hydra_mix import combine, default_fused_scan_impl, local_mix, use_fused_path
 from megassm.parallel.comm import reduce_scatter_along
+from megassm.parallel.comm_model import block_cp_impl
 from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
+from megassm.parallel.hydra_state import state_passing_mix
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()  # (grid, scan order, cp_impl) already reported
+_SYMBOL_OF = {order: sym for sym, order in HYDRA.symbols.items()}  # scan order -> pattern symbol
 
 
 def parallelize_hydra(hydra: Hydra, ctx: ParallelContext, model_cfg) -> ParallelHydra:
     """The Hydra mixer kind's parallel adapter (``megassm.models.mixers.hydra``)."""
     twin = ParallelHydra(hydra, ctx, bc_sharded(model_cfg, ctx.tp))
+    twin.model_cfg = model_cfg
     return twin
 
 
@@ -49,7 +60,9 @@ class ParallelHydra(nn.Module):
         for k in ("d_model", "d_state", "d_conv", "headdim", "ngroups", "d_inner", "nheads", "chunk_size",
                   "ssd_impl", "fused", "fused_scan_impl"):
             setattr(self, k, getattr(hydra, k))
-        self.path_taken: str | None = None  # "fused" or "reference" after a forward
+        self.path_taken: str | None = None  # "fused", "reference" or "state_passing" after a forward
+        self.model_cfg = None  # the ModelConfig (parallelize_hydra sets it): the comm model's choice of cp_impl
+        self._cp_impls: dict = {}  # (grid, scan order) -> "ulysses" | "state_passing"
         self.in_proj = ColumnParallelLinear.from_linear(hydra.in_proj, ctx)
         self.conv1d = hydra.conv1d
         self.dt_bias, self.A_log, self.D = hydra.dt_bias, hydra.A_log, hydra.D
@@ -102,13 +115,31 @@ class ParallelHydra(nn.Module):
     def mix(self, u: Tensor, grid, scan_order: str) -> Tensor:
         return self(u, grid, scan_order)
 
+    def cp_impl_for(self, grid, scan_order: str, symbol: str) -> str:
+        """"ulysses" or "state_passing": how this block runs under CP on ``grid`` (``comm_model.block_cp_impl``)."""
+        key = (tuple(grid.grid), scan_order)
+        if key not in self._cp_impls:
+            ctx = self.ctx
+            impl = block_cp_impl(self.model_cfg, symbol, ctx.cp_impl, grid.grid, ctx.tp, ctx.cp, ctx.sequence_parallel)
+            self._cp_impls[key] = impl
+            if ctx.cp_rank == ctx.tp_rank == 0 and (key, ctx.cp_impl) not in _LOGGED:  # once per kind of block
+                _LOGGED.add((key, ctx.cp_impl))
+                log.info("parallel.cp_impl=%s: Hydra '%s' blocks on token grid %s over cp=%d run %s", ctx.cp_impl,
+                         symbol, key[0], ctx.cp, impl)
+        return self._cp_impls[key]
+
     def forward(self, u: Tensor, grid, scan_order: str) -> Tensor:
         """u: (B, L/cp, d), or (B, L/(cp*tp), d) under SP, canonical token order -> same shape."""
         ctx, p = self.ctx, self.headdim
         di = self.h_local * p
+        z, x, bc, dt = torch.split(self.in_proj(u), [di, di, self.bc_local, 2 * self.h_local], dim=-1)
+        if ctx.cp > 1 and self.cp_impl_for(grid, scan_order, _SYMBOL_OF[scan_order]) == "state_passing":
+            self.path_taken = "state_passing"
+            y = state_passing_mix(self, x, bc, dt, grid, scan_order)
+            y = gated_rms_norm_tp(y, z, self.norm.weight, self.norm.eps, self.d_inner, ctx, self.norm.group_size)
+            return self.out_proj(y)
         fused = use_fused_path(self.fused, self.ssd_impl, self.d_conv, self.norm.group_size, u.device)
         self.path_taken = "fused" if fused else "reference"
-        z, x, bc, dt = torch.split(self.in_proj(u), [di, di, self.bc_local, 2 * self.h_local], dim=-1)
         if ctx.cp > 1:
             x, bc, dt = self._split_heads_over_cp(x, bc, dt)
         perm = grid.perm(scan_order)

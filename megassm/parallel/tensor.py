@@ -42,11 +42,12 @@ class ParallelContext:
     cp_group: Any = None
     tpcp_group: Any = None  # all TP x CP ranks of this (dp, pp) position, rank = cp*tp_size + tp
     sequence_parallel: bool = False
+    cp_impl: str = "ulysses"  # how Hydra blocks run under CP: ulysses | state_passing | auto (parallel.cp_impl)
 
     @classmethod
-    def from_mesh(cls, mesh, sequence_parallel: bool = True) -> ParallelContext:
+    def from_mesh(cls, mesh, sequence_parallel: bool = True, cp_impl: str = "ulysses") -> ParallelContext:
         d = mesh.dims
-        return cls(
+        return cls(cp_impl=cp_impl,
             tp=d.tp, tp_rank=mesh.coords["tp"], tp_group=mesh.group("tp") if d.tp > 1 else None,
             cp=d.cp, cp_rank=mesh.coords["cp"], cp_group=mesh.group("cp") if d.cp > 1 else None,
             tpcp_group=mesh.group("tp", "cp") if d.tp * d.cp > 1 else None,

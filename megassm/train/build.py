@@ -43,7 +43,7 @@ def meta_model(cfg: RunConfig, mesh, parallelize: Callable[[nn.Module], None] | 
     elif cfg.parallel.tp > 1 or cfg.parallel.cp > 1:
         from megassm.parallel.apply import parallelize_hth
 
-        parallelize_hth(model, mesh)
+        parallelize_hth(model, mesh, cp_impl=cfg.parallel.cp_impl)
     return model
 
 

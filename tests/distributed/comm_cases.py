@@ -26,7 +26,8 @@ from megassm.parallel.apply import parallelize_hth
 
 # -- communication accounting --------------------------------------------------------------------
 class CommCounter:
-    """Wraps torch.distributed's collectives and records (op, group name, payload bytes)."""
+    """Wraps torch.distributed's collectives and records (op, group name, payload bytes); point-to-point
+    messages posted through ``batch_isend_irecv`` count as ("send", group, bytes sent)."""
 
     WRAPPED = {"all_reduce": ("all_reduce", 0), "all_gather_into_tensor": ("all_gather", 0),
                "all_gather_single": ("all_gather", 0), "reduce_scatter_tensor": ("reduce_scatter", 1),
@@ -51,6 +52,16 @@ class CommCounter:
                 return _orig(*args, **kwargs)
 
             setattr(dist, fn_name, wrapper)
+        self._orig["batch_isend_irecv"] = orig_p2p = dist.batch_isend_irecv
+
+        def p2p(ops, _orig=orig_p2p):  # state-passing CP's neighbour messages: count what is sent
+            for op in ops:
+                if op.op is dist.isend:
+                    self.calls.append(("send", self.names.get(id(op.group), "other"),
+                                       op.tensor.numel() * op.tensor.element_size()))
+            return _orig(ops)
+
+        dist.batch_isend_irecv = p2p
         return self
 
     def __exit__(self, *exc):

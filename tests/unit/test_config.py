@@ -66,6 +66,10 @@ def test_bad_values_and_combinations(override, message):
     (["parallel.tp=3"], r"parallel.tp=3 does not divide"),
     (["parallel.cp=3"], r"parallel.cp=3 does not divide"),
     (["parallel.cp=2", "data.image_size=6"], r"do not split over parallel.cp"),
+    (["parallel.cp=32", "parallel.cp_impl=state_passing", "model.pattern=h", "model.headdim=4"],
+     r"parallel.cp_impl=state_passing with parallel.cp=32: 2 tokens per CP rank, fewer than the conv halo"),
+    (["parallel.cp_impl=ring"], r"parallel.cp_impl='ring' is not valid; choose one of \['ulysses', 'state_passing', "
+                                r"'auto'\]"),
 ])
 def test_parallel_rules_fail_at_load_naming_the_key(overrides, message):
     """Rules that used to fail only after dist init and a model build (PP engine, mesh checks)."""

@@ -96,6 +96,18 @@ def test_cli_plan_prints_a_layout(capsys):
     assert res["seq_len"] == 16384 and res["configured"]["fits"] in (True, False)
 
 
+def test_cli_plan_reports_cp_traffic_of_both_implementations(capsys):
+    """Stage 3 (cp 4): the bytes each rank sends per step under Ulysses and under state passing (its 8 'h'
+    blocks), and the configured parallel.cp_impl's."""
+    assert main(["plan", "configs/stage3_video.yaml", "parallel.cp_impl=state_passing", "--gpus", "8", "--json"]) == 0
+    cpt = json.loads(capsys.readouterr().out)["configured"]["cp_traffic"]
+    assert cpt["cp_impl"] == "state_passing" and cpt["state_passing"]["state_passing_blocks"] == 8
+    assert cpt["ulysses"]["state_passing_blocks"] == 0
+    assert cpt["state_passing"]["gib"] < cpt["ulysses"]["gib"]
+    assert main(["plan", "configs/stage3_video.yaml", "--gpus", "8"]) == 0
+    assert "state passing" in capsys.readouterr().out
+
+
 def test_cli_plan_takes_the_sequence_length_from_the_data_of_an_unknown_stage(capsys, tmp_path):
     from megassm.data.testing import write_synthetic_dataset
 

@@ -51,8 +51,9 @@ def config_errors(m) -> list[str]:
 
 
 def collectives(m, B: int, L: int, tp: int, cp: int, sp: bool, act_bytes: int,
-                param_bytes: int) -> list[CollectiveTuple]:
-    """Under TP the qk-norm weights' and (SP) proj bias's gradients; Ulysses' all-to-alls of qkv and the output."""
+                param_bytes: int, cp_impl: str = "ulysses") -> list[CollectiveTuple]:
+    """Under TP the qk-norm weights' and (SP) proj bias's gradients; Ulysses' all-to-alls of qkv and the output
+    (whatever ``cp_impl`` says: it chooses how Hydra blocks run)."""
     d, Lc = m.d_model, L // cp
     out: list[CollectiveTuple] = []
     if tp > 1 and m.qk_norm:

@@ -114,9 +114,12 @@ def config_errors(m) -> list[str]:
 
 
 def collectives(m, B: int, L: int, tp: int, cp: int, sp: bool, act_bytes: int,
-                param_bytes: int) -> list[CollectiveTuple]:
-    """The gated norm's sum of squares over TP, the replicated B/C rows' gradients, fc_D's reduce-scatter
-    over TP x CP, and Ulysses' all-to-alls of x, dt, y plus the B/C all-gather over CP."""
+                param_bytes: int, cp_impl: str = "ulysses") -> list[CollectiveTuple]:
+    """The gated norm's sum of squares over TP, the replicated B/C rows' gradients, and under CP either
+    (``cp_impl="ulysses"``) fc_D's reduce-scatter over TP x CP and Ulysses' all-to-alls of x, dt, y plus the
+    B/C all-gather, or (``"state_passing"``, megassm/parallel/hydra_state.py) fc_D's reduce-scatter over TP,
+    the all-gather of the slice summaries and the neighbour messages ("send": the conv halo and the shift's
+    edge rows to ranks r-1 and r+1; the first / last CP rank sends only one of each)."""
     hd = HydraDims.of(m)
     Lc = L // cp
     bc_split = bc_sharded(m, tp)
@@ -129,6 +132,8 @@ def collectives(m, B: int, L: int, tp: int, cp: int, sp: bool, act_bytes: int,
             out.append(("all_reduce", "tp", bc_width * m.d_model * param_bytes, "in_proj B/C rows grad"))
             out.append(("all_reduce", "tp", bc_width * m.d_conv * param_bytes, "conv1d B/C rows weight grad"))
             out.append(("all_reduce", "tp", bc_width * param_bytes, "conv1d B/C rows bias grad"))
+    if cp > 1 and cp_impl == "state_passing":
+        return out + _state_passing_collectives(m, B, Lc, tp, cp, act_bytes, bc_width)
     if tp * cp > 1:
         out.append(("reduce_scatter", "tpcp", B * L * hd.nheads * act_bytes, "fc_D partial products, fwd"))
         out.append(("all_gather", "tpcp", B * L * hd.nheads * act_bytes, "fc_D grad, bwd"))
@@ -138,6 +143,28 @@ def collectives(m, B: int, L: int, tp: int, cp: int, sp: bool, act_bytes: int,
             out.append(("all_to_all", "cp", B * Lc * width * act_bytes, f"{what} grad, bwd"))
         out.append(("all_gather", "cp", B * L * bc_width * act_bytes, "B/C, fwd"))
         out.append(("reduce_scatter", "cp", B * L * bc_width * act_bytes, "B/C grad, bwd"))
+    return out
+
+
+def _state_passing_collectives(m, B: int, Lc: int, tp: int, cp: int, act_bytes: int,
+                               bc_width: int) -> list[CollectiveTuple]:
+    """Per block: no term grows with L except the fc_D reduce-scatter over TP (as under TP alone). The
+    summaries are [final state | total log-decay] per direction and head, kept in fp32 (fp64 stays)."""
+    hd = HydraDims.of(m)
+    h, di = hd.nheads // tp, hd.d_inner // tp
+    out: list[CollectiveTuple] = []
+    if tp > 1:
+        out.append(("reduce_scatter", "tp", B * Lc * hd.nheads * act_bytes, "fc_D partial products, fwd"))
+        out.append(("all_gather", "tp", B * Lc * hd.nheads * act_bytes, "fc_D grad, bwd"))
+    summary = cp * 2 * B * h * (m.headdim * m.d_state + 1) * max(act_bytes, 4)
+    out.append(("all_gather", "cp", summary, "scan state summaries, fwd"))
+    out.append(("reduce_scatter", "cp", summary, "scan state summaries grad, bwd"))
+    halo = B * (m.d_conv // 2) * (di + bc_width) * act_bytes
+    edge = B * di * act_bytes
+    for what, n in (("conv halo", halo), ("shift edge row", edge)):
+        for peer in ("r-1", "r+1"):
+            out.append(("send", "cp", n, f"{what} to rank {peer}, fwd"))
+            out.append(("send", "cp", n, f"{what} grad to rank {peer}, bwd"))
     return out
 
 

@@ -73,8 +73,9 @@ class MixerSpec:
     divisibility(m, tp) the sizes that tp / cp must divide (``ParallelDims.check_model``)
     layout_errors(m, tp, cp)  further layout rules, as messages (empty: fine)
     config_errors(m)    rules on the model config alone, as messages (checked at config load)
-    collectives(m, B, L, tp, cp, sp, act_bytes, param_bytes)  the mixer's own collectives per training
-                    step, beyond the Megatron entry / exit every mixer has (``parallel/comm_model.py``)
+    collectives(m, B, L, tp, cp, sp, act_bytes, param_bytes, cp_impl="ulysses")  the mixer's own collectives
+                    per training step, beyond the Megatron entry / exit every mixer has (``parallel/comm_model.py``);
+                    ``cp_impl``: "ulysses" or "state_passing", as the block runs under CP
     keep_init       submodule names whose nn.Linear keeps its own init (HTHModel xavier-initialises the rest)
     """
 

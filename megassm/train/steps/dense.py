@@ -34,7 +34,7 @@ class DenseStep:
     def parallelize(self, model: nn.Module) -> None:
         p = self.cfg.parallel
         if p.tp * p.cp > 1:
-            parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale())
+            parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale(), cp_impl=p.cp_impl)
 
     def wrap(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
         return self.backend.prepare(model, self.micro_batches, load_universal)

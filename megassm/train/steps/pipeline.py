@@ -109,7 +109,7 @@ class PipelineStep:
         if p.tp * p.cp > 1:
             # its first-forward input check hooks HTHModel.forward, which stages never call
             parallelize_hth(model, self.mesh, cp_grad_scale=self.backend.cp_grad_scale(), check_inputs=False,
-                            pipeline=True)
+                            pipeline=True, cp_impl=p.cp_impl)
 
     def wrap(self, model: nn.Module, load_universal: bool = False) -> nn.Module:
         p = self.cfg.parallel
