@@ -10,44 +10,29 @@ run the shape is recorded with its error. ``model.attention_backend`` picks amon
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, out_dir  # noqa: E402
+from common import Results, out_dir, time_ms  # noqa: E402
 
 from megassm.models.attention import self_attention  # noqa: E402
 
 COLUMNS = ["bench", "seq_len", "backend", "fwd_ms", "fwd_bwd_ms", "bwd_over_fwd", "fwd_tflops", "fwd_bwd_tflops"]
 
 
-def _time(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
 def bench(seq_len: int, backend: str, heads: int = 24, hd: int = 128) -> dict:
     q, k, v = (torch.randn(1, heads, seq_len, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     g = torch.randn_like(q)
-    fwd = _time(lambda: self_attention(q, k, v, backend))
+    fwd = time_ms(lambda: self_attention(q, k, v, backend), reps=10)["ms"]
 
     def both():
         self_attention(q, k, v, backend).backward(g)
 
-    fb = _time(both)
+    fb = time_ms(both, reps=10)["ms"]
     flops = 4 * seq_len * seq_len * hd * heads  # QK^T and PV
     return {"bench": "attention", "seq_len": seq_len, "backend": backend, "fwd_ms": fwd, "fwd_bwd_ms": fb,
             "bwd_over_fwd": (fb - fwd) / fwd, "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / fb / 1e9}

@@ -24,20 +24,7 @@ export TRITON_CACHE_DIR=$CACHE_ROOT/triton TORCHINDUCTOR_CACHE_DIR=$CACHE_ROOT/i
 [[ ${FRESH:-1} == 1 ]] && rm -rf "$CACHE_ROOT"
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 
-section() {  # section NAME CAP_SECONDS CMD...
-    local name=$1 cap=$2 t rc
-    shift 2
-    t=$((DEADLINE - SECONDS))
-    ((t > cap)) && t=$cap
-    if ((t < 20)); then
-        echo "==== $name skipped: ${t}s left"
-        return
-    fi
-    echo "==== $name start $(date -u +%T) limit ${t}s (t=${SECONDS}s)"
-    timeout "$t" "$@"
-    rc=$?
-    echo "==== $name exit $rc $(date -u +%T) (t=${SECONDS}s)"
-}
+source "$(dirname "$0")/session_lib.sh"  # section NAME CAP CMD...
 
 {
     if ls wheels/*.whl >/dev/null 2>&1; then

@@ -26,20 +26,7 @@ STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
 STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
 ATT_VARIANTS=${ATT_VARIANTS:-today,fp8}
 
-section() {  # section NAME CAP_SECONDS CMD...
-    local name=$1 cap=$2 t rc
-    shift 2
-    t=$((DEADLINE - SECONDS))
-    ((t > cap)) && t=$cap
-    if ((t < 20)); then
-        echo "==== $name skipped: ${t}s left"
-        return
-    fi
-    echo "==== $name start $(date -u +%T) limit ${t}s (t=${SECONDS}s)"
-    timeout "$t" "$@"
-    rc=$?
-    echo "==== $name exit $rc $(date -u +%T) (t=${SECONDS}s)"
-}
+source "$(dirname "$0")/session_lib.sh"  # section NAME CAP CMD...
 
 {
     date -u +%FT%TZ
