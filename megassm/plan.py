@@ -468,10 +468,18 @@ def _cmd_plan(args) -> int:
         raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
     res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps,
                args.ckpt_write_gbps)
+    if args.sample:
+        from megassm.sample_plan import predict_sampling
+
+        res["sampling"] = predict_sampling(cfg, seq_len, args.gpus, args.peak_tflops, args.gpu_mem_gb)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
         _print(res)
+        if args.sample:
+            from megassm.sample_plan import print_sampling
+
+            print_sampling(res["sampling"])
     return 0
 
 
@@ -492,4 +500,6 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--ckpt-write-gbps", type=float, default=1.0, help="the job's aggregate checkpoint write rate, "
                    "GB/s (measure it: benchmarks/bench_init.py --phases save); sets the save time and SIGUSR1 grace")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.add_argument("--sample", action="store_true", help="also predict `megassm sample` at this length "
+                   "(memory per GPU with --gpus as the CP degree, time per denoising step; megassm/sample_plan.py)")
     p.set_defaults(func=_cmd_plan)

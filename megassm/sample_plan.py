@@ -1,0 +1,45 @@
+"""``megassm plan --sample``: predicted GPU memory and time of ``megassm sample`` for a config on one GPU (or split
+over ``--gpus`` by CP sampling, ``sample --cp``).
+
+    weights      2P bytes (bf16), whole on every GPU
+    activations  branches x L / cp tokens x INFERENCE_SHARE x the largest block's training activation bytes per
+                 token (``accounting.activation_bytes_per_token``): no autograd graph, one block at a time, and
+                 that block's transient working set is about half of what training keeps for its backward
+    step         forward FLOPs of both CFG branches / (cp x peak x INFERENCE_MFU); sample_steps of them
+Both constants are measured: full hth-5b on one H100, 2048^2 and 360p x 129 frames, hybrid and all-attention, with
+and without CFG (benchmarks/results/full_size_sample_h100.json; ``tests/unit/test_sample_plan.py`` holds the
+prediction to those eight measurements).
+"""
+
+from __future__ import annotations
+
+from megassm.config.schema import RunConfig
+from megassm.models.accounting import activation_bytes_per_token, forward_flops, param_counts
+
+GB = 1e9
+INFERENCE_SHARE = 0.5  # measured 0.49-0.51 of a block's training activations (module doc)
+INFERENCE_MFU = 0.48  # measured 0.47-0.51 of the bf16 datasheet peak per denoising step on an H100
+WORKSPACE = 0.25 * GB
+
+
+def predict_sampling(cfg: RunConfig, seq_len: int, cp: int = 1, peak_tflops: float = 989.0,
+                     gpu_mem_gb: float = 80.0) -> dict:
+    m, dcfg = cfg.model, cfg.diffusion
+    branches = 2 if dcfg.cfg_scale > 1 else 1
+    tokens = branches * seq_len / cp
+    block = max(activation_bytes_per_token(m, s) for s in set(m.pattern))
+    weights = 2 * param_counts(m)["total"]
+    activations = tokens * INFERENCE_SHARE * block
+    total = weights + activations + WORKSPACE
+    step_s = forward_flops(m, seq_len, branches) / cp / (peak_tflops * 1e12 * INFERENCE_MFU)
+    return {"seq_len": seq_len, "cp": cp, "cfg_branches": branches, "weights_gb": weights / GB,
+            "activations_gb": activations / GB, "total_gb": total / GB, "fits": total <= 0.9 * gpu_mem_gb * GB,
+            "step_s": step_s, "sample_steps": dcfg.sample_steps, "total_s": step_s * dcfg.sample_steps}
+
+
+def print_sampling(p: dict) -> None:
+    print(f"\nsampling (megassm sample{' --cp ' + str(p['cp']) if p['cp'] > 1 else ''}), {p['seq_len']:,} tokens, "
+          f"{p['cfg_branches']} CFG branch(es): weights {p['weights_gb']:.2f} GB + activations "
+          f"{p['activations_gb']:.2f} GB = {p['total_gb']:.2f} GB per GPU ({'fits' if p['fits'] else 'DOES NOT FIT'}"
+          f"{'' if p['cp'] > 1 or not p['fits'] else ': no CP needed'}); {p['step_s'] * 1e3:.0f} ms per denoising "
+          f"step, {p['total_s']:.1f} s for {p['sample_steps']} steps")
