@@ -14,12 +14,13 @@ For TP rank t of T, W (out, in) and y = x W^T + s x A^T B^T (s = alpha / r):
         y = reduce(x_t W_t^T) + s reduce(x_t A_t^T) B^T    reduce: all-reduce, or reduce-scatter over the
                                                            sequence under SP (its own collective, r wide)
 
-Gradients (``register_adapter_grad_sums``; the same contract as the base's, docs/parallelism.md): a
-replicated lora_A of a column-parallel base gets from each rank only its output rows' part, summed over
-TP; so do lora_B's rows of a replicated segment (Hydra's B/C with ngroups=1, like in_proj's own rows);
-a replicated lora_B of a row-parallel base is complete on every rank, except under SP, where each rank
-sees a slice of the tokens. Cross-attention's ``q`` stays a ``LoRALinear`` (its input is gathered before
-it): a column-parallel layer in effect, with the same layout and sums. CP needs nothing of its own:
+Gradients (the same contract as the base's, docs/parallelism.md): a replicated lora_A of a column-parallel
+base gets from each rank only its output rows' part, summed over TP (``register_adapter_grad_sums``);
+so do lora_B's rows of a replicated segment (Hydra's B/C with ngroups=1), by the rule for in_proj's own
+rows (``sharding.replicated_rows``, hooked by ``parallelize_hth``); a replicated lora_B of a row-parallel
+base is complete on every rank, except under SP, where each rank sees a slice of the tokens.
+Cross-attention's ``q`` stays a ``LoRALinear`` (its input is gathered before it): a column-parallel layer
+in effect, with the same layout and sums. CP needs nothing of its own:
 adapters are parameters like any other, their gradients partial over CP ranks and reduced by the engine.
 """
 
@@ -86,7 +87,8 @@ class LoRARowParallelLinear(RowParallelLinear):
 
 
 def register_adapter_grad_sums(model: nn.Module, model_cfg, ctx: ParallelContext) -> list[str]:
-    """Hook the adapter gradients that each TP rank holds only part of (module doc); returns what was hooked.
+    """Hook the replicated adapter factors whose gradient each TP rank holds only part of (module doc; the
+    replicated rows of a TP-split lora_B are ``parallelize_hth``'s); returns what was hooked.
 
     ``model``: a model whose parameters ``parallelize_hth`` has cut (names as in the unsharded model).
     """
@@ -96,31 +98,14 @@ def register_adapter_grad_sums(model: nn.Module, model_cfg, ctx: ParallelContext
     for name, p in model.named_parameters():
         if not name.endswith(ADAPTER_SUFFIXES):
             continue
+        if shard_spec(name, model_cfg, ctx.tp) is not None:
+            continue  # split: its replicated rows (if any) are the shard plan's, hooked by parallelize_hth
         module, _, factor = name.rpartition(".")
-        spec = shard_spec(name, model_cfg, ctx.tp)
         base_split = shard_spec(module + ".weight", model_cfg, ctx.tp) is not None
-        if spec is None:
-            # column-parallel lora_A: each rank back-propagates through its rows of B only; a replicated factor
-            # of a replicated base (or row-parallel lora_B) is partial only when SP splits the tokens
-            if (factor == "lora_A" and base_split) or ctx.sequence_parallel:
-                p.register_hook(sum_grad_hook(ctx.tp_group))
-                hooked.append(name)
-            continue
-        if factor == "lora_B":  # rows of replicated segments (Hydra's B/C, ngroups=1) serve this rank's heads only
-            for start, stop in _replicated_runs(spec.local_segments(ctx.tp)):
-                p.register_hook(sum_grad_hook(ctx.tp_group, (start, stop)))
-                hooked.append(f"{name}[{start}:{stop}]")
+        # column-parallel lora_A: each rank back-propagates through its rows of B only; a replicated factor
+        # of a replicated base (or row-parallel lora_B) is partial only when SP splits the tokens
+        if (factor == "lora_A" and base_split) or ctx.sequence_parallel:
+            p.register_hook(sum_grad_hook(ctx.tp_group))
+            hooked.append(name)
     return hooked
 
-
-def _replicated_runs(segments: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
-    """Merge adjacent unsplit (start, stop, split?) segments into [start, stop) runs."""
-    runs: list[list[int]] = []
-    for start, stop, split in segments:
-        if split or stop == start:
-            continue
-        if runs and runs[-1][1] == start:
-            runs[-1][1] = stop
-        else:
-            runs.append([start, stop])
-    return [(a, b) for a, b in runs]

@@ -7,8 +7,8 @@ Called once, before the training backend wraps the model, on a model with identi
 2. each mixer becomes its kind's parallel twin (``MixerSpec.parallelize``, megassm/models/mixers/:
    ``ParallelHydra``, ``ParallelSelfAttention``; they own their layout and have the same ``mix``),
    cross-attention and FFN linears become column/row-parallel;
-3. gradient hooks sum over TP the gradients that each TP rank holds only part of (a twin hooks its
-   own such rows, e.g. Hydra's replicated B/C);
+3. gradient hooks sum over TP the gradients that each TP rank holds only part of (the rows of a TP-split
+   parameter that every rank holds whole come from the plan: ``sharding.replicated_rows``);
 4. forward hooks cut the token sequence after ``patch_embed`` and gather it after ``final_layer``.
 
 Gradient contract (docs/parallelism.md): after backward, a TP-sharded parameter's grad is its
@@ -27,7 +27,7 @@ from megassm.models.mixers import mixer_for_symbol
 from megassm.parallel.attention import parallelize_cross_attention, parallelize_feed_forward
 from megassm.parallel.comm import all_reduce_, copy_to_group, gather_replicated, sum_grad_hook
 from megassm.parallel.mesh import MeshError
-from megassm.parallel.sharding import ADAPTER_SUFFIXES, shard_spec, shard_tensor
+from megassm.parallel.sharding import ADAPTER_SUFFIXES, ShardSpec, replicated_rows, shard_spec, shard_tensor
 from megassm.parallel.tensor import ParallelContext
 
 
@@ -76,9 +76,9 @@ def parallelize_hth(
     return ctx
 
 
-def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> set[str]:
-    """Cut every TP-split parameter to this rank's shard, keeping the Parameter objects; returns their names."""
-    sharded: set[str] = set()
+def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> dict[str, ShardSpec]:
+    """Cut every TP-split parameter to this rank's shard, keeping the Parameter objects; returns their plans."""
+    sharded: dict[str, ShardSpec] = {}
     if ctx.tp == 1:
         return sharded
     with torch.no_grad():
@@ -87,15 +87,16 @@ def _shard_parameters(model: nn.Module, cfg, ctx: ParallelContext) -> set[str]:
             if spec is None:
                 continue
             p.data = shard_tensor(p.data, spec, ctx.tp_rank, ctx.tp, name).clone()
-            sharded.add(name)
+            sharded[name] = spec
     return sharded
 
 
-def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: set[str]) -> list[str]:
-    """Hook every TP-replicated parameter whose gradient each TP rank holds only part of; returns names.
+def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: dict[str, ShardSpec]) -> list[str]:
+    """Hook every TP-replicated parameter (or rows) whose gradient each TP rank holds only part of; returns names.
 
-    Always: parameters shared by heads that TP splits -- qk-norm weights (attention, cross-attention;
-    Hydra's replicated B/C rows of in_proj / conv1d are hooked by ParallelHydra). Under SP also everything that
+    Always: what is shared by heads that TP splits -- the replicated rows of TP-split parameters
+    (``sharding.replicated_rows``: Hydra's B/C rows of in_proj / conv1d with ngroups=1 and the lora_B rows
+    that follow them) and qk-norm weights (attention, cross-attention). Under SP also everything that
     acts on sequence slices: the blocks' replicated parameters (modulation table, norm2, biases of
     row-parallel layers), patch embedding and final layer. (The timestep modulation is summed as an
     activation, see ``_split_sequence``; the text path is never sequence-split.)
@@ -108,11 +109,15 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: set[
         p.register_hook(sum_grad_hook(ctx.tp_group, rows))
         hooked.append(name if rows is None else f"{name}[{rows[0]}:{rows[1]}]")
 
+    params = dict(model.named_parameters())
+    for name, spec in sharded.items():
+        for rows in replicated_rows(spec, ctx.tp, name):
+            hook(name, params[name], rows)
     for i, blk in enumerate(model.blocks):
         prefix = f"blocks.{i}."
         for name, p in blk.named_parameters():
             is_sharded = prefix + name in sharded
-            if name.endswith(ADAPTER_SUFFIXES):  # LoRA factors: megassm/lora/parallel.py hooks them
+            if name.endswith(ADAPTER_SUFFIXES):  # replicated LoRA factors: megassm/lora/parallel.py hooks them
                 continue
             if ".q_norm." in f".{name}" or ".k_norm." in f".{name}" or (ctx.sequence_parallel and not is_sharded):
                 hook(prefix + name, p)

@@ -16,7 +16,8 @@ Per block, for TP rank t of T and CP rank c of C (h = nheads/T local heads, hc =
 local_mix / combine / gated norm are ``megassm.ops.hydra_mix``'s parts, the functions the single-process
 Hydra runs; with the fused path (``fused``, as Hydra decides it) their Triton kernels, cut at the same
 two reductions. z never leaves its rank (the norm is token-local). B/C with ngroups=1 are replicated
-over TP and shared by all heads: the layer sums their rows' gradients over TP (gradient hooks).
+over TP and shared by all heads: ``parallelize_hth`` sums their rows' gradients over TP (the shard plan's
+replicated rows, ``sharding.replicated_rows``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from megassm.models.hydra import Hydra, decay_rates
 from megassm.models.mixers.hydra import bc_sharded
 from megassm.models.scan import apply_scan
 from megassm.ops.hydra_mix import combine, default_fused_scan_impl, local_mix, use_fused_path
-from megassm.parallel.comm import reduce_scatter_along, sum_grad_hook
+from megassm.parallel.comm import reduce_scatter_along
 from megassm.parallel.context import gather_seq, heads_to_seq, seq_to_heads
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, gated_rms_norm_tp
 
@@ -73,20 +74,6 @@ class ParallelHydra(nn.Module):
         # index buffers (not in the state dict) follow the model to its device; None: take everything
         self.register_buffer("_bc_idx", None if keep_all else bc_idx, persistent=False)
         self.register_buffer("_conv_rows", None if keep_all and cp == 1 else conv_rows, persistent=False)
-        self.tp_summed_rows = self._sum_replicated_bc_grads() if tp > 1 and self.g_local == self.ngroups else []
-
-    def _sum_replicated_bc_grads(self) -> list[str]:
-        """B/C replicated over TP (ngroups not split): each TP rank's gradient of their rows of in_proj and
-        conv1d is a partial sum over its heads; hooks sum it over TP. Returns what was hooked."""
-        di = self.h_local * self.headdim
-        rows = (("in_proj.weight", self.in_proj.weight, 2 * di), ("in_proj.bias", self.in_proj.bias, 2 * di),
-                ("conv1d.weight", self.conv1d.weight, di), ("conv1d.bias", self.conv1d.bias, di))
-        hooked = []
-        for name, p, start in rows:
-            if p is not None and p.requires_grad:  # frozen (a LoRA base): no gradient to sum
-                p.register_hook(sum_grad_hook(self.ctx.tp_group, (start, start + self.bc_local)))
-                hooked.append(f"{name}[{start}:{start + self.bc_local}]")
-        return hooked
 
     def _split_heads_over_cp(self, x: Tensor, bc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L/cp, ·) token slices -> full sequence: x (B, L, hc*p), bc (B, L, kept groups), dt (B, L, 2hc)."""

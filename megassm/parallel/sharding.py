@@ -29,7 +29,7 @@ from torch import Tensor
 
 from megassm.models.mixers import ShardSpec, mixer_for_symbol
 
-__all__ = ["ShardSpec", "merge_state_dicts", "merge_tensors", "shard_spec", "shard_state_dict",
+__all__ = ["ShardSpec", "merge_state_dicts", "merge_tensors", "replicated_rows", "shard_spec", "shard_state_dict",
            "shard_tensor"]
 
 
@@ -88,6 +88,31 @@ def adapter_spec(name: str, model_cfg, tp_size: int) -> ShardSpec | None:
     if base is None:
         return None
     return base if (factor == "lora_B") == (base.dim == 0) else None
+
+
+def replicated_rows(spec: ShardSpec | None, tp_size: int, name: str = "tensor") -> list[tuple[int, int]]:
+    """The [start, stop) rows of a TP-split parameter's local shard that every TP rank holds whole: its
+    unsplit segments (Hydra's B/C rows of in_proj / conv1d when ngroups is not split, and the lora_B rows
+    that follow them), adjacent ones merged. Empty for a replicated (``spec`` None) or fully split tensor.
+
+    The one rule for such rows: each TP rank's gradient of them is partial (this rank's heads' part), so
+    ``parallelize_hth`` sums it over TP, and a gradient norm counts them once, not once per TP rank
+    (``megassm/train/backends/grad_norm.py``).
+    """
+    if spec is None or tp_size == 1:
+        return []
+    runs: list[list[int]] = []
+    for start, stop, split in spec.local_segments(tp_size):
+        if split or stop == start:
+            continue
+        if spec.dim != 0:
+            raise ValueError(f"{name}: a replicated segment along dim {spec.dim}; only rows (dim 0) of a TP-split "
+                             "tensor may be replicated")
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = stop
+        else:
+            runs.append([start, stop])
+    return [(a, b) for a, b in runs]
 
 
 def shard_tensor(t: Tensor, spec: ShardSpec, tp_rank: int, tp_size: int, name: str = "tensor") -> Tensor:

@@ -271,9 +271,8 @@ def _slice_backward(ctx, g):  # all-gather whose backward forgets to sum over ra
 
 BREAKS = {
     # name: (patch target "module:attr", replacement, layout (tp, cp, sp))
-    # the hooks live in apply.py (qk-norms, SP-replicated parameters) and in ParallelHydra (B/C rows)
-    "TP gradient sum of replicated params skipped": (("megassm.parallel.apply:sum_grad_hook",
-                                                      "megassm.parallel.hydra:sum_grad_hook"), _no_sum_hook,
+    # the hooks live in apply.py (replicated rows of split parameters, qk-norms, SP-replicated parameters)
+    "TP gradient sum of replicated params skipped": ("megassm.parallel.apply:sum_grad_hook", _no_sum_hook,
                                                      (2, 1, False)),
     "gated-norm sum of squares not all-reduced": ("megassm.parallel.tensor:all_reduce_sum", lambda x, g: x,
                                                   (2, 1, True)),

@@ -9,8 +9,9 @@
   (tests/distributed/test_deepspeed_cp.py shows it). DeepSpeed's batch bookkeeping then counts dp x cp
   "replicas": train_batch_size = micro_batch x micro_batches x mpu.get_data_parallel_world_size();
 - marks on the model before wrapping: Megatron's ``tensor_model_parallel`` / ``partition_dim`` on
-  TP-sharded parameters (DeepSpeed's clip norm counts them on every model-parallel rank) and ZeRO-3 leaf
-  modules (Hydra reads its submodules' weights without calling them: gather all at its entry);
+  TP-sharded parameters (DeepSpeed's clip norm counts them on every model-parallel rank), the rows of them
+  that TP replicates (counted once: ``grad_norm.py``) and ZeRO-3 leaf modules (Hydra reads its submodules'
+  weights without calling them: gather all at its entry);
 - the EMA's view of the fp32 masters (``DeepSpeedShards``): ZeRO-3 partitions (``safe_get_local_fp32_param``,
   ``ds_tensor``), ZeRO-1/2 fragments (``_hp_mapping``);
 - checkpoints: DeepSpeed's ``save_checkpoint`` / ``load_checkpoint``, its universal format for a resume at
@@ -35,6 +36,7 @@ from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from megassm.data.writer import fsync_dir
 from megassm.runtime import use_bf16
 from megassm.train.backends.base import StepResult
+from megassm.train.backends.grad_norm import count_replicated_rows_once, mark_replicated_rows
 from megassm.train.optim import build_optimizer
 
 log = logging.getLogger("megassm.train")
@@ -120,14 +122,15 @@ def mark_model(model: nn.Module, zero_stage: int) -> None:
     shard plan (``parallel/sharding.py``), and Hydra mixers as ZeRO-3 leaves."""
     ctx = getattr(model, "parallel_context", None)
     if ctx is not None and ctx.tp > 1:
-        from megassm.parallel.sharding import shard_spec
+        from megassm.parallel.sharding import replicated_rows, shard_spec
 
         for name, p in model.named_parameters():
             spec = shard_spec(name, model.cfg, ctx.tp)
             if spec is not None:
-                # DeepSpeed counts such parameters on every model-parallel rank in the gradient norm (the
-                # replicated B/C rows inside in_proj / conv1d are then counted tp times)
+                # DeepSpeed counts such parameters on every model-parallel rank in the gradient norm; their
+                # replicated rows (B/C of in_proj / conv1d) are left out of it but on TP rank 0 (grad_norm.py)
                 p.tensor_model_parallel, p.partition_dim = True, spec.dim
+                mark_replicated_rows(p, replicated_rows(spec, ctx.tp, name))
     if zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -219,6 +222,7 @@ class DeepSpeedBackend:
                                   mpu.get_data_parallel_world_size(), micro_batches, load_universal)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False)
+        count_replicated_rows_once(self.engine.optimizer, self.engine.module, self.mesh.coords["tp"])
         return self.engine.module
 
     # -- one optimizer step --------------------------------------------------------------------
