@@ -285,7 +285,6 @@ def test_trainer_with_tp2_or_cp2_matches_one_rank(tmp_path):
         for proc in (tp2, cp2):
             assert "Hydra mixers: 3 fused, 0 reference path" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     ref = losses_by_step(tmp_path / "one")
-    ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(tmp_path / "one") if "grad_norm" in r}
     model_cfg = load_config(SMOKE, TINY_OVERRIDES).model
     ema_ref = ShardedEMA.consolidate(tmp_path / "one" / "checkpoints" / "step_00000003")
     for name in ("tp2", "cp2"):
@@ -294,11 +293,6 @@ def test_trainer_with_tp2_or_cp2_matches_one_rank(tmp_path):
         # losses agree far closer than the step-to-step change (~5e-2)
         for s in ref:
             assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (name, s, got[s], ref[s])
-        # ZeRO-3's clipping norm: Hydra's TP-replicated B/C rows (ngroups=1) counted once, not once per TP rank
-        norms = {r["step"]: r["grad_norm"] for r in read_metrics(tmp_path / name) if "grad_norm" in r}
-        assert norms.keys() == ref_norms.keys() and ref_norms, (name, norms, ref_norms)
-        for s in ref_norms:
-            assert abs(norms[s] - ref_norms[s]) <= 1e-5 * ref_norms[s], (name, s, norms[s], ref_norms[s])
         ema = ShardedEMA.consolidate(tmp_path / name / "checkpoints" / "step_00000003", model_cfg)
         assert set(ema) == set(ema_ref)
         for k in ema_ref:
