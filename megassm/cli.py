@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from megassm.config.load import ConfigError
+from megassm.config.validate import ConfigError
 
 OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=200 model.d_model=256"
 

@@ -373,7 +373,8 @@ def _print(res: dict) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from megassm.config.load import ConfigError, load_config
+    from megassm.config.load import load_config
+    from megassm.config.validate import ConfigError
 
     cfg = load_config(args.config, args.overrides)
     if args.micro_batch:

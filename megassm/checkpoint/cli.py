@@ -20,7 +20,7 @@ def _config(args) -> dict | None:
     """--config FILE [--set k=v ...] -> RunConfig dict, or None."""
     if not getattr(args, "config", None):
         if getattr(args, "set", None):
-            from megassm.config.load import ConfigError
+            from megassm.config.validate import ConfigError
 
             raise ConfigError("--set needs --config")
         return None

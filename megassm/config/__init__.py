@@ -1,4 +1,4 @@
-from megassm.config.load import ConfigError, check_extras, from_dict, load_config, to_dict, to_yaml, validate
+from megassm.config.load import from_dict, load_config, to_dict, to_yaml
 from megassm.config.schema import (
     DataConfig,
     DiffusionConfig,
@@ -12,6 +12,7 @@ from megassm.config.schema import (
     TrainConfig,
     WandbConfig,
 )
+from megassm.config.validate import ConfigError, check_extras, validate
 
 __all__ = [
     "ConfigError", "load_config", "to_yaml", "to_dict", "from_dict", "validate", "check_extras",

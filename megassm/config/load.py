@@ -19,18 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megassm.config.schema import RunConfig
-
-# the gate's names, re-exported: most of megassm imports ConfigError (and a few rules) from here
-from megassm.config.validate import (  # noqa: F401
-    ConfigError,
-    check_eval_sources,
-    check_extras,
-    check_preview_sources,
-    check_run,
-    read_prompt_lines,
-    validate,
-    validate_model,
-)
+from megassm.config.validate import ConfigError, check_run, validate
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:

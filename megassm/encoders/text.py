@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megassm.config.load import ConfigError
 from megassm.config.schema import EncoderConfig, ModelConfig
+from megassm.config.validate import ConfigError
 from megassm.encoders.common import EncoderError, _read_config, fingerprint
 
 

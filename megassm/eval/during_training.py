@@ -21,8 +21,8 @@ import logging
 
 import torch
 
-from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
+from megassm.config.validate import read_prompt_lines
 from megassm.eval.heldout import HeldOutLoss, heldout_batches
 from megassm.eval.suite import FeatureModels, compute, wanted
 from megassm.train.ema import ShardedEMA, applied

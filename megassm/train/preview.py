@@ -19,10 +19,11 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
+from megassm.config.validate import read_prompt_lines
+from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.parallel.comm import failed_ranks, gather_object
-from megassm.sample import LatentDecoder, SampleSpec, TextEncoder, denoise, initial_noise
+from megassm.sample import SampleSpec, denoise, initial_noise
 from megassm.train.ema import ShardedEMA, applied
 
 # the procedural demo's captions (megassm.data.procedural): what the smoke run learns to draw

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megassm.config.load import ConfigError, load_config
+from megassm.config.load import load_config
 from megassm.config.schema import DataConfig
+from megassm.config.validate import ConfigError
 from megassm.data import remote
 from megassm.data.format import FormatError
 from megassm.data.manifest import load_manifest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megassm.config import load_config
-from megassm.config.load import ConfigError
+from megassm.config.validate import ConfigError
 from megassm.diffusion.flow import flow_matching_loss
 from megassm.eval.frechet import fid_from_features, kid_from_features
 from megassm.eval.heldout import HeldOutLoss, heldout_batches
