@@ -62,7 +62,7 @@ def _swap_in(p: nn.Parameter, values: torch.Tensor) -> None:
     torch.utils.swap_tensors(p, nn.Parameter(values, requires_grad=p.requires_grad))
     p.__dict__.update(attrs)
     if hooks:
-        # the TP grad-sum hooks (parallel/apply.py, parallel/hydra.py) live on the autograd meta that
+        # the TP grad-sum hooks (parallel/apply.py, lora/parallel.py) live on the autograd meta that
         # swap_tensors hands to the discarded tensor; the Python dict stays: assigning it installs it again
         p._backward_hooks = hooks
 
