@@ -142,7 +142,12 @@ def add_convert_parser(sub) -> None:
                        "it and renamed into place when complete. docs/checkpoints.md describes the layouts.")
     csub = c.add_subparsers(dest="converter", metavar="CONVERTER")
     csub.required = True
+    for add in (_add_zero_to_consolidated, _add_reshard, _add_stage, _add_extract_ema, _add_import_hydra,
+                _add_to_diffusers, _add_merge_lora):
+        add(csub)
 
+
+def _add_zero_to_consolidated(csub) -> None:
     z = csub.add_parser("zero-to-consolidated", help="DeepSpeed checkpoint (ZeRO-1/2/3, TP) -> consolidated dir",
                         description="Stream a DeepSpeed checkpoint into model.safetensors (+ ema.safetensors, "
                         "config.yaml/json, meta.json). Peak memory: about one tensor.")
@@ -151,6 +156,8 @@ def add_convert_parser(sub) -> None:
     z.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     z.set_defaults(func=_cmd_zero)
 
+
+def _add_reshard(csub) -> None:
     r = csub.add_parser("reshard", help="any checkpoint -> consolidated (--tp 1 --pp 1) or TP x PP sharded layout",
                         description="Rewrite a checkpoint for another layout: one directory per (pp, tp) rank "
                         "holding its pipeline stage's tensors cut for its TP rank; --tp 1 --pp 1 writes a "
@@ -164,6 +171,8 @@ def add_convert_parser(sub) -> None:
     r.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     r.set_defaults(func=_cmd_reshard)
 
+
+def _add_stage(csub) -> None:
     s = csub.add_parser("stage", help="warm-start checkpoint for a new stage (e.g. image -> video scan orders)",
                         description="Apply the target stage config's model (scan-order revisions from model.pattern, "
                         "new blocks) to a checkpoint; new parameters get the model's own init. Prints the changes.")
@@ -175,10 +184,14 @@ def add_convert_parser(sub) -> None:
     s.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     s.set_defaults(func=_cmd_stage)
 
+
+def _add_extract_ema(csub) -> None:
     e = csub.add_parser("extract-ema", help="consolidated dir whose model weights are the EMA weights")
     _common(e)
     e.set_defaults(func=_cmd_ema)
 
+
+def _add_import_hydra(csub) -> None:
     h = csub.add_parser("import-hydra", help="public-reference Hydra weights (goombalab/hydra) -> megassm blocks",
                         description="Map reference Hydra layers (<prefix>in_proj.weight, conv1d.*, dt_bias, A_log, D, "
                         "fc_D.weight, norm.weight, out_proj.weight) onto megassm Hydra blocks' mixers. Other "
@@ -192,6 +205,8 @@ def add_convert_parser(sub) -> None:
     h.add_argument("--seed", type=int, default=None, help="seed of fresh tensors (default: config train.seed)")
     h.set_defaults(func=_cmd_import_hydra)
 
+
+def _add_to_diffusers(csub) -> None:
     d = csub.add_parser("to-diffusers", help="any checkpoint -> diffusers pipeline directory (HTHPipeline)",
                         description="Write model_index.json, transformer/ (megassm.diffusers.HTHTransformerModel), "
                         "vae/, text_encoder/, tokenizer/ and scheduler/ for megassm.diffusers.HTHPipeline."
@@ -206,6 +221,8 @@ def add_convert_parser(sub) -> None:
     d.add_argument("--force", action="store_true", help="replace an existing output")
     d.set_defaults(func=_cmd_to_diffusers)
 
+
+def _add_merge_lora(csub) -> None:
     m = csub.add_parser("merge-lora", help="base checkpoint + LoRA adapters -> consolidated dir, adapters folded in",
                         description="Fold LoRA adapters (a checkpoints/step_*/lora directory, peft layout) into the "
                         "base weights: W += alpha / rank * B A. The base's EMA weights are used when stored.")
@@ -215,7 +232,6 @@ def add_convert_parser(sub) -> None:
     m.add_argument("--no-ema", action="store_true", help="merge into the base's model weights, not its EMA")
     m.add_argument("--force", action="store_true", help="replace an existing output")
     m.set_defaults(func=_cmd_merge_lora)
-
 
 def add_inspect_checkpoint_parser(isub) -> None:
     i = isub.add_parser("checkpoint", help="contents and integrity of a checkpoint (any layout)",
