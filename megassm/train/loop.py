@@ -345,38 +345,11 @@ class Trainer:
                 if first:
                     self._info(_hydra_paths(self.model))
                     first = False
-                if out["ok"]:
-                    self.nonfinite_run = 0
-                else:
-                    self.nonfinite_total += 1
-                    self.nonfinite_run += 1
-                    self._info(f"step {self.step}: non-finite loss or gradient, step skipped "
-                               f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
-                    if self.nonfinite_run >= cfg.max_consecutive_nonfinite:
-                        raise NonFiniteError(
-                            f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at "
-                            f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
-                            f"earlier checkpoint in {self.ckpt_dir}")
-                # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
-                flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
-                row = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
-                       "optimizer_steps": self.backend.optimizer_steps,
-                       "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
-                       "tokens_per_s": out["tokens"] * replicas / out["time"],
-                       "mfu": flops / out["time"] / peak if peak else float("nan"),
-                       "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
-                       "peak_mem_gb": _peak_mem_gb(self.device),
-                       "skipped_steps": self.nonfinite_total}
+                self._count_nonfinite(out["ok"])
+                row = self._metrics_row(out, replicas, model_parallel, peak)
                 self.metrics.step(row, tb=self.step % cfg.log_every == 0 or self.step == cfg.steps)
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.log_samples()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.evaluate()
-                if self.step == _fault_kill_step():  # tests (mid-write: MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP)
-                    self._reap_save(wait=True)  # the failure comes after the last checkpoint is whole
-                    os.kill(os.getpid(), signal.SIGKILL)
-                self._reap_save(wait=False)
+                self._periodic_work()
                 if out["stop"]:
                     self._save_on_signal(flag.signum)
                     return flag.exit_status()
@@ -403,6 +376,46 @@ class Trainer:
             if flag is not process_wide:
                 flag.restore()
             self.metrics.close()
+
+    def _periodic_work(self) -> None:
+        """After a step's metrics: previews, evaluation, the tests' fault injection, a finished background save."""
+        cfg = self.cfg.train
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            self.log_samples()
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            self.evaluate()
+        if self.step == _fault_kill_step():  # tests (mid-write: MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP)
+            self._reap_save(wait=True)  # the failure comes after the last checkpoint is whole
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._reap_save(wait=False)
+
+    def _count_nonfinite(self, ok: bool) -> None:
+        """Count a skipped (non-finite) step; raises ``NonFiniteError`` after train.max_consecutive_nonfinite."""
+        if ok:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self._info(f"step {self.step}: non-finite loss or gradient, step skipped "
+                   f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
+        if self.nonfinite_run >= self.cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at "
+                f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
+                f"earlier checkpoint in {self.ckpt_dir}")
+
+    def _metrics_row(self, out: dict, replicas: int, model_parallel: int, peak: float) -> dict:
+        """The step's metrics from ``train_step``'s report (``out``: one data-parallel replica's samples)."""
+        # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
+        flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
+        return {"step": self.step, "loss": out["loss"], "lr": out["lr"],
+                "optimizer_steps": self.backend.optimizer_steps,
+                "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
+                "tokens_per_s": out["tokens"] * replicas / out["time"],
+                "mfu": flops / out["time"] / peak if peak else float("nan"),
+                "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
+                "peak_mem_gb": _peak_mem_gb(self.device),
+                "skipped_steps": self.nonfinite_total}
 
     def _stopped_before_training(self, flag: signals.StopSignals) -> bool:
         """A signal during start-up (the build, the resume load), on any rank: every rank exits before the
