@@ -10,6 +10,7 @@ from megassm.lora.adapters import (
     save_adapters,
 )
 from megassm.lora.layers import LoRALinear
+from megassm.lora.parallel import register_adapter_grad_sums  # noqa: F401  registers LoRA's TP twins with parallel/
 
 __all__ = ["TARGET_KINDS", "LoRALinear", "adapter_state_dict", "attach_lora", "load_adapters", "merge_lora",
            "read_adapters", "save_adapters"]
