@@ -1,6 +1,6 @@
 """LoRA inside ``megassm train`` and the tools around it: adapters (and their EMA) exported with each
-checkpoint, consolidated over ZeRO-3 and TP; the ZeRO-3 leaf fix; the merge into a consolidated checkpoint
-(``megassm convert merge-lora``)."""
+checkpoint, consolidated over ZeRO-3 and TP; the merge into a consolidated checkpoint (``megassm convert merge-lora``).
+(ZeRO-3 leaves holding adapters under a frozen base: ``megassm/train/backends/zero3_leaves.py``.)"""
 
 from __future__ import annotations
 
@@ -82,30 +82,6 @@ def consolidate_over_tp(state: dict[str, torch.Tensor], module: nn.Module) -> di
         shards = list(all_gather_stacked(t, ctx.tp_group).to(t.device))  # tp x t.shape
         out[n] = merge_tensors(shards, spec, n)
     return out
-
-
-def feed_grad_into_zero3_leaves(model: nn.Module) -> int:
-    """Make the frozen inputs of ZeRO-3 leaf modules that hold adapters require grad; returns how many leaves.
-
-    DeepSpeed reduces a leaf module's gradients (Hydra is one, ``_z3_leaf``) in a full backward hook on it.
-    When no input of the module requires grad -- the first Hydra of a LoRA model, everything before it
-    frozen -- torch runs that hook as soon as the *output's* gradient arrives, before the module's own
-    backward: DeepSpeed then reduces gradients that do not exist yet and re-partitions the weights the
-    backward still needs (it fails on an empty partition). A forward pre-hook hands the module a detached
-    copy of such an input that requires grad, so the hook fires after the module's backward, as it does
-    for every later block; it costs the input gradient of that one layer.
-    """
-    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)
-              and any(p.requires_grad for p in m.parameters())]
-    for m in leaves:
-        m.register_forward_pre_hook(_inputs_require_grad)
-    return len(leaves)
-
-
-def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
-    if not torch.is_grad_enabled() or any(torch.is_tensor(a) and a.requires_grad for a in args):
-        return None
-    return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Path, *, use_ema: bool = True,
