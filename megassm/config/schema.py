@@ -276,7 +276,7 @@ class LoggingConfig:
     wandb: WandbConfig | None = None  # None: no W&B; `logging.wandb={}` turns it on with the defaults
 
 
-LORA_TARGETS = ("hydra", "attention", "cross_attention", "ffn")  # megassm/lora/adapters.py::TARGET_KINDS
+LORA_TARGETS = ("hydra", "attention", "cross_attention", "ffn")  # lora/adapters.py::target_kinds
 
 
 @dataclass

@@ -76,6 +76,8 @@ class MixerSpec:
     collectives(m, B, L, tp, cp, sp, act_bytes, param_bytes)  the mixer's own collectives per training
                     step, beyond the Megatron entry / exit every mixer has (``parallel/comm_model.py``)
     keep_init       submodule names whose nn.Linear keeps its own init (HTHModel xavier-initialises the rest)
+    lora_targets    the nn.Linear submodules LoRA adapts when ``finetune.lora.targets`` names this kind
+                    (``megassm/lora/adapters.py: target_kinds``)
     """
 
     name: str
@@ -93,6 +95,7 @@ class MixerSpec:
     config_errors: Callable[[Any], list[str]] = _none
     collectives: Callable[..., list[CollectiveTuple]] = _none
     keep_init: tuple[str, ...] = field(default=())
+    lora_targets: tuple[str, ...] = field(default=())
 
     def parallelize(self, mixer: nn.Module, ctx, model_cfg) -> nn.Module:
         """The parallel twin of ``mixer`` (already TP-sharded parameters) for the parallel context ``ctx``."""
