@@ -13,15 +13,26 @@ OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=2
 
 
 def _cmd_train(args) -> int:
-    from megassm.train.signals import install_for_process
+    from megassm.train.signals import install_for_process, uninstall_for_process
 
     # first: a SIGUSR1 / SIGTERM / SIGINT during the minutes before training is recorded, not fatal
     install_for_process()
+    try:
+        return _train(args)
+    finally:
+        uninstall_for_process()
+
+
+def _train(args) -> int:
+    import logging
+
     from megassm.config.load import load_config
     from megassm.parallel.mesh import read_dist_env
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = read_dist_env()
     # the world size from the launcher's variables: the layout is checked before any process group exists
-    cfg = load_config(args.config, args.overrides, world=read_dist_env().world)
+    cfg = load_config(args.config, args.overrides, world=env.world, quiet=env.rank != 0, training=True)
     from megassm.runtime import check_deepspeed
 
     try:
@@ -113,11 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         "token sequence is split over all N (Ulysses context parallel) and rank 0 writes the outputs."))
     s.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint (step_*) or consolidated directory")
     s.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames")
+    s.add_argument("--prompts-file", help="file with one prompt per line, or JSONL with prompt/seed/size/frames "
+                   "(or latent_frames)")
     s.add_argument("--negative-prompt", default=None, help="negative prompt for the unconditional branch")
     s.add_argument("--out", default="sample.png", help="output file (.png / .mp4); several prompts get _N suffixes")
-    s.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the model's training size)")
-    s.add_argument("--frames", type=int, default=1, help="latent frames (1 = image)")
+    s.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels (default: the model's training size, "
+                   "from its run config: previews / buckets / the datasets' most common shape)")
+    s.add_argument("--frames", type=int, default=None, help="output frames, as `preprocess --frames`: 1 = an "
+                   "image, videos 1 + k * the VAE's temporal stride (e.g. 33 for Wan's 4); default: the model's "
+                   "training shape")
+    s.add_argument("--latent-frames", type=int, default=None, help="the same in latent frames (instead of --frames)")
     s.add_argument("--fps", type=int, default=16, help="frames per second of written videos")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: config diffusion.sample_steps)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
@@ -171,9 +187,51 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _config_keys(node=None, prefix: str = "") -> list[str]:
+    """Every dotted key of RunConfig (nested sections' defaults included)."""
+    import dataclasses
+
+    from megassm.config.load import _field_default
+    from megassm.config.schema import RunConfig
+
+    node = RunConfig() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        sub = _field_default(node, f.name)
+        keys += _config_keys(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [prefix + f.name]
+    return keys
+
+
+def _unknown_args_hint(command: str, unknown: list[str]) -> str:
+    """Flags given where config overrides go (``megassm train cfg.yaml --steps 10``): the key=value spelling."""
+    hints = []
+    keys = _config_keys()
+    for i, tok in enumerate(unknown):
+        if not tok.startswith("--"):
+            continue
+        name, _, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if not value and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
+            value = unknown[i + 1]
+        if name in ("resume", "resume_from", "auto_resume"):
+            hints.append("resuming is automatic: megassm train continues from RUN_DIR/checkpoints/latest "
+                         "(a new run_dir=... starts afresh; init_from=CKPT warm-starts from another run)")
+            continue
+        found = [k for k in keys if k == name or k.endswith("." + name)]
+        if found:
+            hints.append(f"config values are overrides written key=value: {found[0]}={value or 'VALUE'}"
+                         + (f" (or one of {', '.join(found[1:4])})" if len(found) > 1 else ""))
+    if command in ("train", "plan") or (command == "inspect" and hints):
+        hints = hints or [f"config values are overrides written key=value, e.g. train.steps=10 ({OVERRIDES_HELP})"]
+    return "".join(f"  hint: {h}\n" for h in hints)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"megassm {args.command}: error: unrecognized arguments: {' '.join(unknown)}\n"
+                    f"{_unknown_args_hint(args.command, unknown)}")
     try:
         code = int(args.func(args) or 0)
         _close_process_group()

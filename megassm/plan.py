@@ -372,6 +372,39 @@ def _print(res: dict) -> None:
         print("\nno layout fits: more GPUs, a smaller micro-batch or optimizer offload are needed")
 
 
+def seq_len_of(cfg: RunConfig) -> tuple[int | None, str]:
+    """(tokens per sample, where from) of a config without data.buckets: a shipped stage's; else the data's --
+    the procedural set's size, or the largest latent shape in the local datasets' shape histograms (each batch
+    has one shape, so the largest sets the memory); (None, why) when neither is known."""
+    from megassm.data import remote
+    from megassm.data.format import FormatError, parse_shape_key
+    from megassm.data.manifest import load_manifest
+    from megassm.data.token_budget import tokens_of
+
+    if cfg.stage in STAGE_SEQ_LEN:
+        return STAGE_SEQ_LEN[cfg.stage], f"stage {cfg.stage}"
+    pf = cfg.model.patch_size
+    d = cfg.data
+    if d.kind == "procedural":
+        shape = (d.frames, d.image_size, d.image_size)
+        return tokens_of(shape, pf), f"the procedural data's latent {'x'.join(map(str, shape))}"
+    shapes: set[tuple[int, int, int]] = set()
+    unread = []
+    for p in d.paths:
+        try:
+            if not remote.is_local(str(p)):
+                raise FormatError("not local")
+            shapes |= {tuple(parse_shape_key(k)[1:]) for k in load_manifest(str(p)).get("shape_histogram", {})}
+        except (FormatError, OSError):
+            unread.append(str(p))
+    if not shapes:
+        where = f"no readable manifest in data.paths ({', '.join(unread) or 'empty'})"
+        return None, f"no known sequence length: not a shipped stage, and {where}"
+    big = max(shapes, key=lambda sh: tokens_of(sh, pf))
+    return tokens_of(big, pf), (f"the largest of {len(shapes)} latent shapes in data.paths' manifests, "
+                                f"{'x'.join(map(str, big))}")
+
+
 def _cmd_plan(args) -> int:
     from megassm.config.load import load_config
     from megassm.config.validate import ConfigError
@@ -387,10 +420,12 @@ def _cmd_plan(args) -> int:
         res["buckets"] = bk
         print(json.dumps(res, indent=1)) if args.json else _print(res)
         return 0
-    seq_len = args.seq_len or STAGE_SEQ_LEN.get(cfg.stage)
+    seq_len, source = (args.seq_len, "--seq-len") if args.seq_len else seq_len_of(cfg)
     if seq_len is None:
-        raise ConfigError(f"stage {cfg.stage!r} has no known sequence length; pass --seq-len "
-                          f"(known: {', '.join(f'{k}={v}' for k, v in STAGE_SEQ_LEN.items())})")
+        raise ConfigError(f"stage {cfg.stage!r}: {source}; pass --seq-len (tokens per sample; the shipped stages: "
+                          f"{', '.join(f'{k}={v}' for k, v in STAGE_SEQ_LEN.items())})")
+    if not args.json:
+        print(f"sequence length {seq_len} tokens per sample ({source})")
     if args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
     res = plan(cfg, args.gpus, seq_len, args.gpu_mem_gb, args.mfu, args.peak_tflops, args.link_gbps,
@@ -408,7 +443,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("config", help="stage config YAML, e.g. configs/stage3_video.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=2")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: from the stage name)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: a shipped stage's, else "
+                   "the data's: the procedural size or the largest shape in data.paths' manifests)")
     p.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU to fit in, GB (default 80)")
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOP utilisation (default 0.35, "

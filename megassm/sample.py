@@ -34,9 +34,11 @@ class SampleSpec:
     negative_prompt: str | None = None
 
 
-def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                            merge: bool = False):
     """The checkpoint's model (EMA weights by default), built on the meta device and filled one tensor at a
-    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory."""
+    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory. A LoRA run's
+    checkpoint is its base (``init_from``) with the run's adapters applied (``merge``: folded in)."""
     from megassm.checkpoint.sliced import fill_meta_model
     from megassm.checkpoint.sources import open_checkpoint
 
@@ -45,6 +47,8 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
         raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
                               "the model. Copy the training run's config.yaml next to the weights")
     cfg: RunConfig = from_dict(ckpt.config)
+    if cfg.finetune.lora is not None and ckpt.kind == "deepspeed":
+        return _load_lora_run(path, Path(ckpt.path), cfg, use_ema, device, merge)
     with torch.device("meta"):
         model = build_model(cfg.model)
     ema = use_ema and ckpt.ema is not None
@@ -54,11 +58,66 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
                         "source": f"{ckpt.kind}:{ckpt.path}"}
 
 
+def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, str]:
+    """(latent (T, h, w), where it came from) of the training run that ``cfg`` is the config of: its previews'
+    shape, the procedural data's size, its heaviest bucket, or the most common shape in its datasets'
+    manifests (when they are readable here); (None, why not) otherwise."""
+    t, d = cfg.train, cfg.data
+    if t.preview_latent_shape is not None:
+        return tuple(t.preview_latent_shape), "train.preview_latent_shape"  # type: ignore[return-value]
+    if d.kind == "procedural":
+        return (d.frames, d.image_size, d.image_size), "data.image_size"
+    if d.buckets:
+        b = max(d.buckets, key=lambda b: b.weight)
+        return tuple(b.shape), f"data.buckets ({b.name or b.shape})"  # type: ignore[return-value]
+    from megassm.train.preview import most_common_latent_shape
+
+    try:
+        shape = most_common_latent_shape(list(d.paths))
+    except (ValueError, OSError) as e:
+        return None, f"the training data's manifests are not readable here ({str(e).splitlines()[0]})"
+    return (shape, "the most common latent shape of data.paths") if shape else (None, "no shape in the manifests")
+
+
+def _load_lora_run(path, tag_dir: Path, cfg: RunConfig, use_ema: bool, device, merge: bool):
+    """A LoRA run's step: the base's raw weights (``init_from``, as training read them) + the step's exported
+    adapters (``lora_ema/`` with ``use_ema`` where the run kept an EMA, else ``lora/``)."""
+    from megassm.lora import load_adapters, merge_lora
+
+    adapters = tag_dir / ("lora_ema" if use_ema and (tag_dir / "lora_ema").is_dir() else "lora")
+    base = cfg.init_from
+    if not adapters.is_dir() or not base or not Path(base).exists():
+        raise CheckpointError(
+            f"{path} is a LoRA run: its step holds adapters over the base init_from={base!r}"
+            f"{'' if base and Path(base).exists() else ', which is not on this machine'}"
+            f"{'' if adapters.is_dir() else f', and {adapters} is missing'}. With the base checkpoint at BASE, "
+            f"run `megassm sample BASE --lora {adapters} ...` or `megassm convert merge-lora BASE {adapters} OUT` "
+            "(a plain checkpoint for every other command)")
+    model, _, info = load_model_for_sampling(base, use_ema=False, device=device)
+    report = load_adapters(model, adapters)
+    if merge:
+        merge_lora(model)
+    model.to(device).eval()
+    cfg.finetune.lora = None  # the model is the base's architecture (plus unmerged adapters, unless merged)
+    return model, cfg, {**info, "lora": str(adapters), "lora_report": report,
+                        "weights": f"base model + {adapters.name}"}
+
+
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
-    """Latent (h, w) when none is asked for: the demo's image size, else 32 x 32 (256 px at VAE x8)."""
-    if cfg.data.kind == "procedural":
-        return cfg.data.image_size, cfg.data.image_size
-    return 32, 32
+    """Latent (h, w) when none is asked for: the training size (``training_latent_shape``), else 32 x 32."""
+    shape, _ = training_latent_shape(cfg)
+    return (shape[1], shape[2]) if shape else (32, 32)
+
+
+def latent_frames(pixel_frames: int, temporal_factor: int) -> int:
+    """Output (pixel) frames -> latent frames of a VAE that compresses time by ``temporal_factor`` (causal: the
+    first frame alone, then ``temporal_factor`` frames per latent frame, as in preprocessing)."""
+    if pixel_frames < 1 or (pixel_frames - 1) % temporal_factor:
+        k = max(1, (pixel_frames - 1) // temporal_factor)
+        raise ConfigError(f"frames={pixel_frames}: this VAE compresses time by {temporal_factor}, so videos have "
+                          f"1 + k*{temporal_factor} frames (e.g. {1 + k * temporal_factor} or "
+                          f"{1 + (k + 1) * temporal_factor}); or give --latent-frames")
+    return 1 + (pixel_frames - 1) // temporal_factor
 
 
 def initial_noise(specs: list[SampleSpec], channels: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -145,6 +204,17 @@ def _context_parallel(model: HTHModel, device: torch.device, env) -> int:
     return env.rank
 
 
+def _latent_frames(item: dict, args, temporal_factor: int, trained: tuple[int, int, int] | None) -> int:
+    """A prompt's latent frames: its ``frames`` (output frames, as ``preprocess --frames``) or ``latent_frames``,
+    else --frames / --latent-frames, else the training data's."""
+    for source in (item, vars(args)):
+        if source.get("latent_frames") is not None:
+            return int(source["latent_frames"])
+        if source.get("frames") is not None:
+            return latent_frames(int(source["frames"]), temporal_factor)
+    return trained[0] if trained else 1
+
+
 def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) -> int:
     """``megassm sample``: see ``megassm sample --help``."""
     from tqdm import tqdm
@@ -175,7 +245,11 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    specs = _sample_specs(args, prompts, size)
+    trained, source = training_latent_shape(cfg)
+    if rank == 0 and size is None and not all(item.get("size") for item in prompts):
+        print(f"size: {trained[1] * decoder.factor}x{trained[2] * decoder.factor} (latent {trained[1]}x{trained[2]}, "
+              f"from {source})" if trained else f"size: 256x256 by default ({source}); give --size HxW")
+    specs = _sample_specs(args, prompts, size, decoder.temporal_factor, trained)
     paths = _outputs(out, len(specs))
     run = {"precision": str(dtype).replace("torch.", ""), "device": device.type, "checkpoint": str(args.checkpoint),
            **info, "vae": cfg.encoders.vae, "text_encoder": cfg.encoders.text_encoder}
@@ -202,15 +276,18 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     return 0
 
 
-def _sample_specs(args, prompts: list[dict], size: tuple[int, int] | None) -> list[tuple[SampleSpec, dict]]:
-    """One (SampleSpec, prompt item) per prompt: its size ("HxW" or a pair), seed and frames, else the flags'."""
+def _sample_specs(args, prompts: list[dict], size: tuple[int, int] | None, temporal_factor: int,
+                  trained: tuple[int, int, int] | None) -> list[tuple[SampleSpec, dict]]:
+    """One (SampleSpec, prompt item) per prompt: its size ("HxW" or a pair), seed and frames, else the flags'
+    (frames: ``_latent_frames``)."""
     specs = []
     for i, item in enumerate(prompts):
         hw = item.get("size") or size
         if isinstance(hw, str):
             hw = tuple(int(v) for v in hw.lower().split("x"))
         specs.append((SampleSpec(item["prompt"], int(item.get("seed", args.seed + i)), *(hw or (None, None)),
-                                 int(item.get("frames", args.frames)), args.negative_prompt), item))
+                                 _latent_frames(item, args, temporal_factor, trained), args.negative_prompt),
+                      item))
     return specs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 SOURCE_HELP = ("checkpoint: run directory (uses checkpoints/latest), checkpoints/ directory, step_* directory, "
                "consolidated directory or TP-sharded directory")
@@ -112,9 +113,19 @@ def _cmd_merge_lora(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from megassm.checkpoint.inspection import format_report, inspect_checkpoint
+    from megassm.checkpoint.load import CheckpointError
 
-    summary, problems = inspect_checkpoint(args.checkpoint, tag=args.tag, config=_config(args), scan=not args.no_scan,
-                                           crc=args.crc)
+    try:
+        summary, problems = inspect_checkpoint(args.checkpoint, tag=args.tag, config=_config(args),
+                                               scan=not args.no_scan, crc=args.crc)
+    except (CheckpointError, OSError) as e:
+        if not Path(args.checkpoint).exists():
+            raise
+        # a checkpoint that is there but unreadable (truncated, corrupt) is a problem found: status 1
+        problems = [f"unreadable: {e}"]
+        print(json.dumps({"path": str(args.checkpoint), "problems": problems}, indent=1) if args.json else
+              f"checkpoint  {args.checkpoint}\nPROBLEM     {problems[0]}")
+        return 1
     if args.json:
         print(json.dumps({**summary, "problems": problems}, indent=1, default=str))
     else:

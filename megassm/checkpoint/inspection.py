@@ -61,9 +61,10 @@ def inspect_checkpoint(path: str | Path, *, tag: str | None = None, config: dict
     }
     problems: list[str] = []
     if ckpt.config and "model" in ckpt.config:
-        problems += [f"model: {p}" for p in compare_specs(specs, expected_specs(ckpt.model_config()))]
+        want = _expected(ckpt, summary)
+        problems += [f"model: {p}" for p in compare_specs(specs, _present(want, specs))]
         if ckpt.ema is not None:
-            problems += [f"ema: {p}" for p in compare_specs(ckpt.ema.specs, expected_specs(ckpt.model_config()))]
+            problems += [f"ema: {p}" for p in compare_specs(ckpt.ema.specs, _present(want, ckpt.ema.specs))]
     else:
         problems.append("no config stored with the checkpoint: shapes not checked (pass --config)")
     if ckpt.kind == "deepspeed":  # every rank's file whole (the check a resume runs; crc: every record too)
@@ -77,6 +78,29 @@ def inspect_checkpoint(path: str | Path, *, tag: str | None = None, config: dict
             problems += _scan(ckpt.ema, "ema:")
     summary["scanned"] = scan
     return summary, problems
+
+
+def _expected(ckpt: Checkpoint, summary: dict) -> dict:
+    """The config's tensors; a LoRA run's (finetune.lora) with its adapters, noted in the summary."""
+    from megassm.config.load import from_dict
+
+    lora = from_dict(ckpt.config).finetune.lora
+    if lora is None:
+        return expected_specs(ckpt.model_config())
+    summary["notes"] = [*summary["notes"], f"LoRA run (rank {lora.rank}, {', '.join(lora.targets)}) over the base "
+                        f"init_from={ckpt.config.get('init_from')}; sample / convert it as it is, or its step's "
+                        "lora/ directory with --lora / merge-lora"]
+    return expected_specs(ckpt.model_config(), lora)
+
+
+def _present(want: dict, found: dict) -> dict:
+    """A LoRA run's checkpoint may hold the adapters alone (ZeRO-1/2 keep the frozen base out): then only they
+    are expected."""
+    from megassm.checkpoint.model_specs import is_adapter
+
+    if any(map(is_adapter, want)) and all(map(is_adapter, found)):
+        return {n: s for n, s in want.items() if is_adapter(n)}
+    return want
 
 
 def format_report(summary: dict, problems: list[str]) -> str:

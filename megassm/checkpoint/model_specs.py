@@ -31,10 +31,19 @@ def _build(model_cfg, device: str | None = None):
     return build_model(cfg)
 
 
-def expected_specs(model_cfg) -> dict[str, TensorSpec]:
-    """Names -> (shape, fp32) of every tensor in ``HTHModel(model_cfg).state_dict()``."""
+def expected_specs(model_cfg, lora=None) -> dict[str, TensorSpec]:
+    """Names -> (shape, fp32) of every tensor in ``HTHModel(model_cfg).state_dict()``; ``lora`` (a LoRAConfig):
+    with its adapters attached (``<module>.lora_A`` / ``.lora_B`` beside the base's names)."""
     model = _build(model_cfg, "meta")
+    if lora is not None:
+        from megassm.lora import attach_lora
+
+        attach_lora(model, lora)
     return {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in model.state_dict().items()}
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
 
 
 def compare_specs(found: dict[str, TensorSpec], expected: dict[str, TensorSpec]) -> list[str]:

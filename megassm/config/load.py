@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megassm.config.datasets import apply_datasets, explicit_keys
 from megassm.config.schema import RunConfig
 from megassm.config.validate import ConfigError, check_run, validate
+
+log = logging.getLogger("megassm.config")
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
@@ -77,14 +81,53 @@ def _explain_key_error(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(msg)
 
 
+def _type_name(hint: Any) -> str:
+    """'a number', 'a list', 'true or false', ... for a schema field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple) or (args and typing.get_origin(args[0]) in (list, tuple)):
+        return "a list"
+    if origin in (dict,) or (args and typing.get_origin(args[0]) is dict):
+        return "a mapping"
+    base = args[0] if args else hint
+    if dataclasses.is_dataclass(base):
+        return "a mapping"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(base, str(base))
+
+
+def _explain_type_error(e: ValidationError, where: str, other: Any) -> ConfigError:
+    """'optim.lr='fast' is not a number (default 0.0001)', without omegaconf's internals; a list key given a
+    single value gets the list spelling."""
+    key = getattr(e, "full_key", None)
+    if not key:  # omegaconf did not say which key: its own first line
+        return ConfigError(f"{where}: wrong type: {str(e).splitlines()[0]}")
+    parent, _, leaf = key.rpartition(".")
+    obj: Any = RunConfig()
+    for part in parent.split(".") if parent else []:
+        obj = _field_default(obj, part)
+    hint = typing.get_type_hints(type(obj)).get(leaf) if dataclasses.is_dataclass(obj) else None
+    try:
+        value = OmegaConf.select(OmegaConf.create(other), key) if not isinstance(other, DictConfig) \
+            else OmegaConf.select(other, key)
+    except OmegaConfBaseException:
+        value = "?"
+    want = _type_name(hint) if hint is not None else "another type"
+    msg = f"{where}: wrong type for '{key}': {value!r} is not {want}"
+    default = getattr(obj, leaf, None)
+    if want == "a list":
+        msg += f"; write a list, e.g. {key}=[{value}] (YAML: [a, b])"
+    elif default is not None and not dataclasses.is_dataclass(default):
+        msg += f" (e.g. {key}={str(default).lower() if isinstance(default, bool) else default}, the default)"
+    return ConfigError(msg)
+
+
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         raise _explain_key_error(e, where) from None
     except ValidationError as e:
-        key = getattr(e, "full_key", "?")
-        raise ConfigError(f"{where}: wrong type for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+        raise _explain_type_error(e, where, other) from None
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
@@ -101,14 +144,18 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world: int | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world: int | None = None,
+                quiet: bool = False, training: bool = False) -> RunConfig:
     """Build a validated ``RunConfig`` from a YAML file (with its bases) and overrides; ``world``: the world
-    size of the launch that will run it, if known (``megassm train`` passes it, before dist init)."""
+    size of the launch that will run it, if known (``megassm train`` passes it, before dist init). The model's
+    input widths come from the local datasets where the config leaves them out (logged unless ``quiet``);
+    ``training`` (``megassm train``): also what a run reads must exist and agree (config/datasets.py)."""
     cfg = OmegaConf.structured(RunConfig)
-    if path is not None:
-        for file, data in _read_yaml(Path(path)):
-            cfg = _merge(cfg, data, str(file))
-    for key, value in parse_overrides(overrides):
+    files = _read_yaml(Path(path)) if path is not None else []
+    for file, data in files:
+        cfg = _merge(cfg, data, str(file))
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         dotted = OmegaConf.from_dotlist([])
         try:
             OmegaConf.update(dotted, key, value, force_add=True)
@@ -120,7 +167,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), w
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
     validate(run)
+    notes, warnings = apply_datasets(run, explicit_keys([d for _, d in files], parsed), training)
     check_run(run, world)
+    for note in notes if not quiet else ():
+        log.info(note)
+    for warning in warnings if not quiet else ():
+        log.warning(warning)
     return run
 
 

@@ -23,7 +23,7 @@ class ModelConfig:
     """HTH backbone hyper-parameters (docs/architecture.md §2)."""
 
     name: str = "hth-tiny"
-    in_channels: int = 4  # latent channels C
+    in_channels: int = 4  # latent channels C; data.kind=shards: from the manifests when the config leaves it out
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     d_model: int = 128
     pattern: str = "hvAh"  # one mixer symbol per block (megassm/models/mixers/: h, v, t Hydra; A attention)
@@ -49,7 +49,7 @@ class ModelConfig:
     # FFN
     mlp_ratio: float = 4.0
     # text conditioning
-    text_dim: int = 64
+    text_dim: int = 64  # data.kind=shards: from the manifests when the config leaves it out
     max_text_len: int = 32
     # which SSD implementation: auto (Triton on CUDA if mamba-ssm is installed), ref, triton
     ssd_impl: str = "auto"
@@ -117,6 +117,9 @@ class DataConfig:
     # over train.grad_accum micro-batches x the data-parallel replicas; train.micro_batch_size is not used.
     buckets: list[BucketConfig] = field(default_factory=list)
     tokens_per_step: int | None = None  # global tokens per step, for buckets without an explicit ``samples``
+    # recorded at load from the datasets' manifests, not set by hand: {"vae": fingerprint, "text_encoder": ...},
+    # so that a checkpoint's config says what latents it was trained on (megassm/config/datasets.py)
+    encoded_with: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

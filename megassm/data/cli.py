@@ -120,11 +120,20 @@ def preprocess_main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # InputError, EncoderError, FormatError are ValueErrors
         print(f"megassm preprocess: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"megassm preprocess: interrupted; finished shards are kept: re-run the same command to resume "
+              f"({args.output})", file=sys.stderr)
+        return 130
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"
     print(f"rank {r['rank']}/{r['world_size']}: {r['processed']} shards written, {r['done_before']} already done "
           f"(of {r['tasks']} in total); skipped inputs: {skipped}")
     if r["manifest"]:
         m = r["manifest"]
+        if not m["num_samples"]:
+            print(f"megassm preprocess: error: no sample was written: every one of the "
+                  f"{m['inputs']['items_seen']} inputs was skipped ({skipped}); see "
+                  f"{join(args.output, 'skipped.json')} for each input's reason", file=sys.stderr)
+            return 1
         print(f"dataset complete: {m['num_samples']} samples in {m['num_shards']} shards -> "
               f"{join(args.output, 'manifest.json')} (skip report: {join(args.output, 'skipped.json')})")
     else:

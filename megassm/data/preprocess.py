@@ -34,6 +34,7 @@ from megassm.data.sources import (
     DecodeSettings,
     Skipped,
     TaskPartDone,
+    _media_kind,
     discover,
     rank_tasks,
 )
@@ -100,6 +101,16 @@ def _settings(o: PreprocessOptions, buckets: ResolutionBuckets) -> dict[str, Any
             "samples_per_shard": o.samples_per_shard}
 
 
+def _changed(key: str, old: Any, new: Any) -> str:
+    """'settings.resolution: was '256', now '512'' -- the entries of two settings that differ, not both dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        short = lambda v: repr(v) if len(repr(v)) <= 60 else f"{type(v).__name__} of {len(v)}"  # noqa: E731
+        return "; ".join(f"{key}.{k}: was {short(old.get(k))}, now {short(new.get(k))}" for k in keys)
+    what = "inputs (tasks)" if key == "num_tasks" else key
+    return f"{what}: was {old!r}, now {new!r}"
+
+
 def _check_run_info(out: Path, info: dict) -> None:
     """First run writes .progress/run.json; a resumed run must match it (else mixed shards)."""
     p = out / PROGRESS_DIR / RUN_INFO
@@ -107,7 +118,7 @@ def _check_run_info(out: Path, info: dict) -> None:
         old = json.loads(p.read_text())
         for k in ("num_tasks", "settings", "dtype", "latent_scale", "latent_shift"):
             if old.get(k) != info[k]:
-                raise ValueError(f"{out} was started with {k}={old.get(k)!r}, now {info[k]!r}; resume with "
+                raise ValueError(f"{out} was started with other {_changed(k, old.get(k), info[k])}; resume with "
                                  "the same inputs and options, or write to a new --output directory")
         for k in ("vae", "text_encoder"):
             if old[k]["fingerprint"] != info[k]["fingerprint"]:
@@ -162,20 +173,32 @@ class Preprocessor:
             raise ValueError(f"--dtype={o.dtype!r}; valid: auto, {', '.join(DTYPES)}")
         self.dtype, self.store = DTYPES[dt], STORE_DTYPES[o.store_dtype]
         self.buckets = ResolutionBuckets.build(o.resolution, o.aspect_ratios, o.bucket_multiple)
+        self.tasks = discover(o.inputs, o.samples_per_shard, o.caption_ext)  # bad --input: before the encoders load
         self.vae = VAEEncoder(o.vae, self.device, self.dtype, o.latent_scale, o.latent_shift, o.vae_tiling)
         if self.vae.is_video and (o.frames - 1) % self.vae.temporal_stride:
             raise ValueError(f"--frames={o.frames}: this VAE compresses time by {self.vae.temporal_stride}, so "
                              f"frames must be 1 + k*{self.vae.temporal_stride} (e.g. "
                              f"{1 + 32 * self.vae.temporal_stride})")
+        self._warn_single_frame_videos()
         self.text = TextEncoder(EncoderConfig(text_encoder=str(o.text_encoder), tokenizer=o.tokenizer), None,
                                 self.device, self.dtype, max_length=o.text_max_length)
         self.sample_meta = {"vae": identity_summary(self.vae.identity),
                             "text_encoder": identity_summary(self.text.identity),
                             "latent_scale": self.vae.latent_scale, "latent_shift": self.vae.latent_shift}
 
+    def _warn_single_frame_videos(self) -> None:
+        """Videos under --frames 1 (the default) become one-frame images: said, not done silently."""
+        videos = sum(_media_kind(it.path or it.source) == "video" for t in self.tasks for it in t.items)
+        if videos and self.o.frames == 1 and self.rank == 0:
+            s = self.vae.temporal_stride
+            log.warning("%d inputs are videos and --frames is 1 (the default): each is encoded as a single-frame "
+                        "image. To keep the motion give --frames 1 + k*%d (this VAE's temporal stride), e.g. "
+                        "--frames %d; --frames counts frames of the video at --fps (as `megassm sample --frames`)",
+                        videos, s, 1 + 32 * s if self.vae.is_video else 33)
+
     def run(self) -> dict[str, Any]:
         o = self.o
-        tasks = discover(o.inputs, o.samples_per_shard, o.caption_ext)
+        tasks = self.tasks
         (self.out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         if self.remote:
             self.remote.pull()

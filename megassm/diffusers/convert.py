@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from megassm.checkpoint.safetensors_io import atomic_directory
-from megassm.sample import load_model_for_sampling
+from megassm.sample import load_model_for_sampling, training_latent_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,11 +31,11 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
     from megassm.diffusers.transformer import HTHTransformerModel
     from megassm.encoders import TextEncoder, VAEEncoder
 
-    model, cfg, info = load_model_for_sampling(source, use_ema=use_ema)
+    model, cfg, info = load_model_for_sampling(source, use_ema=use_ema, merge=True)  # a LoRA run: folded in
     enc = cfg.encoders
     enc.vae, enc.text_encoder, enc.tokenizer = vae or enc.vae, text_encoder or enc.text_encoder, \
         tokenizer or enc.tokenizer
-    transformer = HTHTransformerModel(megassm_model=asdict(cfg.model))
+    transformer = HTHTransformerModel(**asdict(cfg.model))
     transformer.hth.load_state_dict(model.state_dict(), strict=True)
     transformer.to(DTYPES[dtype])
     notes = []
@@ -49,12 +49,14 @@ def to_diffusers(source: str | Path, out: str | Path, *, use_ema: bool = True, v
             transformer.save_pretrained(tmp / "transformer")
             return meta, notes
         cpu = torch.device("cpu")
+        trained, _ = training_latent_shape(cfg)
         vae_model = VAEEncoder(enc.vae, cpu, torch.float32).model
         text = TextEncoder(enc, None, cpu, torch.float32, max_length=cfg.model.max_text_len).hf
         pipe = HTHPipeline(transformer, vae_model, text.model, text.tokenizer,
                            FlowMatchEulerDiscreteScheduler(shift=1.0), latent_scale=enc.vae_scale,
                            latent_shift=enc.vae_shift, shift=cfg.diffusion.shift,
                            shift_base_tokens=cfg.diffusion.shift_base_tokens,
-                           sample_steps=cfg.diffusion.sample_steps, cfg_scale=cfg.diffusion.cfg_scale)
+                           sample_steps=cfg.diffusion.sample_steps, cfg_scale=cfg.diffusion.cfg_scale,
+                           sample_latent_hw=list(trained[1:]) if trained else None)
         pipe.save_pretrained(tmp)
     return meta, notes

@@ -24,7 +24,7 @@ from megassm.diffusers.transformer import HTHTransformerModel
 from megassm.diffusion.flow import resolution_shift, shift_t
 from megassm.encoders import VIDEO_VAE_CLASSES, LatentNorm
 
-DEFAULT_LATENT_HW = 32  # latent side when no size is asked for, as megassm sample (256 px at VAE x8)
+DEFAULT_LATENT_HW = 32  # latent side when no size is asked for nor recorded (256 px at VAE x8)
 
 
 @dataclass
@@ -35,19 +35,53 @@ class HTHPipelineOutput(BaseOutput):
     images: object
 
 
+# diffusers' layout for a pipeline class outside diffusers: model_index.json names ["pipeline_hth", "HTHPipeline"]
+# and the directory holds pipeline_hth.py; DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) imports
+# it. Ours is one import of this module (megassm must be installed), nothing else.
+SHIM_MODULE = "pipeline_hth"
+SHIM_SOURCE = ('"""megassm\'s HTHPipeline for DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True); needs '
+               '`pip install megassm`."""\n\nfrom megassm.diffusers.pipeline import HTHPipeline  # noqa: F401\n')
+
+
 class HTHPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """diffusers' save, in the layout of an out-of-tree pipeline (``SHIM_MODULE``)."""
+        import json
+        from pathlib import Path
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        d = Path(save_directory)
+        index = json.loads((d / "model_index.json").read_text())
+        index["_class_name"] = [SHIM_MODULE, type(self).__name__]
+        (d / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (d / f"{SHIM_MODULE}.py").write_text(SHIM_SOURCE)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As diffusers'; the directory's ``pipeline_hth.py`` is run without ``trust_remote_code`` only when it is
+        megassm's own one-line import (any other content needs trust_remote_code=True, as in diffusers)."""
+        from pathlib import Path
+
+        shim = Path(pretrained_model_name_or_path) / f"{SHIM_MODULE}.py"
+        if "trust_remote_code" not in kwargs and shim.is_file() and shim.read_text() == SHIM_SOURCE:
+            kwargs["trust_remote_code"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(self, transformer: HTHTransformerModel, vae, text_encoder, tokenizer,
                  scheduler: FlowMatchEulerDiscreteScheduler, latent_scale: float | list[float] | None = None,
                  latent_shift: float | list[float] | None = None, shift: float | None = None,
-                 shift_base_tokens: int = 256, sample_steps: int = 30, cfg_scale: float = 4.0):
+                 shift_base_tokens: int = 256, sample_steps: int = 30, cfg_scale: float = 4.0,
+                 sample_latent_hw: list[int] | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
-        # latents fed to the model = (vae_latent - shift) * scale; None: the VAE config's own values
+        # latents fed to the model = (vae_latent - shift) * scale; None: the VAE config's own values;
+        # sample_latent_hw: the latent (h, w) the model was trained at, the size when none is asked for
         self.register_to_config(latent_scale=latent_scale, latent_shift=latent_shift, shift=shift,
-                                shift_base_tokens=shift_base_tokens, sample_steps=sample_steps, cfg_scale=cfg_scale)
+                                shift_base_tokens=shift_base_tokens, sample_steps=sample_steps, cfg_scale=cfg_scale,
+                                sample_latent_hw=sample_latent_hw)
         vc = vae.config
         self.is_video_vae = type(vae).__name__ in VIDEO_VAE_CLASSES
         self.vae_spatial = int(getattr(vc, "scale_factor_spatial", 0) or 2 ** (len(vc.block_out_channels) - 1))
@@ -81,17 +115,21 @@ class HTHPipeline(DiffusionPipeline):
 
     def _latent_shape(self, batch: int, height: int | None, width: int | None, frames: int) -> tuple[int, ...]:
         cfg = self.transformer.hth.cfg
-        if height is None or width is None:
-            h = w = DEFAULT_LATENT_HW
+        if height is None or width is None:  # the training size (as megassm sample), else 32 x 32
+            h, w = self.config.get("sample_latent_hw") or (DEFAULT_LATENT_HW, DEFAULT_LATENT_HW)
         else:
             f, (_, ph, pw) = self.vae_spatial, cfg.patch_size
             if height % (f * ph) or width % (f * pw):
                 raise ValueError(f"size {height}x{width} is not a multiple of VAE factor x patch = {f * ph}x{f * pw}")
             h, w = height // f, width // f
-        if frames < 1 or frames % cfg.patch_size[0]:
-            raise ValueError(f"num_frames={frames} (latent frames) must be a positive multiple of the temporal "
+        tf = self.vae_temporal
+        if frames < 1 or (frames - 1) % tf:
+            raise ValueError(f"num_frames={frames}: videos have 1 + k*{tf} frames with this VAE (temporal stride {tf})")
+        latent_frames = 1 + (frames - 1) // tf
+        if latent_frames % cfg.patch_size[0]:
+            raise ValueError(f"num_frames={frames} gives {latent_frames} latent frames, not a multiple of the temporal "
                              f"patch {cfg.patch_size[0]}")
-        return (batch, cfg.in_channels, frames, h, w)
+        return (batch, cfg.in_channels, latent_frames, h, w)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -99,7 +137,8 @@ class HTHPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
-        """height / width in pixels; num_frames in latent frames (as ``megassm sample --frames``).
+        """height / width in pixels; num_frames: output frames (as diffusers' video pipelines and ``megassm sample
+        --frames``: 1 + k * the VAE's temporal stride).
 
         With one generator per prompt, sample i's noise is ``torch.randn`` from generator i, as
         ``megassm sample --seed`` draws it, so the two give the same latents (README states the tolerance).

@@ -7,7 +7,7 @@ wrapper divides by 1000 and nothing else changes. The weights are the megassm mo
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,14 +31,25 @@ def model_config_from_dict(hth: dict) -> ModelConfig:
 
 
 class HTHTransformerModel(ModelMixin, ConfigMixin):
-    """diffusers wrapper of ``megassm.models.HTHModel``; ``megassm_model``: the ``model:`` section as a dict."""
+    """diffusers wrapper of ``megassm.models.HTHModel``. Its config.json holds the ``model:`` section's keys flat,
+    as diffusers models do (``HTHTransformerModel(**asdict(model_cfg))``); ``megassm_model`` (the section as
+    one dict) is what exports before that wrote, still read."""
 
     _supports_gradient_checkpointing = False
 
     @register_to_config
-    def __init__(self, megassm_model: dict | None = None):
+    def __init__(self, name: str = "hth-tiny", in_channels: int = 4, patch_size: tuple = (1, 2, 2),
+                 d_model: int = 128, pattern: str = "hvAh", d_state: int = 64, d_conv: int = 7, expand: int = 2,
+                 headdim: int = 64, ngroups: int = 1, chunk_size: int = 256, num_heads: int = 4,
+                 qk_norm: bool = True, rope_theta: float = 10000.0, attention_backend: str = "auto",
+                 fuse_elementwise: bool = True, abs_pos_embed: bool = False, mlp_ratio: float = 4.0,
+                 text_dim: int = 64, max_text_len: int = 32, ssd_impl: str = "auto", hydra_path: str = "auto",
+                 megassm_model: dict | None = None):
+        given = dict(locals())
         super().__init__()
-        self.hth = HTHModel(model_config_from_dict(megassm_model or asdict(ModelConfig())))
+        flat = {f.name: given[f.name] for f in fields(ModelConfig)}
+        flat["patch_size"] = list(flat["patch_size"])
+        self.hth = HTHModel(model_config_from_dict(megassm_model or flat))
 
     @property
     def in_channels(self) -> int:

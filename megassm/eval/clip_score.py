@@ -1,14 +1,15 @@
 """CLIP score: how well images agree with their prompts, with a transformers CLIP model from a local directory.
 
-score(image, prompt) = 100 x max(cos(E_image(image), E_text(prompt)), 0), averaged over the pairs (the
-torchmetrics convention; Hessel et al. 2021 scale by 2.5 instead of 100). Images are resized to the model's
-``vision_config.image_size`` (bicubic) and normalised with the directory's preprocessor_config.json mean/std,
-or OpenAI CLIP's when it has none.
+CLIP score = max(100 x mean over the pairs of cos(E_image(image), E_text(prompt)), 0) -- torchmetrics'
+``CLIPScore`` (which clamps the mean, not each pair; Hessel et al. 2021 scale by 2.5 instead of 100).
+Images are preprocessed exactly as the directory's saved processor says (``preprocessor_config.json``, or the
+``processor_config.json`` that ``CLIPProcessor.save_pretrained`` writes under transformers 5): as uint8
+pixels through its image processor, so a non-square image is resized on its shortest edge and centre-cropped
+as CLIP was trained. A directory without one gets OpenAI CLIP's processing at the model's image size.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -44,21 +45,14 @@ class CLIPScorer:
         self.device, self.dtype = device, dtype
         self.image_size = int(self.model.config.vision_config.image_size)
         self.max_len = int(self.model.config.text_config.max_position_embeddings)
-        mean, std = OPENAI_MEAN, OPENAI_STD
-        pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            p = json.loads(pre.read_text())
-            mean, std = p.get("image_mean", mean), p.get("image_std", std)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.processor = _image_processor(path, self.image_size)
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) in [0, 1] -> unit image embeddings (N, E) float32 on the CPU."""
         assert images.dim() == 4 and images.shape[1] == 3, f"need (N, 3, H, W) images, got {tuple(images.shape)}"
-        x = F.interpolate(images.float().cpu(), size=(self.image_size,) * 2, mode="bicubic", align_corners=False,
-                          antialias=True).clamp(0, 1)
-        x = ((x - self.mean) / self.std).to(self.device, self.dtype)
+        pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)  # as an image file holds
+        x = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
         return F.normalize(_projected(self.model.get_image_features(pixel_values=x)), dim=-1).cpu()
 
     @torch.no_grad()
@@ -70,10 +64,21 @@ class CLIPScorer:
         return F.normalize(_projected(out), dim=-1).cpu()
 
     def scores(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """(N,) per-pair scores 100 x max(cos, 0) of images (N, 3, H, W) against their N prompts."""
+        """(N,) per-pair 100 x cos of images (N, 3, H, W) against their N prompts (not clamped: the mean is)."""
         assert images.shape[0] == len(prompts), (images.shape, len(prompts))
-        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return 100 * cos.clamp_min(0)
+        return 100 * (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
 
     def __call__(self, images: Tensor, prompts: list[str]) -> float:
-        return float(self.scores(images, prompts).mean())
+        """The CLIP score of the pairs, max(mean of ``scores``, 0) as torchmetrics."""
+        return max(float(self.scores(images, prompts).mean()), 0.0)
+
+
+def _image_processor(path: Path, image_size: int):
+    """The directory's saved image processor, else OpenAI CLIP's (shortest-edge bicubic resize to the model's
+    image size, centre crop, OpenAI mean / std)."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    if (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))

@@ -11,9 +11,11 @@ noise, while ``eigh`` of a symmetric matrix stays real and its tiny negative eig
 
 KID is the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3, averaged over
 random subsets (the torchmetrics / torch-fidelity convention: subset size 1000, 100 subsets). The estimator
-is Gretton et al.'s MMD^2_u, the mean over pairs i != j of k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i):
-unbiased like torch-fidelity's (which keeps K_xy's diagonal), and exactly 0 for a set against itself. Sets of
-equal size draw their subsets with one permutation (any pairing of independent samples is as good).
+is Bińkowski et al.'s (and torchmetrics', clean-fid's, torch-fidelity's): for subsets x, y of m samples each,
+sum_{i != j} (k(x_i, x_j) + k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2 -- K_xy's diagonal
+included, since x_i and y_i are independent draws. Each subset draws the two sets' samples independently
+(first ``a``'s permutation, then ``b``'s, as torchmetrics does for real then fake); the std is over subsets
+with the 1/n normaliser, as torchmetrics reports it (``std(unbiased=False)``).
 """
 
 from __future__ import annotations
@@ -73,19 +75,21 @@ def fid_from_features(a: Tensor, b: Tensor) -> float:
 
 
 def _poly_mmd2(x: Tensor, y: Tensor) -> Tensor:
-    """MMD^2_u of paired x (m, D), y (m, D) under k(x, y) = (x.y / D + 1)^3 (every diagonal left out)."""
+    """Unbiased MMD^2 of x (m, D), y (m, D) under k(x, y) = (x.y / D + 1)^3: K_xx's and K_yy's diagonals left
+    out, K_xy's kept (module doc)."""
     m, d = x.shape
     kxx = (x @ x.T / d + 1) ** 3
     kyy = (y @ y.T / d + 1) ** 3
     kxy = (x @ y.T / d + 1) ** 3
     off = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # noqa: E731
-    return off(kxx) + off(kyy) - 2 * off(kxy)
+    return off(kxx) + off(kyy) - 2 * kxy.sum() / (m * m)
 
 
 def kid_from_features(a: Tensor, b: Tensor, subset_size: int = 1000, subsets: int = 100,
                       seed: int = 0) -> tuple[float, float]:
     """a (N, D), b (M, D) -> (mean, std) of the polynomial-kernel MMD^2 over ``subsets`` random subsets of
-    min(subset_size, N, M) samples each (float64; a fixed seed, so the same sets give the same answer)."""
+    min(subset_size, N, M) samples each (float64; a fixed seed, so the same sets give the same answer; the std
+    with the 1/n normaliser, as torchmetrics)."""
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
@@ -95,7 +99,7 @@ def kid_from_features(a: Tensor, b: Tensor, subset_size: int = 1000, subsets: in
     vals = []
     for _ in range(subsets):
         ia = torch.randperm(a.shape[0], generator=g)[:m]
-        ib = ia if a.shape[0] == b.shape[0] else torch.randperm(b.shape[0], generator=g)[:m]
+        ib = torch.randperm(b.shape[0], generator=g)[:m]
         vals.append(_poly_mmd2(a[ia], b[ib]))
     vals = torch.stack(vals)
-    return float(vals.mean()), float(vals.std()) if subsets > 1 else 0.0
+    return float(vals.mean()), float(vals.std(unbiased=False))

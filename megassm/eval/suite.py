@@ -66,8 +66,8 @@ def clip_score(models: FeatureModels, clips: list[Tensor], prompts: list[str]) -
     """Mean CLIP score of each clip's frames against its prompt."""
     frames = torch.cat(clips)  # (sum T, 3, H, W)
     texts = [p for c, p in zip(clips, prompts) for _ in range(c.shape[0])]
-    s = models.clip.scores(frames, texts)
-    return {"value": float(s.mean()), "std": float(s.std()) if len(s) > 1 else 0.0, "frames": len(s),
+    s = models.clip.scores(frames, texts)  # per frame 100 cos; the score clamps their mean at 0 (torchmetrics)
+    return {"value": max(float(s.mean()), 0.0), "std": float(s.std()) if len(s) > 1 else 0.0, "frames": len(s),
             "model": str(models.e.clip_model)}
 
 

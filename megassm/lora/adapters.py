@@ -10,6 +10,8 @@ Adapters are saved in peft's LoRA layout, so peft and diffusers tooling can read
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -84,8 +86,33 @@ def save_adapters(directory: str | Path, state: dict[str, torch.Tensor], cfg: Lo
     return d
 
 
+# peft LoraConfig options that change what the stored tensors mean, with the value that megassm reads
+_PEFT_PLAIN = {"bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+               "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _peft_targeted(name: str, target_modules: list[str] | str) -> bool:
+    """peft's rule: a list entry names a module by its full name or a dotted suffix; a string is a regex that
+    must match the whole name."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_peft_options(meta: dict, where: Path) -> None:
+    if meta.get("peft_type") != "LORA":
+        raise AdapterError(f"{where}: peft_type={meta.get('peft_type')!r}, only LORA is supported")
+    for key, plain in _PEFT_PLAIN.items():
+        value = meta.get(key, plain)
+        if value != plain and not (plain in (None, {}) and not value):
+            raise AdapterError(f"{where}: {key}={value!r} is not supported (megassm reads plain LoRA adapters: "
+                               f"{key}={plain!r}); save the adapters with peft's LoraConfig({key}={plain!r})")
+
+
 def read_adapters(directory: str | Path) -> tuple[LoRAConfig, list[str], dict[str, torch.Tensor]]:
-    """-> (config, target module names, state under megassm names)."""
+    """-> (config, adapted module names, state under megassm names). Reads megassm's files and peft's own
+    (``PeftModel.save_pretrained``: ``target_modules`` as name suffixes or a regex, rsLoRA's alpha / sqrt(r)):
+    the adapted modules are those with tensors in the weights file, each of them one that target_modules names."""
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -93,13 +120,21 @@ def read_adapters(directory: str | Path) -> tuple[LoRAConfig, list[str], dict[st
         raise AdapterError(f"{d}: expected {CONFIG_FILE} and {WEIGHTS_FILE} (a LoRA adapter directory written by "
                            "megassm train with finetune.lora, or by peft)")
     meta = json.loads((d / CONFIG_FILE).read_text())
-    if meta.get("peft_type") != "LORA":
-        raise AdapterError(f"{d / CONFIG_FILE}: peft_type={meta.get('peft_type')!r}, only LORA is supported")
-    cfg = LoRAConfig(rank=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
+    _check_peft_options(meta, d / CONFIG_FILE)
+    rank, alpha = int(meta["r"]), float(meta["lora_alpha"])
+    if meta.get("use_rslora"):  # scale alpha / sqrt(r) = alpha' / r
+        alpha *= math.sqrt(rank)
+    cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0)),
                      targets=list(meta.get("megassm_targets") or target_kinds()))
     stored = load_file(str(d / WEIGHTS_FILE))
     state = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v for k, v in stored.items()}
-    return cfg, list(meta["target_modules"]), state
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    targets = meta.get("target_modules") or []
+    stray = [n for n in names if not _peft_targeted(n, targets)]
+    if stray:
+        raise AdapterError(f"{d}: {WEIGHTS_FILE} holds adapters for {stray[:5]}, which target_modules={targets!r} "
+                           "does not name")
+    return cfg, names, state
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> str:

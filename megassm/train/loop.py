@@ -36,7 +36,7 @@ from megassm.train.checkpoint_writer import (
     tree_bytes,
     write_stats,
 )
-from megassm.train.metrics import MetricsLogger, peak_flops
+from megassm.train.metrics import MetricsLogger, eval_line, peak_flops, progress_line
 from megassm.train.profiling import StepProfiler
 from megassm.train.steps import (  # noqa: F401  (check_same_bucket: re-exported)
     StepStrategy,
@@ -347,7 +347,7 @@ class Trainer:
                     first = False
                 self._count_nonfinite(out["ok"])
                 row = self._metrics_row(out, replicas, model_parallel, peak)
-                self.metrics.step(row, tb=self.step % cfg.log_every == 0 or self.step == cfg.steps)
+                self._log_step(row)
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
                 self._periodic_work()
                 if out["stop"]:
@@ -376,6 +376,15 @@ class Trainer:
             if flag is not process_wide:
                 flag.restore()
             self.metrics.close()
+
+    def _log_step(self, row: dict) -> None:
+        """The step's row to metrics.jsonl; every train.log_every steps (and the last) also to TensorBoard and
+        the text log, with or without the progress bar."""
+        cfg = self.cfg.train
+        log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+        self.metrics.step(row, tb=log_now)
+        if log_now:
+            self._info(progress_line(row, cfg.steps))
 
     def _periodic_work(self) -> None:
         """After a step's metrics: previews, evaluation, the tests' fault injection, a finished background save."""
@@ -415,7 +424,7 @@ class Trainer:
                 "mfu": flops / out["time"] / peak if peak else float("nan"),
                 "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
                 "peak_mem_gb": _peak_mem_gb(self.device),
-                "skipped_steps": self.nonfinite_total}
+                "skipped_steps": self.nonfinite_total, **_skipped_data(self.data)}
 
     def _stopped_before_training(self, flag: signals.StopSignals) -> bool:
         """A signal during start-up (the build, the resume load), on any rank: every rank exits before the
@@ -486,7 +495,10 @@ class Trainer:
 
         if getattr(self, "_evaluator", None) is None:
             self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, self._dtype(), self.rank)
-        self.metrics.scalars("eval", self._evaluator(self.model, self.ema), self.step)
+        values = self._evaluator(self.model, self.ema)
+        self.metrics.scalars("eval", values, self.step)
+        if values:
+            self._info(eval_line(self.step, values))
 
     def _dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.backend.bf16 else torch.float32
@@ -506,6 +518,17 @@ def _global_batch(cfg: RunConfig, world: int) -> int | None:
     """Samples per optimizer step over all ranks (None with data.buckets: the bucket table's)."""
     g = elastic.layout_of(cfg, world)["global_batch"]
     return g if isinstance(g, int) else None
+
+
+def _skipped_data(data) -> dict:
+    """What rank 0's reader skipped so far (an unreadable shard counts once, an unreadable or wrong-shape
+    sample once): the total and the count per reason, for metrics.jsonl (the total also to the dashboards);
+    {} for the procedural data."""
+    stats = getattr(data, "stats", None)
+    if stats is None:
+        return {}
+    by_reason = stats().get("skipped", {})
+    return {"data_skipped": sum(by_reason.values()), "data_skipped_by_reason": by_reason}
 
 
 def _peak_mem_gb(device: torch.device) -> float:

@@ -28,6 +28,31 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def _num(v, fmt: str) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def progress_line(row: dict, total: int) -> str:
+    """The periodic text log line of a step row, as Megatron / torchtitan print one:
+    ``step 10/600 | loss 0.4123 | lr 2.000e-03 | grad norm 0.812 | 51,200 tokens/s | 12.5 samples/s |
+    MFU 31.2% | mem 1.23 GiB | 0.41 s/step`` (+ the non-finite steps and the reader's skips so far, if any)."""
+    mfu = _num(row.get("mfu"), ".1%")  # n/a without a known peak (CPU, an unlisted GPU: train.peak_tflops)
+    parts = [f"step {row['step']}/{total}", f"loss {_num(row.get('loss'), '.4f')}", f"lr {_num(row.get('lr'), '.3e')}",
+             f"grad norm {_num(row.get('grad_norm'), '.3f')}", f"{_num(row.get('tokens_per_s'), ',.0f')} tokens/s",
+             f"{_num(row.get('samples_per_s'), '.1f')} samples/s", f"MFU {mfu}",
+             f"mem {_num(row.get('peak_mem_gb'), '.2f')} GiB", f"{_num(row.get('step_time_s'), '.2f')} s/step"]
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} non-finite steps skipped")
+    if row.get("data_skipped"):
+        parts.append(f"{row['data_skipped']} unreadable shards or samples skipped")
+    return " | ".join(parts)
+
+
+def eval_line(step: int, values: dict[str, float]) -> str:
+    """``step 200 | eval/heldout_loss 0.4123 | eval/kid 0.0123``: evaluation results for the text log."""
+    return " | ".join([f"step {step}", *(f"eval/{k} {_num(float(v), '.5g')}" for k, v in values.items())])
+
+
 class _Bar:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
@@ -81,6 +106,7 @@ class MetricsLogger:
                  run_config: dict | None = None):
         """enabled: this rank logs (rank 0); wandb: also log to Weights & Biases (run_config: its config panel)."""
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.writer = None
         self.jsonl = None
         self.wandb = None
@@ -132,17 +158,29 @@ class MetricsLogger:
             self.wandb.scalars(finite, step)
 
     def event(self, row: dict) -> None:
-        """row: {"event": name, "step": n, ...}; W&B marks it as ``event/<name>`` = 1 at that step."""
+        """row: {"event": name, "step": n, ...}; TensorBoard and W&B mark it as ``event/<name>`` = 1 at that step
+        (TensorBoard also gets the row as text under ``events``)."""
         if self.enabled:
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()
+            if self.writer is not None and "step" in row:
+                self.writer.add_scalar(f"event/{row['event']}", 1, row["step"])
+                self.writer.add_text("events", json.dumps(row), row["step"])
+                self.writer.flush()
             if self.wandb is not None and "step" in row:
                 self.wandb.scalars({f"event/{row['event']}": 1}, row["step"])
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        """images: (N, 3, H, W) in [0, 1]."""
+        """images: (N, 3, H, W) in [0, 1]; also written as PNGs to run_dir/<tag>/step_<step>_<i>.png."""
         if not self.enabled:
             return
+        from PIL import Image
+
+        out = self.run_dir / tag
+        out.mkdir(parents=True, exist_ok=True)
+        hwc = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, im in enumerate(hwc):
+            Image.fromarray(im).save(out / f"step_{step:08d}_{i}.png")
         if self.writer is not None:
             self.writer.add_images(tag, images, step)
             self.writer.flush()

@@ -85,6 +85,15 @@ def install_for_process() -> StopSignals:
     return _process
 
 
+def uninstall_for_process() -> None:
+    """When ``megassm train`` returns: the previous handlers back, and no recorded signal left over for a later
+    Trainer in the same process (a test, a notebook) to act on before its first step."""
+    global _process
+    if _process is not None:
+        _process.restore()
+        _process = None
+
+
 def process_signals() -> StopSignals | None:
     """The handlers ``install_for_process`` installed, if it ran."""
     return _process

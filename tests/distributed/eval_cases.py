@@ -38,14 +38,7 @@ def heldout_failing_on_one_rank(rank: int, world: int) -> dict:
     if rank == 1:
         del batches[3]["text_mask"]
     loss = HeldOutLoss(batches, DiffusionConfig(), 0, device, dp_rank=rank, dp_size=world)
-    try:
-        loss(GatheringModel(device))
-        outcome = "ok"
-    except Exception as exc:  # noqa: BLE001 -- what TrainingEvaluator catches and logs
-        outcome = f"{type(exc).__name__}: {exc}"
-    after = torch.tensor([rank + 1.0], device=device)
-    dist.all_reduce(after)
-    return {"outcome": outcome, "after": after.item()}
+    return _outcome_and_next_collective(lambda: loss(GatheringModel(device)), rank, device)
 
 
 def previews_failing_on_one_rank(rank: int, world: int) -> dict:
@@ -67,8 +60,13 @@ def previews_failing_on_one_rank(rank: int, world: int) -> dict:
         def broken():
             raise FileNotFoundError("text encoder weights: no such file on this node")
         previews._encoded = broken
+    return _outcome_and_next_collective(lambda: previews.pixels(model), rank, device)
+
+
+def _outcome_and_next_collective(run, rank: int, device) -> dict:
+    """What ``run()`` raised on this rank (or "ok"), and the value of the next collective (the ranks still pair up)."""
     try:
-        previews.pixels(model)
+        run()
         outcome = "ok"
     except Exception as exc:  # noqa: BLE001 -- what TrainingEvaluator catches and logs
         outcome = f"{type(exc).__name__}: {exc}"

@@ -28,7 +28,10 @@ def checkpoint(tmp_path_factory):
 def test_pipeline_matches_megassm_sample(checkpoint, tmp_path, cli):
     to_diffusers(checkpoint, tmp_path / "pipe")  # what `megassm convert to-diffusers` runs, in-process
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "HTHPipeline" and index["transformer"][1] == "HTHTransformerModel"
+    # diffusers' layout for an out-of-tree pipeline: [module file in the directory, class]
+    assert index["_class_name"] == ["pipeline_hth", "HTHPipeline"] and index["transformer"][1] == "HTHTransformerModel"
+    flat = json.loads((tmp_path / "pipe" / "transformer" / "config.json").read_text())
+    assert flat["d_model"] == 32 and flat["pattern"] == "htA" and flat.get("megassm_model") is None  # flat keys
     cli("sample", checkpoint, "--prompt", "a red square", "--prompt", "waves", "--size", "32x24", "--seed", "5",
         "--negative-prompt", "blur", "--save-latents", "--out", tmp_path / "s.png")
     pipe = HTHPipeline.from_pretrained(tmp_path / "pipe")
@@ -42,11 +45,44 @@ def test_pipeline_matches_megassm_sample(checkpoint, tmp_path, cli):
         # sigma and timestep = 1000 sigma in float32 (megassm keeps t in double until the model's input) and
         # dt = sigma_next - sigma in float32. Measured: bit-identical here; 1e-4 leaves room for other step counts.
         torch.testing.assert_close(lat[i], ref, rtol=0, atol=1e-4)
+    # no size asked for: the training size recorded in model_index.json (the demo data's 8 x 8), as megassm sample
+    assert pipe("waves", num_inference_steps=1, output_type="latent").images.shape[-2:] == (8, 8)
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     images = pipe(**{**args, "generator": gens}).images
     for i, img in enumerate(images):  # the same PNG up to one 8-bit level where the rounding flips
         png = np.asarray(Image.open(tmp_path / f"s_{i}.png")).astype(int)
         assert img.size == (24, 32) and np.abs(np.asarray(img).astype(int) - png).max() <= 1
+
+
+def test_diffusion_pipeline_from_pretrained_in_a_fresh_process(checkpoint, tmp_path):
+    """diffusers' own entry point, in a process that imports diffusers and not megassm: the directory's
+    pipeline_hth.py brings megassm's pipeline in (trust_remote_code, as for any out-of-tree pipeline); the same
+    latents as HTHPipeline's."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    to_diffusers(checkpoint, tmp_path / "pipe")
+    # the child computes with this process's thread count: another count sums in another order (7e-7 apart,
+    # seen when an earlier test of the same worker had left OMP_NUM_THREADS=1 for its children)
+    code = (f"import sys, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+            f"from diffusers import DiffusionPipeline\nassert 'megassm' not in sys.modules\n"
+            f"p = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
+            "print(type(p).__name__)\n"
+            "lat = p('waves', height=16, width=16, num_inference_steps=3, output_type='latent',\n"
+            "        generator=torch.Generator().manual_seed(1)).images\n"
+            f"torch.save(lat, {str(tmp_path / 'lat.pt')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "HTHPipeline", proc.stderr[-3000:]
+    pipe = HTHPipeline.from_pretrained(tmp_path / "pipe")  # no trust_remote_code: its own one-line module
+    want = pipe("waves", height=16, width=16, num_inference_steps=3, output_type="latent",
+                generator=torch.Generator().manual_seed(1)).images
+    torch.testing.assert_close(torch.load(tmp_path / "lat.pt"), want, rtol=0, atol=0)
+    (tmp_path / "pipe" / "pipeline_hth.py").write_text("import os\n")  # other code: diffusers' rule applies
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        HTHPipeline.from_pretrained(tmp_path / "pipe")
 
 
 def test_transformer_takes_diffusers_timesteps(checkpoint, tmp_path):

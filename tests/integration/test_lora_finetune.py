@@ -81,6 +81,30 @@ def test_lora_one_rank_zero2_train_merge_and_sample(tmp_path):
     _, _, ema = read_adapters(adapters.parent / "lora_ema")
     assert set(ema) == set(state) and any(not torch.equal(ema[k], state[k]) for k in state)  # decay 0.5: behind
     _check_merge_and_sample(tmp_path / "base", base_sd, adapters, tmp_path, nproc=1)
+    _check_lora_run_is_usable_as_it_is(run, tmp_path)
+
+
+def _check_lora_run_is_usable_as_it_is(run, tmp_path):
+    """The run directory itself goes to sample / convert / inspect: its base (init_from) with its adapters
+    (the EMA's by default) applied; the ZeRO-2 step holds the adapters alone, which inspect calls healthy."""
+    from megassm.checkpoint.errors import CheckpointError
+    from megassm.cli import main
+    from megassm.diffusers.convert import to_diffusers
+
+    step = next((run / "checkpoints").glob("step_*"))
+    assert main(["inspect", "checkpoint", str(run)]) == 0
+    merge_lora_checkpoint(tmp_path / "base", step / "lora_ema", tmp_path / "merged_ema")
+    want = load_file(str(tmp_path / "merged_ema" / "model.safetensors"))
+    model, _, info = load_model_for_sampling(run, merge=True)
+    assert info["lora"] == str(step / "lora_ema")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    to_diffusers(str(run), tmp_path / "diffusers")
+    assert (tmp_path / "diffusers" / "transformer").is_dir()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "init_from": str(tmp_path / "gone")}))
+    with pytest.raises(CheckpointError, match=r"is a LoRA run.*not on this machine.*megassm sample BASE --lora"):
+        load_model_for_sampling(run)
 
 
 # stage2_2k's own layout (cp 2, ZeRO-3, micro-batch 1, grad_accum 2), tiny widths; lr high enough that the

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 SMOKE = "configs/smoke.yaml"
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 ARGS = [*TINY_OVERRIDES, "train.ckpt_every=2", "train.sample_every=4", "train.profile.start_step=2",
-        "train.profile.steps=2"]
+        "train.profile.steps=2", "train.eval_every=4", "eval.samples=8", "eval.batch_size=4"]
 WANDB = ["logging.wandb={mode: offline, project: megassm-ci, tags: [ci]}"] if HAVE_WANDB else []
 needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed (pip install megassm[wandb])")
 
@@ -76,11 +76,35 @@ def _wandb_run(run_dir):
     return run_id, tags, rows
 
 
-@needs_wandb
-def test_wandb_offline_run_continues_across_a_resume(first_run):
+@pytest.fixture(scope="module")
+def resumed(first_run):
+    """The first run's job again, to step 6: it resumes at step 4."""
     run, _ = first_run
-    run_id = (run / "wandb_run_id").read_text().strip()
-    proc = run_train(SMOKE, *ARGS, "train.steps=6", f"run_dir={run}", *WANDB)  # resumes at step 4
+    run_id = (run / "wandb_run_id").read_text().strip() if HAVE_WANDB else None
+    return run, run_id, run_train(SMOKE, *ARGS, "train.steps=6", f"run_dir={run}", *WANDB)
+
+
+def test_text_log_of_steps_and_evaluation_and_a_resume_mark_in_tensorboard(first_run, resumed):
+    """With train.progress_bar=false: a `step N/total | loss | lr | ... | tokens/s | MFU | mem` line every
+    train.log_every steps (and at the last), the eval results as text; the resume is marked in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, log = first_run
+    steps = re.findall(r"step (\d+)/4 \| loss \d\.\d{4} \| lr [\d.e+-]+ \| grad norm [\d.]+ \| [\d,]+ tokens/s \| "
+                       r"[\d.]+ samples/s \| MFU n/a \| mem [\d.]+ GiB \| [\d.]+ s/step", log)
+    assert steps == ["1", "2", "3", "4"], log[-3000:]  # train.log_every=1
+    assert re.search(r"step 4 \| eval/heldout_loss \d", log), log[-3000:]
+    assert sorted(p.name for p in (first_run[0] / "samples").iterdir())[:1] == ["step_00000004_0.png"]
+    run, _, proc = resumed
+    assert re.findall(r"step (\d+)/6 \| loss", proc.stderr) == ["5", "6"]
+    acc = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in acc.Scalars("event/resume")] == [4]
+    assert [e.step for e in acc.Scalars("train/skipped_steps")] == [1, 2, 3, 4, 5, 6]
+
+
+@needs_wandb
+def test_wandb_offline_run_continues_across_a_resume(resumed):
+    run, run_id, proc = resumed
     assert "train.profile: steps 2..3 are before this run's first step 5 (resumed); nothing is profiled" in proc.stderr
     assert (run / "wandb_run_id").read_text().strip() == run_id
     # offline, each job writes its own directory under the same run id (`wandb sync` uploads them to that run)

@@ -53,15 +53,27 @@ def test_preprocessed_set_is_complete_and_inspectable(shards, tmp_path, cli):
 
 
 def test_train_from_shards(shards, tmp_path):
-    from tests.conftest import run_train
+    import shutil
+
+    from tests.conftest import TINY_OVERRIDES, run_train
 
     out, n, _ = shards
-    run = tmp_path / "run"
-    run_train("configs/smoke.yaml", f"run_dir={run}", "data.kind=shards", f"data.paths=[{out}]",
-              "data.shuffle_buffer=16", "data.num_workers=1", "model.in_channels=4", "model.text_dim=32",
-              "train.steps=6", "train.ckpt_every=3", "train.micro_batch_size=8", "train.progress_bar=false",
-              "train.log_every=1", "train.sample_every=0", "train.ema_decay=0.0", "init_from=null")
+    run, data = tmp_path / "run", tmp_path / "latents"
+    shutil.copytree(out, data)
+    (data / "shard-000001.tar").unlink()  # lost after preprocessing: the reader skips it and counts it
+    # a config of the user's own that leaves model.in_channels / model.text_dim out: the manifest's (4, 32)
+    # replace the defaults (4, 64)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("stage: mine\noptim: {lr: 1.0e-3}\n")
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("model.in_channels", "model.text_dim", "data."))]
+    proc = run_train(cfg, *tiny, f"run_dir={run}", "data.kind=shards", f"data.paths=[{data}]",
+                     "data.shuffle_buffer=16", "data.num_workers=1", "train.steps=6", "train.ckpt_every=3",
+                     "train.micro_batch_size=8", "train.sample_every=0", "train.ema_decay=0.0")
+    assert "model.text_dim=32 from the manifest" in proc.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert (run / "DONE").read_text() == "6"
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["data_skipped"] >= 1 and last["data_skipped_by_reason"]["unreadable_shard"] >= 1
+    assert "unreadable shards or samples skipped" in proc.stderr

@@ -60,17 +60,37 @@ def test_image_png_sidecar_and_determinism(encoders, tmp_path, cli):
 def test_video_mp4_from_jsonl_prompts(encoders, tmp_path, cli):
     ck = _consolidated(tmp_path / "ck", encoders["video_vae"], encoders["t5"])
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "waves", "seed": 1, "frames": 3, "size": "32x32"}) + "\n"
-                       + json.dumps({"prompt": "a still", "frames": 1, "size": "16x32"}) + "\n")
+    # frames: output frames, as `preprocess --frames`; latent_frames: the other spelling
+    prompts.write_text(json.dumps({"prompt": "waves", "seed": 1, "frames": 5, "size": "32x32"}) + "\n"
+                       + json.dumps({"prompt": "a still", "frames": 1, "size": "16x32"}) + "\n"
+                       + json.dumps({"prompt": "waves", "seed": 1, "latent_frames": 3, "size": "32x32"}) + "\n")
     cli("sample", ck, "--prompts-file", prompts, "--out", tmp_path / "v.mp4", "--fps", "8")
     with av.open(str(tmp_path / "v_0.mp4")) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
         rate = c.streams.video[0].average_rate
-    # 3 latent frames through a VAE with temporal stride 2 -> 1 + 2 * 2 = 5 frames, spatial stride 4
+    # 5 frames through a VAE with temporal stride 2 -> 3 latent frames (1 + 2 * 2), spatial stride 4
     assert len(frames) == 5 and frames[0].shape == (32, 32, 3) and rate == 8
     side = json.loads((tmp_path / "v_0.json").read_text())
     assert side["seed"] == 1 and side["latent_size"] == [3, 8, 8] and side["frames"] == 5
     assert np.asarray(Image.open(tmp_path / "v_1.png")).shape == (16, 32, 3)  # frames=1 -> an image
+    assert json.loads((tmp_path / "v_2.json").read_text())["latent_size"] == [3, 8, 8]
+    proc = cli("sample", ck, "--prompt", "x", "--frames", "4", check=False)
+    assert proc.returncode == 2 and "videos have 1 + k*2 frames (e.g. 3 or 5)" in proc.stderr
+
+
+def test_default_size_and_frames_are_the_training_shape(encoders, tmp_path, cli):
+    """Without --size / --frames: the latent shape the model was trained on (here the most common shape in its
+    datasets' manifests, 1 x 6 x 10 -> 12 x 20 pixels at the VAE's stride 2), not 256 x 256."""
+    from megassm.data.testing import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", [(4, 1, 6, 10)] * 3 + [(4, 1, 8, 8)], 8, 4, text_dim=32)
+    ck = _consolidated(tmp_path / "ck", encoders["vae"], encoders["t5"])
+    stored = yaml.safe_load((ck / "config.yaml").read_text())
+    stored["data"].update(kind="shards", paths=[str(tmp_path / "data")])
+    (ck / "config.yaml").write_text(yaml.safe_dump(stored))
+    proc = cli("sample", ck, "--prompt", "a red square", "--out", tmp_path / "d.png")
+    assert np.asarray(Image.open(tmp_path / "d.png")).shape == (12, 20, 3)
+    assert "size: 12x20 (latent 6x10, from the most common latent shape of data.paths)" in proc.stdout
 
 
 def test_bad_inputs_name_the_problem(encoders, tmp_path, cli):

@@ -233,6 +233,22 @@ def test_import_hydra_errors(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_inspect_of_a_truncated_checkpoint_lists_the_problem_with_status_1(consolidated, tmp_path, capsys):
+    """docs/checkpoints.md: status 1 with every problem listed (was 2, a usage error); 2 stays for a path that
+    does not exist."""
+    import shutil
+
+    from megassm.cli import main
+
+    path = tmp_path / "cut"
+    shutil.copytree(consolidated[0], path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert main(["inspect", "checkpoint", str(path)]) == 1
+    assert "unreadable" in capsys.readouterr().out
+    assert main(["inspect", "checkpoint", str(tmp_path / "none")]) == 2
+
+
 def test_inspect_finds_nan_and_shape_problems(consolidated, tmp_path):
     path, cfg, model, ema = consolidated
     summary, problems = inspect_checkpoint(path)

@@ -135,3 +135,28 @@ def test_preview_prompts_file_without_prompts_fails_at_load(tmp_path):
     stored = to_dict(load_config(CONFIGS / "smoke.yaml", [f"train.preview_prompts_file={good}"]))
     good.unlink()
     assert from_dict(stored).train.preview_prompts_file == str(good)
+
+
+def test_type_errors_say_the_value_and_the_type_without_omegaconf_internals(tmp_path):
+    with pytest.raises(ConfigError, match=r"wrong type for 'optim.lr': 'fast' is not a number \(e.g. optim.lr=0.0001"
+                                          r", the default\)$"):
+        load_config(CONFIGS / "smoke.yaml", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'data.paths': '/dir' is not a list; write a list, e.g. "
+                                          r"data.paths=\[/dir\]"):
+        load_config(CONFIGS / "smoke.yaml", ["data.paths=/dir"])
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  progress_bar: maybe\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: wrong type for 'train.progress_bar': 'maybe' is not true or false"):
+        load_config(f)
+
+
+def test_flags_where_overrides_go_get_the_key_value_spelling(capsys):
+    from megassm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "configs/smoke.yaml", "--steps", "10"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "hint: config values are overrides written key=value: train.steps=10" in err
+    with pytest.raises(SystemExit):
+        main(["train", "configs/smoke.yaml", "--resume"])
+    assert "resuming is automatic" in capsys.readouterr().err

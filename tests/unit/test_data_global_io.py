@@ -93,4 +93,7 @@ def test_a_pipe_shard_is_streamed_once_per_window(two, monkeypatch, resampled):
     assert all(torch.equal(x["latents"], y["latents"]) for x, y in zip(local, piped))
     order = StreamOrder((0, 0), [5] * 6, 7, resampled, 3)  # the stream's order, as the loader builds it
     windows = Counter(shard for _, shard in {(k // 15, order.locate(k)[0]) for k in range(30)})  # per window
-    assert streamed == {f"shard-{s:06d}.tar": n for s, n in windows.items()}
+    # at most once per window that reads it (a read-ahead that spans a window boundary may cover a shard of both
+    # windows with one stream); the old reader streamed a shard once per sample (5 here)
+    want = {f"shard-{s:06d}.tar": n for s, n in windows.items()}
+    assert set(streamed) == set(want) and all(streamed[k] <= n for k, n in want.items()), (streamed, want)

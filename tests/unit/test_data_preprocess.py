@@ -122,8 +122,9 @@ def test_resume_redoes_only_missing_shards(enc, images, tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before  # deterministic
     assert not list(out.glob(".*.tmp-*"))
     assert run_preprocess(_opts(enc, [images], out))["processed"] == 0
-    with pytest.raises(ValueError, match="was started with settings"):
+    with pytest.raises(ValueError, match=r"was started with other .*settings.resolution: was '32', now '64'") as e:
         run_preprocess(_opts(enc, [images], out, resolution="64"))
+    assert "samples_per_shard" not in str(e.value)  # only what changed, not both settings dicts
 
 
 def test_ranks_split_tasks_and_manifest_waits_for_all(enc, images, tmp_path, monkeypatch):
@@ -316,3 +317,58 @@ def test_output_to_s3_uploads_shards_and_resumes(enc, images, tmp_path):
         assert load_manifest(url)["shards"] == local["shards"]
     with pytest.raises(ValueError, match="read-only"):
         run_preprocess(_opts(enc, [images], "https://host/ds"))
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from megassm.data.cli import add_preprocess_parser
+
+    sub = argparse.ArgumentParser(prog="megassm").add_subparsers(dest="command")
+    add_preprocess_parser(sub)
+    args = sub._name_parser_map["preprocess"].parse_args(argv)
+    return args.func(args)
+
+
+def test_no_sample_written_exits_nonzero_and_input_is_checked_before_the_encoders(enc, images, tmp_path, capsys):
+    """Every input skipped: the run fails (rc 1, the reasons named) instead of "0 samples in 0 shards", rc 0; a
+    missing --input is named before any encoder loads (here the VAE does not exist either)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    T.corrupt_copy(images / "png0.png", bad / "garbage.png", "garbage")
+    (bad / "garbage.txt").write_text("garbage")
+    T.write_image(bad / "nocaption.png", 32, 32, 50)
+    common = ["--text-encoder", str(enc["text"]), "--resolution", "32", "--num-workers", "0", "--no-progress"]
+    assert _cli(["--input", str(bad), "--output", str(tmp_path / "out"), "--vae", str(enc["vae"]), *common]) == 1
+    err = capsys.readouterr().err
+    assert "no sample was written" in err and "skipped.json" in err and "missing_caption" in err
+    rc = _cli(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--vae", str(tmp_path / "novae"),
+               *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and "novae" not in err
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(enc, images, tmp_path, monkeypatch, capsys):
+    from megassm.data import preprocess
+
+    def interrupted(options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess, "run_preprocess", interrupted)
+    rc = _cli(["--input", str(images), "--output", str(tmp_path / "o"), "--vae", str(enc["vae"]), "--text-encoder",
+               str(enc["text"])])
+    assert rc == 130 and "re-run the same command to resume" in capsys.readouterr().err
+
+
+def test_videos_under_the_default_one_frame_are_warned_about(enc, images, caplog):
+    import logging
+
+    from megassm.data.preprocess import Preprocessor
+
+    with caplog.at_level(logging.WARNING, logger="megassm.preprocess"):
+        Preprocessor(_opts(enc, [images], "unused", vae=str(enc["video_vae"])))
+    assert "1 inputs are videos and --frames is 1 (the default)" in caplog.text and "--frames 1 + k*2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megassm.preprocess"):
+        Preprocessor(_opts(enc, [images], "unused", vae=str(enc["video_vae"]), frames=5))
+    assert "videos" not in caplog.text

@@ -87,6 +87,42 @@ def test_save_load_round_trip_in_peft_layout(tmp_path):
         load_adapters(_model(), tmp_path)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_files_load_both_ways(tmp_path, rslora):
+    """An adapter directory written by peft's own save_pretrained (target_modules as name suffixes; rsLoRA's
+    alpha / sqrt(r)) loads with load_adapters (what `sample --lora` and `merge-lora` call), and megassm's loads in
+    peft: the same outputs. Tolerance 1e-5: fp32, the adapter's product in another order."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    x = _inputs()
+    cfg = PeftLoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "mixer.proj", "qkv"], init_lora_weights=False,
+                         use_rslora=rslora)
+    peft_model = get_peft_model(_model(), cfg)
+    peft_model.save_pretrained(tmp_path / "peft")
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(meta["target_modules"]) == ["fc1", "mixer.proj", "qkv"]  # suffixes, not module names
+    ours = _model()
+    report = load_adapters(ours, tmp_path / "peft")
+    assert "on 6 linears" in report
+    names = {n for n, m in ours.named_modules() if isinstance(m, LoRALinear)}  # hvAh: block 2 is attention
+    assert names == {*(f"blocks.{i}.mlp.fc1" for i in range(4)), "blocks.2.mixer.proj", "blocks.2.mixer.qkv"}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*x), peft_model(*x), rtol=1e-5, atol=1e-5)
+        save_adapters(tmp_path / "ours", adapter_state_dict(ours), read_adapters(tmp_path / "peft")[0])
+        back = PeftModel.from_pretrained(_model(), tmp_path / "ours")
+        torch.testing.assert_close(back(*x), ours(*x), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_options_megassm_does_not_read_are_named(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    get_peft_model(_model(), PeftLoraConfig(r=2, target_modules=["fc1"], use_dora=True)).save_pretrained(tmp_path)
+    with pytest.raises(AdapterError, match=r"use_dora=True is not supported"):
+        load_adapters(_model(), tmp_path)
+
+
 def test_config_errors_name_the_key():
     assert load_config("configs/smoke.yaml", ["finetune.lora={}", "parallel.zero_stage=2"]).finetune.lora.rank == 8
     with pytest.raises(ConfigError, match="valid kinds"):

@@ -77,10 +77,18 @@ def test_cli_plan_prints_a_layout(capsys):
     assert res["seq_len"] == 16384 and res["configured"]["fits"] in (True, False)
 
 
-def test_cli_plan_needs_seq_len_for_unknown_stage(capsys):
-    assert main(["plan", "configs/smoke.yaml", "--gpus", "1"]) == 2
-    assert "--seq-len" in capsys.readouterr().err
-    assert main(["plan", "configs/smoke.yaml", "--gpus", "1", "--seq-len", "64"]) == 0
+def test_cli_plan_takes_the_sequence_length_from_the_data_of_an_unknown_stage(capsys, tmp_path):
+    from megassm.data.testing import write_synthetic_dataset
+
+    assert main(["plan", "configs/smoke.yaml", "--gpus", "1"]) == 0  # procedural 16 x 16, patch 2: 64 tokens
+    assert "sequence length 64 tokens per sample (the procedural data's latent 1x16x16)" in capsys.readouterr().out
+    write_synthetic_dataset(tmp_path / "d", [(16, 1, 32, 32), (16, 1, 64, 48)], 4, 2, text_dim=4096)
+    mine = ["stage=mymix", "data.kind=shards", f"data.paths=[{tmp_path / 'd'}]"]
+    assert main(["plan", "configs/stage0_256px.yaml", *mine, "--gpus", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 32 * 24  # the larger shape, 1 x 64 x 48 / (1, 2, 2)
+    assert main(["plan", "configs/stage0_256px.yaml", "stage=mymix", "--gpus", "8"]) == 2
+    assert "no readable manifest in data.paths" in capsys.readouterr().err
+    assert main(["plan", "configs/stage0_256px.yaml", "stage=mymix", "--gpus", "8", "--seq-len", "256"]) == 0
 
 
 def test_plan_counts_preview_memory(tmp_path):

@@ -73,3 +73,25 @@ def test_a_torchrun_worker_gets_sigterm_when_its_launcher_dies():
     finally:
         launcher.kill()
         launcher.stdout.close()
+
+
+def test_a_returned_train_command_leaves_no_signal_behind(tmp_path, monkeypatch):
+    """A signal recorded during one `megassm train` call that then returned (here: refused at start) must not stop
+    a later Trainer of the same process before its first step (it did: a test of the suite then trained nothing)."""
+    import os
+    from pathlib import Path
+
+    import megassm.runtime
+    from megassm.cli import main
+    from megassm.train import signals
+
+    before = signal.getsignal(signal.SIGUSR1)
+
+    def signalled_then_refused():
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded by the handlers the command installed
+        raise RuntimeError("DeepSpeed 0.0 is installed")
+
+    monkeypatch.setattr(megassm.runtime, "check_deepspeed", signalled_then_refused)
+    config = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    assert main(["train", str(config), f"run_dir={tmp_path / 'run'}"]) == 2
+    assert signals.process_signals() is None and signal.getsignal(signal.SIGUSR1) == before

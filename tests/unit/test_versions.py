@@ -9,7 +9,7 @@ from megassm.runtime import DEEPSPEED_RANGE, check_deepspeed
 
 def test_deepspeed_outside_the_proven_range_is_named():
     lo, hi = DEEPSPEED_RANGE
-    for bad in ("0.15.0", "0.18.8", hi + ".0"):
+    for bad in ("0.15.0", "0.18.9", hi + ".0"):
         with pytest.raises(RuntimeError, match=rf"DeepSpeed {bad} is installed.*deepspeed>={lo},<{hi}"):
             check_deepspeed(bad)
     assert check_deepspeed(lo) == lo and check_deepspeed("0.19.8") == "0.19.8"
