@@ -340,10 +340,9 @@ def test_tp2_deepspeed_round_trip(tp2, tmp_path):
 @pytest.mark.distributed
 def test_pipeline_two_stages(pp2, tmp_path):
     """PP=2 (megassm's pipeline trainer, ZeRO-1): consolidated == the union of the stages' live weights ==
-    pipeline_checkpoint.consolidate_pipeline_checkpoint; EMA == the stages' EMAs; PP layout round trip."""
-    from megassm.checkpoint.zero import DeepSpeedCheckpoint
+    checkpoint.zero.consolidate_pipeline_checkpoint; EMA == the stages' EMAs; PP layout round trip."""
+    from megassm.checkpoint.zero import DeepSpeedCheckpoint, consolidate_pipeline_checkpoint
     from megassm.config.load import load_config
-    from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
 
     tag_dir = _latest(pp2 / "run")
     convert("zero-to-consolidated", pp2 / "run", tmp_path / "c")
@@ -371,8 +370,8 @@ def test_pipeline_two_stages(pp2, tmp_path):
 @pytest.mark.distributed
 def test_pipeline_x_tensor_parallel(pp2_tp2, tmp_path):
     """PP=2 x TP=2 (4 ranks): stages' TP shards merged with merge_state_dicts, then joined."""
+    from megassm.checkpoint.zero import consolidate_pipeline_checkpoint
     from megassm.config.load import load_config
-    from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
     from megassm.parallel.sharding import merge_state_dicts
 
     cfg = load_config(pp2_tp2 / "run" / "config.yaml")
