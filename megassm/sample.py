@@ -70,7 +70,7 @@ def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, 
     if d.buckets:
         b = max(d.buckets, key=lambda b: b.weight)
         return tuple(b.shape), f"data.buckets ({b.name or b.shape})"  # type: ignore[return-value]
-    from megassm.train.preview import most_common_latent_shape
+    from megassm.data.manifest import most_common_latent_shape
 
     try:
         shape = most_common_latent_shape(list(d.paths))
