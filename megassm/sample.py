@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megassm.checkpoint.load import CheckpointError
-from megassm.config.load import from_dict
+from megassm.config.load import from_dict, to_dict
 from megassm.config.schema import RunConfig
 from megassm.config.validate import ConfigError
 from megassm.diffusion.flow import euler_sample, resolution_shift
@@ -101,6 +101,22 @@ def _load_lora_run(path, tag_dir: Path, cfg: RunConfig, use_ema: bool, device, m
     cfg.finetune.lora = None  # the model is the base's architecture (plus unmerged adapters, unless merged)
     return model, cfg, {**info, "lora": str(adapters), "lora_report": report,
                         "weights": f"base model + {adapters.name}"}
+
+
+def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Path, *, use_ema: bool = True,
+                          force: bool = False) -> tuple[dict, list[str]]:
+    """Base checkpoint (any layout) + adapter directory -> consolidated checkpoint with the adapters folded in."""
+    from megassm.checkpoint.writers import save_consolidated
+    from megassm.lora import load_adapters, merge_lora
+
+    model, cfg, info = load_model_for_sampling(base, use_ema=use_ema)
+    report = load_adapters(model, adapters)
+    n = merge_lora(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = save_consolidated(Path(out), state, to_dict(cfg), force=force,
+                             meta={"merged_lora": str(adapters), "base_weights": info["weights"]})
+    return {**meta, "step": info["step"], "parameters": sum(v.numel() for v in state.values()),
+            "tensors": len(state)}, [report, f"merged {n} adapters into {info['weights']} weights of {base}"]
 
 
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:

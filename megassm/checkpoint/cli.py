@@ -103,7 +103,7 @@ def _cmd_to_diffusers(args) -> int:
 
 
 def _cmd_merge_lora(args) -> int:
-    from megassm.lora.training import merge_lora_checkpoint
+    from megassm.sample import merge_lora_checkpoint
 
     meta, notes = merge_lora_checkpoint(args.source, args.adapters, args.out, use_ema=not args.no_ema,
                                         force=args.force)

@@ -197,7 +197,7 @@ class Trainer:
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp(), sink=sink)
         if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora, lora_ema
-            from megassm.lora.training import export_adapters
+            from megassm.train.lora_export import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
                             is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered, sink=sink)

@@ -17,9 +17,8 @@ from safetensors.torch import load_file, save_file
 from megassm.config import load_config, to_dict
 from megassm.encoders import TextEncoder
 from megassm.lora.adapters import read_adapters
-from megassm.lora.training import merge_lora_checkpoint
 from megassm.models import build_model
-from megassm.sample import SampleSpec, generate, load_model_for_sampling
+from megassm.sample import SampleSpec, generate, load_model_for_sampling, merge_lora_checkpoint
 from tests.conftest import REPO, TINY_OVERRIDES, child_env, free_port, losses_by_step, run_train
 
 pytestmark = pytest.mark.slow
