@@ -166,7 +166,7 @@ def _optional_commands(sub, isub) -> None:
     """Commands whose parsers live beside their code (data, checkpoint tools, planning, evaluation)."""
     from megassm.checkpoint.cli import add_convert_parser, add_inspect_checkpoint_parser
     from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
-    from megassm.eval.cli import add_eval_parser
+    from megassm.evaluate import add_eval_parser
     from megassm.plan import add_plan_parser
 
     add_preprocess_parser(sub)

@@ -140,7 +140,7 @@ def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict
     prompts = len(t.preview_prompts) if t.preview_prompts is not None else len(preview_prompts(cfg))
     extractors = 0.0
     if t.eval_every > 0:
-        from megassm.eval.during_training import eval_prompts
+        from megassm.train.evaluation import eval_prompts
 
         e = cfg.eval
         if e.clip_model is not None or e.inception is not None:

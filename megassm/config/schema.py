@@ -216,7 +216,7 @@ class TrainConfig:
     async_save: bool = False
     sample_every: int = 0  # 0 disables periodic sample images
     # every eval_every steps: the held-out loss, plus CLIP score / KID on eval.prompts when eval.clip_model /
-    # eval.inception + eval.reference are set (megassm/eval/during_training.py); 0 disables it
+    # eval.inception + eval.reference are set (megassm/train/evaluation.py); 0 disables it
     eval_every: int = 0
     # Training previews (every sample_every steps; megassm/train/preview.py). Prompts: this list, else one
     # prompt per line of preview_prompts_file (blank lines and '#' comments skipped), else the demo's

@@ -490,8 +490,8 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Held-out loss (and CLIP score / KID when configured) of the EMA weights to TensorBoard; every rank
-        calls it (megassm/eval/during_training.py)."""
-        from megassm.eval.during_training import TrainingEvaluator
+        calls it (megassm/train/evaluation.py)."""
+        from megassm.train.evaluation import TrainingEvaluator
 
         if getattr(self, "_evaluator", None) is None:
             self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, self._dtype(), self.rank)

@@ -200,8 +200,8 @@ def test_clip_score_equals_torchmetrics_with_the_saved_processor(tmp_path):
 
 
 def test_a_failing_metric_is_logged_and_left_out(caplog):
-    from megassm.eval.during_training import _report
     from megassm.eval.suite import compute
+    from megassm.train.evaluation import _report
 
     class Broken:  # FeatureModels whose CLIP cannot load
         @property
