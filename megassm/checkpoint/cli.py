@@ -30,7 +30,7 @@ def _config(args) -> dict | None:
     return to_dict(load_config(args.config, args.set or []))
 
 
-def _print_result(meta: dict, notes: list[str], out: str) -> None:
+def print_result(meta: dict, notes: list[str], out: str) -> None:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if meta.get("nonfinite_tensors"):
@@ -47,7 +47,7 @@ def _cmd_zero(args) -> int:
     meta, notes = zero_to_consolidated(args.source, args.out, tag=args.tag, config=_config(args), dtype=args.dtype,
                                        ema=not args.no_ema, max_shard_bytes=parse_size(args.max_shard_size),
                                        force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
@@ -57,7 +57,7 @@ def _cmd_reshard(args) -> int:
     meta, notes = reshard(args.source, args.out, tp=args.tp, pp=args.pp, virtual=args.virtual, seq_len=args.seq_len,
                           tag=args.tag, config=_config(args),
                           ema=not args.no_ema, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
@@ -69,7 +69,7 @@ def _cmd_stage(args) -> int:
     meta, report = stage(args.source, target, args.out, tag=args.tag, seed=args.seed, ema=not args.no_ema,
                          max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print("\n".join(report))
-    _print_result(meta, [], args.out)
+    print_result(meta, [], args.out)
     return 0
 
 
@@ -78,7 +78,7 @@ def _cmd_ema(args) -> int:
 
     meta, notes = extract_ema(args.source, args.out, tag=args.tag, config=_config(args),
                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
@@ -88,26 +88,7 @@ def _cmd_import_hydra(args) -> int:
     meta, report = import_hydra(args.reference, _config(args), args.out, mapping=args.map, base=args.base,
                                 seed=args.seed, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print("\n".join(report))
-    _print_result(meta, [], args.out)
-    return 0
-
-
-def _cmd_to_diffusers(args) -> int:
-    from megassm.diffusers.convert import to_diffusers
-
-    meta, notes = to_diffusers(args.source, args.out, use_ema=not args.no_ema, vae=args.vae,
-                               text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=args.dtype,
-                               force=args.force)
-    _print_result(meta, notes, args.out)
-    return 0
-
-
-def _cmd_merge_lora(args) -> int:
-    from megassm.sample import merge_lora_checkpoint
-
-    meta, notes = merge_lora_checkpoint(args.source, args.adapters, args.out, use_ema=not args.no_ema,
-                                        force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, [], args.out)
     return 0
 
 
@@ -147,15 +128,17 @@ def _common(p: argparse.ArgumentParser, source: bool = True, config: bool = True
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-def add_convert_parser(sub) -> None:
+def add_convert_parser(sub):
+    """``megassm convert`` and its checkpoint converters; returns the converters' subparsers (cli.py adds the
+    ones of the packages above checkpoint/: to-diffusers, merge-lora)."""
     c = sub.add_parser("convert", help="convert checkpoints (DeepSpeed -> safetensors, TP reshard, stages, Hydra)",
                        description="Checkpoint converters. Every output is written to a temporary directory beside "
                        "it and renamed into place when complete. docs/checkpoints.md describes the layouts.")
     csub = c.add_subparsers(dest="converter", metavar="CONVERTER")
     csub.required = True
-    for add in (_add_zero_to_consolidated, _add_reshard, _add_stage, _add_extract_ema, _add_import_hydra,
-                _add_to_diffusers, _add_merge_lora):
+    for add in (_add_zero_to_consolidated, _add_reshard, _add_stage, _add_extract_ema, _add_import_hydra):
         add(csub)
+    return csub
 
 
 def _add_zero_to_consolidated(csub) -> None:
@@ -216,33 +199,6 @@ def _add_import_hydra(csub) -> None:
     h.add_argument("--seed", type=int, default=None, help="seed of fresh tensors (default: config train.seed)")
     h.set_defaults(func=_cmd_import_hydra)
 
-
-def _add_to_diffusers(csub) -> None:
-    d = csub.add_parser("to-diffusers", help="any checkpoint -> diffusers pipeline directory (HTHPipeline)",
-                        description="Write model_index.json, transformer/ (megassm.diffusers.HTHTransformerModel), "
-                        "vae/, text_encoder/, tokenizer/ and scheduler/ for megassm.diffusers.HTHPipeline."
-                        "from_pretrained(OUT). With builtin encoders only transformer/ is written.")
-    d.add_argument("source", help=SOURCE_HELP)
-    d.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
-    d.add_argument("--no-ema", action="store_true", help="use the model weights even if EMA weights are stored")
-    d.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
-    d.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
-    d.add_argument("--tokenizer", default=None, help="override encoders.tokenizer (local directory)")
-    d.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="transformer dtype")
-    d.add_argument("--force", action="store_true", help="replace an existing output")
-    d.set_defaults(func=_cmd_to_diffusers)
-
-
-def _add_merge_lora(csub) -> None:
-    m = csub.add_parser("merge-lora", help="base checkpoint + LoRA adapters -> consolidated dir, adapters folded in",
-                        description="Fold LoRA adapters (a checkpoints/step_*/lora directory, peft layout) into the "
-                        "base weights: W += alpha / rank * B A. The base's EMA weights are used when stored.")
-    m.add_argument("source", help="base " + SOURCE_HELP)
-    m.add_argument("adapters", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
-    m.add_argument("--no-ema", action="store_true", help="merge into the base's model weights, not its EMA")
-    m.add_argument("--force", action="store_true", help="replace an existing output")
-    m.set_defaults(func=_cmd_merge_lora)
 
 def add_inspect_checkpoint_parser(isub) -> None:
     i = isub.add_parser("checkpoint", help="contents and integrity of a checkpoint (any layout)",
