@@ -63,7 +63,7 @@ def _rchar() -> int:
 
 
 def _cfg(args, zero_stage: int = 3):
-    from megassm.config.load import load_config
+    from megassm.run_config import load_config
 
     return load_config(str(REPO / "configs/smoke.yaml"),
                        [*overrides(args.d_model, args.blocks), f"parallel.zero_stage={zero_stage}"])
@@ -137,7 +137,7 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
     elif p.startswith("first_step"):
         import tempfile
 
-        from megassm.config.load import load_config
+        from megassm.run_config import load_config
 
         run = tempfile.mkdtemp(prefix=f"bench_first_step_{p}_") if rank == 0 else None
         box = [run]

@@ -26,8 +26,8 @@ def _cmd_train(args) -> int:
 def _train(args) -> int:
     import logging
 
-    from megassm.config.load import load_config
     from megassm.parallel.mesh import read_dist_env
+    from megassm.run_config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = read_dist_env()
@@ -86,8 +86,8 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_inspect_model(args) -> int:
-    from megassm.config.load import load_config
     from megassm.models.accounting import forward_flops, param_counts
+    from megassm.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model

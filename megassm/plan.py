@@ -406,8 +406,8 @@ def seq_len_of(cfg: RunConfig) -> tuple[int | None, str]:
 
 
 def _cmd_plan(args) -> int:
-    from megassm.config.load import load_config
     from megassm.config.validate import ConfigError
+    from megassm.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.micro_batch:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from megassm.checkpoint.load import CheckpointError
-from megassm.config.load import from_dict, to_dict
+from megassm.config.load import to_dict
 from megassm.config.schema import RunConfig
 from megassm.config.validate import ConfigError
 from megassm.diffusion.flow import euler_sample, resolution_shift
 from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.models import HTHModel, build_model
+from megassm.run_config import from_dict
 from megassm.runtime import compute_dtype, default_device
 
 

@@ -25,7 +25,8 @@ def _config(args) -> dict | None:
 
             raise ConfigError("--set needs --config")
         return None
-    from megassm.config.load import load_config, to_dict
+    from megassm.config.load import to_dict
+    from megassm.run_config import load_config
 
     return to_dict(load_config(args.config, args.set or []))
 
@@ -63,7 +64,8 @@ def _cmd_reshard(args) -> int:
 
 def _cmd_stage(args) -> int:
     from megassm.checkpoint.convert import stage
-    from megassm.config.load import load_config, to_dict
+    from megassm.config.load import to_dict
+    from megassm.run_config import load_config
 
     target = to_dict(load_config(args.target_config, args.set or []))
     meta, report = stage(args.source, target, args.out, tag=args.tag, seed=args.seed, ema=not args.no_ema,

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from megassm.config.schema import ModelConfig
-from megassm.config.validate import validate_model
 from megassm.models.block import HTHBlock, TokenGrid, modulate
 from megassm.models.embed import PatchEmbed, TimestepEmbedder, unpatchify
 from megassm.models.mixers import mixer_for_symbol
+from megassm.models.rules import validate_model
 
 
 class FinalLayer(nn.Module):

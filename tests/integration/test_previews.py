@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from megassm.config import load_config
 from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.models import build_model
+from megassm.run_config import load_config
 from megassm.sample import SampleSpec, generate
 from megassm.train import preview
 from megassm.train.ema import ShardedEMA

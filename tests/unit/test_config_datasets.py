@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from megassm.cli import main
-from megassm.config import ConfigError, load_config
+from megassm.config import ConfigError
 from megassm.data.testing import write_synthetic_dataset
+from megassm.run_config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from megassm.checkpoint.snapshot import FileSink, fsync_tree
-from megassm.checkpoint.tags import COMPLETE
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from megassm.config.tags import COMPLETE
 from megassm.data.writer import fsync_dir
 from megassm.runtime import use_bf16
 from megassm.train.backends.base import StepResult
