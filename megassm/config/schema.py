@@ -118,7 +118,7 @@ class DataConfig:
     buckets: list[BucketConfig] = field(default_factory=list)
     tokens_per_step: int | None = None  # global tokens per step, for buckets without an explicit ``samples``
     # recorded at load from the datasets' manifests, not set by hand: {"vae": fingerprint, "text_encoder": ...},
-    # so that a checkpoint's config says what latents it was trained on (megassm/config/datasets.py)
+    # so that a checkpoint's config says what latents it was trained on (megassm/data/config_checks.py)
     encoded_with: dict[str, str] = field(default_factory=dict)
 
 

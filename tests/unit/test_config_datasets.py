@@ -1,4 +1,4 @@
-"""Load-time data checks (megassm/config/datasets.py): what a config must agree with in its datasets, named
+"""Load-time data checks (megassm/data/config_checks.py): what a config must agree with in its datasets, named
 before any process group, model or run directory exists."""
 
 from __future__ import annotations
