@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class PackageRules:
     """The rules that need a package's knowledge, run by ``validate`` / ``check_run`` at their place in the
-    order; each raises ``ConfigError`` (``megassm/run_config.py`` passes the packages' own)."""
+    order; each raises ``ConfigError`` (``data_location``: ``ValueError``, named as the key's ``ConfigError`` here).
+    ``megassm/run_config.py`` passes the packages' own."""
 
     model: Callable[[ModelConfig], None]  # ModelConfig's rules (models/rules.py: the mixer registry's)
     data_location: Callable[[str, str], None]  # (location, key): a data.paths entry's form (ValueError)
