@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +150,7 @@ def collate(items: list[tuple[int, RawSample]], specs: list[DatasetSpec], text_l
     return expand(pack(items, specs, text_len, with_keys), text_len, text_dtype, False)
 
 
-class ShardLoader:
+class ShardLoader(ABC):
     """Iterable of training batches with a saveable position (the part both orders share).
 
     ``iter(loader)`` starts (or continues) from the current position; ``state_dict()`` is the
@@ -197,21 +198,25 @@ class ShardLoader:
                     raise ValueError(f"{b.describe()} appears in no dataset's shape histogram ("
                                      f"{', '.join(s.path for s in self.specs)}); the reader would wait for it forever")
 
+    @abstractmethod
     def _init_order(self, global_batch: int | None) -> None:
-        raise NotImplementedError
+        """This order's own checks and start position (after the common checks, before the buckets')."""
 
+    @abstractmethod
     def __iter__(self):
-        raise NotImplementedError
+        """Batches from the current position (module doc of ``reader.py``: the batch dict)."""
 
+    @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Batches yielded and corrupt/skipped samples per reason (over all workers, this rank)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The position after the last batch the trainer received."""
 
+    @abstractmethod
     def _load(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Continue from a saved position (its version, order and datasets checked by ``load_state_dict``)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
