@@ -132,17 +132,20 @@ def layout(r: Runner, m, cp: int, L: int, with_fused: bool) -> None:
             errs["megassm_fused"] = rel_err(hyd(x), y_ref)
         del y_ref
     rows = {}
-    rows["megassm_reference_path"] = r.run("hydra_share", fwd_bwd_fn(_path(hyd, False), lambda: (x,), g), share,
+    hyd.fused = False  # Hydra reads its flag at each forward; each run below times its path at once
+    rows["megassm_reference_path"] = r.run("hydra_share", fwd_bwd_fn(hyd, lambda: (x,), g), share,
                                            impl="megassm_reference_path", **common, rel_err_fwd_vs_reference_path=0.0)
     if "goombalab" in mods:
         rows["goombalab"] = r.run("hydra_share", fwd_bwd_fn(mods["goombalab"], lambda: (x,), g), share,
                                   impl="goombalab", **common, rel_err_fwd_vs_reference_path=errs["goombalab"])
     if with_fused:
+        cut = CutHydra(hyd, cp)
         with torch.no_grad():
-            errs["megassm_cut"] = rel_err(_cut(hyd, cp)(x), _path(hyd, False)(x))
-        rows["megassm_cut"] = r.run("hydra_share", fwd_bwd_fn(_cut(hyd, cp), lambda: (x,), g), share,
+            errs["megassm_cut"] = rel_err(cut(x), hyd(x))
+        rows["megassm_cut"] = r.run("hydra_share", fwd_bwd_fn(cut, lambda: (x,), g), share,
                                     impl="megassm_cut", **common, rel_err_fwd_vs_reference_path=errs["megassm_cut"])
-        rows["megassm_fused"] = r.run("hydra_share", fwd_bwd_fn(_path(hyd, True), lambda: (x,), g), share,
+        hyd.fused = True
+        rows["megassm_fused"] = r.run("hydra_share", fwd_bwd_fn(hyd, lambda: (x,), g), share,
                                       impl="megassm_fused", **common,
                                       rel_err_fwd_vs_reference_path=errs["megassm_fused"])
     base = rows["megassm_reference_path"]
@@ -188,43 +191,25 @@ def layout(r: Runner, m, cp: int, L: int, with_fused: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _path(hyd: Hydra, fused: bool):
-    """A callable module that runs ``hyd`` with the fused path on or off (fwd_bwd_fn reads parameters())."""
+class CutHydra(nn.Module):
+    """One CP rank's cut fused path over ``m`` (a head share): in_proj -> fused local_mix -> fused combine ->
+    fused gated norm whose sum of squares is "all-reduced" over cp ranks holding equal shares (s * cp: the
+    same arithmetic as the two-launch norm under CP, without the collective) -> out_proj."""
 
-    class P(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = hyd
+    def __init__(self, m: Hydra, cp: int):
+        super().__init__()
+        self.m, self.cp = m, cp
 
-        def forward(self, u):
-            self.m.fused = fused
-            return self.m(u)
-
-    return P()
-
-
-def _cut(hyd: Hydra, cp: int):
-    """One CP rank's cut fused path: in_proj -> fused local_mix -> fused combine -> fused gated norm whose
-    sum of squares is "all-reduced" over cp ranks holding equal shares (s * cp: the same arithmetic as the
-    two-launch norm under CP, without the collective) -> out_proj."""
-
-    class Cut(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = hyd
-
-        def forward(self, u):
-            m = self.m
-            z, xbc, dt = torch.split(m.in_proj(u), [m.d_inner, m.d_inner + 2 * m.d_bc, 2 * m.nheads], dim=-1)
-            mix = local_mix(xbc, dt, m.conv1d.weight, m.conv1d.bias, m.dt_bias, decay_rates(m.A_log),
-                            m.fc_D.weight, headdim=m.headdim, d_state=m.d_state, chunk_size=m.chunk_size,
-                            fused=True, scan_impl="triton")
-            y = combine(mix.scan, mix.x, mix.diag_partial + m.D.to(mix.x.dtype), fused=True)
-            y = gated_norm(y, z, m.norm.weight, m.norm.eps, width=m.d_inner * cp, sum_over_ranks=lambda s: s * cp,
-                           fused=True)
-            return m.out_proj(y)
-
-    return Cut()
+    def forward(self, u):
+        m = self.m
+        z, xbc, dt = torch.split(m.in_proj(u), [m.d_inner, m.d_inner + 2 * m.d_bc, 2 * m.nheads], dim=-1)
+        mix = local_mix(xbc, dt, m.conv1d.weight, m.conv1d.bias, m.dt_bias, decay_rates(m.A_log),
+                        m.fc_D.weight, headdim=m.headdim, d_state=m.d_state, chunk_size=m.chunk_size,
+                        fused=True, scan_impl="triton")
+        y = combine(mix.scan, mix.x, mix.diag_partial + m.D.to(mix.x.dtype), fused=True)
+        y = gated_norm(y, z, m.norm.weight, m.norm.eps, width=m.d_inner * self.cp,
+                       sum_over_ranks=lambda s: s * self.cp, fused=True)
+        return m.out_proj(y)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ expand 2, headdim 64, d_state 64, FFN 3.5x, T5-XXL text width):
   build_old   today's path before #27: torch.manual_seed + build_model (every rank the whole fp32 model)
   build_new   megassm.train.build.build_partitioned under ZeRO-3 (meta build, seeded per parameter,
               each parameter handed to ZeRO-3 at once)
-  warm_old    build_model + train.warm_start.warm_start from a consolidated checkpoint (a whole state dict)
+  warm_old    build_model + warm_start_old.warm_start from a consolidated checkpoint (a whole state dict)
   warm_new    build_partitioned(init_from=...): offset reads of this rank's slices
   save        build_partitioned + the DeepSpeed ZeRO-3 engine (AdamW), two steps, then save_checkpoint:
               seconds, bytes written (all ranks), GB/s; then the trainer's non-blocking save of the same
@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def overrides(d_model: int, blocks: int) -> list[str]:
@@ -62,7 +63,7 @@ def _rchar() -> int:
 
 
 def _cfg(args, zero_stage: int = 3):
-    from megassm.config.load import load_config
+    from megassm.run_config import load_config
 
     return load_config(str(REPO / "configs/smoke.yaml"),
                        [*overrides(args.d_model, args.blocks), f"parallel.zero_stage={zero_stage}"])
@@ -110,12 +111,12 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
         DEVICE[0] = torch.device("cuda", rank)
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
     import deepspeed  # noqa: F401  (imported before the baseline: every phase pays it)
+    from warm_start_old import warm_start
 
     from megassm.checkpoint.errors import bytes_read
     from megassm.models import build_model
     from megassm.parallel.mesh import ParallelMesh
     from megassm.train.build import build_partitioned
-    from megassm.train.warm_start import warm_start
 
     cfg = _cfg(args)
     mesh = ParallelMesh.from_config(cfg.parallel)
@@ -136,7 +137,7 @@ def _phase(rank: int, world: int, port: int, args, out: str) -> None:
     elif p.startswith("first_step"):
         import tempfile
 
-        from megassm.config.load import load_config
+        from megassm.run_config import load_config
 
         run = tempfile.mkdtemp(prefix=f"bench_first_step_{p}_") if rank == 0 else None
         box = [run]

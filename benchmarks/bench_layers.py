@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, Results, ensure_selective_scan_stub, gemm_tflops, out_dir, peak_mem_gb, time_ms  # noqa: E402
 
-from megassm.config.load import load_config  # noqa: E402
 from megassm.models import accounting as acc  # noqa: E402
 from megassm.models.attention import CrossAttention, SelfAttention  # noqa: E402
 from megassm.models.block import FeedForward, HTHBlock, TokenGrid  # noqa: E402
 from megassm.models.hydra import Hydra  # noqa: E402
+from megassm.run_config import load_config
 
 # token grids (T, H, W) of the stages' sequence lengths (docs/architecture.md §7) and of the 65,536 case
 GRIDS = {256: (1, 16, 16), 4096: (1, 64, 64), 16384: (1, 128, 128), 29040: (33, 22, 40), 65536: (1, 256, 256)}

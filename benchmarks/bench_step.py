@@ -69,7 +69,7 @@ def stage_settings(stage: str) -> tuple[int, str, int]:
     path = REPO / "configs" / f"{stage}.yaml"
     if not path.exists():
         return 1, "none", 2
-    from megassm.config.load import load_config
+    from megassm.run_config import load_config
 
     t = load_config(path).train
     return t.micro_batch_size, t.activation_checkpointing, t.checkpoint_every_k

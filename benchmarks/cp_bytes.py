@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megassm.config import load_config  # noqa: E402
 from megassm.models.mixers import mixer_for_symbol  # noqa: E402
 from megassm.parallel.comm_model import block_collectives, step_wire_bytes, wire_bytes  # noqa: E402
+from megassm.run_config import load_config  # noqa: E402
 
 GiB = 1024**3
 CASES = [  # (name, token grid (T', H', W'), cp degrees)

@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 def write_base(path: Path) -> dict:
     from safetensors.torch import save_file
 
-    from megassm.config import load_config
     from megassm.config.load import to_yaml
     from megassm.models import build_model
+    from megassm.run_config import load_config
 
     cfg = load_config("configs/stage0_256px.yaml", ["encoders.vae=unused", "encoders.text_encoder=unused"])
     t0 = time.time()

@@ -129,7 +129,7 @@ def time_t5() -> dict:
 
 
 def main() -> int:
-    from megassm.config import load_config
+    from megassm.run_config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from megassm.config.load import ConfigError
+from megassm.config.validate import ConfigError
 
 OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=200 model.d_model=256"
 
@@ -26,8 +26,8 @@ def _cmd_train(args) -> int:
 def _train(args) -> int:
     import logging
 
-    from megassm.config.load import load_config
     from megassm.parallel.mesh import read_dist_env
+    from megassm.run_config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = read_dist_env()
@@ -86,8 +86,8 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_inspect_model(args) -> int:
-    from megassm.config.load import load_config
     from megassm.models.accounting import forward_flops, param_counts
+    from megassm.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
@@ -166,15 +166,71 @@ def _optional_commands(sub, isub) -> None:
     """Commands whose parsers live beside their code (data, checkpoint tools, planning, evaluation)."""
     from megassm.checkpoint.cli import add_convert_parser, add_inspect_checkpoint_parser
     from megassm.data.cli import add_inspect_data_parser, add_preprocess_parser
-    from megassm.eval.cli import add_eval_parser
+    from megassm.evaluate import add_eval_parser
     from megassm.plan import add_plan_parser
 
     add_preprocess_parser(sub)
     add_inspect_data_parser(isub)
-    add_convert_parser(sub)
+    csub = add_convert_parser(sub)
+    _add_to_diffusers(csub)  # converters of the packages above checkpoint/, after its own (the help's order)
+    _add_merge_lora(csub)
     add_plan_parser(sub)
     add_inspect_checkpoint_parser(isub)
     add_eval_parser(sub)
+
+
+# -- `megassm convert` subcommands that use the packages above checkpoint/ (diffusers, sample + lora) --------------
+def _cmd_to_diffusers(args) -> int:
+    from megassm.checkpoint.cli import print_result
+    from megassm.diffusers.convert import to_diffusers
+
+    meta, notes = to_diffusers(args.source, args.out, use_ema=not args.no_ema, vae=args.vae,
+                               text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=args.dtype,
+                               force=args.force)
+    print_result(meta, notes, args.out)
+    return 0
+
+
+def _cmd_merge_lora(args) -> int:
+    from megassm.checkpoint.cli import print_result
+    from megassm.sample import merge_lora_checkpoint
+
+    meta, notes = merge_lora_checkpoint(args.source, args.adapters, args.out, use_ema=not args.no_ema,
+                                        force=args.force)
+    print_result(meta, notes, args.out)
+    return 0
+
+
+def _add_to_diffusers(csub) -> None:
+    from megassm.checkpoint.cli import SOURCE_HELP
+
+    d = csub.add_parser("to-diffusers", help="any checkpoint -> diffusers pipeline directory (HTHPipeline)",
+                        description="Write model_index.json, transformer/ (megassm.diffusers.HTHTransformerModel), "
+                        "vae/, text_encoder/, tokenizer/ and scheduler/ for megassm.diffusers.HTHPipeline."
+                        "from_pretrained(OUT). With builtin encoders only transformer/ is written.")
+    d.add_argument("source", help=SOURCE_HELP)
+    d.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
+    d.add_argument("--no-ema", action="store_true", help="use the model weights even if EMA weights are stored")
+    d.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
+    d.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
+    d.add_argument("--tokenizer", default=None, help="override encoders.tokenizer (local directory)")
+    d.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="transformer dtype")
+    d.add_argument("--force", action="store_true", help="replace an existing output")
+    d.set_defaults(func=_cmd_to_diffusers)
+
+
+def _add_merge_lora(csub) -> None:
+    from megassm.checkpoint.cli import SOURCE_HELP
+
+    m = csub.add_parser("merge-lora", help="base checkpoint + LoRA adapters -> consolidated dir, adapters folded in",
+                        description="Fold LoRA adapters (a checkpoints/step_*/lora directory, peft layout) into the "
+                        "base weights: W += alpha / rank * B A. The base's EMA weights are used when stored.")
+    m.add_argument("source", help="base " + SOURCE_HELP)
+    m.add_argument("adapters", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
+    m.add_argument("--no-ema", action="store_true", help="merge into the base's model weights, not its EMA")
+    m.add_argument("--force", action="store_true", help="replace an existing output")
+    m.set_defaults(func=_cmd_merge_lora)
 
 
 def _close_process_group() -> None:

@@ -145,7 +145,7 @@ def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict
     prompts = len(t.preview_prompts) if t.preview_prompts is not None else len(preview_prompts(cfg))
     extractors = 0.0
     if t.eval_every > 0:
-        from megassm.eval.during_training import eval_prompts
+        from megassm.train.evaluation import eval_prompts
 
         e = cfg.eval
         if e.clip_model is not None or e.inception is not None:
@@ -445,7 +445,8 @@ def seq_len_of(cfg: RunConfig) -> tuple[int | None, str]:
 
 
 def _cmd_plan(args) -> int:
-    from megassm.config.load import ConfigError, load_config
+    from megassm.config.validate import ConfigError
+    from megassm.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.micro_batch:

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from megassm.checkpoint.load import CheckpointError
-from megassm.config.load import ConfigError, from_dict
+from megassm.config.load import to_dict
 from megassm.config.schema import RunConfig
+from megassm.config.validate import ConfigError
 from megassm.diffusion.flow import euler_sample, resolution_shift
-from megassm.encoders import LatentDecoder, TextEncoder  # the encoders package's; previews and tests import them here
+from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.models import HTHModel, build_model
+from megassm.run_config import from_dict
 from megassm.runtime import compute_dtype, default_device
 
 
@@ -69,7 +71,7 @@ def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, 
     if d.buckets:
         b = max(d.buckets, key=lambda b: b.weight)
         return tuple(b.shape), f"data.buckets ({b.name or b.shape})"  # type: ignore[return-value]
-    from megassm.train.preview import most_common_latent_shape
+    from megassm.data.manifest import most_common_latent_shape
 
     try:
         shape = most_common_latent_shape(list(d.paths))
@@ -100,6 +102,22 @@ def _load_lora_run(path, tag_dir: Path, cfg: RunConfig, use_ema: bool, device, m
     cfg.finetune.lora = None  # the model is the base's architecture (plus unmerged adapters, unless merged)
     return model, cfg, {**info, "lora": str(adapters), "lora_report": report,
                         "weights": f"base model + {adapters.name}"}
+
+
+def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Path, *, use_ema: bool = True,
+                          force: bool = False) -> tuple[dict, list[str]]:
+    """Base checkpoint (any layout) + adapter directory -> consolidated checkpoint with the adapters folded in."""
+    from megassm.checkpoint.writers import save_consolidated
+    from megassm.lora import load_adapters, merge_lora
+
+    model, cfg, info = load_model_for_sampling(base, use_ema=use_ema)
+    report = load_adapters(model, adapters)
+    n = merge_lora(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = save_consolidated(Path(out), state, to_dict(cfg), force=force,
+                             meta={"merged_lora": str(adapters), "base_weights": info["weights"]})
+    return {**meta, "step": info["step"], "parameters": sum(v.numel() for v in state.values()),
+            "tensors": len(state)}, [report, f"merged {n} adapters into {info['weights']} weights of {base}"]
 
 
 def default_latent_hw(cfg: RunConfig) -> tuple[int, int]:
@@ -248,61 +266,80 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     if rank == 0 and size is None and not all(item.get("size") for item in prompts):
         print(f"size: {trained[1] * decoder.factor}x{trained[2] * decoder.factor} (latent {trained[1]}x{trained[2]}, "
               f"from {source})" if trained else f"size: 256x256 by default ({source}); give --size HxW")
-    specs = []
-    for i, item in enumerate(prompts):
-        hw = item.get("size") or size
-        if isinstance(hw, str):
-            hw = tuple(int(v) for v in hw.lower().split("x"))
-        specs.append((SampleSpec(item["prompt"], int(item.get("seed", args.seed + i)), *(hw or (None, None)),
-                                 _latent_frames(item, args, decoder.temporal_factor, trained), args.negative_prompt),
-                      item))
+    specs = _sample_specs(args, prompts, size, decoder.temporal_factor, trained)
     paths = _outputs(out, len(specs))
-    pf = cfg.model.patch_size
+    run = {"precision": str(dtype).replace("torch.", ""), "device": device.type, "checkpoint": str(args.checkpoint),
+           **info, "vae": cfg.encoders.vae, "text_encoder": cfg.encoders.text_encoder}
     for start in range(0, len(specs), args.batch_size):
         chunk = specs[start : start + args.batch_size]
         # one batch must share a shape: group by (h, w, frames)
         for key in sorted({(s.height, s.width, s.frames) for s, _ in chunk}, key=str):
             group = [(j, s) for j, (s, _) in enumerate(chunk, start) if (s.height, s.width, s.frames) == key]
-            h, w, frames = key
-            if h is None:
-                lh, lw = default_latent_hw(cfg)
-            else:
-                if h % (decoder.factor * pf[1]) or w % (decoder.factor * pf[2]):
-                    raise ConfigError(f"size {h}x{w} is not a multiple of VAE factor x patch = "
-                                      f"{decoder.factor * pf[1]}x{decoder.factor * pf[2]}")
-                lh, lw = h // decoder.factor, w // decoder.factor
-            if frames < 1 or frames % pf[0]:
-                raise ConfigError(f"frames={frames} must be a positive multiple of the temporal patch {pf[0]}")
+            frames = key[2]
+            lh, lw = _latent_hw(cfg, decoder.factor, *key)
             lat = generate(model, cfg, [s for _, s in group], encoder, steps, scale, (lh, lw), frames,
                            progress=(lambda r: tqdm(r, desc="denoise", unit="step")) if rank == 0 else None,
                            device=device, dtype=dtype)
             if rank != 0:  # every CP rank holds the same latents; rank 0 decodes and writes
                 continue
             pix = decoder(lat)  # (B, T, 3, H, W)
+            n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
+            shift = resolution_shift(cfg.diffusion, n_tokens)
             for k, ((j, s), p) in enumerate(zip(group, pix)):
-                path = paths[j]
-                if p.shape[0] == 1:  # one frame is an image, whatever --out's suffix
-                    path = path.with_suffix(".png")
-                    save_image(p[0], path)
-                else:
-                    path = path.with_suffix(".mp4")
-                    save_video(p, path, args.fps)
-                n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
                 side = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
                         "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
-                        "steps": steps, "cfg_scale": scale, "shift": resolution_shift(cfg.diffusion, n_tokens),
-                        "precision": str(dtype).replace("torch.", ""), "device": device.type,
-                        "checkpoint": str(args.checkpoint), **info, "vae": cfg.encoders.vae,
-                        "text_encoder": cfg.encoders.text_encoder}
-                if cfg.encoders.vae == "builtin:pixels" and p.shape[0] == 1:
-                    from megassm.data.procedural import parse_caption, prompt_following
-
-                    if parse_caption(s.prompt) and p.shape[-1] == p.shape[-2]:  # a demo prompt: score it
-                        side["prompt_following"] = prompt_following(p[0], s.prompt)
-                path.with_suffix(".json").write_text(json.dumps(side, indent=2))
-                if args.save_latents:
-                    from safetensors.torch import save_file
-
-                    save_file({"latents": lat[k].contiguous()}, str(path.with_suffix(".latents.safetensors")))
-                print(f"wrote {path}")
+                        "steps": steps, "cfg_scale": scale, "shift": shift, **run}
+                _write_sample(paths[j], p, lat[k] if args.save_latents else None, side, args.fps)
     return 0
+
+
+def _sample_specs(args, prompts: list[dict], size: tuple[int, int] | None, temporal_factor: int,
+                  trained: tuple[int, int, int] | None) -> list[tuple[SampleSpec, dict]]:
+    """One (SampleSpec, prompt item) per prompt: its size ("HxW" or a pair), seed and frames, else the flags'
+    (frames: ``_latent_frames``)."""
+    specs = []
+    for i, item in enumerate(prompts):
+        hw = item.get("size") or size
+        if isinstance(hw, str):
+            hw = tuple(int(v) for v in hw.lower().split("x"))
+        specs.append((SampleSpec(item["prompt"], int(item.get("seed", args.seed + i)), *(hw or (None, None)),
+                                 _latent_frames(item, args, temporal_factor, trained), args.negative_prompt),
+                      item))
+    return specs
+
+
+def _latent_hw(cfg: RunConfig, factor: int, h: int | None, w: int | None, frames: int) -> tuple[int, int]:
+    """The latent (height, width) for pixels h x w (None: the config's default); checks the size and frames."""
+    pf = cfg.model.patch_size
+    if h is None:
+        hw = default_latent_hw(cfg)
+    else:
+        if h % (factor * pf[1]) or w % (factor * pf[2]):
+            raise ConfigError(f"size {h}x{w} is not a multiple of VAE factor x patch = "
+                              f"{factor * pf[1]}x{factor * pf[2]}")
+        hw = h // factor, w // factor
+    if frames < 1 or frames % pf[0]:
+        raise ConfigError(f"frames={frames} must be a positive multiple of the temporal patch {pf[0]}")
+    return hw
+
+
+def _write_sample(path: Path, pixels: torch.Tensor, latents: torch.Tensor | None, side: dict, fps: int) -> None:
+    """pixels (T, 3, H, W): one frame an image (.png, whatever the suffix), else a video (.mp4); the side
+    file (.json, with a demo prompt's prompt-following score) and, when given, the latents."""
+    if pixels.shape[0] == 1:
+        path = path.with_suffix(".png")
+        save_image(pixels[0], path)
+    else:
+        path = path.with_suffix(".mp4")
+        save_video(pixels, path, fps)
+    if side["vae"] == "builtin:pixels" and pixels.shape[0] == 1:
+        from megassm.data.procedural import parse_caption, prompt_following
+
+        if parse_caption(side["prompt"]) and pixels.shape[-1] == pixels.shape[-2]:  # a demo prompt: score it
+            side["prompt_following"] = prompt_following(pixels[0], side["prompt"])
+    path.with_suffix(".json").write_text(json.dumps(side, indent=2))
+    if latents is not None:
+        from safetensors.torch import save_file
+
+        save_file({"latents": latents.contiguous()}, str(path.with_suffix(".latents.safetensors")))
+    print(f"wrote {path}")

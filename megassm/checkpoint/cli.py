@@ -21,16 +21,17 @@ def _config(args) -> dict | None:
     """--config FILE [--set k=v ...] -> RunConfig dict, or None."""
     if not getattr(args, "config", None):
         if getattr(args, "set", None):
-            from megassm.config.load import ConfigError
+            from megassm.config.validate import ConfigError
 
             raise ConfigError("--set needs --config")
         return None
-    from megassm.config.load import load_config, to_dict
+    from megassm.config.load import to_dict
+    from megassm.run_config import load_config
 
     return to_dict(load_config(args.config, args.set or []))
 
 
-def _print_result(meta: dict, notes: list[str], out: str) -> None:
+def print_result(meta: dict, notes: list[str], out: str) -> None:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if meta.get("nonfinite_tensors"):
@@ -47,7 +48,7 @@ def _cmd_zero(args) -> int:
     meta, notes = zero_to_consolidated(args.source, args.out, tag=args.tag, config=_config(args), dtype=args.dtype,
                                        ema=not args.no_ema, max_shard_bytes=parse_size(args.max_shard_size),
                                        force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
@@ -57,19 +58,20 @@ def _cmd_reshard(args) -> int:
     meta, notes = reshard(args.source, args.out, tp=args.tp, pp=args.pp, virtual=args.virtual, seq_len=args.seq_len,
                           tag=args.tag, config=_config(args),
                           ema=not args.no_ema, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
 def _cmd_stage(args) -> int:
     from megassm.checkpoint.convert import stage
-    from megassm.config.load import load_config, to_dict
+    from megassm.config.load import to_dict
+    from megassm.run_config import load_config
 
     target = to_dict(load_config(args.target_config, args.set or []))
     meta, report = stage(args.source, target, args.out, tag=args.tag, seed=args.seed, ema=not args.no_ema,
                          max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print("\n".join(report))
-    _print_result(meta, [], args.out)
+    print_result(meta, [], args.out)
     return 0
 
 
@@ -78,7 +80,7 @@ def _cmd_ema(args) -> int:
 
     meta, notes = extract_ema(args.source, args.out, tag=args.tag, config=_config(args),
                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, notes, args.out)
     return 0
 
 
@@ -88,26 +90,7 @@ def _cmd_import_hydra(args) -> int:
     meta, report = import_hydra(args.reference, _config(args), args.out, mapping=args.map, base=args.base,
                                 seed=args.seed, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print("\n".join(report))
-    _print_result(meta, [], args.out)
-    return 0
-
-
-def _cmd_to_diffusers(args) -> int:
-    from megassm.diffusers.convert import to_diffusers
-
-    meta, notes = to_diffusers(args.source, args.out, use_ema=not args.no_ema, vae=args.vae,
-                               text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=args.dtype,
-                               force=args.force)
-    _print_result(meta, notes, args.out)
-    return 0
-
-
-def _cmd_merge_lora(args) -> int:
-    from megassm.lora.training import merge_lora_checkpoint
-
-    meta, notes = merge_lora_checkpoint(args.source, args.adapters, args.out, use_ema=not args.no_ema,
-                                        force=args.force)
-    _print_result(meta, notes, args.out)
+    print_result(meta, [], args.out)
     return 0
 
 
@@ -147,13 +130,20 @@ def _common(p: argparse.ArgumentParser, source: bool = True, config: bool = True
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-def add_convert_parser(sub) -> None:
+def add_convert_parser(sub):
+    """``megassm convert`` and its checkpoint converters; returns the converters' subparsers (cli.py adds the
+    ones of the packages above checkpoint/: to-diffusers, merge-lora)."""
     c = sub.add_parser("convert", help="convert checkpoints (DeepSpeed -> safetensors, TP reshard, stages, Hydra)",
                        description="Checkpoint converters. Every output is written to a temporary directory beside "
                        "it and renamed into place when complete. docs/checkpoints.md describes the layouts.")
     csub = c.add_subparsers(dest="converter", metavar="CONVERTER")
     csub.required = True
+    for add in (_add_zero_to_consolidated, _add_reshard, _add_stage, _add_extract_ema, _add_import_hydra):
+        add(csub)
+    return csub
 
+
+def _add_zero_to_consolidated(csub) -> None:
     z = csub.add_parser("zero-to-consolidated", help="DeepSpeed checkpoint (ZeRO-1/2/3, TP) -> consolidated dir",
                         description="Stream a DeepSpeed checkpoint into model.safetensors (+ ema.safetensors, "
                         "config.yaml/json, meta.json). Peak memory: about one tensor.")
@@ -162,6 +152,8 @@ def add_convert_parser(sub) -> None:
     z.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     z.set_defaults(func=_cmd_zero)
 
+
+def _add_reshard(csub) -> None:
     r = csub.add_parser("reshard", help="any checkpoint -> consolidated (--tp 1 --pp 1) or TP x PP sharded layout",
                         description="Rewrite a checkpoint for another layout: one directory per (pp, tp) rank "
                         "holding its pipeline stage's tensors cut for its TP rank; --tp 1 --pp 1 writes a "
@@ -175,6 +167,8 @@ def add_convert_parser(sub) -> None:
     r.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     r.set_defaults(func=_cmd_reshard)
 
+
+def _add_stage(csub) -> None:
     s = csub.add_parser("stage", help="warm-start checkpoint for a new stage (e.g. image -> video scan orders)",
                         description="Apply the target stage config's model (scan-order revisions from model.pattern, "
                         "new blocks) to a checkpoint; new parameters get the model's own init. Prints the changes.")
@@ -186,10 +180,14 @@ def add_convert_parser(sub) -> None:
     s.add_argument("--no-ema", action="store_true", help="leave the EMA weights out")
     s.set_defaults(func=_cmd_stage)
 
+
+def _add_extract_ema(csub) -> None:
     e = csub.add_parser("extract-ema", help="consolidated dir whose model weights are the EMA weights")
     _common(e)
     e.set_defaults(func=_cmd_ema)
 
+
+def _add_import_hydra(csub) -> None:
     h = csub.add_parser("import-hydra", help="public-reference Hydra weights (goombalab/hydra) -> megassm blocks",
                         description="Map reference Hydra layers (<prefix>in_proj.weight, conv1d.*, dt_bias, A_log, D, "
                         "fc_D.weight, norm.weight, out_proj.weight) onto megassm Hydra blocks' mixers. Other "
@@ -202,30 +200,6 @@ def add_convert_parser(sub) -> None:
     h.add_argument("--base", default=None, help="megassm checkpoint supplying all other tensors")
     h.add_argument("--seed", type=int, default=None, help="seed of fresh tensors (default: config train.seed)")
     h.set_defaults(func=_cmd_import_hydra)
-
-    d = csub.add_parser("to-diffusers", help="any checkpoint -> diffusers pipeline directory (HTHPipeline)",
-                        description="Write model_index.json, transformer/ (megassm.diffusers.HTHTransformerModel), "
-                        "vae/, text_encoder/, tokenizer/ and scheduler/ for megassm.diffusers.HTHPipeline."
-                        "from_pretrained(OUT). With builtin encoders only transformer/ is written.")
-    d.add_argument("source", help=SOURCE_HELP)
-    d.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
-    d.add_argument("--no-ema", action="store_true", help="use the model weights even if EMA weights are stored")
-    d.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
-    d.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
-    d.add_argument("--tokenizer", default=None, help="override encoders.tokenizer (local directory)")
-    d.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="transformer dtype")
-    d.add_argument("--force", action="store_true", help="replace an existing output")
-    d.set_defaults(func=_cmd_to_diffusers)
-
-    m = csub.add_parser("merge-lora", help="base checkpoint + LoRA adapters -> consolidated dir, adapters folded in",
-                        description="Fold LoRA adapters (a checkpoints/step_*/lora directory, peft layout) into the "
-                        "base weights: W += alpha / rank * B A. The base's EMA weights are used when stored.")
-    m.add_argument("source", help="base " + SOURCE_HELP)
-    m.add_argument("adapters", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
-    m.add_argument("--no-ema", action="store_true", help="merge into the base's model weights, not its EMA")
-    m.add_argument("--force", action="store_true", help="replace an existing output")
-    m.set_defaults(func=_cmd_merge_lora)
 
 
 def add_inspect_checkpoint_parser(isub) -> None:

@@ -76,7 +76,7 @@ def reshard(src: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, virtu
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False) -> tuple[dict, list[str]]:
     """Any checkpoint -> consolidated (tp = pp = 1) or a sharded layout (TP k, PP p stages by block
     ranges); bit-exact both ways."""
-    from megassm.config.load import from_dict
+    from megassm.run_config import from_dict
 
     if tp < 1 or pp < 1:
         raise CheckpointError(f"--tp {tp} / --pp {pp} must be >= 1")
@@ -180,7 +180,7 @@ def stage(src: str | Path, target: dict, out: str | Path, *, tag: str | None = N
           ema: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
           force: bool = False) -> tuple[dict, list[str]]:
     """Warm-start checkpoint for the ``target`` stage (a RunConfig dict). Returns (meta, report lines)."""
-    from megassm.config.load import from_dict
+    from megassm.run_config import from_dict
 
     check_output(Path(out), force)
     ckpt = _open_checked(src, tag, None)

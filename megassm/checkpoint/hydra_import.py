@@ -136,7 +136,7 @@ def import_hydra(reference: str | Path, config: dict, out: str | Path, *, mappin
     Other tensors come from ``base`` (a megassm checkpoint of the same config) or a fresh init.
     Returns (meta, report lines).
     """
-    from megassm.config.load import from_dict
+    from megassm.run_config import from_dict
 
     check_output(Path(out), force)
     run = from_dict(config)

@@ -82,7 +82,7 @@ def inspect_checkpoint(path: str | Path, *, tag: str | None = None, config: dict
 
 def _expected(ckpt: Checkpoint, summary: dict) -> dict:
     """The config's tensors; a LoRA run's (finetune.lora) with its adapters, noted in the summary."""
-    from megassm.config.load import from_dict
+    from megassm.run_config import from_dict
 
     lora = from_dict(ckpt.config).finetune.lora
     if lora is None:

@@ -26,8 +26,8 @@ import yaml
 
 from megassm.checkpoint.errors import CheckpointError
 from megassm.checkpoint.safetensors_io import SafetensorsDir, SafetensorsFile, TensorSpec
-from megassm.checkpoint.tags import COMPLETE, LATEST
 from megassm.checkpoint.zero import DeepSpeedCheckpoint, is_deepspeed_dir
+from megassm.config.tags import COMPLETE, LATEST
 
 MODEL, EMA = "model", "ema"
 META, LAYOUT = "meta.json", "layout.json"
@@ -60,7 +60,7 @@ class Checkpoint:
         if not self.config or "model" not in self.config:
             raise CheckpointError(f"{self.path} stores no config.yaml/config.json; pass --config CONFIG.yaml "
                                   "(the run's stage config)")
-        from megassm.config.load import from_dict
+        from megassm.run_config import from_dict
 
         return from_dict(self.config).model
 

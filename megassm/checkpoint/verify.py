@@ -17,8 +17,8 @@ from pathlib import Path
 
 from megassm.checkpoint.errors import CheckpointError
 from megassm.checkpoint.safetensors_io import SafetensorsFile
-from megassm.checkpoint.tags import COMPLETE
 from megassm.checkpoint.torchzip import TorchFile, read_archive
+from megassm.config.tags import COMPLETE
 
 # DeepSpeed's per-rank files: zero_pp_rank_{dp}_mp_rank_{mp}_{model,optim}_states.pt (ZeRO-3; optim with a
 # "bf16_" prefix under ZeRO-1/2), mp_rank_{mp}_model_states.pt (ZeRO-0/1/2, one per model-parallel rank)

@@ -58,7 +58,8 @@ def _cast(specs: dict[str, TensorSpec], dtype: torch.dtype | None) -> dict[str, 
 
 def write_config(directory: Path, config: dict) -> None:
     """config.yaml + config.json of a RunConfig dict (validated on the way)."""
-    from megassm.config.load import from_dict, to_dict, to_yaml
+    from megassm.config.load import to_dict, to_yaml
+    from megassm.run_config import from_dict
 
     run = from_dict(config)
     (directory / "config.yaml").write_text(to_yaml(run))
@@ -121,9 +122,9 @@ def write_sharded(out: Path, model: WeightSet, ema: WeightSet | None, config: di
     """Write one directory per (pp, tp) rank: the stage's tensors (``plan``: a ``PipelinePlan`` of
     ``megassm.parallel.pipeline`` when pp > 1) cut with ``sharding.shard_state_dict`` for its TP rank.
     Every source tensor is read once."""
-    from megassm.config.load import from_dict
     from megassm.parallel.mesh import ParallelDims
     from megassm.parallel.sharding import shard_spec, shard_state_dict
+    from megassm.run_config import from_dict
 
     model_cfg = from_dict(config).model
     ParallelDims(world=tp * pp, tp=tp, pp=pp).check_model(model_cfg)  # names the size a degree does not divide

@@ -315,3 +315,30 @@ class DeepSpeedCheckpoint:
     def files(self) -> list[Path]:
         model, optim = self._files
         return sorted([p for d in model.values() for p in d.values()] + [p for d in optim.values() for p in d.values()])
+
+
+def consolidate_pipeline_checkpoint(tag_dir: str | Path, model_cfg, pp: int, tp: int = 1,
+                                    fp32: bool = True) -> dict[str, torch.Tensor]:
+    """The consolidated (full, HTHModel-named) state dict of a pipeline run's DeepSpeed checkpoint
+    (``mp_rank_XX_model_states.pt``, XX = pp_rank*tp + tp_rank), read without unpickling; the stages joined
+    by ``parallel/pipeline_checkpoint.py``.
+
+    fp32: read ZeRO-1's fp32 master weights (exact under bf16 training); falls back to the
+    module weights (exact for fp32 training) when the checkpoint has no ZeRO optimizer files.
+    """
+    from megassm.parallel.pipeline_checkpoint import pipeline_state_dict_to_full
+
+    ds = DeepSpeedCheckpoint(tag_dir)  # offset reads of the files' tensors: nothing is unpickled
+    if len(ds.mp_ranks) != pp * tp:
+        raise FileNotFoundError(f"{tag_dir} has {len(ds.mp_ranks)} model-parallel ranks, pp={pp} x tp={tp} "
+                                f"needs {pp * tp}: not a checkpoint of this pipeline x TP layout")
+    stages = []
+    for r in range(pp):
+        shards = []
+        for t in range(tp):
+            rank = ds.rank(r * tp + t)
+            # ZeRO-1 files: the fp32 masters; ZeRO-0 (or fp32=False): the module's own weights
+            read = rank.read if (fp32 and rank.stage > 0) else rank.read_module
+            shards.append({n: read(n).float() for n in rank.module_names()})
+        stages.append(shards)
+    return pipeline_state_dict_to_full(stages, model_cfg)

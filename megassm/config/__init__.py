@@ -1,4 +1,7 @@
-from megassm.config.load import ConfigError, check_extras, from_dict, load_config, to_dict, to_yaml, validate
+"""Run configs: the schema, YAML loading and the rules of their values. (The gate that checks a config
+against every package's rules too: ``megassm.run_config.load_config`` / ``from_dict``.)"""
+
+from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import (
     DataConfig,
     DiffusionConfig,
@@ -12,9 +15,10 @@ from megassm.config.schema import (
     TrainConfig,
     WandbConfig,
 )
+from megassm.config.validate import ConfigError, check_extras
 
 __all__ = [
-    "ConfigError", "load_config", "to_yaml", "to_dict", "from_dict", "validate", "check_extras",
+    "ConfigError", "to_yaml", "to_dict", "check_extras",
     "RunConfig", "ModelConfig", "DataConfig", "DiffusionConfig", "EncoderConfig", "OptimConfig",
     "ParallelConfig", "TrainConfig", "ProfileConfig", "LoggingConfig", "WandbConfig",
 ]

@@ -1,4 +1,5 @@
-"""Load, compose and override run configs; validation is config/validate.py's.
+"""Load, compose and override run configs (``compose``, ``structured``); the rules are config/validate.py's,
+run with the packages' own by the gate, ``megassm/run_config.py`` (``load_config``, ``from_dict``).
 
 A YAML file may name other YAML files under ``base:`` (paths relative to the file);
 they are merged first, in order, then the file itself, then ``key=value`` overrides.
@@ -9,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megassm.config.datasets import apply_datasets, explicit_keys
 from megassm.config.schema import RunConfig
-
-# the gate's names, re-exported: most of megassm imports ConfigError (and a few rules) from here
-from megassm.config.validate import (  # noqa: F401
-    ConfigError,
-    check_eval_sources,
-    check_extras,
-    check_preview_sources,
-    check_run,
-    read_prompt_lines,
-    validate,
-    validate_model,
-)
-
-log = logging.getLogger("megassm.config")
+from megassm.config.validate import ConfigError
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
@@ -155,12 +141,30 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), world: int | None = None,
-                quiet: bool = False, training: bool = False) -> RunConfig:
-    """Build a validated ``RunConfig`` from a YAML file (with its bases) and overrides; ``world``: the world
-    size of the launch that will run it, if known (``megassm train`` passes it, before dist init). The model's
-    input widths come from the local datasets where the config leaves them out (logged unless ``quiet``);
-    ``training`` (``megassm train``): also what a run reads must exist and agree (config/datasets.py)."""
+def _flatten(data: Mapping, prefix: str = "") -> Iterable[str]:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        yield key
+        if isinstance(v, Mapping):
+            yield from _flatten(v, key + ".")
+
+
+def explicit_keys(files: Iterable[Mapping], overrides: Iterable[tuple[str, Any]]) -> set[str]:
+    """Dotted keys set by the YAML mappings (bases included) and the ``(key, value)`` overrides."""
+    keys: set[str] = set()
+    for data in files:
+        keys.update(_flatten(data))
+    for key, value in overrides:
+        keys.add(key)
+        if isinstance(value, Mapping):
+            keys.update(_flatten(value, key + "."))
+    return keys
+
+
+def compose(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[RunConfig, set[str]]:
+    """A ``RunConfig`` from a YAML file (with its bases) and ``key=value`` overrides, typed but not yet checked
+    against the rules (``megassm/run_config.py: load_config`` does both), and the dotted keys the files and
+    overrides set themselves (``data/config_checks.explicit_keys``: widths left unset come from the data)."""
     cfg = OmegaConf.structured(RunConfig)
     files = _read_yaml(Path(path)) if path is not None else []
     for file, data in files:
@@ -177,14 +181,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), w
         run: RunConfig = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
-    validate(run)
-    notes, warnings = apply_datasets(run, explicit_keys([d for _, d in files], parsed), training)
-    check_run(run, world)
-    for note in notes if not quiet else ():
-        log.info(note)
-    for warning in warnings if not quiet else ():
-        log.warning(warning)
-    return run
+    return run, explicit_keys([d for _, d in files], parsed)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -195,9 +192,8 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def from_dict(data: dict) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict`` output (e.g. a checkpoint's config.json)."""
+def structured(data: dict) -> RunConfig:
+    """A RunConfig from ``to_dict`` output (e.g. a checkpoint's config.json), typed but not yet checked against
+    the rules (``megassm/run_config.py: from_dict`` does both)."""
     cfg = _merge(OmegaConf.structured(RunConfig), data, "stored config")
-    run = OmegaConf.to_object(cfg)
-    validate(run)
-    return run
+    return OmegaConf.to_object(cfg)

@@ -126,7 +126,7 @@ class DataConfig:
     buckets: list[BucketConfig] = field(default_factory=list)
     tokens_per_step: int | None = None  # global tokens per step, for buckets without an explicit ``samples``
     # recorded at load from the datasets' manifests, not set by hand: {"vae": fingerprint, "text_encoder": ...},
-    # so that a checkpoint's config says what latents it was trained on (megassm/config/datasets.py)
+    # so that a checkpoint's config says what latents it was trained on (megassm/data/config_checks.py)
     encoded_with: dict[str, str] = field(default_factory=dict)
 
 
@@ -232,7 +232,7 @@ class TrainConfig:
     async_save: bool = False
     sample_every: int = 0  # 0 disables periodic sample images
     # every eval_every steps: the held-out loss, plus CLIP score / KID on eval.prompts when eval.clip_model /
-    # eval.inception + eval.reference are set (megassm/eval/during_training.py); 0 disables it
+    # eval.inception + eval.reference are set (megassm/train/evaluation.py); 0 disables it
     eval_every: int = 0
     # Training previews (every sample_every steps; megassm/train/preview.py). Prompts: this list, else one
     # prompt per line of preview_prompts_file (blank lines and '#' comments skipped), else the demo's
@@ -295,7 +295,7 @@ class LoggingConfig:
     wandb: WandbConfig | None = None  # None: no W&B; `logging.wandb={}` turns it on with the defaults
 
 
-LORA_TARGETS = ("hydra", "attention", "cross_attention", "ffn")  # megassm/lora/adapters.py::TARGET_KINDS
+LORA_TARGETS = ("hydra", "attention", "cross_attention", "ffn")  # lora/adapters.py::target_kinds
 
 
 @dataclass

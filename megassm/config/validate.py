@@ -1,58 +1,64 @@
-"""The validation gate: every rule a config must satisfy, checked before any process group or model exists.
+"""The rules of a config, checked before any process group or model exists.
 
-``validate(cfg)``   the rules that hold for any stored config (also run when a checkpoint's config is read
-                    back): values, combinations, the parallel regimes, the model sizes each parallel degree
-                    must divide (``ParallelDims.check_model``, pure arithmetic), previews, evaluation, LoRA;
-``check_run(cfg, world)``  what a config loaded to run must also satisfy: the world size fits the degrees,
-                    optional packages are installed, and the files it names exist.
+``validate(cfg, rules)``   the rules that hold for any stored config (also run when a checkpoint's config is
+                    read back): values, combinations, the parallel regimes, previews, evaluation, LoRA; and, at
+                    their place in that order, the rules that need a package's knowledge (``PackageRules``:
+                    ModelConfig's, next to the models; the model sizes each parallel degree must divide; data
+                    locations and buckets);
+``check_run(cfg, world, rules)``  what a config loaded to run must also satisfy: the world size fits the
+                    degrees, optional packages are installed, and the files it names exist.
 
-``load_config`` (load.py) runs both. Every error is a ``ConfigError`` naming the key and what would be valid.
+config/ imports no other megassm package: the gate that runs both with every package's rules is
+``megassm/run_config.py`` (``load_config``, ``from_dict``). Every error is a ``ConfigError`` naming the key and
+what would be valid.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megassm.config.schema import (
-    ATTENTION_BACKENDS,
     CP_IMPLS,
-    FP8_RECIPES,
-    HYDRA_PATHS,
     LORA_TARGETS,
-    TORCHAO_PIN,
     WANDB_MODES,
     DataConfig,
+    ModelConfig,
     ParallelConfig,
     RunConfig,
 )
+from megassm.config.tags import COMPLETE, complete_tags
 
 
 class ConfigError(ValueError):
     """A config value, key or combination is invalid. The message says what would be valid."""
 
 
-def check_run(cfg: RunConfig, world: int | None = None) -> None:
+@dataclass(frozen=True)
+class PackageRules:
+    """The rules that need a package's knowledge, run by ``validate`` / ``check_run`` at their place in the
+    order; each raises ``ConfigError`` (``data_location``: ``ValueError``, named as the key's ``ConfigError`` here).
+    ``megassm/run_config.py`` passes the packages' own."""
+
+    model: Callable[[ModelConfig], None]  # ModelConfig's rules (models/rules.py: the mixer registry's)
+    data_location: Callable[[str, str], None]  # (location, key): a data.paths entry's form (ValueError)
+    parallel_model: Callable[[RunConfig], None]  # the model sizes the degrees divide (parallel/rules.py)
+    buckets: Callable[[RunConfig, bool], None]  # data.buckets; with the manifests when True (data/)
+    world: Callable[[ParallelConfig, int], None]  # tp x cp x pp fits the world size (parallel/rules.py)
+
+
+def check_run(cfg: RunConfig, world: int | None, rules: PackageRules) -> None:
     """The rules of a config loaded to run (module doc); ``world``: the launch's world size, when known."""
     if world is not None:
-        check_world(cfg.parallel, world)
+        rules.world(cfg.parallel, world)
     check_extras(cfg)
     check_resume_from(cfg)
-    validate_buckets(cfg)  # again, now with the datasets' manifests
+    rules.buckets(cfg, True)  # again, now with the datasets' manifests
     check_preview_sources(cfg)
     check_eval_sources(cfg)
-
-
-def check_world(p: ParallelConfig, world: int) -> None:
-    """tp x cp x pp must divide the world size (dp = world / (tp x cp x pp)); ``ParallelDims``'s own rule."""
-    from megassm.parallel.mesh import MeshError, ParallelDims
-
-    try:
-        ParallelDims(world=world, tp=p.tp, cp=p.cp, pp=p.pp)
-    except MeshError as e:
-        raise ConfigError(f"parallel.tp={p.tp} cp={p.cp} pp={p.pp} on {world} processes: {e}") from None
 
 
 def check_extras(cfg: RunConfig) -> None:
@@ -70,81 +76,56 @@ def _importable(name: str) -> bool:
         return False
 
 
-def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(allowed)}")
 
 
-def validate_model(m) -> None:
-    from megassm.models.mixers import pattern_errors, spec_errors  # the registry of mixer kinds
-
-    for msg in pattern_errors(m.pattern):
-        raise ConfigError(msg)
-    if len(m.patch_size) != 3 or any(p < 1 for p in m.patch_size):
-        raise ConfigError(f"model.patch_size={list(m.patch_size)} must be three positive ints (pt, ph, pw)")
-    if m.d_model % m.num_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    for msg in spec_errors(m):  # each kind's own rules (Hydra's widths, RoPE's even head dim, ...)
-        raise ConfigError(msg)
-    _choice("model.ssd_impl", m.ssd_impl, ["auto", "ref", "triton"])
-    _choice("model.attention_backend", m.attention_backend, list(ATTENTION_BACKENDS))
-    _choice("model.hydra_path", m.hydra_path, list(HYDRA_PATHS))
-    _choice("model.fp8", m.fp8, list(FP8_RECIPES))
-    _choice("model.compile", m.compile, ["none", "blocks"])
-    if m.fp8 != "none" and not _importable("torchao"):
-        raise ConfigError(f"model.fp8={m.fp8} needs torchao, which is not installed: pip install {TORCHAO_PIN} "
-                          "(or set model.fp8=none)")
-    for k in ("d_model", "d_state", "chunk_size", "text_dim", "max_text_len"):
-        if getattr(m, k) < 1:
-            raise ConfigError(f"model.{k}={getattr(m, k)} must be >= 1")
-
-
-def validate(cfg: RunConfig) -> None:
-    validate_model(cfg.model)
-    validate_data(cfg.data)
-    _choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
-    _choice("train.precision", cfg.train.precision, ["auto", "fp32", "bf16"])
-    _choice("train.activation_checkpointing", cfg.train.activation_checkpointing, ["none", "all", "every_k"])
+def validate(cfg: RunConfig, rules: PackageRules) -> None:
+    """The rules of any stored config (module doc), the packages' (``rules``) at their place."""
+    rules.model(cfg.model)
+    validate_data(cfg.data, rules)
+    check_choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
+    check_choice("train.precision", cfg.train.precision, ["auto", "fp32", "bf16"])
+    check_choice("train.activation_checkpointing", cfg.train.activation_checkpointing, ["none", "all", "every_k"])
     if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
         raise ConfigError(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 disables EMA)")
-    validate_parallel(cfg)
+    validate_parallel(cfg, rules)
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.steps < 0:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1, train.steps >= 0")
     validate_profile(cfg.train.profile, cfg.train.steps)
     validate_checkpointing(cfg.train)
     if cfg.logging.wandb is not None:
-        _choice("logging.wandb.mode", cfg.logging.wandb.mode, list(WANDB_MODES))
+        check_choice("logging.wandb.mode", cfg.logging.wandb.mode, list(WANDB_MODES))
         if not cfg.logging.wandb.project:
             raise ConfigError("logging.wandb.project must be a non-empty W&B project name")
 
-    _choice("train.loss_reduction", cfg.train.loss_reduction, ["sample", "token"])
-    validate_buckets(cfg, manifests=False)
+    check_choice("train.loss_reduction", cfg.train.loss_reduction, ["sample", "token"])
+    rules.buckets(cfg, False)
     validate_previews(cfg)
     validate_eval(cfg)
     validate_finetune(cfg)
 
 
-def validate_data(d: DataConfig) -> None:
-    _choice("data.kind", d.kind, ["procedural", "shards"])
+def validate_data(d: DataConfig, rules: PackageRules) -> None:
+    check_choice("data.kind", d.kind, ["procedural", "shards"])
     if d.kind == "shards" and not d.paths:
         raise ConfigError("data.kind=shards needs data.paths (dataset directories written by `megassm preprocess`)")
     if d.weights and len(d.weights) != len(d.paths):
         raise ConfigError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
     if d.kind == "shards":
-        from megassm.data.remote import check_location
-
         for i, p in enumerate(d.paths):
             try:
-                check_location(str(p), f"data.paths[{i}]")
+                rules.data_location(str(p), f"data.paths[{i}]")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    _choice("data.latent_norm", d.latent_norm, ["manifest", "config"])
-    _choice("data.text_dtype", d.text_dtype, ["float32", "bfloat16"])
+    check_choice("data.latent_norm", d.latent_norm, ["manifest", "config"])
+    check_choice("data.text_dtype", d.text_dtype, ["float32", "bfloat16"])
     if d.frames < 1 or d.prefetch < 1 or d.num_workers < 0:
         raise ConfigError("data.frames and data.prefetch must be >= 1 and data.num_workers >= 0")
-    _choice("data.order", d.order, ["global", "rank"])
+    check_choice("data.order", d.order, ["global", "rank"])
     if d.window_shards < 1:
         raise ConfigError(f"data.window_shards={d.window_shards} must be >= 1")
     if d.read_ahead_samples < 1:
@@ -156,11 +137,11 @@ def validate_data(d: DataConfig) -> None:
                           "default 600)")
 
 
-def validate_parallel(cfg: RunConfig) -> None:
+def validate_parallel(cfg: RunConfig, rules: PackageRules) -> None:
     """The degrees, the two regimes (ZeRO-3 + TP + CP; PP + TP + CP + ZeRO-1), the pipeline's schedule rules,
     and the model sizes the degrees must divide."""
-    _choice("parallel.zero_stage", cfg.parallel.zero_stage, [0, 1, 2, 3])
-    _choice("parallel.cp_impl", cfg.parallel.cp_impl, CP_IMPLS)
+    check_choice("parallel.zero_stage", cfg.parallel.zero_stage, [0, 1, 2, 3])
+    check_choice("parallel.cp_impl", cfg.parallel.cp_impl, CP_IMPLS)
     p = cfg.parallel
     for k in ("tp", "cp", "pp"):
         if getattr(p, k) < 1:
@@ -188,7 +169,7 @@ def validate_parallel(cfg: RunConfig) -> None:
     if p.pp * p.virtual_stages > len(cfg.model.pattern):
         raise ConfigError(f"parallel.pp={p.pp} x parallel.virtual_stages={p.virtual_stages} stages exceed the "
                           f"number of blocks ({len(cfg.model.pattern)}, model.pattern={cfg.model.pattern!r})")
-    _check_parallel_model(cfg)
+    rules.parallel_model(cfg)
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
     validate_zero_options(p)
@@ -226,19 +207,6 @@ def validate_zero_options(p) -> None:
                               f"{p.zero_stage}")
 
 
-def validate_buckets(cfg: RunConfig, manifests: bool = True) -> None:
-    """data.buckets / data.tokens_per_step (megassm/data/token_budget.py): every bucket's tokens split over
-    cp x tp; with ``manifests`` (at load, not for a checkpoint's stored config) the local datasets' shape
-    histograms hold the buckets' shapes (or, without buckets, only shapes that split)."""
-    from megassm.data.format import FormatError
-    from megassm.data.token_budget import BucketError, check_config
-
-    try:
-        check_config(cfg, manifests)
-    except (BucketError, FormatError) as e:
-        raise ConfigError(str(e)) from None
-
-
 def validate_finetune(cfg: RunConfig) -> None:
     lora = cfg.finetune.lora
     if lora is None:
@@ -259,29 +227,6 @@ def validate_finetune(cfg: RunConfig) -> None:
                           "the same mask on every TP rank, which megassm does not draw; use dropout=0.0 under TP")
 
 
-def _check_parallel_model(cfg: RunConfig) -> None:
-    """The model sizes that tp / cp must divide, and the procedural data's tokens over cp, before any process
-    group or model exists (the same checks ``parallelize_hth`` makes)."""
-    from megassm.parallel.mesh import MeshError, ParallelDims
-
-    p = cfg.parallel
-    try:
-        ParallelDims(world=p.tp * p.cp * p.pp, tp=p.tp, cp=p.cp, pp=p.pp).check_model(cfg.model)
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.data.kind == "procedural" and p.cp * p.tp > 1 and not cfg.data.buckets:  # buckets: validate_buckets
-        pt, ph, pw = cfg.model.patch_size
-        tokens = max(1, cfg.data.frames // pt) * (cfg.data.image_size // ph) * (cfg.data.image_size // pw)
-        if tokens % (p.cp * p.tp):
-            raise ConfigError(f"data.image_size={cfg.data.image_size}, data.frames={cfg.data.frames}: {tokens} tokens "
-                              f"per sample do not split over parallel.cp x tp = {p.cp * p.tp} ranks")
-        halo = cfg.model.d_conv // 2
-        if p.cp > 1 and p.cp_impl != "ulysses" and tokens // p.cp < halo:
-            raise ConfigError(f"parallel.cp_impl={p.cp_impl} with parallel.cp={p.cp}: {tokens // p.cp} tokens per CP "
-                              f"rank, fewer than the conv halo (model.d_conv - 1) / 2 = {halo} that state passing "
-                              "takes from each neighbour; use parallel.cp_impl=ulysses, a smaller cp or larger images")
-
-
 def validate_checkpointing(t) -> None:
     """train.keep_last / ckpt_every / resume_from (``TrainConfig``): values only; whether resume_from names a
     checkpoint of the run directory is checked when the run starts (``check_resume_from``)."""
@@ -298,8 +243,6 @@ def check_resume_from(cfg: RunConfig) -> None:
     tag = cfg.train.resume_from
     if not tag:
         return
-    from megassm.checkpoint.tags import COMPLETE, complete_tags
-
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     if Path(tag).name != tag or tag in (".", ".."):
         raise ConfigError(f"train.resume_from={tag!r} must be the name of a checkpoint directory in {ckpt_dir}, "

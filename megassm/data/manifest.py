@@ -18,7 +18,14 @@ from typing import Any
 
 from megassm import __version__
 from megassm.data import remote
-from megassm.data.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SKIP_REPORT_NAME, FormatError
+from megassm.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SKIP_REPORT_NAME,
+    FormatError,
+    parse_shape_key,
+)
 from megassm.data.writer import atomic_write_json
 
 PROGRESS_DIR = ".progress"
@@ -137,3 +144,14 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
             raise FormatError(f"{p}: shards[{i}].path={s['path']!r} is not {SHARD_PATH_RULE}; a manifest may not "
                               "name files outside its dataset, nor shell syntax (pipe: datasets)")
     return m
+
+
+def most_common_latent_shape(paths: list[str]) -> tuple[int, int, int] | None:
+    """(T, h, w) of the most common latent in the datasets' manifests (their shape histograms); None if empty."""
+    hist: Counter[str] = Counter()
+    for path in paths:
+        hist.update(load_manifest(path).get("shape_histogram", {}))
+    if not hist:
+        return None
+    _, T, h, w = parse_shape_key(hist.most_common(1)[0][0])
+    return T, h, w

@@ -5,17 +5,17 @@ whose top-left quadrant holds a red square on a dark background. Every sample is
 (seed, global sample index), so the data position is one integer, resume is exact, and a global batch
 holds the same samples under any data-parallel degree or micro-batching.
 
-``WordEmbeddingEncoder`` is the demo's text encoder: a fixed (seeded, untrained) embedding per
-lower-cased word -- any prompt encodes, known words mean what training showed.
+Its captions are encoded by ``builtin:words`` (``megassm/encoders/words.py``: ``WordEmbeddingEncoder``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import torch
 from torch import Tensor
+
+from megassm.encoders.words import WordEmbeddingEncoder
 
 COLOURS = {
     "red": (1.0, -1.0, -1.0),
@@ -57,30 +57,6 @@ def render(colour: str, position: str, size: int, jitter: Tensor | None = None) 
         c0 = min(max(c0 + int(jitter[1]), POSITIONS[position][1] * q), POSITIONS[position][1] * q + q - side)
     img[:, r0 : r0 + side, c0 : c0 + side] = torch.tensor(COLOURS[colour])[:, None, None]
     return img.unsqueeze(1)
-
-
-class WordEmbeddingEncoder:
-    """Fixed random embedding per word: "a red square" -> (3, dim). Deterministic across runs."""
-
-    identity = "builtin:words"
-
-    def __init__(self, dim: int, max_len: int):
-        self.dim, self.max_len = dim, max_len
-
-    def _word(self, word: str) -> Tensor:
-        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
-        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """prompts -> text (B, max_len, dim) float32, mask (B, max_len) bool (True = valid)."""
-        text = torch.zeros(len(prompts), self.max_len, self.dim)
-        mask = torch.zeros(len(prompts), self.max_len, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            words = re.findall(r"[a-z0-9]+", p.lower())[: self.max_len]
-            for j, w in enumerate(words):
-                text[i, j] = self._word(w)
-            mask[i, : len(words)] = True
-        return text, mask
 
 
 def _clip(colour: str, position: str, jitter: Tensor, size: int, frames: int) -> Tensor:

@@ -15,8 +15,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
-from megassm.config.load import ConfigError
 from megassm.config.schema import ModelConfig
+from megassm.config.validate import ConfigError
 from megassm.models import HTHModel
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' timestep = t * 1000

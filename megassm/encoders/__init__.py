@@ -3,6 +3,7 @@
     latent_norm.py  LatentNorm: model latent = (vae_latent - shift) * scale (reader, sampler, diffusers)
     vae.py          VAEEncoder (a diffusers autoencoder), LatentDecoder (model latents -> pixels)
     text.py         TextEncoder (builtin:words or a transformers encoder), TransformersTextModel
+    words.py        WordEmbeddingEncoder: builtin:words, the demo's (a fixed embedding per word)
     common.py       EncoderError, fingerprints and identities, device choice
 """
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from megassm.config.load import ConfigError
 from megassm.config.schema import EncoderConfig, ModelConfig
+from megassm.config.validate import ConfigError
 from megassm.encoders.common import EncoderError, _read_config, fingerprint
+from megassm.encoders.words import WordEmbeddingEncoder
 
 
 class TextEncoder:
@@ -28,8 +29,6 @@ class TextEncoder:
         self.device = device
         self.builtin, self.hf = None, None
         if enc.text_encoder == "builtin:words":
-            from megassm.data.procedural import WordEmbeddingEncoder
-
             if model_cfg is None:
                 raise EncoderError("builtin:words has no width of its own: it needs the model config's text_dim")
             self.builtin = WordEmbeddingEncoder(model_cfg.text_dim, model_cfg.max_text_len)

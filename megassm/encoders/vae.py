@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from megassm.config.load import ConfigError
 from megassm.config.schema import EncoderConfig
+from megassm.config.validate import ConfigError
 from megassm.encoders.common import EncoderError, _read_config, fingerprint
 from megassm.encoders.latent_norm import LatentNorm
 

@@ -39,8 +39,8 @@ def load_reference(path: str | Path, cfg=None, limit: int | None = None) -> list
     if not path.is_dir():
         raise MissingWeightsError(f"reference set {path} is not a directory of images / videos or a shard dataset")
     if (path / MANIFEST_NAME).is_file():
+        from megassm.encoders import LatentDecoder
         from megassm.eval.heldout import heldout_batches
-        from megassm.sample import LatentDecoder
 
         assert cfg is not None, "a shard reference set needs the run config (its VAE decodes the latents)"
         decoder = LatentDecoder(cfg.encoders, torch.device("cpu"))

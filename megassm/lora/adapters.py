@@ -19,14 +19,20 @@ from torch import nn
 
 from megassm.config.schema import LoRAConfig
 from megassm.lora.layers import LoRALinear
+from megassm.models.mixers import mixer_kinds
 
-# target kind -> module names (suffixes inside a block) it covers; one entry per kind
-TARGET_KINDS: dict[str, tuple[str, ...]] = {
-    "hydra": ("mixer.in_proj", "mixer.out_proj"),  # Hydra mixers (h / v / t blocks)
-    "attention": ("mixer.qkv", "mixer.proj"),  # self-attention mixers (A blocks)
+# the block's own target kinds -> module names (suffixes inside a block); a mixer kind's are on its MixerSpec
+BLOCK_TARGETS: dict[str, tuple[str, ...]] = {
     "cross_attention": ("cross_attn.q", "cross_attn.kv", "cross_attn.proj"),
     "ffn": ("mlp.fc1", "mlp.fc2"),
 }
+
+
+def target_kinds() -> dict[str, tuple[str, ...]]:
+    """Target kind -> module names (suffixes inside a block) it covers: every registered mixer kind with
+    ``MixerSpec.lora_targets`` (e.g. hydra: mixer.in_proj / mixer.out_proj), then cross-attention and FFN."""
+    kinds = {spec.name: tuple(f"mixer.{n}" for n in spec.lora_targets) for spec in mixer_kinds() if spec.lora_targets}
+    return {**kinds, **BLOCK_TARGETS}
 CONFIG_FILE, WEIGHTS_FILE, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
@@ -36,7 +42,8 @@ class AdapterError(ValueError):
 
 def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     """Names of the nn.Linear modules of ``model.blocks`` that ``targets`` (kinds) select, in model order."""
-    suffixes = tuple(s for k in targets for s in TARGET_KINDS[k])
+    kinds = target_kinds()
+    suffixes = tuple(s for k in targets for s in kinds[k])
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")
             and n.split(".", 2)[-1] in suffixes]  # blocks.<i>.<suffix>
 
@@ -118,7 +125,7 @@ def read_adapters(directory: str | Path) -> tuple[LoRAConfig, list[str], dict[st
     if meta.get("use_rslora"):  # scale alpha / sqrt(r) = alpha' / r
         alpha *= math.sqrt(rank)
     cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0)),
-                     targets=list(meta.get("megassm_targets") or TARGET_KINDS))
+                     targets=list(meta.get("megassm_targets") or target_kinds()))
     stored = load_file(str(d / WEIGHTS_FILE))
     state = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v for k, v in stored.items()}
     names = sorted({k.rsplit(".lora_", 1)[0] for k in state})

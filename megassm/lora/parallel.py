@@ -30,9 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megassm.lora.layers import LoRALinear, lora_down, lora_up
+from megassm.parallel.apply import register_tp_grad_sums
 from megassm.parallel.comm import sum_grad_hook
 from megassm.parallel.sharding import ADAPTER_SUFFIXES, shard_spec
-from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, _adopt, exit_tp
+from megassm.parallel.tensor import (
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    _adopt,
+    exit_tp,
+    register_linear_twins,
+)
 
 
 def _adopt_adapter(cls, lora: LoRALinear, **attrs):
@@ -109,3 +117,8 @@ def register_adapter_grad_sums(model: nn.Module, model_cfg, ctx: ParallelContext
             hooked.append(name)
     return hooked
 
+
+
+# parallel/ knows no LoRA: its layers and parallelize_hth find the twins and the gradient rule registered here
+register_linear_twins(LoRALinear, column=LoRAColumnParallelLinear.adopt, row=LoRARowParallelLinear.adopt)
+register_tp_grad_sums(register_adapter_grad_sums)

@@ -11,11 +11,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from megassm.config.load import validate_model
 from megassm.config.schema import ModelConfig
 from megassm.models.block import HTHBlock, TokenGrid, modulate
 from megassm.models.embed import PatchEmbed, TimestepEmbedder, unpatchify
 from megassm.models.mixers import mixer_for_symbol
+from megassm.models.rules import validate_model
 
 
 class FinalLayer(nn.Module):

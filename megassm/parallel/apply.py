@@ -131,11 +131,20 @@ def _register_tp_grad_sums(model: nn.Module, ctx: ParallelContext, sharded: dict
         for mod_name in ("patch_embed", "final_layer"):
             for name, p in getattr(model, mod_name).named_parameters():
                 hook(f"{mod_name}.{name}", p)
-    if any(n.endswith(ADAPTER_SUFFIXES) for n, _ in model.named_parameters()):
-        from megassm.lora.parallel import register_adapter_grad_sums
-
-        hooked += register_adapter_grad_sums(model, model.cfg, ctx)
+    for rule in _GRAD_SUM_RULES:
+        hooked += rule(model, model.cfg, ctx)
     return hooked
+
+
+# further TP gradient-sum rules ``(model, model_cfg, ctx) -> hooked names``, registered by their owners
+# (LoRA's replicated factors: megassm/lora/parallel.py), so parallel/ knows no such kind
+_GRAD_SUM_RULES: list = []
+
+
+def register_tp_grad_sums(rule) -> None:
+    """Run ``rule(model, model_cfg, ctx)`` in every ``parallelize_hth`` at tp > 1, after the built-in hooks."""
+    if rule not in _GRAD_SUM_RULES:
+        _GRAD_SUM_RULES.append(rule)
 
 
 def _split_sequence(model: nn.Module, ctx: ParallelContext, grad_scale: float, check_inputs: bool) -> None:

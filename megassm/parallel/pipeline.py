@@ -19,7 +19,6 @@ caption dropout) is drawn on the first stage only.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -80,15 +79,12 @@ def typical_seq_len(m: ModelConfig, data: DataConfig) -> int:
     pt, ph, pw = m.patch_size
     if data.kind == "procedural":
         return max(1, getattr(data, "frames", 1) // pt) * (data.image_size // ph) * (data.image_size // pw)
-    from megassm.data.format import parse_shape_key
-    from megassm.data.manifest import load_manifest
+    from megassm.data.manifest import most_common_latent_shape
 
-    hist: Counter[str] = Counter()
-    for path in data.paths:
-        hist.update(load_manifest(path).get("shape_histogram", {}))
-    if not hist:
+    shape = most_common_latent_shape(list(data.paths))
+    if shape is None:
         return 4096
-    _, T, H, W = parse_shape_key(hist.most_common(1)[0][0])
+    T, H, W = shape
     return (T // pt) * (H // ph) * (W // pw)
 
 

@@ -6,16 +6,13 @@ one is the union over stages (after merging TP shards). No renaming, nothing sha
 
     full_to_stage_state_dict(full, model_cfg, plan, pp_rank, tp_rank, tp)   -> what a stage loads
     pipeline_state_dict_to_full(stage_sds, model_cfg[, plan])               -> the consolidated dict
-    consolidate_pipeline_checkpoint(tag_dir, model_cfg, pp, tp)             -> same, from a DeepSpeed
-        checkpoint written by a pipeline run (``mp_rank_XX_model_states.pt``, XX = pp_rank*tp + tp_rank,
-        fp32 master weights from the ZeRO-1 optimizer files when present), read without unpickling
-        (``megassm.checkpoint.zero``)
+
+(From a pipeline run's DeepSpeed checkpoint: ``megassm.checkpoint.zero.consolidate_pipeline_checkpoint``.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -88,28 +85,3 @@ def expected_keys(model_cfg: ModelConfig) -> list[str]:
 
     with torch.device("meta"):
         return list(HTHModel(model_cfg).state_dict().keys())
-
-
-def consolidate_pipeline_checkpoint(tag_dir: str | Path, model_cfg: ModelConfig, pp: int, tp: int = 1,
-                                    fp32: bool = True) -> dict[str, Tensor]:
-    """The consolidated (full, HTHModel-named) state dict of a pipeline run's DeepSpeed checkpoint.
-
-    fp32: read ZeRO-1's fp32 master weights (exact under bf16 training); falls back to the
-    module weights (exact for fp32 training) when the checkpoint has no ZeRO optimizer files.
-    """
-    from megassm.checkpoint.zero import DeepSpeedCheckpoint
-
-    ds = DeepSpeedCheckpoint(tag_dir)  # offset reads of the files' tensors: nothing is unpickled
-    if len(ds.mp_ranks) != pp * tp:
-        raise FileNotFoundError(f"{tag_dir} has {len(ds.mp_ranks)} model-parallel ranks, pp={pp} x tp={tp} "
-                                f"needs {pp * tp}: not a checkpoint of this pipeline x TP layout")
-    stages = []
-    for r in range(pp):
-        shards = []
-        for t in range(tp):
-            rank = ds.rank(r * tp + t)
-            # ZeRO-1 files: the fp32 masters; ZeRO-0 (or fp32=False): the module's own weights
-            read = rank.read if (fp32 and rank.stage > 0) else rank.read_module
-            shards.append({n: read(n).float() for n in rank.module_names()})
-        stages.append(shards)
-    return pipeline_state_dict_to_full(stages, model_cfg)

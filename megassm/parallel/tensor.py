@@ -89,6 +89,24 @@ def replicated_input(x: Tensor, ctx: ParallelContext) -> Tensor:
     return copy_to_group(x, ctx.tp_group) if ctx.tp > 1 else x
 
 
+# nn.Linear subclasses that carry more than a weight (a LoRA adapter) -> their column / row-parallel twin's
+# constructor ``adopt(linear, ctx=, ...)``; registered by their owner, so these layers know no such kind
+_LINEAR_TWINS: dict[type, dict[str, Any]] = {}
+
+
+def register_linear_twins(linear_type: type, *, column, row) -> None:
+    """``ColumnParallelLinear.from_linear`` / ``RowParallelLinear.from_linear`` of a ``linear_type`` return
+    ``column(linear, ctx=, sequence_input=)`` / ``row(linear, ctx=)`` instead of a plain parallel linear."""
+    _LINEAR_TWINS[linear_type] = {"column": column, "row": row}
+
+
+def _twin_of(linear: nn.Linear, kind: str):
+    for t in type(linear).__mro__:
+        if t in _LINEAR_TWINS:
+            return _LINEAR_TWINS[t][kind]
+    return None
+
+
 class ColumnParallelLinear(nn.Linear):
     """Output features split over TP (weight/bias rows hold this rank's shard).
 
@@ -100,10 +118,9 @@ class ColumnParallelLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ctx: ParallelContext, sequence_input: bool = True):
-        if hasattr(linear, "lora_A"):  # a LoRA adapter comes along (megassm/lora/parallel.py)
-            from megassm.lora.parallel import LoRAColumnParallelLinear
-
-            return LoRAColumnParallelLinear.adopt(linear, ctx=ctx, sequence_input=sequence_input)
+        twin = _twin_of(linear, "column")  # e.g. a LoRA adapter comes along (megassm/lora/parallel.py)
+        if twin is not None:
+            return twin(linear, ctx=ctx, sequence_input=sequence_input)
         return _adopt(cls, linear, ctx=ctx, sequence_input=sequence_input)
 
     def gather_input(self, x: Tensor) -> Tensor:
@@ -122,10 +139,9 @@ class RowParallelLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ctx: ParallelContext):
-        if hasattr(linear, "lora_A"):  # a LoRA adapter comes along (megassm/lora/parallel.py)
-            from megassm.lora.parallel import LoRARowParallelLinear
-
-            return LoRARowParallelLinear.adopt(linear, ctx=ctx)
+        twin = _twin_of(linear, "row")
+        if twin is not None:
+            return twin(linear, ctx=ctx)
         return _adopt(cls, linear, ctx=ctx)
 
     def forward(self, x: Tensor) -> Tensor:

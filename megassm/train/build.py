@@ -12,7 +12,7 @@
 A rank's peak is its partition of the model plus the largest TP-local parameter (``megassm plan``
 reports both), never the full model. The Trainer builds every regime this way (LoRA: adapters attached
 to the meta model before the cut, ``Trainer._build_model``). The whole-model path (``build_model`` +
-``warm_start`` + ``parallelize_hth``) is the reference the tests compare with.
+``parallelize_hth``, the checkpoint's tensors loaded whole) is the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _swap_in(p: nn.Parameter, values: torch.Tensor) -> None:
 
 
 class WarmStart:
-    """``init_from`` as this rank's slices: offset reads, one tensor at a time; a report as ``warm_start``'s."""
+    """``init_from`` as this rank's slices: offset reads, one tensor at a time; a report of what changed."""
 
     def __init__(self, path: str, cfg: RunConfig, group=None):
         from megassm.checkpoint.sliced import SlicedWeights

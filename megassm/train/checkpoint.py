@@ -30,14 +30,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megassm.checkpoint.snapshot import FileSink
-from megassm.checkpoint.tags import (  # noqa: F401  (re-exported for the trainer)
+from megassm.checkpoint.verify import damaged_files
+from megassm.config.tags import (  # noqa: F401  (re-exported for the trainer)
     COMPLETE,
     LATEST,
     commit_number,
     complete_tags,
     tag_for,
 )
-from megassm.checkpoint.verify import damaged_files
 from megassm.data.writer import atomic_write_bytes
 from megassm.parallel.comm import barrier
 

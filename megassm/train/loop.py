@@ -200,7 +200,7 @@ class Trainer:
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
             self.ema.save(tag_dir, shard_rank, self.ema.partitioned or shard_rank == 0, *self._mp(), sink=sink)
         if self.cfg.finetune.lora is not None:  # the adapters on their own, peft layout: tag_dir/lora, lora_ema
-            from megassm.lora.training import export_adapters
+            from megassm.train.lora_export import export_adapters
 
             export_adapters(self.model, tag_dir, self.cfg.finetune.lora, str(self.cfg.init_from or ""),
                             is_writer=self.rank == 0, ema=self.ema, gathered=self.backend.gathered, sink=sink)
@@ -348,41 +348,11 @@ class Trainer:
                 if first:
                     self._info(_hydra_paths(self.model))
                     first = False
-                if out["ok"]:
-                    self.nonfinite_run = 0
-                else:
-                    self.nonfinite_total += 1
-                    self.nonfinite_run += 1
-                    self._info(f"step {self.step}: non-finite loss or gradient, step skipped "
-                               f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
-                    if self.nonfinite_run >= cfg.max_consecutive_nonfinite:
-                        raise NonFiniteError(
-                            f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at "
-                            f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
-                            f"earlier checkpoint in {self.ckpt_dir}")
-                # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
-                flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
-                row = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
-                       "optimizer_steps": self.backend.optimizer_steps,
-                       "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
-                       "tokens_per_s": out["tokens"] * replicas / out["time"],
-                       "mfu": flops / out["time"] / peak if peak else float("nan"),
-                       "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
-                       "peak_mem_gb": _peak_mem_gb(self.device),
-                       "skipped_steps": self.nonfinite_total, **_skipped_data(self.data)}
-                log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
-                self.metrics.step(row, tb=log_now)
-                if log_now:  # the text log, with or without the progress bar
-                    self._info(progress_line(row, cfg.steps))
+                self._count_nonfinite(out["ok"])
+                row = self._metrics_row(out, replicas, model_parallel, peak)
+                self._log_step(row)
                 bar.update(1, loss=out["loss"], sps=row["samples_per_s"])
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.log_samples()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.evaluate()
-                if self.step == _fault_kill_step():  # tests (mid-write: MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP)
-                    self._reap_save(wait=True)  # the failure comes after the last checkpoint is whole
-                    os.kill(os.getpid(), signal.SIGKILL)
-                self._reap_save(wait=False)
+                self._periodic_work()
                 if out["stop"]:
                     self._save_on_signal(flag.signum)
                     return flag.exit_status()
@@ -409,6 +379,55 @@ class Trainer:
             if flag is not process_wide:
                 flag.restore()
             self.metrics.close()
+
+    def _log_step(self, row: dict) -> None:
+        """The step's row to metrics.jsonl; every train.log_every steps (and the last) also to TensorBoard and
+        the text log, with or without the progress bar."""
+        cfg = self.cfg.train
+        log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+        self.metrics.step(row, tb=log_now)
+        if log_now:
+            self._info(progress_line(row, cfg.steps))
+
+    def _periodic_work(self) -> None:
+        """After a step's metrics: previews, evaluation, the tests' fault injection, a finished background save."""
+        cfg = self.cfg.train
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            self.log_samples()
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            self.evaluate()
+        if self.step == _fault_kill_step():  # tests (mid-write: MEGASSM_FAULT_SIGKILL_IN_SAVE_AT_STEP)
+            self._reap_save(wait=True)  # the failure comes after the last checkpoint is whole
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._reap_save(wait=False)
+
+    def _count_nonfinite(self, ok: bool) -> None:
+        """Count a skipped (non-finite) step; raises ``NonFiniteError`` after train.max_consecutive_nonfinite."""
+        if ok:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self._info(f"step {self.step}: non-finite loss or gradient, step skipped "
+                   f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
+        if self.nonfinite_run >= self.cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at "
+                f"step {self.step}); stopping. Lower optim.lr, check the data, or resume from an "
+                f"earlier checkpoint in {self.ckpt_dir}")
+
+    def _metrics_row(self, out: dict, replicas: int, model_parallel: int, peak: float) -> dict:
+        """The step's metrics from ``train_step``'s report (``out``: one data-parallel replica's samples)."""
+        # model FLOPs (3 x forward), as Megatron / torchtitan report MFU: recomputation is not counted
+        flops = train_flops(self.cfg.model, out["seq_len"], out["samples"]) / model_parallel
+        return {"step": self.step, "loss": out["loss"], "lr": out["lr"],
+                "optimizer_steps": self.backend.optimizer_steps,
+                "grad_norm": out["grad_norm"], "samples_per_s": out["samples"] * replicas / out["time"],
+                "tokens_per_s": out["tokens"] * replicas / out["time"],
+                "mfu": flops / out["time"] / peak if peak else float("nan"),
+                "step_time_s": out["time"], "data_wait_s": out["data_wait"], "seq_len": out["seq_len"],
+                "peak_mem_gb": _peak_mem_gb(self.device),
+                "skipped_steps": self.nonfinite_total, **_skipped_data(self.data)}
 
     def _stopped_before_training(self, flag: signals.StopSignals) -> bool:
         """A signal during start-up (the build, the resume load), on any rank: every rank exits before the
@@ -474,8 +493,8 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Held-out loss (and CLIP score / KID when configured) of the EMA weights to TensorBoard; every rank
-        calls it (megassm/eval/during_training.py)."""
-        from megassm.eval.during_training import TrainingEvaluator
+        calls it (megassm/train/evaluation.py)."""
+        from megassm.train.evaluation import TrainingEvaluator
 
         if getattr(self, "_evaluator", None) is None:
             self._evaluator = TrainingEvaluator(self.cfg, self.mesh, self.device, self._dtype(), self.rank)

@@ -14,15 +14,16 @@ all ranks, so a replica with no prompt of its own runs a stand-in and drops it.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
+from megassm.config.validate import read_prompt_lines
+from megassm.data.manifest import most_common_latent_shape
+from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.parallel.comm import failed_ranks, gather_object
-from megassm.sample import LatentDecoder, SampleSpec, TextEncoder, denoise, initial_noise
+from megassm.sample import SampleSpec, denoise, initial_noise
 from megassm.train.ema import ShardedEMA, applied
 
 # the procedural demo's captions (megassm.data.procedural): what the smoke run learns to draw
@@ -39,20 +40,6 @@ def preview_prompts(cfg: RunConfig) -> list[str]:
     if t.preview_prompts_file is not None:
         return read_prompt_lines(t.preview_prompts_file)
     return list(DEMO_PROMPTS)
-
-
-def most_common_latent_shape(paths: list[str]) -> tuple[int, int, int] | None:
-    """(T, h, w) of the most common latent in the datasets' manifests (their shape histograms); None if empty."""
-    from megassm.data.format import parse_shape_key
-    from megassm.data.manifest import load_manifest
-
-    hist: Counter[str] = Counter()
-    for path in paths:
-        hist.update(load_manifest(path).get("shape_histogram", {}))
-    if not hist:
-        return None
-    _, T, h, w = parse_shape_key(hist.most_common(1)[0][0])
-    return T, h, w
 
 
 def preview_latent_shape(cfg: RunConfig) -> tuple[int, int, int]:

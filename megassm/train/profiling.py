@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from megassm.config.load import ConfigError
 from megassm.config.schema import ProfileConfig
+from megassm.config.validate import ConfigError
 
 log = logging.getLogger("megassm.train")
 TOP_OPS = 8  # ops / kernels named in the log line (the _ops.txt table has more)

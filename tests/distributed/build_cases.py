@@ -10,9 +10,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megassm.checkpoint.errors import bytes_read
-from megassm.config.load import load_config
 from megassm.parallel.mesh import ParallelMesh
 from megassm.parallel.sharding import merge_tensors
+from megassm.run_config import load_config
 from megassm.train.build import build_partitioned, full_shape
 
 

@@ -45,8 +45,8 @@ def previews_failing_on_one_rank(rank: int, world: int) -> dict:
     """The prompts' text encoder fails on rank 1 only (a file missing on its node, memory); the sampler's
     forwards are collectives (a pre-hook all-reduce stands for ZeRO-3's gathers). Returns what generation
     raised on this rank and the value of the next collective."""
-    from megassm.config.load import load_config
     from megassm.models import build_model
+    from megassm.run_config import load_config
     from megassm.train.preview import Previews
     from tests.conftest import TINY_OVERRIDES
 

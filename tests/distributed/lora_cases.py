@@ -13,9 +13,9 @@ import torch
 from megassm.config.schema import LORA_TARGETS, LoRAConfig
 from megassm.lora import attach_lora
 from megassm.lora.parallel import LoRAColumnParallelLinear, LoRARowParallelLinear
-from megassm.lora.training import consolidate_over_tp
 from megassm.parallel.apply import parallelize_hth
 from megassm.parallel.sharding import ADAPTER_SUFFIXES, shard_spec, shard_tensor
+from megassm.train.lora_export import consolidate_over_tp
 
 
 def build_lora_reference(cfg, seed: int = 0):

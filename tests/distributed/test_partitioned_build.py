@@ -22,10 +22,11 @@ from dist_harness import spawn
 from safetensors.torch import load_file
 
 from megassm.checkpoint.writers import save_consolidated
-from megassm.config.load import load_config, to_dict
+from megassm.config.load import to_dict
 from megassm.models import build_model
 from megassm.models.init import init_full, init_rule
 from megassm.parallel.sharding import shard_spec
+from megassm.run_config import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -209,7 +209,7 @@ LAYOUTS = {
 def test_pipeline_matches_single_process(name, tmp_path):
     from dist_harness import spawn
 
-    from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
+    from megassm.checkpoint.zero import consolidate_pipeline_checkpoint
 
     world, layout = LAYOUTS[name]
     pp, tp, cp, v = layout["pp"], layout.get("tp", 1), layout.get("cp", 1), layout.get("virtual", 1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megassm.config.load import load_config
-from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
+from megassm.checkpoint.zero import consolidate_pipeline_checkpoint
+from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
 from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 

@@ -168,10 +168,10 @@ def test_toy_mixer_trains(trained):
 
 
 def test_toy_mixer_plans(trained):
-    from megassm.config.load import load_config
     from megassm.models.accounting import forward_flops, mixer_flops_per_token, param_counts
     from megassm.models.hth import HTHModel
     from megassm.plan import plan
+    from megassm.run_config import load_config
 
     cfg = load_config(trained / "config.yaml")
     m = cfg.model
@@ -195,8 +195,8 @@ def test_toy_mixer_converts_and_inspects(trained, tmp_path):
     from megassm.checkpoint.model_specs import expected_specs
     from megassm.checkpoint.safetensors_io import SafetensorsFile
     from megassm.checkpoint.sources import open_checkpoint
-    from megassm.config.load import load_config
     from megassm.parallel.sharding import shard_state_dict
+    from megassm.run_config import load_config
 
     zero_to_consolidated(trained, tmp_path / "full")
     reshard(tmp_path / "full", tmp_path / "tp2", tp=2)

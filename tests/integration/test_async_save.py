@@ -143,7 +143,7 @@ def test_a_signal_during_a_background_write_finishes_that_checkpoint_and_exits(t
     needs one save (docs/cluster.md). One rank, in this process; the signal flag is set before step 4."""
     import signal
 
-    from megassm.config import load_config
+    from megassm.run_config import load_config
     from megassm.train import loop
     from tests.conftest import free_port
 
@@ -178,7 +178,7 @@ def test_a_synchronous_save_makes_its_files_durable_before_complete(tmp_path, mo
     file it wrote -- DeepSpeed's, the EMA's, the trainer state -- before COMPLETE and ``latest`` name the
     checkpoint, as the background writer does. One rank, in this process; fsync calls are recorded."""
     from megassm.checkpoint import snapshot
-    from megassm.config import load_config
+    from megassm.run_config import load_config
     from megassm.train import loop
     from tests.conftest import free_port
 

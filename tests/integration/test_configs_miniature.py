@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from megassm.checkpoint.load import load_weights
-from megassm.config import load_config
+from megassm.run_config import load_config
 from megassm.train.optim import lr_lambda
 from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
 

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 import deepspeed, torch, torch.distributed as dist
 from safetensors.torch import save_file
-from megassm.config.load import load_config
+from megassm.run_config import load_config
 from megassm.train.loop import Trainer
 
 out = Path(sys.argv[1])
@@ -70,7 +70,8 @@ import sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from safetensors.torch import save_file
-from megassm.config.load import load_config, to_yaml
+from megassm.config.load import to_yaml
+from megassm.run_config import load_config
 from megassm.models import build_model
 from megassm.parallel.apply import parallelize_hth
 from megassm.parallel.mesh import ParallelDims, ParallelMesh, init_distributed
@@ -241,7 +242,7 @@ def _check_run(root: Path, world: int, out: Path, subprocess_: bool = False) -> 
 
 def test_zero3_single_rank(zero3, tmp_path):
     _check_run(zero3, 1, tmp_path / "c", subprocess_=True)
-    from megassm.config.load import load_config
+    from megassm.run_config import load_config
 
     cfg = load_config(tmp_path / "c" / "config.yaml")
     assert json.loads((tmp_path / "c" / "config.json").read_text())["model"]["pattern"] == cfg.model.pattern
@@ -251,8 +252,8 @@ def test_zero3_single_rank(zero3, tmp_path):
 def _assert_reproduces_outputs(consolidated: Path, root: Path) -> None:
     """A plain HTHModel loaded from the consolidated directory gives the training model's output."""
     from megassm.checkpoint.load import load_weights
-    from megassm.config.load import from_dict
     from megassm.models import build_model
+    from megassm.run_config import from_dict
 
     loaded = load_weights(consolidated)
     model = build_model(from_dict(loaded.config).model)
@@ -276,8 +277,8 @@ def test_consolidated_model_reproduces_training_outputs(zero3, tmp_path):
 @pytest.mark.distributed
 def test_tp2_trained(tp2_trained, tmp_path):
     """The trainer at TP=2 (ZeRO-3): consolidated == the live TP shards merged; EMA likewise; outputs."""
-    from megassm.config.load import load_config
     from megassm.parallel.sharding import merge_state_dicts
+    from megassm.run_config import load_config
 
     cfg = load_config(tp2_trained / "run" / "config.yaml").model
     convert("zero-to-consolidated", tp2_trained / "run", tmp_path / "c")
@@ -340,10 +341,9 @@ def test_tp2_deepspeed_round_trip(tp2, tmp_path):
 @pytest.mark.distributed
 def test_pipeline_two_stages(pp2, tmp_path):
     """PP=2 (megassm's pipeline trainer, ZeRO-1): consolidated == the union of the stages' live weights ==
-    pipeline_checkpoint.consolidate_pipeline_checkpoint; EMA == the stages' EMAs; PP layout round trip."""
-    from megassm.checkpoint.zero import DeepSpeedCheckpoint
-    from megassm.config.load import load_config
-    from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
+    checkpoint.zero.consolidate_pipeline_checkpoint; EMA == the stages' EMAs; PP layout round trip."""
+    from megassm.checkpoint.zero import DeepSpeedCheckpoint, consolidate_pipeline_checkpoint
+    from megassm.run_config import load_config
 
     tag_dir = _latest(pp2 / "run")
     convert("zero-to-consolidated", pp2 / "run", tmp_path / "c")
@@ -371,9 +371,9 @@ def test_pipeline_two_stages(pp2, tmp_path):
 @pytest.mark.distributed
 def test_pipeline_x_tensor_parallel(pp2_tp2, tmp_path):
     """PP=2 x TP=2 (4 ranks): stages' TP shards merged with merge_state_dicts, then joined."""
-    from megassm.config.load import load_config
-    from megassm.parallel.pipeline_checkpoint import consolidate_pipeline_checkpoint
+    from megassm.checkpoint.zero import consolidate_pipeline_checkpoint
     from megassm.parallel.sharding import merge_state_dicts
+    from megassm.run_config import load_config
 
     cfg = load_config(pp2_tp2 / "run" / "config.yaml")
     convert("zero-to-consolidated", pp2_tp2 / "run", tmp_path / "c")

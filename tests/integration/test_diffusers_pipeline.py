@@ -108,8 +108,9 @@ def test_builtin_encoders_write_the_transformer_only(tmp_path, cli):
     import yaml
     from safetensors.torch import save_file
 
-    from megassm.config import load_config, to_dict
+    from megassm.config import to_dict
     from megassm.models import build_model
+    from megassm.run_config import load_config
 
     cfg = load_config("configs/smoke.yaml", TINY_OVERRIDES)
     ck = tmp_path / "ck"

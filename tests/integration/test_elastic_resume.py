@@ -93,7 +93,7 @@ def test_what_cannot_be_bridged_fails_before_anything_is_written(reference, shar
     import re
     import shutil
 
-    from megassm.config.load import load_config
+    from megassm.run_config import load_config
     from megassm.train.elastic import ElasticResumeError, layout_of, plan_resume
 
     run = tmp_path / "copy"

@@ -168,7 +168,7 @@ def test_stage_chain_warm_starts_checkpoints_and_resumes_on_two_ranks(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    from megassm.config import load_config
+    from megassm.run_config import load_config
     from megassm.train import loop
     from megassm.train.steps import dense
 
@@ -204,7 +204,7 @@ def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(tmp_path, m
     """grad_accum=2: a NaN in the second micro-batch of step 2 discards that step's window (no update, no
     LR step), and the next step opens a fresh window: one optimizer step per good train step, the data
     consumed two micro-batches per step."""
-    from megassm.config import load_config
+    from megassm.run_config import load_config
     from megassm.train import loop
     from megassm.train.optim import lr_lambda
     from megassm.train.steps import dense
@@ -240,7 +240,7 @@ def test_bf16_ema_follows_the_fp32_masters_not_the_bf16_weights(tmp_path, monkey
     (a staircase); the EMA of the masters moves nearly everywhere and matches them exactly at decay 0."""
     from deepspeed.utils import safe_get_local_fp32_param
 
-    from megassm.config import load_config
+    from megassm.run_config import load_config
     from megassm.train import loop
     from tests.conftest import free_port
 
@@ -271,7 +271,7 @@ def test_trainer_with_tp2_or_cp2_matches_one_rank(tmp_path):
     around the PyTorch scan) and the one-rank run the reference path (auto on CPU): the log says which ran."""
     import importlib.util
 
-    from megassm.config import load_config
+    from megassm.run_config import load_config
 
     common = [*TINY_OVERRIDES, "train.steps=3", "train.ema_decay=0.5"]
     fused = importlib.util.find_spec("triton") is not None

@@ -20,9 +20,9 @@ import math
 
 import pytest
 
-from megassm.config import load_config
 from megassm.data.testing import write_synthetic_dataset
 from megassm.data.token_budget import BucketTable
+from megassm.run_config import load_config
 from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

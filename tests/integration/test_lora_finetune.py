@@ -14,11 +14,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from megassm.config import load_config, to_dict
+from megassm.config import to_dict
+from megassm.encoders import TextEncoder
 from megassm.lora.adapters import read_adapters
-from megassm.lora.training import merge_lora_checkpoint
 from megassm.models import build_model
-from megassm.sample import SampleSpec, TextEncoder, generate, load_model_for_sampling
+from megassm.run_config import load_config
+from megassm.sample import SampleSpec, generate, load_model_for_sampling, merge_lora_checkpoint
 from tests.conftest import REPO, TINY_OVERRIDES, child_env, free_port, losses_by_step, run_train
 
 pytestmark = pytest.mark.slow

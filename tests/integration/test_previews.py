@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from megassm.config import load_config
+from megassm.encoders import LatentDecoder, TextEncoder
 from megassm.models import build_model
-from megassm.sample import LatentDecoder, SampleSpec, TextEncoder, generate
+from megassm.run_config import load_config
+from megassm.sample import SampleSpec, generate
 from megassm.train import preview
 from megassm.train.ema import ShardedEMA
 from megassm.train.preview import DEMO_PROMPTS, Previews, preview_latent_shape, preview_prompts

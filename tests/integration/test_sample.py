@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from megassm.config import load_config, to_dict
+from megassm.config import to_dict
 from megassm.data.testing import make_tiny_text_encoder, make_tiny_vae, make_tiny_video_vae
 from megassm.models import build_model
+from megassm.run_config import load_config
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow

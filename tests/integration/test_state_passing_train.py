@@ -24,7 +24,7 @@ def test_state_passing_trains_like_one_process(name, tmp_path):
     nproc = MINIATURES[name][0]
     config = f"configs/{name}.yaml"
     common = [*_common(name), "train.sample_every=0"]
-    from megassm.config import load_config
+    from megassm.run_config import load_config
 
     cfg = load_config(config, common)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // cfg.parallel.cp)

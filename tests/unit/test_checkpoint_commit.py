@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from megassm.checkpoint.snapshot import fsync_tree
-from megassm.config.load import ConfigError, load_config
+from megassm.config.validate import ConfigError
+from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
 
 

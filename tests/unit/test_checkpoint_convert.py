@@ -17,10 +17,11 @@ from megassm.checkpoint.inspection import inspect_checkpoint
 from megassm.checkpoint.load import load_weights
 from megassm.checkpoint.sources import open_checkpoint
 from megassm.checkpoint.writers import save_consolidated
-from megassm.config.load import from_dict, load_config, to_dict
+from megassm.config.load import to_dict
 from megassm.models import build_model
 from megassm.models.hydra import Hydra
 from megassm.parallel.sharding import shard_state_dict
+from megassm.run_config import from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"

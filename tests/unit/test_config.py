@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from megassm.config import ConfigError, from_dict, load_config, to_dict
+from megassm.config import ConfigError, to_dict
+from megassm.run_config import from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -1,4 +1,4 @@
-"""Load-time data checks (megassm/config/datasets.py): what a config must agree with in its datasets, named
+"""Load-time data checks (megassm/data/config_checks.py): what a config must agree with in its datasets, named
 before any process group, model or run directory exists."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from megassm.cli import main
-from megassm.config import ConfigError, load_config
+from megassm.config import ConfigError
 from megassm.data.testing import write_synthetic_dataset
+from megassm.run_config import load_config
 
 
 @pytest.fixture(scope="module")

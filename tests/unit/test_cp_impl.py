@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megassm.config import load_config
 from megassm.models.scan import keeps_slices_contiguous, scan_permutation, slice_scan_permutation
 from megassm.parallel.comm_model import block_collectives, block_cp_impl, wire_bytes
+from megassm.run_config import load_config
 
 STAGE3 = (33, 22, 40)  # configs/stage3_video.yaml: 29,040 tokens
 

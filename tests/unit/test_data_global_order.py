@@ -206,8 +206,8 @@ def test_a_multi_shape_dataset_draws_one_shape_per_global_batch(mixed):
 
 
 def test_what_global_order_cannot_take_fails_clearly(ds):
-    from megassm.config.load import load_config
     from megassm.config.validate import ConfigError
+    from megassm.run_config import load_config
 
     rank = build_shard_loader(_cfg(ds, order="rank"), batch_size=2, dp_rank=0, dp_size=1, seed=7, text_len=6)
     glob = _loaders(_cfg(ds), 1, 2)[0]

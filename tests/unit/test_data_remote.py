@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megassm.config.load import ConfigError, load_config
 from megassm.config.schema import DataConfig
+from megassm.config.validate import ConfigError
 from megassm.data import remote
 from megassm.data.format import FormatError
 from megassm.data.manifest import load_manifest
 from megassm.data.reader import build_shard_loader
 from megassm.data.servers import http_server, s3_server
 from megassm.data.testing import write_synthetic_dataset
+from megassm.run_config import load_config
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from megassm.config.load import load_config, to_dict
+from megassm.config.load import to_dict
 from megassm.data.testing import write_synthetic_dataset
+from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
 from megassm.train.elastic import ElasticResumeError, layout_of, plan_resume
 from tests.conftest import TINY_OVERRIDES

@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 
-from megassm.config import load_config
-from megassm.config.load import ConfigError
+from megassm.config.validate import ConfigError
 from megassm.diffusion.flow import flow_matching_loss
 from megassm.eval.frechet import fid_from_features, kid_from_features
 from megassm.eval.heldout import HeldOutLoss, heldout_batches
 from megassm.eval.inception import MissingWeightsError, image_features, load_inception
 from megassm.models import build_model
+from megassm.run_config import load_config
 from tests.conftest import REPO, TINY_OVERRIDES
 
 CPU = torch.device("cpu")
@@ -200,8 +200,8 @@ def test_clip_score_equals_torchmetrics_with_the_saved_processor(tmp_path):
 
 
 def test_a_failing_metric_is_logged_and_left_out(caplog):
-    from megassm.eval.during_training import _report
     from megassm.eval.suite import compute
+    from megassm.train.evaluation import _report
 
     class Broken:  # FeatureModels whose CLIP cannot load
         @property

@@ -3,13 +3,14 @@
 Nodes are megassm's subpackages (``models``, ``parallel``, ``train``, ...) and its top-level modules (``cli``,
 ``sample``, ``plan``, ``runtime``). Imports are read with ``ast`` from every file, without importing anything.
 
-What is counted:
-- the layer rules (``models`` never imports ``parallel`` / ``train``, ...) count every import, also those inside
-  functions: a deferred import is still a dependency of that layer;
-- the cycle check counts the module-level imports (including those under ``if TYPE_CHECKING``), the ones that
-  run when a module is imported: a cycle among them makes ``import megassm.X`` depend on import order and
-  couples the packages for good. Function-local imports of command wiring (a ``convert`` subcommand calling
-  ``megassm.diffusers``) and of optional features are left out of it.
+Every import is counted, also those inside functions (a deferred import is still a dependency: it only
+hides a cycle from the interpreter, not from a reader):
+- the layer rules (``models`` never imports ``parallel`` / ``train``, ``config`` imports no other package, ...);
+- the cycle check: no two packages depend on each other, directly or around a circle, by any import. Command
+  wiring lives above what it wires (``cli.py`` adds ``convert to-diffusers``; ``evaluate.py`` is ``megassm
+  eval``), and a rule that needs a package's knowledge lives in that package (``models/rules.py``; the gate
+  ``run_config.py`` passes them to ``config/validate.py``). Imports of optional heavy dependencies (mamba_ssm,
+  diffusers, av, deepspeed) may stay inside functions: they are no edges between megassm's packages.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "megassm"
+# the graph's nodes: megassm's subpackages and top-level modules
+NODES = sorted(p.name.removesuffix(".py") for p in ROOT.iterdir()
+               if (p / "__init__.py").is_file() or (p.suffix == ".py" and p.name != "__init__.py"))
 
 # (importer, imported): never, by any import
 FORBIDDEN = [
@@ -28,6 +32,7 @@ FORBIDDEN = [
     ("checkpoint", "train"),
     ("ops", "models"), ("ops", "parallel"), ("ops", "train"),
     ("diffusion", "models"), ("diffusion", "parallel"), ("diffusion", "train"),
+    *[("config", n) for n in NODES if n != "config"],  # the schema and its rules: the bottom layer
 ]
 
 
@@ -38,9 +43,9 @@ def _node(module: str) -> str | None:
     return parts[1]
 
 
-def _imports(path: Path) -> list[tuple[str, int, bool]]:
-    """(imported megassm module, line, at module level) for every import in ``path``."""
-    package = list(path.relative_to(ROOT.parent).parts[:-1])  # megassm/a/b.py and megassm/a/__init__.py: a
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, int, bool]]:
+    """(imported megassm module, line, at module level) for every import in ``path`` (function bodies too)."""
+    package = list(path.relative_to(root.parent).parts[:-1])  # megassm/a/b.py and megassm/a/__init__.py: a
     tree = ast.parse(path.read_text(), str(path))
     top = set()
     for node in tree.body:  # module level, and the bodies of module-level if / try (TYPE_CHECKING, guards)
@@ -65,18 +70,18 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     return out
 
 
-@cache  # parsed once for the three tests
-def import_graph() -> tuple[dict, dict]:
+@cache  # parsed once for the tests
+def import_graph(root: Path = ROOT) -> tuple[dict, dict]:
     """(every import, module-level imports): {importer node: {imported node: ["file:line", ...]}}."""
     every: dict = defaultdict(lambda: defaultdict(list))
     module_level: dict = defaultdict(lambda: defaultdict(list))
-    for path in sorted(ROOT.rglob("*.py")):
-        src = path.relative_to(ROOT).parts[0].removesuffix(".py")
-        for module, line, at_top in _imports(path):
+    for path in sorted(root.rglob("*.py")):
+        src = path.relative_to(root).parts[0].removesuffix(".py")
+        for module, line, at_top in _imports(path, root):
             dst = _node(module)
             if dst is None or dst == src:
                 continue
-            where = f"{path.relative_to(ROOT.parent)}:{line}"
+            where = f"{path.relative_to(root.parent)}:{line}"
             every[src][dst].append(where)
             if at_top:
                 module_level[src][dst].append(where)
@@ -112,11 +117,16 @@ def test_layers_never_import_upwards():
     assert not bad, "\n".join(bad)
 
 
+def _cycle_message(graph: dict, cycle: list[str]) -> str:
+    return "import cycle " + " -> ".join(cycle) + "\n" + "\n".join(
+        f"  {a} -> {b}: {', '.join(graph[a][b][:3])}" for a, b in zip(cycle, cycle[1:]))
+
+
 def test_no_import_cycle_between_packages():
-    _, module_level = import_graph()
-    cycle = find_cycle(module_level)
-    assert cycle is None, "import cycle " + " -> ".join(cycle) + "\n" + "\n".join(
-        f"  {a} -> {b}: {', '.join(module_level[a][b][:3])}" for a, b in zip(cycle, cycle[1:]))
+    """By any import, function-local ones included (module doc)."""
+    every, _ = import_graph()
+    cycle = find_cycle(every)
+    assert cycle is None, _cycle_message(every, cycle)
 
 
 def test_the_checks_see_a_cycle_and_an_upward_import():
@@ -126,3 +136,21 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert module_level["train"]["parallel"]  # the strategies import parallel/ at module level
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {}}) is None
+
+
+def test_a_function_local_import_closes_a_cycle(tmp_path):
+    """Teeth for function bodies: a package importing another at module level, which imports it back only
+    inside a method, is a cycle (the form the config gate, eval <-> train and convert's wiring had)."""
+    root = tmp_path / "megassm"
+    (root / "low").mkdir(parents=True)
+    (root / "high").mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "low" / "__init__.py").write_text(
+        "class Rules:\n    def check(self):\n        if True:\n            from megassm.high.models import spec\n"
+        "            return spec\n")
+    (root / "high" / "__init__.py").write_text("")
+    (root / "high" / "models.py").write_text("from megassm.low import Rules\n\nspec = Rules\n")
+    every, module_level = import_graph(root)
+    assert "megassm/low/__init__.py:4" in every["low"]["high"] and not module_level["low"]
+    assert find_cycle(every) == ["high", "low", "high"]
+    assert find_cycle(module_level) is None  # what the module-level graph alone would have missed

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from megassm.config import load_config
-from megassm.config.load import ConfigError
 from megassm.config.schema import LoRAConfig
+from megassm.config.validate import ConfigError
 from megassm.lora import LoRALinear, adapter_state_dict, attach_lora, load_adapters, merge_lora, save_adapters
 from megassm.lora.adapters import AdapterError, read_adapters, target_modules
 from megassm.models import build_model
+from megassm.run_config import load_config
 from tests.conftest import TINY_OVERRIDES
 
 

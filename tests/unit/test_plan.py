@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megassm.cli import main
-from megassm.config.load import load_config
 from megassm.models.accounting import activation_bytes_per_token, param_counts
 from megassm.plan import Layout, choose_layout, predict_memory, predict_step_seconds
+from megassm.run_config import load_config
 
 
 @pytest.fixture(scope="module")

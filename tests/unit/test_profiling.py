@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from megassm.config import ConfigError, ProfileConfig, load_config
+from megassm.config import ConfigError, ProfileConfig
+from megassm.run_config import load_config
 from megassm.train.profiling import ProfileWindow, StepProfiler, _union_length, profile_window
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from megassm.checkpoint.verify import damaged_files
-from megassm.config.load import ConfigError, load_config
+from megassm.config.validate import ConfigError
+from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megassm.cli import main
-from megassm.config.load import load_config
+from megassm.run_config import load_config
 from megassm.sample_plan import predict_sampling
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "full_size_sample_h100.json"

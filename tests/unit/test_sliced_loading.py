@@ -8,9 +8,10 @@ from megassm.checkpoint.errors import CheckpointError, bytes_read
 from megassm.checkpoint.safetensors_io import SafetensorsDir
 from megassm.checkpoint.sliced import SlicedWeights
 from megassm.checkpoint.writers import save_consolidated
-from megassm.config.load import load_config, to_dict
+from megassm.config.load import to_dict
 from megassm.models import build_model
 from megassm.parallel.sharding import shard_spec, shard_tensor
+from megassm.run_config import load_config
 from megassm.sample import load_model_for_sampling
 
 TINY = ["model.d_model=32", "model.num_heads=4", "model.headdim=8", "model.d_state=8", "model.chunk_size=16",

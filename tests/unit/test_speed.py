@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from megassm.config import ModelConfig
-from megassm.config.load import load_config
-from megassm.config.validate import ConfigError, validate
+from megassm.config.validate import ConfigError
 from megassm.models import build_model
 from megassm.models.block import HTHBlock, compile_blocks
+from megassm.run_config import load_config, validate
 
 torchao = pytest.importorskip("torchao")  # CI installs it (pyproject's dev extra)
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from megassm.config import ConfigError, load_config
+from megassm.config import ConfigError
 from megassm.config.schema import BucketConfig, DataConfig
 from megassm.data.procedural import ProceduralShapes
 from megassm.data.reader import build_shard_loader
 from megassm.data.testing import write_synthetic_dataset
 from megassm.data.token_budget import BucketSchedule, BucketTable
 from megassm.diffusion.flow import step_loss_scale
+from megassm.run_config import load_config
 
 PATCH = [1, 2, 2]
 SHAPES = [(3, 1, 8, 8), (3, 1, 16, 16), (3, 3, 8, 8), (3, 5, 8, 8)]  # two image sizes, two clip lengths

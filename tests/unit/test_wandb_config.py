@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megassm.config import ConfigError, from_dict, load_config, to_dict
+from megassm.config import ConfigError, to_dict
+from megassm.run_config import from_dict, load_config
 
 
 @pytest.fixture

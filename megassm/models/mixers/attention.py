@@ -75,4 +75,5 @@ ATTENTION = register_mixer(MixerSpec(
     build=build, parallel="megassm.parallel.attention:parallelize_self_attention",
     params=params, flops=flops, activation_bytes=activation_bytes, shard_specs=shard_specs,
     divisibility=divisibility, config_errors=config_errors, collectives=collectives,
+    lora_targets=("qkv", "proj"),
 ))

@@ -177,4 +177,5 @@ HYDRA = register_mixer(MixerSpec(
     params=params, flops=flops, activation_bytes=activation_bytes, shard_specs=shard_specs,
     divisibility=divisibility, layout_errors=layout_errors, config_errors=config_errors, collectives=collectives,
     keep_init=("fc_D",),  # fc_D keeps nn.Linear's default init (as the reference); every other linear is xavier
+    lora_targets=("in_proj", "out_proj"),
 ))

@@ -77,6 +77,8 @@ class MixerSpec:
                     per training step, beyond the Megatron entry / exit every mixer has (``parallel/comm_model.py``);
                     ``cp_impl``: "ulysses" or "state_passing", as the block runs under CP
     keep_init       submodule names whose nn.Linear keeps its own init (HTHModel xavier-initialises the rest)
+    lora_targets    the nn.Linear submodules LoRA adapts when ``finetune.lora.targets`` names this kind
+                    (``megassm/lora/adapters.py: target_kinds``)
     """
 
     name: str
@@ -94,6 +96,7 @@ class MixerSpec:
     config_errors: Callable[[Any], list[str]] = _none
     collectives: Callable[..., list[CollectiveTuple]] = _none
     keep_init: tuple[str, ...] = field(default=())
+    lora_targets: tuple[str, ...] = field(default=())
 
     def parallelize(self, mixer: nn.Module, ctx, model_cfg) -> nn.Module:
         """The parallel twin of ``mixer`` (already TP-sharded parameters) for the parallel context ``ctx``."""

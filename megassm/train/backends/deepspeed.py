@@ -31,12 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from megassm.checkpoint.snapshot import FileSink, fsync_tree
-from megassm.checkpoint.tags import COMPLETE
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from megassm.config.tags import COMPLETE
 from megassm.data.writer import fsync_dir
 from megassm.runtime import use_bf16
 from megassm.train.backends.base import StepResult
 from megassm.train.backends.grad_norm import count_replicated_rows_once, mark_replicated_rows
+from megassm.train.backends.zero3_leaves import mark_zero3_leaves
 from megassm.train.optim import build_optimizer
 
 log = logging.getLogger("megassm.train")
@@ -146,21 +147,7 @@ def mark_model(model: nn.Module, zero_stage: int) -> None:
                 p.tensor_model_parallel, p.partition_dim = True, spec.dim
                 mark_replicated_rows(p, replicated_rows(spec, ctx.tp, name))
     if zero_stage == 3:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from megassm.models.block import HTHBlock
-        from megassm.models.hydra import Hydra
-        from megassm.parallel.hydra import ParallelHydra
-        from megassm.train.speed import compiled_blocks
-
-        # both Hydra paths read submodule weights (fc_D; conv1d / norm when fused) without calling them;
-        # compiled blocks are leaves whole: no hook inside the compiled region (megassm/train/speed.py)
-        leaves = [HTHBlock] if compiled_blocks(model) else [Hydra, ParallelHydra]
-        set_z3_leaf_modules(model, leaves, raise_if_not_found=False)
-        if any(not p.requires_grad for p in model.parameters()):  # a frozen base (LoRA) around adapter leaves
-            from megassm.lora.training import feed_grad_into_zero3_leaves
-
-            feed_grad_into_zero3_leaves(model)
+        mark_zero3_leaves(model)  # zero3_leaves.py: Hydra's, and adapter leaves under a frozen base
 
 
 class DeepSpeedShards:

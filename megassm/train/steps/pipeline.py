@@ -9,7 +9,7 @@ micro-batches per step through ``megassm.parallel.pipeline.train_step_pipeline``
 - periodic preview samples need the whole model and are skipped (``previews = False``).
 
 The backend's model-state files are DeepSpeed's ``mp_rank_XX_model_states.pt`` with HTHModel names;
-``parallel/pipeline_checkpoint.consolidate_pipeline_checkpoint`` turns them into one full state dict.
+``checkpoint/zero.consolidate_pipeline_checkpoint`` turns them into one full state dict.
 config/validate.py has checked the regime: zero_stage == 1 (ZeRO-0's clipping would leave later stages out
 of the norm), grad_accum == 1 and the interleaving rules.
 """

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megassm.config import ModelConfig, load_config
+from megassm.config import ModelConfig
 from megassm.models import build_model
 from megassm.models.accounting import forward_flops, param_counts
+from megassm.run_config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 TINY = dict(in_channels=4, d_model=32, num_heads=2, headdim=16, d_state=8, chunk_size=8, text_dim=16,

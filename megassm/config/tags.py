@@ -1,6 +1,7 @@
 """Names inside a run's ``checkpoints/`` directory, shared by the trainer that writes them
-(``megassm/train/checkpoint.py``) and the readers here (``megassm/checkpoint/sources.py``), and the
-order in which its checkpoints were committed."""
+(``megassm/train/checkpoint.py``), the readers (``megassm/checkpoint/sources.py``) and the config rule for
+``train.resume_from`` (``config/validate.py``), and the order in which its checkpoints were committed.
+Standard library only: config/ imports no other package."""
 
 from __future__ import annotations
 

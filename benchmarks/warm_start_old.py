@@ -1,7 +1,7 @@
-"""Warm start by a whole state dict: the path the Trainer ran before partitioned construction.
+"""Warm start by a whole state dict: the path the Trainer ran before partitioned construction (issue 27).
 
-The Trainer now reads ``init_from`` by slices (``megassm/train/build.py``); this stays as the measured
-"before" of ``benchmarks/bench_init.py`` (phase ``warm_old``) and for callers holding a whole model.
+The Trainer reads ``init_from`` by slices (``megassm/train/build.py``); this is only the measured "before"
+of ``benchmarks/bench_init.py`` (phase ``warm_old``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""What a config must agree with in its datasets, checked at load (before any process group, model or run
-directory exists).
+"""What a config must agree with in its data, checked at load by the config gate (``megassm/run_config.py``)
+before any process group, model or run directory exists.
 
-``explicit_keys(files, overrides)``  the dotted keys a config's YAML files and overrides set themselves;
+``check_buckets(cfg, manifests)``  data.buckets / data.tokens_per_step (``token_budget.py``), raised as
+        ``ConfigError``;
 ``apply_datasets(cfg, explicit, training)``  for ``data.kind=shards`` with local datasets:
         ``model.in_channels`` / ``model.text_dim`` are taken from the manifests when the config leaves them
         unset, else must equal them; ``data.encoded_with`` records the encoders' fingerprints (so a checkpoint
@@ -16,49 +17,37 @@ Remote datasets (URLs, ``pipe:``) are checked by the reader when training starts
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from megassm.config.schema import RunConfig
+from megassm.config.validate import ConfigError
+from megassm.data import remote
+from megassm.data.format import FormatError
+from megassm.data.manifest import load_manifest
+from megassm.data.token_budget import BucketError, check_config
+from megassm.encoders.common import fingerprint
 
 WIDTHS = (("in_channels", "latent_channels"), ("text_dim", "text_dim"))  # model key, manifest key
 ENCODERS = (("vae", "VAE"), ("text_encoder", "text encoder"))
 
 
-def _flatten(data: Mapping, prefix: str = "") -> Iterable[str]:
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        yield key
-        if isinstance(v, Mapping):
-            yield from _flatten(v, key + ".")
-
-
-def explicit_keys(files: Iterable[Mapping], overrides: Iterable[tuple[str, Any]]) -> set[str]:
-    """Dotted keys set by the YAML mappings (bases included) and the ``(key, value)`` overrides."""
-    keys: set[str] = set()
-    for data in files:
-        keys.update(_flatten(data))
-    for key, value in overrides:
-        keys.add(key)
-        if isinstance(value, Mapping):
-            keys.update(_flatten(value, key + "."))
-    return keys
-
-
 def _error(msg: str) -> Exception:
-    from megassm.config.validate import ConfigError
-
     return ConfigError(msg)
+
+
+def check_buckets(cfg: RunConfig, manifests: bool = True) -> None:
+    """data.buckets / data.tokens_per_step (megassm/data/token_budget.py): every bucket's tokens split over
+    cp x tp; with ``manifests`` (at load, not for a checkpoint's stored config) the local datasets' shape
+    histograms hold the buckets' shapes (or, without buckets, only shapes that split)."""
+    try:
+        check_config(cfg, manifests)
+    except (BucketError, FormatError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _local_manifests(cfg: RunConfig, training: bool) -> list[tuple[str, dict]]:
     """(path, manifest) of every local ``data.paths`` entry; ``training``: a missing, unfinished or empty dataset
     raises (else it is left out)."""
-    from megassm.data import remote
-    from megassm.data.format import FormatError
-    from megassm.data.manifest import load_manifest
-
     out = []
     for i, p in enumerate(cfg.data.paths):
         if not remote.is_local(str(p)):
@@ -136,8 +125,6 @@ def _check_preview_encoders(cfg: RunConfig, found: list[tuple[str, dict]]) -> No
         d = Path(have)
         if not (d / "config.json").is_file():
             raise _error(f"encoders.{kind}={have!r}: no such {what} directory (no config.json); {fix}")
-        from megassm.encoders.common import fingerprint
-
         fp = fingerprint(d)
         if fp != ident.get("fingerprint"):
             raise _error(f"encoders.{kind}={have!r} (fingerprint {fp}) is not the {what} dataset {path} was "

@@ -21,19 +21,18 @@ import logging
 
 import torch
 
-from megassm.config.load import read_prompt_lines
 from megassm.config.schema import RunConfig
+from megassm.config.validate import read_prompt_lines
 from megassm.eval.heldout import HeldOutLoss, heldout_batches
 from megassm.eval.suite import FeatureModels, compute, wanted
 from megassm.train.ema import ShardedEMA, applied
+from megassm.train.preview import Previews, preview_prompts
 
 log = logging.getLogger("megassm.eval")
 
 
 def eval_prompts(cfg: RunConfig) -> list[str]:
     """eval.prompts, else the lines of eval.prompts_file, else the previews' prompts."""
-    from megassm.train.preview import preview_prompts
-
     if cfg.eval.prompts is not None:
         return list(cfg.eval.prompts)
     if cfg.eval.prompts_file is not None:
@@ -50,8 +49,6 @@ class TrainingEvaluator:
     """Build once per run (nothing is loaded until the first call); call on every rank at the same step."""
 
     def __init__(self, cfg: RunConfig, mesh, device: torch.device, dtype: torch.dtype, rank: int):
-        from megassm.train.preview import Previews
-
         self.cfg, self.rank = cfg, rank
         leader = mesh.coords["tp"] == 0 and mesh.coords["cp"] == 0
         dp_rank, dp_size = mesh.get_data_parallel_rank(), mesh.get_data_parallel_world_size()

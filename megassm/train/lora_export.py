@@ -1,6 +1,7 @@
-"""LoRA inside ``megassm train`` and the tools around it: adapters (and their EMA) exported with each
-checkpoint, consolidated over ZeRO-3 and TP; the ZeRO-3 leaf fix; the merge into a consolidated checkpoint
-(``megassm convert merge-lora``)."""
+"""LoRA inside ``megassm train``: adapters (and their EMA) exported with each checkpoint, consolidated over
+ZeRO-3 and TP (peft's layout, ``megassm/lora/adapters.py``). (ZeRO-3 leaves holding adapters under a frozen
+base: ``megassm/train/backends/zero3_leaves.py``; the merge into a consolidated checkpoint, ``megassm convert
+merge-lora``: ``megassm/sample.py: merge_lora_checkpoint``.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megassm.checkpoint.snapshot import FileSink
 from megassm.config.schema import LoRAConfig
-from megassm.lora.adapters import load_adapters, merge_lora, save_adapters
+from megassm.lora.adapters import save_adapters
 from megassm.parallel.comm import all_gather_stacked
 from megassm.parallel.sharding import ADAPTER_SUFFIXES, merge_tensors, shard_spec
 
@@ -32,8 +34,6 @@ def export_adapters(module: nn.Module, tag_dir: Path, cfg: LoRAConfig, base: str
     (``megassm.train.checkpoint_writer.FileSink``): deferred, the gathered tensors are copied to host
     memory here and the files written by the background writer.
     """
-    from megassm.checkpoint.snapshot import FileSink
-
     sink = sink or FileSink()
     state = consolidate_over_tp(_local_adapters(module, gathered), module)
     shadow = consolidate_over_tp(_local_ema_adapters(ema), module) if ema is not None else None
@@ -82,45 +82,3 @@ def consolidate_over_tp(state: dict[str, torch.Tensor], module: nn.Module) -> di
         shards = list(all_gather_stacked(t, ctx.tp_group).to(t.device))  # tp x t.shape
         out[n] = merge_tensors(shards, spec, n)
     return out
-
-
-def feed_grad_into_zero3_leaves(model: nn.Module) -> int:
-    """Make the frozen inputs of ZeRO-3 leaf modules that hold adapters require grad; returns how many leaves.
-
-    DeepSpeed reduces a leaf module's gradients (Hydra is one, ``_z3_leaf``) in a full backward hook on it.
-    When no input of the module requires grad -- the first Hydra of a LoRA model, everything before it
-    frozen -- torch runs that hook as soon as the *output's* gradient arrives, before the module's own
-    backward: DeepSpeed then reduces gradients that do not exist yet and re-partitions the weights the
-    backward still needs (it fails on an empty partition). A forward pre-hook hands the module a detached
-    copy of such an input that requires grad, so the hook fires after the module's backward, as it does
-    for every later block; it costs the input gradient of that one layer.
-    """
-    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)
-              and any(p.requires_grad for p in m.parameters())]
-    for m in leaves:
-        m.register_forward_pre_hook(_inputs_require_grad)
-    return len(leaves)
-
-
-def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
-    if not torch.is_grad_enabled() or any(torch.is_tensor(a) and a.requires_grad for a in args):
-        return None
-    return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def merge_lora_checkpoint(base: str | Path, adapters: str | Path, out: str | Path, *, use_ema: bool = True,
-                          force: bool = False) -> tuple[dict, list[str]]:
-    """Base checkpoint (any layout) + adapter directory -> consolidated checkpoint with the adapters folded in."""
-    from megassm.checkpoint.writers import save_consolidated
-    from megassm.config.load import to_dict
-    from megassm.sample import load_model_for_sampling
-
-    model, cfg, info = load_model_for_sampling(base, use_ema=use_ema)
-    report = load_adapters(model, adapters)
-    n = merge_lora(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = save_consolidated(Path(out), state, to_dict(cfg), force=force,
-                             meta={"merged_lora": str(adapters), "base_weights": info["weights"]})
-    return {**meta, "step": info["step"], "parameters": sum(v.numel() for v in state.values()),
-            "tensors": len(state)}, [report, f"merged {n} adapters into {info['weights']} weights of {base}"]
-

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megassm.config.load import ConfigError, read_prompt_lines
+from megassm.config.validate import ConfigError, read_prompt_lines
 
 log = logging.getLogger("megassm.eval")
 
