@@ -44,7 +44,8 @@ class HTHTransformerModel(ModelMixin, ConfigMixin):
                  qk_norm: bool = True, rope_theta: float = 10000.0, attention_backend: str = "auto",
                  fuse_elementwise: bool = True, abs_pos_embed: bool = False, mlp_ratio: float = 4.0,
                  text_dim: int = 64, max_text_len: int = 32, ssd_impl: str = "auto", hydra_path: str = "auto",
-                 megassm_model: dict | None = None):
+                 fp8: str = "none", compile: str = "none", megassm_model: dict | None = None):
+        # fp8 / compile: training settings (megassm/train/speed.py), kept so that the config round-trips
         given = dict(locals())
         super().__init__()
         flat = {f.name: given[f.name] for f in fields(ModelConfig)}
