@@ -49,17 +49,6 @@ class TokenGrid:
             self._perms[key] = None if perm is None else tuple(t.to(self.device) for t in perm)
         return self._perms[key]
 
-    def precompute(self, blocks) -> TokenGrid:
-        """Fill the caches every block of ``blocks`` will read (scan permutations, RoPE angles) up front, so
-        that each block sees the same grid: a compiled block then has one graph per kind, not one per cache
-        state."""
-        for blk in blocks:
-            if blk.scan_order is not None:
-                self.perm(blk.scan_order)
-        if self.rope_head_dim:  # (L, head_dim/2) angles: small beside any block's activations
-            self.rope()
-        return self
-
     def rope(self) -> Tensor:
         if self._rope is None:
             self._rope = rope_axial(self.grid, self.rope_head_dim, self.rope_theta, self.device)

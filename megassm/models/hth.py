@@ -79,7 +79,7 @@ class HTHModel(nn.Module):
 
         Returns the predicted velocity, (B, C, T, H, W).
         """
-        grid = self.token_grid(latents).precompute(self.blocks)
+        grid = self.token_grid(latents)
         if t.shape != (latents.shape[0],):
             raise ValueError(f"t must have shape ({latents.shape[0]},), got {tuple(t.shape)}")
         x = self.patch_embed(latents)  # (B, L, d)

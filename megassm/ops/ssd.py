@@ -44,7 +44,7 @@ def _load_triton_scan():
             sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-        _TRITON_SCAN = mamba_chunk_scan_combined
+        _TRITON_SCAN = torch.compiler.disable(mamba_chunk_scan_combined)  # its launches run eager in a compiled block
     except Exception as e:  # ImportError, or triton failing to initialise
         _TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     return _TRITON_SCAN
@@ -185,7 +185,7 @@ def ssd_scan(
             "pip install --no-build-isolation --no-deps mamba-ssm"
         )
     _check_shapes(x, dt, A, B, C)
-    return torch.compiler.disable(kernel)(  # mamba-ssm's launches run eager inside a compiled block
+    return kernel(
         x, dt, A, B, C, chunk_size=chunk_size, D=None, z=None,
         initial_states=initial_states, return_final_states=return_final_states,
     )

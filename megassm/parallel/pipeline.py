@@ -189,8 +189,8 @@ class PipelineStage(nn.Module):
             x, t_mod, t_emb, y, y_mask = self.embed(*inputs)
         else:
             x, t_mod, t_emb, y, y_mask = inputs
+        tg = self.token_grid(grid, x.device)
         lo, hi = self.plan.bounds[vs]
-        tg = self.token_grid(grid, x.device).precompute(self.blocks[str(i)] for i in range(lo, hi))
         for i in range(lo, hi):
             x = self.blocks[str(i)](x, t_mod, y, y_mask, tg)
         if vs < self.plan.num_stages - 1:

@@ -47,9 +47,11 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, device: torch.device):
-    """(AdamW over ``param_groups``, LambdaLR of ``lr_lambda``)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, device: torch.device,
+                    adamw: type | None = None):
+    """(AdamW over ``param_groups``, LambdaLR of ``lr_lambda``). ``adamw``: another AdamW implementation taking
+    torch's arguments (a backend's: DeepSpeed's CPUAdam under optimizer offload); default torch's."""
+    groups, hyper = param_groups(model, cfg.weight_decay), dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     # fused: one multi-tensor kernel for the whole update on CUDA (torch's foreach path launches several)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                            fused=device.type == "cuda")
+    opt = adamw(groups, **hyper) if adamw else torch.optim.AdamW(groups, **hyper, fused=device.type == "cuda")
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))

@@ -77,17 +77,13 @@ def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: fl
     return ds
 
 
-def host_adam(model: nn.Module, cfg: OptimConfig, total_steps: int):
+def host_adamw() -> type:
     """The optimizer of ``parallel.offload_optimizer``: DeepSpeed's CPUAdam (AVX, compiled just in time into
-    TORCH_EXTENSIONS_DIR on first use) in AdamW mode over megassm's parameter groups and schedule -- the same
-    update as build_optimizer's torch AdamW. DeepSpeed refuses a torch optimizer under ZeRO-Offload."""
+    TORCH_EXTENSIONS_DIR on first use), AdamW mode by default -- the same update as torch's AdamW, over megassm's
+    groups and schedule (``build_optimizer``). DeepSpeed refuses a torch optimizer under ZeRO-Offload."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from megassm.train.optim import lr_lambda, param_groups
-
-    opt = DeepSpeedCPUAdam(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, adamw_mode=True)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    return DeepSpeedCPUAdam
 
 
 class CPFoldedMPU:
@@ -220,10 +216,8 @@ class DeepSpeedBackend:
 
         mark_model(model, self.parallel.zero_stage)
         model = model.to(self.device)
-        if self.parallel.offload_optimizer:
-            opt, sched = host_adam(model, self.optim, self.train.steps)
-        else:
-            opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device)
+        opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device,
+                                     adamw=host_adamw() if self.parallel.offload_optimizer else None)
         # ZeRO shards and gradients reduce over DP x CP (module doc: DeepSpeed counts the mpu's DP world)
         mpu = self.mpu()
         ds_cfg = deepspeed_config(self.parallel, self.train, self.optim.grad_clip, self.device,
