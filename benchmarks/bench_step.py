@@ -58,6 +58,10 @@ VARIANTS = {
     "fp8_rowwise": {"compile": "blocks", "fp8": "rowwise", "zero_options": PERSIST},
     "fp8_eager": {"fp8": "tensorwise", "zero_options": PERSIST},
     "fp8_flash": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "attention_backend": "flash"},
+    # memory for speed: the partitioner recomputes cheap ops to save half the bytes; or every 4th block checkpointed
+    "fp8_budget": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "memory_budget": 0.5},
+    "compile_budget": {"compile": "blocks", "zero_options": PERSIST, "memory_budget": 0.5},
+    "fp8_ck4": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "checkpoint_every": 4},
 }
 COLUMNS = ["bench", "stage", "pattern", "variant", "activation_checkpointing", "seq_len", "batch", "ms",
            "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
@@ -141,6 +145,12 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     v = VARIANTS[variant]
     cfg.compile, cfg.fp8 = v.get("compile", "none"), v.get("fp8", "none")
     cfg.attention_backend = v.get("attention_backend", cfg.attention_backend)
+    if "memory_budget" in v:  # read when a graph is partitioned, i.e. at the first (compiling) step
+        import torch._functorch.config
+
+        torch._functorch.config.activation_memory_budget = v["memory_budget"]
+    if "checkpoint_every" in v:
+        ck, every_k = "every_k", v["checkpoint_every"]
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
