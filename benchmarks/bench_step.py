@@ -146,9 +146,9 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     cfg.compile, cfg.fp8 = v.get("compile", "none"), v.get("fp8", "none")
     cfg.attention_backend = v.get("attention_backend", cfg.attention_backend)
     if "memory_budget" in v:  # read when a graph is partitioned, i.e. at the first (compiling) step
-        import torch._functorch.config
+        from torch._functorch import config as functorch_config
 
-        torch._functorch.config.activation_memory_budget = v["memory_budget"]
+        functorch_config.activation_memory_budget = v["memory_budget"]
     if "checkpoint_every" in v:
         ck, every_k = "every_k", v["checkpoint_every"]
     gc.collect()
