@@ -5,7 +5,9 @@ Structural, and cheap next to a load: each DeepSpeed ``*.pt`` file's zip directo
 data.pkl (its CRC-32; ``torchzip.read_archive``, nothing is unpickled), each safetensors header against its
 file size, each trainer-state JSON, and that no rank's file is missing (DeepSpeed's files per model-parallel
 rank, one trainer state per rank of the run). ``crc=True`` also reads every tensor record and checks its
-CRC-32 (bit rot; as long as reading the checkpoint).
+CRC-32 (bit rot; as long as reading the checkpoint). A model-only checkpoint (``train.save_optimizer_state:
+false``, ``model_only.py``) has the same file set, its optimizer files holding the fp32 masters without the
+Adam moments: the same checks apply.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _missing_ranks(tag_dir: Path) -> list[str]:
     width = max((max(v) + 1 for v in ranks.values()), default=0)
     for (kind, mp), present in sorted(ranks.items()):
         if missing := sorted(set(range(width)) - present):
-            problems.append(f"{tag_dir}: {kind}_states.pt of mp_rank {mp:02d} is missing for dp ranks {missing}")
+            why = " (it holds the fp32 master weights, in a model-only checkpoint too)" if kind == "optim" else ""
+            problems.append(f"{tag_dir}: {kind}_states.pt of mp_rank {mp:02d} is missing for dp ranks {missing}{why}")
     return problems
 
 
