@@ -70,6 +70,8 @@ def _missing_ranks(tag_dir: Path) -> list[str]:
         problems.append(f"{tag_dir}: model-parallel ranks {mps} present; the files of ranks "
                         f"{sorted(set(range(max(mps) + 1)) - set(mps))} are missing")
     width = max((max(v) + 1 for v in ranks.values()), default=0)
+    for mp in sorted({mp for kind, mp in ranks if kind == "model"}):
+        ranks.setdefault(("optim", mp), set())  # ZeRO-3 files: every model-states file has its optimizer file
     for (kind, mp), present in sorted(ranks.items()):
         if missing := sorted(set(range(width)) - present):
             why = " (it holds the fp32 master weights, in a model-only checkpoint too)" if kind == "optim" else ""
