@@ -46,10 +46,12 @@ def _losses_at(run: Path, step: int) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if r.get("step") == step and "loss" in r]
 
 
-def _save_model_only_then_resume(run: Path, nproc: int):
-    """Steps 1-3 saving model-only (steps 2, 3), then a resume from step 2 to ``train.steps=4`` with the
-    optimizer state saved. Returns (the model-only step-2 directory, the resumed run's stderr)."""
-    run_train(SMOKE, *COMMON, f"run_dir={run}", "train.steps=3", "train.save_optimizer_state=false", nproc=nproc)
+def _save_model_only_then_resume(run: Path, nproc: int, *first: str):
+    """Steps 1-3 saving model-only (steps 2, 3; ``first``: more overrides), then a resume from step 2 to
+    ``train.steps=4`` with the optimizer state saved. Returns (a copy of the model-only step-2 directory,
+    the resumed run's stderr)."""
+    run_train(SMOKE, *COMMON, f"run_dir={run}", "train.steps=3", "train.save_optimizer_state=false", *first,
+              nproc=nproc)
     step2 = run / "checkpoints" / "step_00000002"
     assert not saved_optimizer_state(step2) and _moments(step2) == 0
     states = [json.loads(f.read_text()) for f in sorted((step2 / "trainer").glob("rank_*.json"))]
@@ -102,7 +104,10 @@ def test_model_only_checkpoint_resumes_exact_weights_with_a_fresh_optimizer(tmp_
 
 @pytest.mark.distributed
 def test_zero3_two_ranks_model_only_resume_and_convert(tmp_path):
-    step2, _ = _save_model_only_then_resume(tmp_path / "run", nproc=2)
+    # the periodic step-2 save non-blocking: the snapshot path (SnapshotCheckpointEngine, deferred sink)
+    step2, _ = _save_model_only_then_resume(tmp_path / "run", 2, "train.async_save=true")
+    assert any(r.get("event") == "checkpoint" and r.get("mode") == "async" and r.get("tag") == "step_00000002"
+               for r in read_metrics(tmp_path / "run"))
     assert len(list(step2.glob("*optim_states.pt"))) == 2 and len(list((step2 / "ema").glob("shard_*"))) == 2
     # megassm convert reads the model-only checkpoint: the fp32 masters of both partitions, equal to
     # DeepSpeed's own consolidation of the same files, plus the EMA
