@@ -53,14 +53,19 @@ def without_optimizer_moments(state_dict: Any, depth: int = 3) -> tuple[Any, int
     return out, dropped
 
 
-def optimizer_state_count(state_dict: Any, depth: int = 3) -> int:
-    """How many per-parameter optimizer states (Adam moments) a loaded DeepSpeed file holds (the tests' and
-    ``megassm inspect``'s check that a model-only checkpoint has none)."""
+def optimizer_states(state_dict: Any, depth: int = 3) -> list[dict]:
+    """The torch optimizer state dicts nested in a loaded DeepSpeed file (module doc's table)."""
     if _is_torch_optimizer_state(state_dict):
-        return len(state_dict["state"])
+        return [state_dict]
     if not isinstance(state_dict, dict) or depth == 0:
-        return 0
-    return sum(optimizer_state_count(state_dict[k], depth - 1) for k in _NESTING if k in state_dict)
+        return []
+    return [sd for k in _NESTING if k in state_dict for sd in optimizer_states(state_dict[k], depth - 1)]
+
+
+def optimizer_state_count(state_dict: Any) -> int:
+    """How many per-parameter optimizer states (Adam moments) a loaded DeepSpeed file holds (the tests' check
+    that a model-only checkpoint has none)."""
+    return sum(len(sd["state"]) for sd in optimizer_states(state_dict))
 
 
 def fresh_optimizer_note(tag_dir: Any) -> str:

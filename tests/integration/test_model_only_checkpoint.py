@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megassm.checkpoint.model_only import optimizer_state_count, saved_optimizer_state
+from megassm.checkpoint.model_only import optimizer_state_count, optimizer_states, saved_optimizer_state
 from megassm.checkpoint.snapshot import tree_bytes
 from megassm.checkpoint.torchzip import TorchFile
 from megassm.checkpoint.verify import damaged_files
@@ -28,13 +28,13 @@ COMMON = [*TINY_OVERRIDES, "train.ckpt_every=2", "train.keep_last=10"]
 
 
 def _adam_steps(tag_dir: Path) -> list[int]:
-    """The per-parameter Adam ``step`` of every ZeRO-3 optimizer file (one per rank), read without unpickling."""
+    """The per-parameter Adam ``step`` in every DeepSpeed file of the checkpoint, read without unpickling."""
     steps = []
-    for f in sorted(tag_dir.glob("*optim_states.pt")):
+    for f in sorted(tag_dir.glob("*.pt")):
         tf = TorchFile(f)
-        for st in tf.obj["optimizer_state_dict"]["optimizer_state_dict"]["state"].values():
-            step = st["step"]
-            steps.append(int(tf.load(step)) if not isinstance(step, (int, float)) else int(step))
+        for sd in optimizer_states(tf.obj):
+            steps += [int(tf.load(st["step"])) if not isinstance(st["step"], (int, float)) else int(st["step"])
+                      for st in sd["state"].values()]
     return steps
 
 
@@ -46,12 +46,12 @@ def _losses_at(run: Path, step: int) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if r.get("step") == step and "loss" in r]
 
 
-def _save_model_only_then_resume(run: Path, nproc: int, *first: str):
-    """Steps 1-3 saving model-only (steps 2, 3; ``first``: more overrides), then a resume from step 2 to
-    ``train.steps=4`` with the optimizer state saved. Returns (a copy of the model-only step-2 directory,
-    the resumed run's stderr)."""
-    run_train(SMOKE, *COMMON, f"run_dir={run}", "train.steps=3", "train.save_optimizer_state=false", *first,
-              nproc=nproc)
+def _save_model_only_then_resume(run: Path, nproc: int, *overrides: str, first: tuple[str, ...] = ()):
+    """Steps 1-3 saving model-only (steps 2, 3; ``first``: overrides of this run only), then a resume from
+    step 2 to ``train.steps=4`` with the optimizer state saved. Returns (a copy of the model-only step-2
+    directory, the resumed run's stderr)."""
+    run_train(SMOKE, *COMMON, *overrides, f"run_dir={run}", "train.steps=3", "train.save_optimizer_state=false",
+              *first, nproc=nproc)
     step2 = run / "checkpoints" / "step_00000002"
     assert not saved_optimizer_state(step2) and _moments(step2) == 0
     states = [json.loads(f.read_text()) for f in sorted((step2 / "trainer").glob("rank_*.json"))]
@@ -60,8 +60,8 @@ def _save_model_only_then_resume(run: Path, nproc: int, *first: str):
     kept = run.parent / "kept" / "checkpoints" / step2.name  # the resume below replaces step 2's line of saves
     shutil.copytree(step2, kept)
     shutil.copy(run / "config.yaml", kept.parent.parent / "config.yaml")  # what convert / inspect read
-    proc = run_train(SMOKE, *COMMON, f"run_dir={run}", "train.steps=4", "train.resume_from=step_00000002",
-                     nproc=nproc)
+    proc = run_train(SMOKE, *COMMON, *overrides, f"run_dir={run}", "train.steps=4",
+                     "train.resume_from=step_00000002", nproc=nproc)
     assert "a model-only checkpoint (saved with train.save_optimizer_state=false)" in proc.stderr, proc.stderr[-3000:]
     assert "the optimizer starts afresh" in proc.stderr
     assert [(r["step"], r.get("optimizer")) for r in read_metrics(run) if r.get("event") == "resume"] == [(2, "fresh")]
@@ -75,13 +75,15 @@ def _save_model_only_then_resume(run: Path, nproc: int, *first: str):
     return kept, proc.stderr
 
 
-def test_model_only_checkpoint_resumes_exact_weights_with_a_fresh_optimizer(tmp_path):
-    step2, _ = _save_model_only_then_resume(tmp_path / "run", nproc=1)
+@pytest.mark.parametrize("zero", [3, 2])
+def test_model_only_checkpoint_resumes_exact_weights_with_a_fresh_optimizer(tmp_path, zero):
+    step2, _ = _save_model_only_then_resume(tmp_path / "run", 1, f"parallel.zero_stage={zero}")
     full = tmp_path / "run" / "checkpoints" / "step_00000004"
     # the optimizer file keeps the fp32 masters only: a third of the full one (masters + 2 moments)
     (o_small,), (o_full,) = step2.glob("*optim_states.pt"), full.glob("*optim_states.pt")
     assert o_small.stat().st_size < 0.4 * o_full.stat().st_size
-    assert tree_bytes(step2) < 0.6 * tree_bytes(full)  # with the EMA (model-sized) and the model states
+    if zero == 3:  # with the EMA (model-sized) and ZeRO-3's small model states (ZeRO-2's hold the module too)
+        assert tree_bytes(step2) < 0.6 * tree_bytes(full)
 
     from megassm.checkpoint.inspection import format_report, inspect_checkpoint
 
@@ -97,15 +99,17 @@ def test_model_only_checkpoint_resumes_exact_weights_with_a_fresh_optimizer(tmp_
     o.write_bytes(o.read_bytes()[: o.stat().st_size // 2])
     with pytest.raises(ckpt.ResumeError, match=rf"step_00000002: the checkpoint is damaged: {o}: unreadable"):
         ckpt.resume_tag(ckpts, "step_00000002")
-    o.unlink()
-    assert any("optim_states.pt of mp_rank 00 is missing" in p and "fp32 master weights" in p
-               for p in damaged_files(tag_dir))
+    o.unlink()  # a model-only checkpoint still needs its optimizer files: they hold the fp32 masters
+    by = "ZeRO-3" if zero == 3 else "ZeRO-1/2"
+    assert damaged_files(tag_dir) == [f"{tag_dir}: no [bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt although a "
+                                      f"{by} optimizer wrote its model states: they hold the fp32 master weights "
+                                      "(in a model-only checkpoint too)"]
 
 
 @pytest.mark.distributed
 def test_zero3_two_ranks_model_only_resume_and_convert(tmp_path):
     # the periodic step-2 save non-blocking: the snapshot path (SnapshotCheckpointEngine, deferred sink)
-    step2, _ = _save_model_only_then_resume(tmp_path / "run", 2, "train.async_save=true")
+    step2, _ = _save_model_only_then_resume(tmp_path / "run", 2, first=("train.async_save=true",))
     assert any(r.get("event") == "checkpoint" and r.get("mode") == "async" and r.get("tag") == "step_00000002"
                for r in read_metrics(tmp_path / "run"))
     assert len(list(step2.glob("*optim_states.pt"))) == 2 and len(list((step2 / "ema").glob("shard_*"))) == 2
