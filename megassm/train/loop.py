@@ -196,6 +196,7 @@ class Trainer:
         barrier()
         sink = FileSink(deferred=not blocking)
         with_optimizer = self.cfg.train.save_optimizer_state  # false: a model-only checkpoint (no Adam moments)
+        reason += "" if with_optimizer else ", model-only: no optimizer state"
         self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step, OPTIMIZER_STATE_KEY:
                                                             with_optimizer}, sink=sink, optimizer_state=with_optimizer)
         if self.ema is not None:

@@ -50,8 +50,9 @@ def _save_model_only_then_resume(run: Path, nproc: int, *overrides: str, first: 
     """Steps 1-3 saving model-only (steps 2, 3; ``first``: overrides of this run only), then a resume from
     step 2 to ``train.steps=4`` with the optimizer state saved. Returns (a copy of the model-only step-2
     directory, the resumed run's stderr)."""
-    run_train(SMOKE, *COMMON, *overrides, f"run_dir={run}", "train.steps=3", "train.save_optimizer_state=false",
-              *first, nproc=nproc)
+    proc = run_train(SMOKE, *COMMON, *overrides, f"run_dir={run}", "train.steps=3",
+                     "train.save_optimizer_state=false", *first, nproc=nproc)
+    assert "(final, model-only: no optimizer state) at step 3" in proc.stderr, proc.stderr[-3000:]
     step2 = run / "checkpoints" / "step_00000002"
     assert not saved_optimizer_state(step2) and _moments(step2) == 0
     states = [json.loads(f.read_text()) for f in sorted((step2 / "trainer").glob("rank_*.json"))]
