@@ -71,9 +71,10 @@ def optimizer_state_count(state_dict: Any) -> int:
 def fresh_optimizer_note(tag_dir: Any) -> str:
     """The one line a resume from a model-only checkpoint logs."""
     return (f"resuming from {tag_dir}, a model-only checkpoint (saved with train.save_optimizer_state=false): "
-            "weights, step, data position, RNG and LR schedule are restored, the optimizer starts afresh (Adam "
-            "moments zero, bias correction from step 1), so the loss curve may jump for a few hundred steps and "
-            "is not the one an uninterrupted run gives; keep train.save_optimizer_state=true for exact resumes")
+            "weights, step, data position, RNG and LR schedule are restored, but the optimizer starts afresh (Adam "
+            "moments zero, bias correction from step 1) at the restored learning rate, without a new warm-up: "
+            "expect a bump in the loss while the moments rebuild, and a curve that is not the uninterrupted run's. "
+            "Keep train.save_optimizer_state=true where the disk allows, for exact resumes")
 
 
 def saved_optimizer_state(tag_dir: str | Path) -> bool:
