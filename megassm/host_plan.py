@@ -11,7 +11,8 @@ TP-local parameter, N = ZeRO-3 partitions (gpus / tp: DP x CP), w = bytes per tr
                                 TP slice, by offset; otherwise 4 P_tp, its whole TP slices)
     resume         DeepSpeed's own per-rank files: 12 P_tp / N (fp32 masters + Adam moments) + EMA 4 P_tp / N
     offload        parallel.offload_optimizer: 16 P_tp / N resident, pinned (fp32 masters, Adam m and v, fp32 grads)
-    checkpoint     12 P + 4 P (EMA) in all; seconds = size / the job's aggregate write rate
+    checkpoint     12 P + 4 P (EMA) in all; model-only (train.save_optimizer_state=false: no Adam moments)
+                   4 P + 4 P (EMA); seconds = the configured one's size / the job's aggregate write rate
 
 The formulas are compared with measurements at 1.16B parameters on a CPU in benchmarks/results/init_cpu.md.
 """
@@ -51,13 +52,17 @@ def predict_host(cfg: RunConfig, gpus: int, write_gbps: float) -> dict:
     w = 2 if t.precision == "bf16" else 4
     build_now = (w * P_tp / N + 8 * L) if p.zero_stage == 3 else 4 * P_tp
     ema = 4 * P if t.ema_decay > 0 else 0
-    size = 12 * P + ema
+    full, model_only = 12 * P + ema, 4 * P + ema  # fp32 masters + Adam m, v (+ EMA); masters (+ EMA)
+    size = full if t.save_optimizer_state else model_only
     return {
         "construction_gb": {"before": 4 * P / GB, "now": build_now / GB},
         "warm_start_gb": {"before": 8 * P / GB, "now": (build_now + 4 * L) / GB},
         "warm_start_read_gb": {"before": 4 * P / GB, "now": 4 * P_tp / N / GB},
         "resume_read_gb": (12 * P_tp + (4 * P_tp if ema else 0)) / N / GB,
         "checkpoint_gb": size / GB,
+        "checkpoint_full_gb": full / GB,
+        "checkpoint_model_only_gb": model_only / GB,
+        "save_optimizer_state": t.save_optimizer_state,
         "save_s": size / GB / write_gbps,
         "write_gbps": write_gbps,
         "largest_param_gb": 4 * L / GB,
@@ -75,5 +80,8 @@ def print_host(h: dict) -> None:
           f"resume read {h['resume_read_gb']:.2f} GB")
     if h.get("offload_optimizer_gb"):
         print(f"  offloaded optimizer {h['offload_optimizer_gb']:8.2f} GB resident, pinned (fp32 masters, Adam, grads)")
-    print(f"  checkpoint      {h['checkpoint_gb']:8.1f} GB in all, {h['save_s']:.0f} s at {h['write_gbps']:.1f} GB/s "
-          f"-> SIGUSR1 grace >= {h['grace_s']} s")
+    kind = "with optimizer state" if h["save_optimizer_state"] else "model-only"
+    other = (f"model-only {h['checkpoint_model_only_gb']:.1f} GB with train.save_optimizer_state=false"
+             if h["save_optimizer_state"] else f"{h['checkpoint_full_gb']:.1f} GB with the optimizer state")
+    print(f"  checkpoint      {h['checkpoint_gb']:8.1f} GB in all ({kind}; {other}), {h['save_s']:.0f} s at "
+          f"{h['write_gbps']:.1f} GB/s -> SIGUSR1 grace >= {h['grace_s']} s")

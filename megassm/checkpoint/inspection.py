@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megassm.checkpoint.model_only import saved_optimizer_state
 from megassm.checkpoint.model_specs import compare_specs, expected_specs
 from megassm.checkpoint.sources import Checkpoint, WeightSet, open_checkpoint
 from megassm.models.mixers import is_mixer_symbol, mixer_for_symbol
@@ -72,6 +73,7 @@ def inspect_checkpoint(path: str | Path, *, tag: str | None = None, config: dict
 
         tag_dir = Path(ckpt.path)
         problems += damaged_files(tag_dir, crc=crc, training=(tag_dir / "trainer").is_dir())
+        summary["optimizer_state"] = saved_optimizer_state(tag_dir)
     if scan:
         problems += _scan(ckpt.model, "")
         if ckpt.ema is not None:
@@ -115,6 +117,9 @@ def format_report(summary: dict, problems: list[str]) -> str:
     for k, v in sorted(summary["per_component"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {k:<{width}}  {v:>15,}  ({v / 1e6:,.2f} M)")
     lines.append(f"ema         {'yes' if summary['ema'] else 'no'}")
+    if summary.get("optimizer_state") is False:
+        lines.append("optimizer   none: a model-only checkpoint (train.save_optimizer_state=false); a resume "
+                     "restarts the optimizer")
     for note in summary["notes"]:
         lines.append(f"note        {note}")
     lines.append("integrity   " + ("shapes vs config" + (", NaN/Inf scan" if summary["scanned"] else "")))

@@ -5,7 +5,9 @@ Structural, and cheap next to a load: each DeepSpeed ``*.pt`` file's zip directo
 data.pkl (its CRC-32; ``torchzip.read_archive``, nothing is unpickled), each safetensors header against its
 file size, each trainer-state JSON, and that no rank's file is missing (DeepSpeed's files per model-parallel
 rank, one trainer state per rank of the run). ``crc=True`` also reads every tensor record and checks its
-CRC-32 (bit rot; as long as reading the checkpoint).
+CRC-32 (bit rot; as long as reading the checkpoint). A model-only checkpoint (``train.save_optimizer_state:
+false``, ``model_only.py``) has the same file set, its optimizer files holding the fp32 masters without the
+Adam moments: the same checks apply.
 """
 
 from __future__ import annotations
@@ -71,7 +73,31 @@ def _missing_ranks(tag_dir: Path) -> list[str]:
     for (kind, mp), present in sorted(ranks.items()):
         if missing := sorted(set(range(width)) - present):
             problems.append(f"{tag_dir}: {kind}_states.pt of mp_rank {mp:02d} is missing for dp ranks {missing}")
-    return problems
+    return problems + _missing_optimizer_files(tag_dir, ranks, mp_models)
+
+
+def _missing_optimizer_files(tag_dir: Path, ranks: dict, mp_models: set[int]) -> list[str]:
+    """Model-parallel ranks whose optimizer files are all gone although a ZeRO optimizer wrote the model states:
+    ZeRO-3 (every zero_pp model file has one) or ZeRO-1/2 (the mp_rank model file records parameter shapes).
+    They hold the fp32 master weights, in a model-only checkpoint too; without them DeepSpeed's load would
+    rebuild the masters from the training-dtype weights and drop the optimizer state without a word."""
+    with_optim = {mp for kind, mp in ranks if kind == "optim"}
+    zero3 = {mp for kind, mp in ranks if kind == "model"} - with_optim
+    zero12 = {mp for mp in mp_models - with_optim
+              if _zero12_model_states(tag_dir / f"mp_rank_{mp:02d}_model_states.pt")}
+    return [f"{tag_dir}: no [bf16_]zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt although a ZeRO-"
+            f"{3 if mp in zero3 else '1/2'} optimizer wrote its model states: they hold the fp32 master weights (in "
+            "a model-only checkpoint too)" for mp in sorted(zero3 | zero12)]
+
+
+def _zero12_model_states(model_states: Path) -> bool:
+    """An ``mp_rank_XX_model_states.pt`` written under ZeRO-1/2 (DeepSpeed records the parameter shapes there
+    only when a ZeRO optimizer holds the fp32 masters; ZeRO-0: None)."""
+    try:
+        obj = TorchFile(model_states).obj
+    except (CheckpointError, OSError):
+        return False  # unreadable: damaged_files reports the file itself
+    return isinstance(obj, dict) and obj.get("param_shapes") is not None
 
 
 def _trainer_state_problems(tag_dir: Path) -> list[str]:

@@ -230,6 +230,9 @@ class TrainConfig:
     # periodic checkpoints snapshotted to host memory and written by a background thread while training
     # goes on (megassm/train/checkpoint_writer.py); the final and signal saves stay synchronous
     async_save: bool = False
+    # false: checkpoints hold the model (fp32 masters), EMA, LoRA adapters and trainer state but no Adam moments
+    # (~1/3 of a ZeRO checkpoint's optimizer files); a resume from one restarts the optimizer (docs/checkpoints.md)
+    save_optimizer_state: bool = True
     sample_every: int = 0  # 0 disables periodic sample images
     # every eval_every steps: the held-out loss, plus CLIP score / KID on eval.prompts when eval.clip_model /
     # eval.inception + eval.reference are set (megassm/train/evaluation.py); 0 disables it

@@ -1,7 +1,8 @@
 """Training checkpoints: DeepSpeed-native state + EMA shards + per-rank trainer state.
 
     run_dir/checkpoints/
-        step_00000100/          DeepSpeed tag directory (model, optimizer, LR scheduler)
+        step_00000100/          DeepSpeed tag directory (model, optimizer, LR scheduler; without the Adam
+                                moments with train.save_optimizer_state=false: megassm/checkpoint/model_only.py)
             ema/shard_*.safetensors
             trainer/rank_*.json + rank_*.safetensors   (step, data position, RNG states)
             COMPLETE            written last, after every rank finished

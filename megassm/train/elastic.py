@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megassm.checkpoint.model_only import saved_optimizer_state
 from megassm.config.load import to_dict
 from megassm.config.schema import RunConfig
 from megassm.train import checkpoint as ckpt
@@ -152,6 +153,12 @@ def _plan_for(cfg: RunConfig, ckpt_dir: Path, tag: str | None, world: int) -> Re
         _check_shard_cursor(cfg, state, tag_dir, old, new)
     if cfg.parallel.pp > 1:
         raise ElasticResumeError(f"checkpoint {tag_dir}: a pipeline run resumes only at its own layout ({old})")
+    if not saved_optimizer_state(tag_dir):  # DeepSpeed's universal conversion needs the Adam moments
+        raise ElasticResumeError(
+            f"checkpoint {tag_dir} is model-only (saved with train.save_optimizer_state=false): a resume at "
+            f"another layout ({ResumePlan(tag, True, old, new).describe()}) needs its optimizer state. Resume at its "
+            f"own layout (world {old['world']}, dp {old['dp']}, cp {old['cp']}), or warm-start a new run at this "
+            f"layout with init_from={tag_dir} (the optimizer state and data position start afresh)")
     return ResumePlan(tag, True, old, new)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megassm.checkpoint.model_only import OPTIMIZER_STATE_KEY, fresh_optimizer_note, saved_optimizer_state
 from megassm.checkpoint.snapshot import FileSink
 from megassm.config.load import to_dict, to_yaml
 from megassm.config.schema import RunConfig
@@ -194,7 +195,10 @@ class Trainer:
             shutil.rmtree(tag_dir)
         barrier()
         sink = FileSink(deferred=not blocking)
-        self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink)
+        with_optimizer = self.cfg.train.save_optimizer_state  # false: a model-only checkpoint (no Adam moments)
+        reason += "" if with_optimizer else ", model-only: no optimizer state"
+        client_state = {"megassm_step": self.step, "megassm_optimizer_state": with_optimizer}
+        self.backend.save(self.ckpt_dir, tag, client_state=client_state, sink=sink, optimizer_state=with_optimizer)
         if self.ema is not None:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
@@ -207,7 +211,7 @@ class Trainer:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                  "layout": elastic.layout_of(self.cfg, dist.get_world_size()), "model": to_dict(self.cfg.model),
                  "dp_rank": self.mesh.get_data_parallel_rank(),
-                 "data": self.data.state_dict(), "world": dist.get_world_size()}
+                 "data": self.data.state_dict(), "world": dist.get_world_size(), OPTIMIZER_STATE_KEY: with_optimizer}
         ckpt.save_trainer_state(tag_dir, self.rank, state, {}, sink=sink)
         pending = PendingSave(self.ckpt_dir, tag, self.step, sink.jobs, started, time.perf_counter() - started,
                               getattr(self, "_last_step_s", None))
@@ -257,14 +261,17 @@ class Trainer:
             return self._resume_elastic(plan)
         tag = plan.tag
         tag_dir = self.ckpt_dir / tag
-        self.backend.load(self.ckpt_dir, tag)
+        self.backend.load(self.ckpt_dir, tag)  # a model-only checkpoint: exact weights, a fresh optimizer
         state, _ = ckpt.load_trainer_state(tag_dir, self.rank)
         self._restore_counters(state)
         self.data.load_state_dict(state["data"])
         if self.ema is not None:
             self.ema.load(tag_dir, self.mesh.get_sequence_data_parallel_rank(), *self._mp())
+        exact = saved_optimizer_state(tag_dir)
+        if not exact and self.rank == 0:
+            log.warning(fresh_optimizer_note(tag_dir))
         self._info(f"resumed from step {self.step} ({tag_dir})")
-        self.metrics.event({"event": "resume", "step": self.step})
+        self.metrics.event({"event": "resume", "step": self.step, **({} if exact else {"optimizer": "fresh"})})
 
     def _restore_counters(self, state: dict) -> None:
         self.step = state["step"]

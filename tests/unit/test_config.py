@@ -39,6 +39,18 @@ def test_wrong_type_names_key():
         load_config(CONFIGS / "smoke.yaml", ["train.steps=many"])
 
 
+def test_save_optimizer_state_is_a_checked_bool(tmp_path):
+    assert load_config(CONFIGS / "smoke.yaml").train.save_optimizer_state is True
+    assert load_config(CONFIGS / "smoke.yaml", ["train.save_optimizer_state=false"]).train.save_optimizer_state is False
+    with pytest.raises(ConfigError, match=r"wrong type for 'train.save_optimizer_state': 'sometimes' is not true or "
+                                          r"false \(e.g. train.save_optimizer_state=true, the default\)"):
+        load_config(CONFIGS / "smoke.yaml", ["train.save_optimizer_state=sometimes"])
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: [%s]\ntrain:\n  save_optimizer_state: [false]\n" % (CONFIGS / "smoke.yaml"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: wrong type for 'train.save_optimizer_state'"):
+        load_config(f)
+
+
 @pytest.mark.parametrize("override,message", [
     ("parallel.pp=2", "regimes"),  # pp with ZeRO-3
     ("model.pattern=hxA", "unknown symbols"),

@@ -108,3 +108,17 @@ def test_a_tp_run_resumes_only_at_its_own_layout(tmp_path):
                                                  r"4\) is supported only at tp=1.*init_from="):
         plan_resume(_cfg("data.kind=procedural", "parallel.tp=2", "train.micro_batch_size=2", world=4), d, 4)
     assert not plan_resume(old, d, 2).elastic
+
+
+def test_a_model_only_checkpoint_resumes_at_its_own_layout_only(tmp_path):
+    """train.save_optimizer_state=false: no Adam moments for DeepSpeed's universal conversion, so a dp change
+    is refused with the two ways out; at the saved layout the usual resume (a fresh optimizer) is planned."""
+    old = _cfg("train.micro_batch_size=4", world=2)
+    d = _checkpoint(tmp_path / "c", old, 2, 3, {"position": 3})
+    f = d / "step_00000003" / "trainer" / "rank_00000.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "optimizer_state": False}))
+    assert not plan_resume(old, d, 2).elastic
+    want = (r"is model-only \(saved with train.save_optimizer_state=false\): a resume at another layout \(world 2 "
+            r"-> 4, dp 2 -> 4, micro_batch_size 4 -> 2\) needs its optimizer state.*init_from=")
+    with pytest.raises(ElasticResumeError, match=want):
+        plan_resume(_cfg("train.micro_batch_size=2", world=4), d, 4)

@@ -45,6 +45,28 @@ def test_optimizer_offload_moves_masters_adam_and_grads_to_the_host(m5b):
     assert res["recommended"]["layout"]["offload_optimizer"]  # the search keeps the configured offload
 
 
+def test_checkpoint_size_with_and_without_optimizer_state(m5b, capsys):
+    """12 P (fp32 masters + Adam m, v) + 4 P EMA; train.save_optimizer_state=false leaves the moments out: 4 P + 4 P.
+    The save seconds and the grace follow the configured one."""
+    from megassm.host_plan import print_host
+    from megassm.plan import plan
+
+    P = param_counts(m5b)["total"]
+    hosts = {}
+    for keep in (True, False):
+        cfg = load_config("configs/stage2_2k.yaml", ["train.sample_every=0", f"train.save_optimizer_state={keep}"])
+        hosts[keep] = plan(cfg, 1, 16384, 80, 0.35, 989, 100)["host"]
+    for h in hosts.values():
+        assert h["checkpoint_full_gb"] == pytest.approx(16 * P / 1e9)
+        assert h["checkpoint_model_only_gb"] == pytest.approx(8 * P / 1e9)
+    assert hosts[True]["checkpoint_gb"] == hosts[True]["checkpoint_full_gb"]
+    assert hosts[False]["checkpoint_gb"] == hosts[False]["checkpoint_model_only_gb"]
+    assert hosts[False]["save_s"] < hosts[True]["save_s"] and hosts[False]["grace_s"] <= hosts[True]["grace_s"]
+    print_host(hosts[False])
+    assert f"{8 * P / 1e9:.1f} GB in all (model-only; {16 * P / 1e9:.1f} GB with the optimizer state)" in \
+        capsys.readouterr().out
+
+
 def test_checkpointing_and_cp_reduce_activations(m5b):
     acts = {ck: predict_memory(m5b, 16384, Layout(gpus=8, checkpointing=ck))["activations"]
             for ck in ("none", "every_k", "all")}

@@ -166,13 +166,19 @@ class TrainBackend(Protocol):
     def gathered(self, params: list[nn.Parameter]) -> AbstractContextManager:
         """A context in which ``params`` hold whole tensors on every rank, for reading (collective)."""
 
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: Any = None) -> None:
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: Any = None,
+             optimizer_state: bool = True) -> None:
         """Write model, optimizer and LR-schedule state into ``ckpt_dir / tag`` (every rank calls). With a
         deferred ``sink`` (``megassm.checkpoint.snapshot.FileSink``) copy it to host memory and ``put`` the
-        writes instead: they run on a background thread, so they must not call a collective."""
+        writes instead: they run on a background thread, so they must not call a collective.
+        ``optimizer_state=False`` (``train.save_optimizer_state``): the fp32 master weights, parameter groups
+        and LR schedule but no per-parameter optimizer state; ``load`` of such a checkpoint restores the
+        weights exactly and leaves the optimizer fresh (FSDP2: ``get_state_dict`` with the optimizer's
+        ``state`` emptied, its fp32 parameters kept)."""
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
-        """Restore what ``save`` wrote, at the same layout; the next micro-batch opens a step."""
+        """Restore what ``save`` wrote, at the same layout (a model-only save's fresh optimizer too); the next
+        micro-batch opens a step."""
 
     def load_resharded(self, ckpt_dir: Path, tag: str, is_writer: bool) -> None:
         """Restore a checkpoint written at another (dp, cp) layout (``megassm/train/elastic.py``)."""

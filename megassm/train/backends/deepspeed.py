@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megassm.checkpoint.model_only import without_optimizer_moments
 from megassm.checkpoint.snapshot import FileSink, fsync_tree
 from megassm.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from megassm.config.tags import COMPLETE
@@ -301,15 +302,17 @@ class DeepSpeedBackend:
         return nullcontext()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: FileSink | None = None) -> None:
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, sink: FileSink | None = None,
+             optimizer_state: bool = True) -> None:
         """DeepSpeed's ``save_checkpoint`` through ``sink`` (``SnapshotCheckpointEngine``): deferred, its
         files are snapshotted instead of written (the barriers and tag checks still run here, the writes
-        later); not deferred, written at once and listed on the sink for its fsync."""
-        if sink is None:
+        later); not deferred, written at once and listed on the sink for its fsync. ``optimizer_state=False``:
+        the Adam moments are left out of every file (``megassm/checkpoint/model_only.py``)."""
+        if sink is None and optimizer_state:
             self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
             return
         own = self.engine.checkpoint_engine
-        self.engine.checkpoint_engine = SnapshotCheckpointEngine(own, sink)
+        self.engine.checkpoint_engine = SnapshotCheckpointEngine(own, sink or FileSink(), optimizer_state)
         try:
             self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
         finally:
@@ -350,14 +353,17 @@ class SnapshotCheckpointEngine:
     place) and queues the engine's own ``save`` of the copy on the ``FileSink``, so the file is what a
     synchronous save writes. Directories are made at once; everything else is the engine's own. DeepSpeed
     0.19.8 routes every file of ``save_checkpoint`` through ``checkpoint_engine.save`` except the small
-    ``zero_to_fp32.py`` recovery script, which it copies itself.
+    ``zero_to_fp32.py`` recovery script, which it copies itself. ``optimizer_state=False`` (a model-only
+    checkpoint) drops the Adam moments from each state dict first.
     """
 
-    def __init__(self, own, sink: FileSink):
-        self.own, self.sink = own, sink
+    def __init__(self, own, sink: FileSink, optimizer_state: bool = True):
+        self.own, self.sink, self.optimizer_state = own, sink, optimizer_state
         self.name = f"snapshot({getattr(own, 'name', type(own).__name__)})"
 
     def save(self, state_dict, path: str) -> None:
+        if not self.optimizer_state:  # before the snapshot: the moments are neither copied nor written
+            state_dict, _ = without_optimizer_moments(state_dict)
         self.sink.put_tensors(Path(path), state_dict, lambda state: self.own.save(state, path))
 
     def create(self, info) -> None:
