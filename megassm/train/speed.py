@@ -10,15 +10,26 @@ Both keep the reference path one config key away (``none``) and leave parameter 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from megassm.config.schema import ModelConfig
 
+log = logging.getLogger("megassm.train")
+# What one H100 showed at the stage-3 shape (docs/performance.md, "Training fast paths"): said on CUDA runs.
+CUDA_CAVEAT = ("model.compile / model.fp8 are experimental on CUDA: on one H100 at 29,040 tokens (hth-5b width, "
+               "ZeRO-3) every compiled variant ran out of memory where the eager path peaks at 36-69 GB, and compile "
+               "+ FP8 stopped in the backward with a gradient-shape error; see docs/performance.md (Training fast "
+               "paths) and measure your shape with benchmarks/saved_bytes.py before a long run")
+
 
 def apply_speed(model: nn.Module, m: ModelConfig, device: torch.device) -> list[str]:
     """Apply ``m.fp8`` and ``m.compile`` to ``model`` in place; returns report lines for the log."""
     notes = []
+    if device.type == "cuda" and (m.fp8 != "none" or m.compile != "none"):
+        log.warning(CUDA_CAVEAT)
     if m.fp8 != "none":
         from megassm.ops.fp8 import convert_to_fp8
 

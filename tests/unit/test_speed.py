@@ -170,3 +170,18 @@ def test_zero_options_reach_deepspeed_and_compiled_blocks_are_leaves():
     mark_model(eager, 3)
     assert {type(m).__name__ for m in eager.modules() if getattr(m, "_z3_leaf", False)} == {"Hydra"}
     assert all(isinstance(b, HTHBlock) for b in model.blocks)
+
+
+def test_cuda_runs_are_told_the_fast_paths_are_experimental(caplog):
+    """On CUDA, model.compile / model.fp8 log what one H100 showed (out of memory at the stage-3 shape); on
+    CPU, and on CUDA with both off, nothing is said."""
+    from megassm.train.speed import CUDA_CAVEAT
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with caplog.at_level("WARNING", logger="megassm.train"):
+        apply_speed(_model("hA"), ModelConfig(compile="none"), cuda)
+        apply_speed(_model("hA"), ModelConfig(compile="blocks"), cpu)
+        assert CUDA_CAVEAT not in caplog.text
+        notes = apply_speed(_model("hA"), ModelConfig(compile="blocks"), cuda)  # flags only: nothing runs here
+    assert CUDA_CAVEAT in caplog.text and "docs/performance.md" in CUDA_CAVEAT
+    assert notes and notes[0].startswith("compile: ")
