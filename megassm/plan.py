@@ -14,8 +14,8 @@ Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (docs/architecture.md §3) 
   plus the backward's working set (activation gradients, one block's unsharded weight gradients) and
   a fixed allowance for CUDA / cuBLAS / Triton workspaces and allocator rounding.
 Training previews (train.sample_every > 0) run between steps, beside the resident state: the larger of the
-text encoder in bf16 (first preview only), the sampler's forward (one block's activations at a time, both
-CFG branches of this replica's prompts) and the VAE decode (rank 0), plus one copy of the local weights
+text encoder in bf16 (first preview only), the sampler's forward (one block's transient working set at a
+time, half its training activations as measured for `megassm plan --sample`; both CFG branches of this replica's prompts) and the VAE decode (rank 0), plus one copy of the local weights
 while the EMA weights are swapped in.
 Step time: model FLOPs (accounting.train_flops, x4/3 for recomputed blocks) / (tp x cp x peak x MFU) with an
 assumed MFU, plus TP (all-gather / reduce-scatter) and Ulysses all-to-all volumes at an assumed link
@@ -36,6 +36,7 @@ from pathlib import Path
 from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
 from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
 from megassm.parallel.mesh import MeshError, ParallelDims
+from megassm.sample_plan import INFERENCE_SHARE
 
 # tokens per sample of each stage (docs/architecture.md §7); other configs pass --seq-len
 STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "stage3_video": 29040}
@@ -95,9 +96,10 @@ class PreviewLoad:
     def bytes_per_gpu(self, m: ModelConfig, layout: Layout, local_weight_bytes: float) -> float:
         d = m.d_model
         tokens = 2 * math.ceil(self.prompts / layout.dp) * self.seq_len / layout.cp  # both CFG branches
-        # no autograd graph: one block's activations live at a time, beside the residual stream in and out
+        # no autograd graph: one block's transient working set at a time (INFERENCE_SHARE of what training keeps
+        # for that block's backward, measured at full size: sample_plan.py), beside the residual stream in and out
         block = max(activation_bytes_per_token(m, s) for s in set(m.pattern)) / layout.tp
-        sampler = tokens * (block + 2 * 2 * d + 2 * m.in_channels * math.prod(m.patch_size))
+        sampler = tokens * (INFERENCE_SHARE * block + 2 * 2 * d + 2 * m.in_channels * math.prod(m.patch_size))
         encoder = 2 * self.text_encoder_params
         vae = 2 * self.vae_params + VAE_DECODE_WORKSPACE if self.vae_params else 0.0
         extractors = 2 * self.eval_extractor_params  # resident on rank 0 from the first evaluation on

@@ -174,3 +174,23 @@ def test_plan_counts_preview_memory(tmp_path):
     local, sources = preview_load(local_cfg, 29040)
     assert isinstance(local, PreviewLoad) and local.text_encoder_params == 300_007
     assert sources["text_encoder"] == str(tmp_path / "t5")
+
+
+def test_preview_sampler_memory_matches_the_sampling_plan():
+    """A training preview's sampler phase is a sampling run: per token of both CFG branches, the same transient
+    block working set that ``megassm plan --sample`` holds to the full-size H100 measurements (sample_plan.py),
+    plus the residual stream in and out and the latents. It once counted a block's whole training activations
+    (2x what those measurements show)."""
+    import math
+
+    from megassm.plan import PreviewLoad
+    from megassm.sample_plan import predict_sampling
+
+    cfg = load_config("configs/stage3_video.yaml")
+    m = cfg.model
+    load = PreviewLoad(prompts=1, seq_len=29040, text_encoder_params=0.0, vae_params=0.0, ema=False)
+    preview = load.bytes_per_gpu(m, Layout(gpus=1, micro_batch=1, checkpointing="none"), 0.0)
+    sampling = predict_sampling(cfg, 29040)
+    assert sampling["cfg_branches"] == 2
+    stream = 2 * 29040 * (2 * 2 * m.d_model + 2 * m.in_channels * math.prod(m.patch_size))
+    assert preview == pytest.approx(sampling["activations_gb"] * 1e9 + stream, rel=1e-9)
