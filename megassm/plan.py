@@ -15,8 +15,9 @@ Memory per GPU (bytes), ZeRO-3 sharding over DP x CP (docs/architecture.md §3) 
   a fixed allowance for CUDA / cuBLAS / Triton workspaces and allocator rounding.
 Training previews (train.sample_every > 0) run between steps, beside the resident state: the larger of the
 text encoder in bf16 (first preview only), the sampler's forward (one block's transient working set at a
-time, half its training activations as measured for `megassm plan --sample`; both CFG branches of this replica's prompts) and the VAE decode (rank 0), plus one copy of the local weights
-while the EMA weights are swapped in.
+time, half its training activations as measured for `megassm plan --sample`; both CFG branches of this
+replica's prompts) and the VAE decode (rank 0), plus one copy of the local weights while the EMA weights
+are swapped in.
 Step time: model FLOPs (accounting.train_flops, x4/3 for recomputed blocks) / (tp x cp x peak x MFU) with an
 assumed MFU, plus TP (all-gather / reduce-scatter) and Ulysses all-to-all volumes at an assumed link
 bandwidth, not overlapped. The recommended layout is the fastest per sample among those that fit.
