@@ -135,14 +135,17 @@ class HTHBlock(nn.Module):
 
     def _forward(self, x: Tensor, t_mod: Tensor, text: Tensor, text_mask: Tensor, grid: TokenGrid) -> Tensor:
         B, d = x.shape[0], x.shape[-1]
-        mod = self.scale_shift_table[None] + t_mod.view(B, 6, d)  # (B, 6, d)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, d)
+        mod = self.scale_shift_table[None] + t_mod.view(B, 6, d)  # (B, 6, d): shift1 scale1 gate1 shift2 scale2 gate2
+        # sliced where used, not unbound up front: under model.compile the eager mixer call splits this function
+        # into compiled regions, and the later region then takes ``mod`` itself as input, not six (B, 1, d) views
+        # of it (view inputs are where compiled backwards have returned mis-shaped gradients: docs/performance.md)
         # a compiled block leaves the glue to Inductor, which fuses it with its neighbours (norms, FP8 casts)
         ew = FUSED if (self.fuse_elementwise and x.is_cuda and self.compile_backend is None) else EAGER
-        x = ew.gated_residual(x, gate1, self.mix(ew.modulated_norm(x, shift1, scale1, self.norm1.eps), grid))
-        x, h = ew.residual_modulated_norm(x, self.cross_attn(self.norm2(x), text, text_mask), shift2, scale2,
-                                          self.norm3.eps)
-        return ew.gated_residual(x, gate2, self.mlp(h))
+        mixed = self.mix(ew.modulated_norm(x, mod[:, 0:1], mod[:, 1:2], self.norm1.eps), grid)
+        x = ew.gated_residual(x, mod[:, 2:3], mixed)
+        x, h = ew.residual_modulated_norm(x, self.cross_attn(self.norm2(x), text, text_mask), mod[:, 3:4],
+                                          mod[:, 4:5], self.norm3.eps)
+        return ew.gated_residual(x, mod[:, 5:6], self.mlp(h))
 
     def forward(self, x, t_mod, text, text_mask, grid: TokenGrid) -> Tensor:
         fwd = self._forward
