@@ -185,3 +185,24 @@ def test_cuda_runs_are_told_the_fast_paths_are_experimental(caplog):
         notes = apply_speed(_model("hA"), ModelConfig(compile="blocks"), cuda)  # flags only: nothing runs here
     assert CUDA_CAVEAT in caplog.text and "docs/performance.md" in CUDA_CAVEAT
     assert notes and notes[0].startswith("compile: ")
+
+
+def test_compiled_regions_take_no_views_of_the_modulation():
+    """With the mixer run eager (as Hydra's fused call and SDPA are on CUDA), the compiled block splits into
+    regions; the later one must take the (B, 6, d) modulation itself, not (B, 1, d) views of it (aliased view
+    inputs are where a compiled backward returned a mis-shaped gradient on an H100: docs/performance.md)."""
+    inputs_seen = []
+
+    def recording(gm, example_inputs):
+        inputs_seen.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    model = _model("hA")
+    for blk in model.blocks:
+        blk.mixer.mix = torch.compiler.disable(blk.mixer.mix)
+    compile_blocks(model, backend=recording)
+    _step(model, _inputs())
+    assert len(inputs_seen) >= 2, "the eager mixer call should split each block into regions"
+    batch, d = _inputs()[0].shape[0], model.blocks[0].scale_shift_table.shape[1]
+    views = [s for shapes in inputs_seen for s in shapes if s == (batch, 1, d)]
+    assert not views, f"compiled regions took {len(views)} (B, 1, d) modulation views as inputs"
