@@ -351,6 +351,14 @@ def gather_object(obj, dst: int = 0, group=None) -> list | None:
     return parts
 
 
+def broadcast_object(obj, src: int = 0, group=None):
+    """Global rank ``src``'s picklable ``obj`` on every rank of ``group`` (through the group's device). Only for
+    objects this job made itself (every other rank unpickles what ``src`` sends)."""
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=group, device=group_device(group))
+    return box[0]
+
+
 def send_recv(sends: list[tuple[int, Tensor]], recvs: list[tuple[int, Tensor]], group=None) -> list:
     """Post point-to-point ``sends`` (global rank, tensor) and ``recvs`` (global rank, buffer) as one batch
     and return the work handles in that order (a coalescing backend, NCCL, may return fewer). Tensors

@@ -28,9 +28,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from megassm.checkpoint.model_only import saved_optimizer_state
 from megassm.config.load import to_dict
 from megassm.config.schema import RunConfig
+from megassm.parallel.comm import broadcast_object
 from megassm.train import checkpoint as ckpt
 
 
@@ -83,10 +86,32 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, world: int) -> ResumePlan:
     """Choose the checkpoint to resume (``checkpoint.resume_tag``: latest's if whole, else the newest whole
     one before it, or train.resume_from), compare its layout and model with this run's; raise what cannot be
     bridged. Reads the checkpoint's file structure and JSON; writes nothing."""
-    tag, notes = ckpt.resume_tag(ckpt_dir, cfg.train.resume_from)
+    tag, notes = _agreed_resume_tag(ckpt_dir, cfg.train.resume_from)
     plan = _plan_for(cfg, Path(ckpt_dir), tag, world)
     plan.notes = notes
     return plan
+
+
+def _agreed_resume_tag(ckpt_dir: Path, resume_from: str | None) -> tuple[str | None, list[str]]:
+    """``checkpoint.resume_tag`` run once, on global rank 0, and its answer (or its error) given to every rank:
+    each rank verifying every file of a checkpoint would read it world-size times over the shared file
+    system, and ranks that saw a file differently (a write still landing) would resume different steps.
+    Without a process group: here, locally."""
+    if not dist.is_initialized():
+        return ckpt.resume_tag(ckpt_dir, resume_from)
+    answer = None
+    if dist.get_rank() == 0:
+        try:
+            answer = ("ok", *ckpt.resume_tag(ckpt_dir, resume_from))
+        except Exception as e:  # noqa: BLE001 -- every rank must learn it, or the others wait in the broadcast
+            answer = ("error", type(e).__name__, str(e))
+            broadcast_object(answer)
+            raise
+    answer = broadcast_object(answer)
+    if answer[0] == "error":
+        error = ckpt.ResumeError if answer[1] == "ResumeError" else RuntimeError
+        raise error(f"rank 0, choosing the checkpoint to resume: {answer[1]}: {answer[2]}")
+    return answer[1], answer[2]
 
 
 def _plan_for(cfg: RunConfig, ckpt_dir: Path, tag: str | None, world: int) -> ResumePlan:
