@@ -62,6 +62,10 @@ VARIANTS = {
     "fp8_budget": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "memory_budget": 0.5},
     "compile_budget": {"compile": "blocks", "zero_options": PERSIST, "memory_budget": 0.5},
     "fp8_ck4": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "checkpoint_every": 4},
+    # the allocator's history on (slower): an OOM's row lists the live memory by allocating site (live_by_site)
+    "fp8_memdiag": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "memory_history": True},
+    "compile_memdiag": {"compile": "blocks", "zero_options": PERSIST, "memory_history": True},
+    "today_memdiag": {"memory_history": True},
 }
 COLUMNS = ["bench", "stage", "pattern", "variant", "activation_checkpointing", "seq_len", "batch", "ms",
            "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
@@ -149,6 +153,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         from torch._functorch import config as functorch_config
 
         functorch_config.activation_memory_budget = v["memory_budget"]
+    if v.get("memory_history"):
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python", compile_context=True)
     if "checkpoint_every" in v:
         ck, every_k = "every_k", v["checkpoint_every"]
     gc.collect()
@@ -186,6 +192,7 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"non-finite loss {loss}"
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    live = live_by_site() if v.get("memory_history") else None  # after a step: what stays between steps
     if profile_path:
         write_profile(lambda: one_step(model, opt, data), profile_path, f"{stage} {pattern} L={seq_len} x{batch}")
     ms = statistics.median(times) * 1e3
@@ -201,7 +208,7 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
            "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf, "hw_mfu": hw_flops / (ms * 1e-3) / 1e12 / peak_tf,
            "params": param_counts(cfg)["total"], "activation_checkpointing": ck, "checkpointed_blocks": n_ck,
            "peak_mem_gb": peak, "static_mem_gb": static / 1e9, "leftover_from_earlier_runs_gb": base / 1e9,
-           "reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+           "reserved_gb": torch.cuda.max_memory_reserved() / 1e9, "live_by_site": live}
     from megassm.plan import Layout, predict_memory
 
     pred = predict_memory(cfg, seq_len, Layout(gpus=1, micro_batch=batch, checkpointing=ck, every_k=every_k),
@@ -210,6 +217,37 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     row["mem_error"] = row["predicted_mem_gb"] / peak - 1
     row["predicted_breakdown_gb"] = {k: v / 1e9 for k, v in pred.items()}
     return row  # the caller is a one-case child process: its exit frees the engine
+
+
+def live_by_site(top: int = 25) -> list:
+    """The live CUDA allocations now, grouped by where they were made (the innermost frames in megassm, the
+    benchmark, torchao, DeepSpeed or Inductor's generated code; and the compiled graph and node when the
+    allocator recorded them), largest first: [[site, GB, count], ...]. Needs the allocator's history on."""
+    import collections
+
+    keep = ("megassm", "benchmarks", "torchao", "deepspeed", "torchinductor", "_inductor", "runtime_wrappers")
+    try:  # FX node names and the model source line they came from, for frames in compiled code (newer torch)
+        snap = torch.cuda.memory._snapshot(augment_with_fx_traces=True)
+    except TypeError:
+        snap = torch.cuda.memory._snapshot()
+
+    def where(f: dict) -> str:
+        fx = f" [{f['fx_node_name']}: {str(f.get('fx_original_trace', '')).strip().splitlines()[-1:]}]" \
+            if f.get("fx_node_name") else ""
+        return f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}{fx}"
+
+    sizes, counts = collections.Counter(), collections.Counter()
+    for seg in snap["segments"]:
+        for b in seg["blocks"]:
+            if b.get("state") != "active_allocated":
+                continue
+            frames = [f for f in b.get("frames", []) if any(k in f["filename"] for k in keep)]
+            site = " < ".join(where(f) for f in frames[:3])
+            ctx = b.get("compile_context") or ""
+            key = f"{site or '?'}{' | ' + str(ctx)[:160] if ctx else ''}"
+            sizes[key] += b["size"]
+            counts[key] += 1
+    return [[k, round(v / 1e9, 3), counts[k]] for k, v in sizes.most_common(top)]
 
 
 def write_profile(step, path: str, title: str) -> None:
@@ -271,7 +309,8 @@ def main(argv=None) -> int:
             where = [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)]
             row = {"bench": "model_step", **c, "engine": args.engine, "error": f"OOM {e}"[:300],
                    "oom_where": where[-8:], "allocated_gb": torch.cuda.memory_allocated() / 1e9,
-                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                   "live_by_site": live_by_site() if VARIANTS[c["variant"]].get("memory_history") else None}
         Path(args.row_out).write_text(json.dumps(row))
         return 0
     out = Path(args.out) if args.out else out_dir()
