@@ -13,8 +13,8 @@ Per step: time, peak GPU memory (metrics.jsonl); the process's peak host memory 
 A whole checkpoint of 5.12B parameters (fp32 masters + Adam moments 61.5 GB, plus the 10 GB model) is more than
 this machine's 64 GB disk, so by default each run is stopped (SIGKILL) once its last step is logged, before the
 final save. For the stages in ``--resume-stages`` the run instead saves a model-only checkpoint at its last step
-(``train.save_optimizer_state=false``: bf16 model + fp32 masters, no moments; ``megassm plan`` prints both
-sizes) and a second ``megassm train`` resumes from it for 2 more steps: save size, seconds and GB/s
+(``train.save_optimizer_state=false``: the fp32 masters without the Adam moments; ``megassm plan`` prints
+both sizes) and a second ``megassm train`` resumes from it for 2 more steps: save size, seconds and GB/s
 (``save_stats.json``), the resumed run's seconds to its first logged step (start-up, the load and one step),
 the fresh-optimizer warning, and the losses on both sides. The checkpoint is deleted afterwards (disk).
 """
