@@ -10,7 +10,7 @@ For stage 2's shape (16 x 1 x 256 x 256 latents: 16,384 tokens, configs/stage2_2
 ``all``, micro-batch 1, no accumulation, no EMA (a 20 GB fp32 copy the GPU would have to hold), seeded draws.
 Per step: time, peak GPU memory (metrics.jsonl); the process's peak host memory (VmHWM).
 
-A whole checkpoint of 5.12B parameters (fp32 masters + Adam moments 61.5 GB, plus the 10 GB model) is more than
+A whole checkpoint of 5.12B parameters (fp32 masters + Adam moments, 12 B/param: 61.5 GB) leaves no room on
 this machine's 64 GB disk, so by default each run is stopped (SIGKILL) once its last step is logged, before the
 final save. For the stages in ``--resume-stages`` the run instead saves a model-only checkpoint at its last step
 (``train.save_optimizer_state=false``: the fp32 masters without the Adam moments; ``megassm plan`` prints
