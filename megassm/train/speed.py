@@ -28,7 +28,8 @@ CUDA_CAVEAT = ("model.compile / model.fp8 are experimental on CUDA: on one H100 
 def apply_speed(model: nn.Module, m: ModelConfig, device: torch.device) -> list[str]:
     """Apply ``m.fp8`` and ``m.compile`` to ``model`` in place; returns report lines for the log."""
     notes = []
-    if device.type == "cuda" and (m.fp8 != "none" or m.compile != "none"):
+    first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if device.type == "cuda" and (m.fp8 != "none" or m.compile != "none") and first_rank:
         log.warning(CUDA_CAVEAT)
     if m.fp8 != "none":
         from megassm.ops.fp8 import convert_to_fp8
