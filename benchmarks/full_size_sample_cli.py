@@ -132,6 +132,8 @@ def write_encoders(work: Path, tiny: bool, device: str) -> dict:
     t0 = time.time()
     if not (work / "t5_xxl" / "config.json").is_file():
         make_text_encoder(work / "t5_xxl", T5_TINY if tiny else T5_XXL, dtype=torch.bfloat16, device=device)
+        if device == "cuda":  # give the float32 build's 19 GB back: the CLI runs in another process on this GPU
+            torch.cuda.empty_cache()
     res["t5"] = {"seconds": round(time.time() - t0, 1), "disk_gb": round(du_gb(work / "t5_xxl"), 2)}
     t0 = time.time()
     if not (work / "wan_vae" / "config.json").is_file():
@@ -145,8 +147,19 @@ def write_encoders(work: Path, tiny: bool, device: str) -> dict:
     return res
 
 
+def smi_used_mib() -> int | None:
+    """``nvidia-smi``'s memory.used of GPU 0 in MiB (None without nvidia-smi or a reading)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
 class GpuMemoryPoll:
-    """Peak ``nvidia-smi`` memory.used (MiB) of GPU 0 while the block runs, polled every 0.5 s (None: no nvidia-smi)."""
+    """Peak of ``smi_used_mib`` while the block runs, polled every 0.5 s, less the reading before it (this
+    process's own CUDA context): what the CLI process used. None without nvidia-smi."""
 
     def __init__(self):
         self.peak_mib, self._stop = None, threading.Event()
@@ -154,16 +167,15 @@ class GpuMemoryPoll:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
-                self.peak_mib = max(self.peak_mib or 0, int(out.split()[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            used = smi_used_mib()
+            if used is None:
                 return
+            self.peak_mib = max(self.peak_mib or 0, used - self.baseline)
             self._stop.wait(0.5)
 
     def __enter__(self):
-        if shutil.which("nvidia-smi"):
+        self.baseline = smi_used_mib()
+        if self.baseline is not None:
             self._thread.start()
         return self
 
@@ -258,7 +270,9 @@ def main() -> int:
 
     build_device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     res = {"tiny": args.tiny, "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "work": str(work)}
+           "torch": torch.__version__, "work": str(work),
+           "plan_note": "megassm plan --sample predicts the hth-5b weights + sampler activations + 0.25 GB; the CLI "
+                        "also holds T5 (bf16, ~9.5 GB at XXL) and the VAE on the GPU"}
     t0 = time.time()
     res["encoders"] = write_encoders(work, args.tiny, build_device)
     res["checkpoints"] = write_checkpoints(work, runs, args.tiny)
