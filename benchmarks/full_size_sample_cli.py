@@ -3,22 +3,25 @@
     python benchmarks/full_size_sample_cli.py --out benchmarks/results/full_size_sample_cli_<card>.json
     python benchmarks/full_size_sample_cli.py --tiny --out /tmp/tiny.json     # miniature, CPU, < 1 min
 
-Nothing is downloaded. Under --work (one disk, about 20 GB at full size; the JSON records it):
+Nothing is downloaded. Under --work (one disk, about 20 GB at full size; the JSON records it; removed at the end
+unless --keep, which also lets a later call with --only reuse it):
 
-1. ``ckpt_stage2``: a consolidated checkpoint (``model.safetensors`` shards + config + meta.json, bf16) of hth-5b
-   as configs/stage2_2k.yaml sets it, each tensor drawn by the partitioned build's seeded initialiser
+1. ``ckpt_stage2_2k_image``: a consolidated checkpoint (``model.safetensors`` shards + config + meta.json, bf16)
+   of hth-5b as configs/stage2_2k.yaml sets it, each tensor drawn by the partitioned build's seeded initialiser
    (``megassm.models.init.init_full``) and streamed to disk by ``write_consolidated``: no model in memory;
-   ``ckpt_stage3``: the same weight files (hard links) under stage3_video's config (its scan pattern);
+   ``ckpt_stage3_video_360p_129f``: the same weight files (hard links) under stage3_video's config (its scan pattern);
 2. ``t5_xxl``: a transformers T5EncoderModel of T5-v1.1-XXL's shape (random, bf16 safetensors) with a byte-level
    tokenizer (``megassm.data.testing.make_text_encoder``); ``wan_vae``: diffusers ``AutoencoderKLWan()`` defaults;
 3. ``python -m megassm sample`` as a user types it, at the stage configs' sampling shapes and sampler settings
    (``diffusion.sample_steps``, ``cfg_scale``): stage2_2k at 2048x2048, stage3_video at 352x640 x 129 frames
-   (latent 33 x 44 x 80). Per run: exit code, wall time, the CLI's own timing line (load / encode+denoise /
-   decode seconds, peak GPU memory allocated by torch), the peak of ``nvidia-smi``'s memory.used polled in a
-   side thread, the files written and their sizes, and ``megassm plan --sample --json`` for the same config and
-   token count (its prediction covers the model's weights and activations, not T5 or the VAE).
+   (latent 33 x 44 x 80), with --save-latents. Per run: exit code, wall time, whether the final latents are
+   finite, the CLI's own timing line (load / encode+denoise / decode seconds, peak GPU memory allocated by torch),
+   the peak of ``nvidia-smi``'s memory.used polled in a side thread, the files written and their sizes, and
+   ``megassm plan --sample --json`` for the same config and token count (its prediction covers the model's
+   weights and activations, not T5 or the VAE).
 
-One JSON goes to --out, one line per run is printed, and the exit code is 1 if any command failed.
+One JSON goes to --out, one line per run is printed, and the exit code is 1 if any run failed (or wrote no image /
+video, or non-finite latents).
 """
 
 from __future__ import annotations
@@ -207,7 +210,19 @@ def predicted(config: str, overrides: list[str], tokens: int) -> dict:
     return json.loads(text[text.index("{"):])["sampling"]
 
 
+def outputs(out: Path, name: str) -> dict:
+    """What one run left in ``out``'s folder: files and sizes, its sidecar, whether its latents are finite."""
+    from safetensors.torch import load_file
+
+    files = {f.name: f.stat().st_size for f in sorted(out.parent.glob(f"{name}*"))}
+    lat, side = out.with_suffix(".latents.safetensors"), out.with_suffix(".json")
+    return {"files": files, "media": [f for f in files if f.endswith((".png", ".mp4"))],
+            "finite": bool(load_file(str(lat))["latents"].isfinite().all()) if lat.is_file() else None,
+            "side": json.loads(side.read_text()) if side.is_file() else {}}
+
+
 def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
+    """``megassm sample`` of one stage config at its shape, its outputs, and ``megassm plan --sample`` beside it."""
     config, size, frames = spec
     cfg = stage_config(config, work, args.tiny)
     out = work / "out" / f"{name}.{'png' if frames == 1 else 'mp4'}"
@@ -215,29 +230,25 @@ def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
         old.unlink()
     cmd = [sys.executable, "-m", "megassm", "sample", str(work / f"ckpt_{name}"), "--prompt", PROMPT[frames == 1],
            "--size", size, "--frames", str(frames), "--out", str(out), "--vae", str(work / "wan_vae"),
-           "--text-encoder", str(work / "t5_xxl"), *(["--steps", str(args.steps)] if args.steps else []),
-           *(["--device", args.device] if args.device else [])]
+           "--text-encoder", str(work / "t5_xxl"), "--save-latents",
+           *(["--steps", str(args.steps)] if args.steps else []), *(["--device", args.device] if args.device else [])]
     rc, text, seconds, smi = command(cmd, args.timeout)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     timing = next((json.loads(ln.split("timing ", 1)[1]) for ln in reversed(lines) if ln.startswith("timing {")), None)
-    files = {f.name: f.stat().st_size for f in sorted(out.parent.glob(f"{name}*"))}
-    media = [f for f in files if f.endswith((".png", ".mp4"))]
-    side = out.with_suffix(".json")
-    side = json.loads(side.read_text()) if side.is_file() else {}
-    h, w = (int(v) for v in size.split("x"))
+    got = outputs(out, name)
+    side = got["side"]
     latent = side.get("latent_size")
-    pf = cfg.model.patch_size
-    tokens = math.prod(n // p for n, p in zip(latent, pf)) if latent else None
+    tokens = math.prod(n // p for n, p in zip(latent, cfg.model.patch_size)) if latent else None
     plan_over = [f"encoders.vae={work / 'wan_vae'}", f"encoders.text_encoder={work / 't5_xxl'}", "init_from=null",
                  *(TINY_MODEL + [TINY_PATTERN[config]] if args.tiny else []),
                  *([f"diffusion.sample_steps={args.steps}"] if args.steps else [])]
-    row = {"name": name, "config": config, "rc": 0 if rc == 0 and media else (rc or 1), "cmd": " ".join(cmd[1:]),
-           "wall_s": seconds, "size": [h, w], "frames": frames, "latent": latent, "tokens": tokens,
-           "steps": side.get("steps"), "cfg_scale": side.get("cfg_scale"), "shift": side.get("shift"),
-           "cli_timing": timing, "nvidia_smi_peak_gib": None if smi is None else round(smi / 1024, 2),
-           "files": files, "plan": predicted(config, plan_over, tokens) if tokens else None,
-           "tail": lines[-15:]}
-    return row
+    ok = rc == 0 and got["media"] and got["finite"]
+    return {"name": name, "config": config, "rc": 0 if ok else (rc or 1), "cmd": " ".join(cmd[1:]),
+            "wall_s": seconds, "size": [int(v) for v in size.split("x")], "frames": frames, "latent": latent,
+            "tokens": tokens, "latents_finite": got["finite"], "steps": side.get("steps"),
+            "cfg_scale": side.get("cfg_scale"), "shift": side.get("shift"), "cli_timing": timing,
+            "nvidia_smi_peak_gib": None if smi is None else round(smi / 1024, 2), "files": got["files"],
+            "plan": predicted(config, plan_over, tokens) if tokens else None, "tail": lines[-15:]}
 
 
 def summary(r: dict) -> str:
