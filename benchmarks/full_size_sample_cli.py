@@ -52,7 +52,7 @@ TINY_RUNS = {"stage2_2k_image": ("configs/stage2_2k.yaml", "32x32", 1),
 TINY_MODEL = ["model.d_model=64", "model.num_heads=2", "model.headdim=32", "model.d_state=16", "model.text_dim=32",
               "model.max_text_len=32", "model.in_channels=4", "parallel.cp=1"]
 TINY_PATTERN = {"configs/stage2_2k.yaml": "model.pattern=hvAh", "configs/stage3_video.yaml": "model.pattern=htAh"}
-PROMPT = {1: "a lighthouse on a rocky coast at sunset", 0: "waves rolling onto a sandy beach, camera panning right"}
+PROMPTS = {"image": "a lighthouse on a rocky coast at sunset", "video": "waves rolling onto a sandy beach"}
 
 
 def du_gb(path: Path) -> float:
@@ -228,7 +228,8 @@ def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
     out = work / "out" / f"{name}.{'png' if frames == 1 else 'mp4'}"
     for old in out.parent.glob(f"{name}*"):
         old.unlink()
-    cmd = [sys.executable, "-m", "megassm", "sample", str(work / f"ckpt_{name}"), "--prompt", PROMPT[frames == 1],
+    prompt = PROMPTS["image" if frames == 1 else "video"]
+    cmd = [sys.executable, "-m", "megassm", "sample", str(work / f"ckpt_{name}"), "--prompt", prompt,
            "--size", size, "--frames", str(frames), "--out", str(out), "--vae", str(work / "wan_vae"),
            "--text-encoder", str(work / "t5_xxl"), "--save-latents",
            *(["--steps", str(args.steps)] if args.steps else []), *(["--device", args.device] if args.device else [])]
@@ -243,12 +244,23 @@ def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
                  *(TINY_MODEL + [TINY_PATTERN[config]] if args.tiny else []),
                  *([f"diffusion.sample_steps={args.steps}"] if args.steps else [])]
     ok = rc == 0 and got["media"] and got["finite"]
+    plan = predicted(config, plan_over, tokens) if tokens else None
     return {"name": name, "config": config, "rc": 0 if ok else (rc or 1), "cmd": " ".join(cmd[1:]),
             "wall_s": seconds, "size": [int(v) for v in size.split("x")], "frames": frames, "latent": latent,
             "tokens": tokens, "latents_finite": got["finite"], "steps": side.get("steps"),
             "cfg_scale": side.get("cfg_scale"), "shift": side.get("shift"), "cli_timing": timing,
             "nvidia_smi_peak_gib": None if smi is None else round(smi / 1024, 2), "files": got["files"],
-            "plan": predicted(config, plan_over, tokens) if tokens else None, "tail": lines[-15:]}
+            "plan": plan, "vs_plan": vs_plan(timing, plan), "tail": lines[-15:]}
+
+
+def vs_plan(timing: dict | None, plan: dict | None) -> dict | None:
+    """Measured over predicted: encode + denoise seconds, and peak GPU memory (which also holds T5 and the VAE)."""
+    if not timing or not plan or "total_s" not in plan:
+        return None
+    out = {"encode_denoise_s_over_predicted": round(timing["encode_denoise_s"] / plan["total_s"], 3)}
+    if "peak_gpu_gib" in timing:
+        out["peak_gb_over_predicted"] = round(timing["peak_gpu_gib"] * 2**30 / 1e9 / plan["total_gb"], 3)
+    return out
 
 
 def summary(r: dict) -> str:
