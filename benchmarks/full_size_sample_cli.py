@@ -17,8 +17,8 @@ unless --keep, which also lets a later call with --only reuse it):
    (latent 33 x 44 x 80), with --save-latents. Per run: exit code, wall time, whether the final latents are
    finite, the CLI's own timing line (load / encode+denoise / decode seconds, peak GPU memory allocated by torch),
    the peak of ``nvidia-smi``'s memory.used polled in a side thread, the files written and their sizes, and
-   ``megassm plan --sample --json`` for the same config and token count (its prediction covers the model's
-   weights and activations, not T5 or the VAE).
+   ``megassm plan --sample --json`` for the same config and token count (the weights of all three models and
+   the denoiser's activations; not the VAE decode's working set).
 
 One JSON goes to --out, one line per run is printed, and the exit code is 1 if any run failed (or wrote no image /
 video, or non-finite latents).
@@ -254,7 +254,8 @@ def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
 
 
 def vs_plan(timing: dict | None, plan: dict | None) -> dict | None:
-    """Measured over predicted: encode + denoise seconds, and peak GPU memory (which also holds T5 and the VAE)."""
+    """Measured over predicted: encode + denoise seconds, and peak GPU memory (the larger of the denoise and the
+    VAE decode peaks: the prediction is the denoise's)."""
     if not timing or not plan or "total_s" not in plan:
         return None
     out = {"encode_denoise_s_over_predicted": round(timing["encode_denoise_s"] / plan["total_s"], 3)}
@@ -294,8 +295,8 @@ def main() -> int:
     build_device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     res = {"tiny": args.tiny, "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "work": str(work),
-           "plan_note": "megassm plan --sample predicts the hth-5b weights + sampler activations + 0.25 GB; the CLI "
-                        "also holds T5 (bf16, ~9.5 GB at XXL) and the VAE on the GPU"}
+           "plan_note": "megassm plan --sample: model + T5 + VAE weights and the denoiser's activations (its "
+                        "encoders_gb read from --work's encoder directories), not the VAE decode's working set"}
     t0 = time.time()
     res["encoders"] = write_encoders(work, args.tiny, build_device)
     res["checkpoints"] = write_checkpoints(work, runs, args.tiny)
