@@ -97,13 +97,15 @@ class SeededWeights:
 
 
 def write_checkpoints(work: Path, runs: dict, tiny: bool) -> dict:
-    """One consolidated bf16 checkpoint per stage config; the second and later share the first's weight files."""
+    """One consolidated bf16 checkpoint per stage config; all share the first one's weight files (hard links)."""
     import torch
 
     from megassm.checkpoint.writers import write_config, write_consolidated
     from megassm.config.load import to_dict
 
-    out, first = {}, None
+    out = {}
+    # an earlier call's checkpoint under --work (--keep, --only): its weight files are this one's too
+    first = next((m.parent for m in sorted(work.glob("ckpt_*/meta.json"))), None)
     for name, (config, _, _) in runs.items():
         cfg, d = stage_config(config, work, tiny), work / f"ckpt_{name}"
         t0 = time.time()
@@ -114,10 +116,10 @@ def write_checkpoints(work: Path, runs: dict, tiny: bool) -> dict:
             else:  # same parameter names and shapes (only the scan pattern differs): hard links, no new bytes
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
-                for f in first.iterdir():
-                    if f.name.startswith(("model", "meta")):
-                        os.link(f, d / f.name)
+                for f in first.glob("model*"):
+                    os.link(f, d / f.name)
                 write_config(d, to_dict(cfg))
+                os.link(first / "meta.json", d / "meta.json")  # last: the mark of a complete directory
         first = first or d
         out[name] = {"path": str(d), "seconds": round(time.time() - t0, 1), "disk_gb": round(du_gb(d), 2),
                      "params": json.loads((d / "meta.json").read_text())["parameters"]}
@@ -277,7 +279,8 @@ def summary(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON of the results")
-    ap.add_argument("--work", default="/tmp/megassm_full_size_cli", help="where checkpoints, encoders and outputs go")
+    ap.add_argument("--work", default=None, help="where checkpoints, encoders and outputs go (default: "
+                    "/tmp/megassm_full_size_cli, with --tiny /tmp/megassm_full_size_cli_tiny)")
     ap.add_argument("--tiny", action="store_true", help="miniature model, T5 and VAE, 32x32 (CPU, under a minute)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's; --tiny: 2)")
     ap.add_argument("--device", default=None, help="megassm sample --device (default: cuda if available)")
@@ -288,7 +291,7 @@ def main() -> int:
     if args.tiny and args.steps is None:
         args.steps = 2
     runs = {k: v for k, v in (TINY_RUNS if args.tiny else RUNS).items() if not args.only or k in args.only.split(",")}
-    work = Path(args.work)
+    work = Path(args.work or f"/tmp/megassm_full_size_cli{'_tiny' if args.tiny else ''}")
     (work / "out").mkdir(parents=True, exist_ok=True)
     import torch
 
