@@ -290,6 +290,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.tiny and args.steps is None:
         args.steps = 2
+    unknown = set(args.only.split(",")) - set(RUNS) if args.only else set()
+    if unknown:
+        ap.error(f"--only {args.only}: unknown run(s) {sorted(unknown)}; valid: {', '.join(RUNS)}")
     runs = {k: v for k, v in (TINY_RUNS if args.tiny else RUNS).items() if not args.only or k in args.only.split(",")}
     work = Path(args.work or f"/tmp/megassm_full_size_cli{'_tiny' if args.tiny else ''}")
     (work / "out").mkdir(parents=True, exist_ok=True)
