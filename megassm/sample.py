@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,11 @@ class SampleSpec:
 
 
 def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
-                            merge: bool = False):
+                            merge: bool = False, dtype: torch.dtype = torch.float32):
     """The checkpoint's model (EMA weights by default), built on the meta device and filled one tensor at a
-    time from the checkpoint (``checkpoint/sliced.py``): the model is the only copy in memory. A LoRA run's
-    checkpoint is its base (``init_from``) with the run's adapters applied (``merge``: folded in)."""
+    time from the checkpoint (``checkpoint/sliced.py``) in ``dtype``: the model is the only copy in memory, and
+    never in float32 when ``dtype`` is bf16 (hth-5b: 10 GB, not 20). A LoRA run's checkpoint is its base
+    (``init_from``) with the run's adapters applied (``merge``: folded in) in float32."""
     from megassm.checkpoint.sliced import fill_meta_model
     from megassm.checkpoint.sources import open_checkpoint
 
@@ -53,7 +55,7 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
     with torch.device("meta"):
         model = build_model(cfg.model)
     ema = use_ema and ckpt.ema is not None
-    fill_meta_model(model, ckpt.ema if ema else ckpt.model, str(path))
+    fill_meta_model(model, ckpt.ema if ema else ckpt.model, str(path), dtype)
     model.to(device).eval()
     return model, cfg, {"weights": "ema" if ema else "model", "step": ckpt.step,
                         "source": f"{ckpt.kind}:{ckpt.path}"}
@@ -240,7 +242,9 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
 
     env = read_dist_env()
     device = torch.device(args.device) if args.device else default_device(env.local_rank)
-    model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device)
+    dtype = compute_dtype(args.precision, device)
+    t0 = time.perf_counter()
+    model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device, dtype=dtype)
     if getattr(args, "lora", None):  # before the CP split below: ParallelHydra / attention keep the adapters
         from megassm.lora import load_adapters
 
@@ -254,10 +258,11 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
         cfg.encoders.vae = args.vae
     if args.text_encoder:
         cfg.encoders.text_encoder = args.text_encoder
-    dtype = compute_dtype(args.precision, device)
     model.to(dtype)
-    encoder = TextEncoder(cfg.encoders, cfg.model, device)
-    decoder = LatentDecoder(cfg.encoders, device)
+    # T5 and the VAE in the compute dtype too: T5-XXL in float32 would take 19 GB of the GPU beside the model
+    encoder = TextEncoder(cfg.encoders, cfg.model, device, dtype)
+    decoder = LatentDecoder(cfg.encoders, device, dtype)
+    timing = {"load_s": round(time.perf_counter() - t0, 1), "encode_denoise_s": 0.0, "decode_s": 0.0}
     steps = args.steps or cfg.diffusion.sample_steps
     scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
     out = Path(args.out)
@@ -277,12 +282,16 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
             group = [(j, s) for j, (s, _) in enumerate(chunk, start) if (s.height, s.width, s.frames) == key]
             frames = key[2]
             lh, lw = _latent_hw(cfg, decoder.factor, *key)
+            t0 = _synced_time(device)
             lat = generate(model, cfg, [s for _, s in group], encoder, steps, scale, (lh, lw), frames,
                            progress=(lambda r: tqdm(r, desc="denoise", unit="step")) if rank == 0 else None,
                            device=device, dtype=dtype)
+            t1 = _synced_time(device)
             if rank != 0:  # every CP rank holds the same latents; rank 0 decodes and writes
                 continue
             pix = decoder(lat)  # (B, T, 3, H, W)
+            timing["encode_denoise_s"] += round(t1 - t0, 2)
+            timing["decode_s"] += round(_synced_time(device) - t1, 2)
             n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
             shift = resolution_shift(cfg.diffusion, n_tokens)
             for k, ((j, s), p) in enumerate(zip(group, pix)):
@@ -290,7 +299,17 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
                         "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
                         "steps": steps, "cfg_scale": scale, "shift": shift, **run}
                 _write_sample(paths[j], p, lat[k] if args.save_latents else None, side, args.fps)
+    if rank == 0:
+        if device.type == "cuda":
+            timing["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        print("timing " + json.dumps(timing))  # one line, read by benchmarks/full_size_sample_cli.py
     return 0
+
+
+def _synced_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _sample_specs(args, prompts: list[dict], size: tuple[int, int] | None, temporal_factor: int,

@@ -112,8 +112,9 @@ class SlicedWeights:
         return torch.stack(parts) if parts else torch.empty(0, size)
 
 
-def fill_meta_model(model: torch.nn.Module, weights: WeightSet, where: str) -> None:
-    """Give every meta-device parameter of ``model`` its tensor from ``weights`` (same names, fp32), one
+def fill_meta_model(model: torch.nn.Module, weights: WeightSet, where: str,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Give every meta-device parameter of ``model`` its tensor from ``weights`` (same names, in ``dtype``), one
     tensor at a time: the model is the only copy in memory (no state dict beside it). Names and shapes
     must match exactly (a CheckpointError lists the differences)."""
     from megassm.checkpoint.errors import CheckpointError
@@ -126,7 +127,7 @@ def fill_meta_model(model: torch.nn.Module, weights: WeightSet, where: str) -> N
         raise CheckpointError(f"{where}: weights do not match the stored config (missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}, shapes {bad[:4]})")
     for name, p in own.items():
-        values = weights.read(name).to(torch.float32).reshape(p.shape)
+        values = weights.read(name).to(dtype).reshape(p.shape)
         attrs = dict(p.__dict__)
         torch.utils.swap_tensors(p, torch.nn.Parameter(values, requires_grad=p.requires_grad))
         p.__dict__.update(attrs)

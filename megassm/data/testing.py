@@ -41,12 +41,21 @@ def make_tiny_video_vae(path: str | Path, latent_channels: int = 4, seed: int = 
 
 def make_tiny_text_encoder(path: str | Path, d_model: int = 32, seed: int = 0) -> Path:
     """transformers T5EncoderModel (2 layers) + ByT5Tokenizer (byte-level: no vocab file)."""
+    return make_text_encoder(path, dict(vocab_size=384, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                        num_heads=4, dropout_rate=0.0), seed=seed)
+
+
+def make_text_encoder(path: str | Path, t5_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> Path:
+    """A random transformers T5EncoderModel of any shape (``t5_config``: T5Config keywords, e.g. T5-v1.1-XXL's),
+    built on ``device`` and saved in ``dtype`` (safetensors), + ByT5Tokenizer (byte-level: no vocab file, ids
+    below 384, so any vocab_size >= 384 works). Nothing is downloaded."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=384, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
-                   dropout_rate=0.0)
-    T5EncoderModel(cfg).save_pretrained(path)
+    with torch.device(device):
+        model = T5EncoderModel(T5Config(**t5_config))
+    model.to(dtype).save_pretrained(path)
     ByT5Tokenizer().save_pretrained(path)
     return Path(path)
 

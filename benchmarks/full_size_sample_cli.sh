@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 35 §2 on one GPU: `megassm sample` through the real CLI with the full hth-5b (random weights), a
+# T5-XXL-shaped encoder and the Wan VAE, at stage2_2k's 2048^2 and stage3_video's 360p x 129 frames
+# (benchmarks/full_size_sample_cli.py; ~20 GB of disk under WORK, removed afterwards).
+#   OUT=benchmarks/results bash benchmarks/full_size_sample_cli.sh
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+WORK=${WORK:-/tmp/megassm_full_size_cli}
+mkdir -p "$OUT"
+if ls wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/megassm-ext}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/megassm-cache/triton} TRITON_CACHE_AUTOTUNING=1
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    df -h "$(dirname "$WORK")" | tail -1
+    timeout "${SAMPLE_CLI_LIMIT:-1500}" python3 benchmarks/full_size_sample_cli.py --work "$WORK" \
+        --out "$OUT/full_size_sample_cli_$CARD.json"
+    echo "full_size_sample_cli exit $?"
+} 2>&1 | tee "$OUT/full_size_sample_cli_$CARD.log"
