@@ -32,12 +32,11 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from megassm.config.schema import EncoderConfig, ModelConfig, RunConfig
+from megassm.config.schema import ModelConfig, RunConfig
 from megassm.models.accounting import activation_bytes_per_token, param_counts, train_flops
 from megassm.parallel.mesh import MeshError, ParallelDims
-from megassm.sample_plan import INFERENCE_SHARE
+from megassm.sample_plan import INFERENCE_SHARE, encoder_sizes, safetensors_params
 
 # tokens per sample of each stage (docs/architecture.md §7); other configs pass --seq-len
 STAGE_SEQ_LEN = {"stage0_256px": 256, "stage1_1k": 4096, "stage2_2k": 16384, "stage3_video": 29040}
@@ -51,9 +50,7 @@ HOST_LINK_GBPS = 20.0
 REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements)
 WORKSPACE = 0.25 * GB  # cuBLAS / Triton workspaces in torch's allocator
 HEADROOM = 0.9  # fit predicted allocated bytes into this share of the budget (fragmentation, CUDA context)
-# previews, when the encoders' directories are not on this machine (assumed, not measured):
-ASSUMED_TEXT_ENCODER_PARAMS = 4.76e9  # the T5-v1.1-XXL encoder (text_dim 4096)
-ASSUMED_VAE_PARAMS = 1.27e8  # a Wan-2.1-sized video VAE
+# previews (the encoders' assumed sizes, when not on this machine: sample_plan.encoder_sizes):
 VAE_DECODE_WORKSPACE = 4 * GB  # tiled VAE decode of one preview batch (an allowance)
 ASSUMED_CLIP_PARAMS = 4.28e8  # CLIP ViT-L/14, when eval.clip_model is not on this machine
 INCEPTION_PARAMS = 2.18e7  # InceptionV3 up to pool3 (megassm/eval/inception.py)
@@ -107,20 +104,6 @@ class PreviewLoad:
         return (local_weight_bytes if self.ema else 0.0) + extractors + max(encoder, sampler, vae)
 
 
-def _safetensors_params(directory: str) -> float | None:
-    """Parameters in a local model directory's *.safetensors files (headers only); None if there are none."""
-    files = sorted(Path(directory).glob("**/*.safetensors")) if Path(directory).is_dir() else []
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    return float(total)
-
-
 def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict[str, str]]:
     """The preview of ``cfg`` (None without train.sample_every / train.eval_every, whose generations are
     previews too) and where the encoder sizes came from."""
@@ -129,18 +112,7 @@ def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict
         return None, {}
     from megassm.train.preview import preview_prompts
 
-    enc: EncoderConfig = cfg.encoders
-    source: dict[str, str] = {}
-    text = 0.0
-    if not enc.text_encoder.startswith("builtin:"):
-        found = _safetensors_params(enc.text_encoder)
-        text = found if found is not None else ASSUMED_TEXT_ENCODER_PARAMS * (cfg.model.text_dim == 4096)
-        source["text_encoder"] = enc.text_encoder if found is not None else "assumed T5-v1.1-XXL encoder"
-    vae = 0.0
-    if not enc.vae.startswith("builtin:"):
-        found = _safetensors_params(enc.vae)
-        vae = found if found is not None else ASSUMED_VAE_PARAMS
-        source["vae"] = enc.vae if found is not None else "assumed Wan-2.1-sized VAE"
+    text, vae, source = encoder_sizes(cfg)
     if t.preview_latent_shape is not None:
         pt, ph, pw = cfg.model.patch_size
         T, h, w = t.preview_latent_shape
@@ -156,7 +128,7 @@ def preview_load(cfg: RunConfig, seq_len: int) -> tuple[PreviewLoad | None, dict
         if e.inception is not None:
             extractors += INCEPTION_PARAMS
         if e.clip_model is not None:
-            found = _safetensors_params(e.clip_model)
+            found = safetensors_params(e.clip_model)
             extractors += found if found is not None else ASSUMED_CLIP_PARAMS
             source["clip_model"] = e.clip_model if found is not None else "assumed CLIP ViT-L/14"
     return PreviewLoad(prompts, seq_len, text, vae, t.ema_decay > 0, extractors), source

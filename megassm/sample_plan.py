@@ -16,6 +16,9 @@ test_sample_plan.py`` holds the prediction less ``encoders_gb`` to those eight m
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from megassm.config.schema import RunConfig
 from megassm.models.accounting import activation_bytes_per_token, forward_flops, param_counts
 
@@ -42,18 +45,45 @@ def predict_sampling(cfg: RunConfig, seq_len: int, cp: int = 1, peak_tflops: flo
             "step_s": step_s, "sample_steps": dcfg.sample_steps, "total_s": step_s * dcfg.sample_steps}
 
 
+# the encoders, when their directories are not on this machine (assumed, not measured); plan.py's previews too
+ASSUMED_TEXT_ENCODER_PARAMS = 4.76e9  # the T5-v1.1-XXL encoder (text_dim 4096)
+ASSUMED_VAE_PARAMS = 1.27e8  # a Wan-2.1-sized video VAE
+
+
+def safetensors_params(directory: str) -> float | None:
+    """Parameters in a local model directory's *.safetensors files (headers only); None if there are none."""
+    files = sorted(Path(directory).glob("**/*.safetensors")) if Path(directory).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return float(total)
+
+
+def encoder_sizes(cfg: RunConfig) -> tuple[float, float, dict[str, str]]:
+    """(text encoder parameters, VAE parameters, where each size came from) for ``cfg.encoders``: their
+    safetensors headers where they are local directories, else the assumed sizes; builtin ones: 0."""
+    enc, source = cfg.encoders, {}
+    text = vae = 0.0
+    if not enc.text_encoder.startswith("builtin:"):
+        found = safetensors_params(enc.text_encoder)
+        text = found if found is not None else ASSUMED_TEXT_ENCODER_PARAMS * (cfg.model.text_dim == 4096)
+        source["text_encoder"] = enc.text_encoder if found is not None else "assumed T5-v1.1-XXL encoder"
+    if not enc.vae.startswith("builtin:"):
+        found = safetensors_params(enc.vae)
+        vae = found if found is not None else ASSUMED_VAE_PARAMS
+        source["vae"] = enc.vae if found is not None else "assumed Wan-2.1-sized VAE"
+    return text, vae, source
+
+
 def encoder_params(cfg: RunConfig) -> float:
     """Parameters of the text encoder + VAE that ``megassm sample`` holds on the GPU (builtin ones: none)."""
-    from megassm.plan import ASSUMED_TEXT_ENCODER_PARAMS, ASSUMED_VAE_PARAMS, _safetensors_params
-
-    enc, n = cfg.encoders, 0.0
-    if not enc.text_encoder.startswith("builtin:"):
-        found = _safetensors_params(enc.text_encoder)
-        n += found if found is not None else ASSUMED_TEXT_ENCODER_PARAMS * (cfg.model.text_dim == 4096)
-    if not enc.vae.startswith("builtin:"):
-        found = _safetensors_params(enc.vae)
-        n += found if found is not None else ASSUMED_VAE_PARAMS
-    return n
+    text, vae, _ = encoder_sizes(cfg)
+    return text + vae
 
 
 def print_sampling(p: dict) -> None:

@@ -46,7 +46,7 @@ def test_text_encoder_and_vae_weights_count_towards_sampling_memory(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from megassm.plan import ASSUMED_TEXT_ENCODER_PARAMS, ASSUMED_VAE_PARAMS
+    from megassm.sample_plan import ASSUMED_TEXT_ENCODER_PARAMS, ASSUMED_VAE_PARAMS
 
     cfg = load_config("configs/stage2_2k.yaml", ["encoders.vae=/nowhere/vae", "encoders.text_encoder=/nowhere/t5"])
     p = predict_sampling(cfg, 16384)
