@@ -5,14 +5,8 @@
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-if ls wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
-    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/megassm-ext}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/megassm-cache/triton} TRITON_CACHE_AUTOTUNING=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/megassm-cache/inductor}
+source "$(dirname "$0")/session_lib.sh"
+device_env
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 {
     date -u +%FT%TZ

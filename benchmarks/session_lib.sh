@@ -1,4 +1,19 @@
-# Shared by the one-call GPU session scripts (h200_session.sh, speed_session.sh); sourced, not run.
+# Shared by the one-call GPU scripts (speed_session.sh, gpu_configs.sh, full_size_sample_cli.sh, h200_session.sh);
+# sourced, not run.
+
+# device_env: what the GPU image lacks, from wheels/ (docs/performance.md says how they are built) into /tmp/site,
+# and the environment every run there uses (caches under /tmp, DeepSpeed ops built just in time).
+device_env() {
+    if ls wheels/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+    fi
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/megassm-ext}
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/megassm-cache/triton} TRITON_CACHE_AUTOTUNING=1
+    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/megassm-cache/inductor}
+}
+
 # section NAME CAP_SECONDS CMD...: run CMD under the smaller of CAP_SECONDS and what is left of $DEADLINE
 # (seconds since the script started), skipping it when under 20 s remain; start / exit lines for the log.
 section() {

@@ -15,14 +15,9 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 LOG=$OUT/speed_log.txt
 DEADLINE=${DEADLINE:-570}
-if ls wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
-fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=/tmp/megassm-ext
-export TRITON_CACHE_DIR=/tmp/megassm-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/megassm-cache/inductor
-export TRITON_CACHE_AUTOTUNING=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
+device_env
+export OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
 STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
 ATT_VARIANTS=${ATT_VARIANTS:-today,fp8}
@@ -39,8 +34,6 @@ PY
 )
 STEP2_VARIANTS=${STEP2_VARIANTS//best/$best}
 ATT_VARIANTS=${ATT_VARIANTS//best/$best}
-
-source "$(dirname "$0")/session_lib.sh"  # section NAME CAP CMD...
 
 {
     date -u +%FT%TZ
