@@ -8,11 +8,9 @@ OUT=${OUT:-benchmarks/results}
 WORK=${WORK:-/tmp/megassm_full_size_cli}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"
-device_env
-CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+device_env  # and CARD
 {
-    date -u +%FT%TZ
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    device_header
     df -h "$(dirname "$WORK")" | tail -1
     timeout "${SAMPLE_CLI_LIMIT:-1500}" python3 benchmarks/full_size_sample_cli.py --work "$WORK" \
         --out "$OUT/full_size_sample_cli_$CARD.json"

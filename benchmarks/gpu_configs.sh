@@ -6,11 +6,9 @@ set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"
-device_env
-CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+device_env  # and CARD
 {
-    date -u +%FT%TZ
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    device_header
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name())"
     python3 -c "from importlib.metadata import version as v; print(*[f'{p} {v(p)}' for p in ('deepspeed', 'mamba_ssm', \

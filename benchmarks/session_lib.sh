@@ -12,6 +12,13 @@ device_env() {
     export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/megassm-ext}
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/megassm-cache/triton} TRITON_CACHE_AUTOTUNING=1
     export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/megassm-cache/inductor}
+    CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+}
+
+# device_header: the log's first lines (when, which card and driver).
+device_header() {
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 }
 
 # section NAME CAP_SECONDS CMD...: run CMD under the smaller of CAP_SECONDS and what is left of $DEADLINE

@@ -36,8 +36,7 @@ STEP2_VARIANTS=${STEP2_VARIANTS//best/$best}
 ATT_VARIANTS=${ATT_VARIANTS//best/$best}
 
 {
-    date -u +%FT%TZ
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    device_header
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name())"
     python3 -c "from importlib.metadata import version as v; print(*[f'{p} {v(p)}' for p in ('deepspeed', 'mamba_ssm', \
