@@ -202,34 +202,30 @@ def _cmd_merge_lora(args) -> int:
 
 
 def _add_to_diffusers(csub) -> None:
-    from megassm.checkpoint.cli import SOURCE_HELP
+    from megassm.checkpoint.cli import add_source_out
 
     d = csub.add_parser("to-diffusers", help="any checkpoint -> diffusers pipeline directory (HTHPipeline)",
                         description="Write model_index.json, transformer/ (megassm.diffusers.HTHTransformerModel), "
                         "vae/, text_encoder/, tokenizer/ and scheduler/ for megassm.diffusers.HTHPipeline."
                         "from_pretrained(OUT). With builtin encoders only transformer/ is written.")
-    d.add_argument("source", help=SOURCE_HELP)
-    d.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
+    add_source_out(d)
     d.add_argument("--no-ema", action="store_true", help="use the model weights even if EMA weights are stored")
     d.add_argument("--vae", default=None, help="override encoders.vae (local diffusers directory)")
     d.add_argument("--text-encoder", default=None, help="override encoders.text_encoder (local directory)")
     d.add_argument("--tokenizer", default=None, help="override encoders.tokenizer (local directory)")
     d.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="transformer dtype")
-    d.add_argument("--force", action="store_true", help="replace an existing output")
     d.set_defaults(func=_cmd_to_diffusers)
 
 
 def _add_merge_lora(csub) -> None:
-    from megassm.checkpoint.cli import SOURCE_HELP
+    from megassm.checkpoint.cli import SOURCE_HELP, add_source_out
 
     m = csub.add_parser("merge-lora", help="base checkpoint + LoRA adapters -> consolidated dir, adapters folded in",
                         description="Fold LoRA adapters (a checkpoints/step_*/lora directory, peft layout) into the "
                         "base weights: W += alpha / rank * B A. The base's EMA weights are used when stored.")
-    m.add_argument("source", help="base " + SOURCE_HELP)
-    m.add_argument("adapters", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
+    add_source_out(m, source_help="base " + SOURCE_HELP,
+                   between=(("adapters", "adapter directory (adapter_config.json + adapter_model.safetensors)"),))
     m.add_argument("--no-ema", action="store_true", help="merge into the base's model weights, not its EMA")
-    m.add_argument("--force", action="store_true", help="replace an existing output")
     m.set_defaults(func=_cmd_merge_lora)
 
 

@@ -116,10 +116,20 @@ def _cmd_inspect(args) -> int:
     return 1 if problems else 0
 
 
-def _common(p: argparse.ArgumentParser, source: bool = True, config: bool = True) -> None:
+def add_source_out(p: argparse.ArgumentParser, source: bool = True, source_help: str = SOURCE_HELP,
+                   between: tuple[tuple[str, str], ...] = ()) -> None:
+    """What every converter takes (cli.py's too): the ``source`` positional, any positionals ``between`` (name,
+    help), the ``out`` directory, and ``--force``."""
     if source:
-        p.add_argument("source", help=SOURCE_HELP)
+        p.add_argument("source", help=source_help)
+    for name, help_text in between:
+        p.add_argument(name, help=help_text)
     p.add_argument("out", help="output directory (written atomically; must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def _common(p: argparse.ArgumentParser, source: bool = True, config: bool = True) -> None:
+    add_source_out(p, source)
     p.add_argument("--tag", default=None, help="step_* directory to read from a run/checkpoints directory "
                    "(default: the one 'latest' names)")
     if config:
@@ -127,7 +137,6 @@ def _common(p: argparse.ArgumentParser, source: bool = True, config: bool = True
                        "checkpoint (needed when none is stored)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for --config (repeatable)")
     p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def add_convert_parser(sub):
