@@ -52,3 +52,10 @@ def spawn(fn, world: int, out_dir, *args, env: dict[str, str] | None = None) -> 
             else:
                 os.environ[k] = v
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_clean(results: list[dict]) -> None:
+    """Every rank's ``{case: {"failures": [...]}}`` (the checks run inside the ranks) has no failure."""
+    bad = {f"rank {r} {case}": v["failures"][:4] for r, res in enumerate(results) for case, v in res.items()
+           if v["failures"]}
+    assert not bad, bad

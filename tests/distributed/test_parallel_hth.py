@@ -8,29 +8,23 @@ failure strings, so the "teeth" test can assert that breaking one collective mak
 import comm_cases as cc
 import parallel_cases as pc
 import pytest
-from dist_harness import spawn
+from dist_harness import assert_clean, spawn
 
 pytestmark = pytest.mark.distributed
-
-
-def _assert_clean(results: list[dict]) -> None:
-    bad = {f"rank {r} {case}": v["failures"][:4] for r, res in enumerate(results) for case, v in res.items()
-           if v["failures"]}
-    assert not bad, bad
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_match_single_process(world, tmp_path):
     """Every block's mixer ('h', 'v', 't' Hydra, 'A' attention), cross-attention and FFN, alone:
     2 ranks: tp2, tp2+SP, cp2 (ngroups 1 and 2); 4 ranks: tp2 x cp2 + SP, tp4 + SP, cp4."""
-    _assert_clean(spawn(pc.run_layer_checks, world, tmp_path))
+    assert_clean(spawn(pc.run_layer_checks, world, tmp_path))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_matches_single_process(world, tmp_path):
     """The whole HTH model (pattern 'hvtA'): 2 ranks tp2+SP and cp2; 4 ranks tp2 x cp2 with and
     without SP. Also: the live shards equal shard_state_dict, merge_state_dicts restores the model."""
-    _assert_clean(spawn(pc.run_model_checks, world, tmp_path))
+    assert_clean(spawn(pc.run_model_checks, world, tmp_path))
 
 
 def test_broken_collectives_are_detected(tmp_path):

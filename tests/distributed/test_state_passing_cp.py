@@ -5,15 +5,9 @@ dropping the state exchange, the conv halo or the shift message fails the same c
 
 import pytest
 import state_passing_cases as sc
-from dist_harness import spawn
+from dist_harness import assert_clean, spawn
 
 pytestmark = pytest.mark.distributed
-
-
-def _assert_clean(results: list[dict]) -> None:
-    bad = {f"rank {r} {case}": v["failures"][:4] for r, res in enumerate(results) for case, v in res.items()
-           if v["failures"]}
-    assert not bad, bad
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -22,7 +16,7 @@ def test_hydra_blocks_match_single_process(world, tmp_path):
     (video (2, 2, 4) on cp 2: 8 tokens = 1 frame; never on a one-frame image), 't' only on images (T' = 1);
     the rest ran Ulysses. ``auto`` on a 128-token video: its per-block choice (test_cp_impl covers the rule)."""
     results = spawn(sc.run_mixer_checks, world, tmp_path)
-    _assert_clean(results)
+    assert_clean(results)
     for case, v in results[0].items():
         paths = v["paths"]
         if "auto" in case:  # 128 tokens: 'h' passes states wherever cheaper, here at cp 2 and 4 (comm_model)
@@ -38,12 +32,12 @@ def test_hydra_blocks_match_single_process(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_uneven_slices_match_single_process(world, tmp_path):
-    _assert_clean(spawn(sc.run_uneven_checks, world, tmp_path))
+    assert_clean(spawn(sc.run_uneven_checks, world, tmp_path))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_matches_single_process(world, tmp_path):
-    _assert_clean(spawn(sc.run_model_checks, world, tmp_path))
+    assert_clean(spawn(sc.run_model_checks, world, tmp_path))
 
 
 def test_dropped_messages_are_detected(tmp_path):
@@ -59,4 +53,4 @@ def test_comm_bytes_match_comm_model(world, tmp_path):
     """Bytes per (op, group) of each block and the whole model under state passing, counted by wrapping
     torch.distributed (point-to-point messages included), equal comm_model's -- the first / last CP rank
     sending only towards its one neighbour."""
-    _assert_clean(spawn(sc.run_comm_checks, world, tmp_path))
+    assert_clean(spawn(sc.run_comm_checks, world, tmp_path))
