@@ -197,8 +197,8 @@ class Trainer:
         sink = FileSink(deferred=not blocking)
         with_optimizer = self.cfg.train.save_optimizer_state  # false: a model-only checkpoint (no Adam moments)
         reason += "" if with_optimizer else ", model-only: no optimizer state"
-        client_state = {"megassm_step": self.step, "megassm_optimizer_state": with_optimizer}
-        self.backend.save(self.ckpt_dir, tag, client_state=client_state, sink=sink, optimizer_state=with_optimizer)
+        self.backend.save(self.ckpt_dir, tag, client_state={"megassm_step": self.step}, sink=sink,
+                          optimizer_state=with_optimizer)  # the trainer state records which (OPTIMIZER_STATE_KEY)
         if self.ema is not None:
             shard_rank = self.mesh.get_sequence_data_parallel_rank()
             # ZeRO-3: every rank of the DP x CP partition group holds a slice; otherwise one copy per TP rank
