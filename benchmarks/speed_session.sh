@@ -55,7 +55,7 @@ triton.__version__, torch.cuda.get_device_name())"
             conv) section conv "${CONV_CAP:-360}" python3 benchmarks/fp8_convergence.py --work /tmp/fp8conv --out "$OUT" \
                       --steps "${CONV_STEPS:-300}" ;;
             full) section full "${FULL_CAP:-560}" python3 benchmarks/full_size_full_param.py --out "$OUT/full_size_full_param.json" \
-                      --resume-stages "${FULL_RESUME:-}" \
+                      --resume-stages "${FULL_RESUME:-}" --timeout "${FULL_TIMEOUT:-330}" \
                       --stages "${FULL_STAGES:-stage2_2k,stage3_video}" ;;
         esac
     done
