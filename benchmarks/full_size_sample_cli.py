@@ -15,7 +15,7 @@ unless --keep, which also lets a later call with --only reuse it):
 3. ``python -m megassm sample`` as a user types it, at the stage configs' sampling shapes and sampler settings
    (``diffusion.sample_steps``, ``cfg_scale``): stage2_2k at 2048x2048, stage3_video at 352x640 x 129 frames
    (latent 33 x 44 x 80), with --save-latents. Per run: exit code, wall time, whether the final latents are
-   finite, the CLI's own timing line (load / encode+denoise / decode seconds, peak GPU memory allocated by torch),
+   finite, the CLI's own timing line (load / encode / denoise / decode seconds, peak GPU memory allocated by torch),
    the peak of ``nvidia-smi``'s memory.used polled in a side thread, the files written and their sizes, and
    ``megassm plan --sample --json`` for the same config and token count (the weights of all three models and
    the denoiser's activations; not the VAE decode's working set).
@@ -256,11 +256,11 @@ def sample_run(name: str, spec: tuple, work: Path, args) -> dict:
 
 
 def vs_plan(timing: dict | None, plan: dict | None) -> dict | None:
-    """Measured over predicted: encode + denoise seconds, and peak GPU memory (the larger of the denoise and the
-    VAE decode peaks: the prediction is the denoise's)."""
+    """Measured over predicted: denoise seconds, and peak GPU memory (the largest of the encoding, denoise and VAE
+    decode peaks: the prediction is the larger of the first two)."""
     if not timing or not plan or "total_s" not in plan:
         return None
-    out = {"encode_denoise_s_over_predicted": round(timing["encode_denoise_s"] / plan["total_s"], 3)}
+    out = {"denoise_s_over_predicted": round(timing["denoise_s"] / plan["total_s"], 3)}
     if "peak_gpu_gib" in timing:
         out["peak_gb_over_predicted"] = round(timing["peak_gpu_gib"] * 2**30 / 1e9 / plan["total_gb"], 3)
     return out
@@ -270,8 +270,8 @@ def summary(r: dict) -> str:
     t, p = r["cli_timing"] or {}, r["plan"] or {}
     status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
     media = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in r["files"].items() if k.endswith((".png", ".mp4")))
-    return (f"== {r['name']}: {status}, wall {r['wall_s']} s; CLI: load {t.get('load_s')} s, encode+denoise "
-            f"{t.get('encode_denoise_s')} s ({r['steps']} steps, cfg {r['cfg_scale']}), decode {t.get('decode_s')} s, "
+    return (f"== {r['name']}: {status}, wall {r['wall_s']} s; CLI: load {t.get('load_s')} s, encode {t.get('encode_s')} "
+            f"s, denoise {t.get('denoise_s')} s ({r['steps']} steps, cfg {r['cfg_scale']}), decode {t.get('decode_s')} s, "
             f"peak {t.get('peak_gpu_gib')} GiB (nvidia-smi {r['nvidia_smi_peak_gib']}); plan: "
             f"{p.get('total_gb', float('nan')):.2f} GB, {p.get('total_s', float('nan')):.1f} s; {media or 'no output'}")
 

@@ -171,12 +171,28 @@ def generate(model: HTHModel, cfg: RunConfig, specs: list[SampleSpec], encoder: 
              steps: int, cfg_scale: float, latent_hw: tuple[int, int], frames: int = 1,
              progress=None, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
     """Latents (B, C, T, h, w) float32 for a batch of prompts; noise from each spec's own seed."""
-    noise = initial_noise(specs, cfg.model.in_channels, (frames, *latent_hw))
+    return generate_encoded(model, cfg, specs, encode_prompts(encoder, specs), steps, cfg_scale, latent_hw, frames,
+                            progress, device, dtype)
+
+
+def encode_prompts(encoder: TextEncoder, specs: list[SampleSpec]) -> tuple:
+    """(text, mask, neg_text, neg_mask) of a batch of prompts, on the CPU; the negatives None when no spec has one
+    (a spec without a negative prompt gets the unconditional branch: its negative mask is all False)."""
     text, mask = encoder([s.prompt for s in specs])
     neg_text = neg_mask = None
     if any(s.negative_prompt for s in specs):
         neg_text, neg_mask = encoder([s.negative_prompt or "" for s in specs])
         neg_mask = neg_mask & torch.tensor([bool(s.negative_prompt) for s in specs], device=neg_mask.device)[:, None]
+    return tuple(None if t is None else t.cpu() for t in (text, mask, neg_text, neg_mask))
+
+
+@torch.no_grad()
+def generate_encoded(model: HTHModel, cfg: RunConfig, specs: list[SampleSpec], encoded: tuple, steps: int,
+                     cfg_scale: float, latent_hw: tuple[int, int], frames: int = 1, progress=None,
+                     device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
+    """``generate`` from prompts already encoded (``encode_prompts``)."""
+    noise = initial_noise(specs, cfg.model.in_channels, (frames, *latent_hw))
+    text, mask, neg_text, neg_mask = encoded
     return denoise(model, cfg, noise, text, mask, steps, cfg_scale, neg_text, neg_mask, progress, device, dtype)
 
 
@@ -262,7 +278,7 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     # T5 and the VAE in the compute dtype too: T5-XXL in float32 would take 19 GB of the GPU beside the model
     encoder = TextEncoder(cfg.encoders, cfg.model, device, dtype)
     decoder = LatentDecoder(cfg.encoders, device, dtype)
-    timing = {"load_s": round(time.perf_counter() - t0, 1), "encode_denoise_s": 0.0, "decode_s": 0.0}
+    timing = {"load_s": round(time.perf_counter() - t0, 1), "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
     steps = args.steps or cfg.diffusion.sample_steps
     scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
     out = Path(args.out)
@@ -275,30 +291,40 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     paths = _outputs(out, len(specs))
     run = {"precision": str(dtype).replace("torch.", ""), "device": device.type, "checkpoint": str(args.checkpoint),
            **info, "vae": cfg.encoders.vae, "text_encoder": cfg.encoders.text_encoder}
+    groups = []  # batches of --batch-size prompts, split by shape (one batch must share (h, w, frames))
     for start in range(0, len(specs), args.batch_size):
         chunk = specs[start : start + args.batch_size]
-        # one batch must share a shape: group by (h, w, frames)
         for key in sorted({(s.height, s.width, s.frames) for s, _ in chunk}, key=str):
-            group = [(j, s) for j, (s, _) in enumerate(chunk, start) if (s.height, s.width, s.frames) == key]
-            frames = key[2]
-            lh, lw = _latent_hw(cfg, decoder.factor, *key)
-            t0 = _synced_time(device)
-            lat = generate(model, cfg, [s for _, s in group], encoder, steps, scale, (lh, lw), frames,
-                           progress=(lambda r: tqdm(r, desc="denoise", unit="step")) if rank == 0 else None,
-                           device=device, dtype=dtype)
-            t1 = _synced_time(device)
-            if rank != 0:  # every CP rank holds the same latents; rank 0 decodes and writes
-                continue
-            pix = decoder(lat)  # (B, T, 3, H, W)
-            timing["encode_denoise_s"] += round(t1 - t0, 2)
-            timing["decode_s"] += round(_synced_time(device) - t1, 2)
-            n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
-            shift = resolution_shift(cfg.diffusion, n_tokens)
-            for k, ((j, s), p) in enumerate(zip(group, pix)):
-                side = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
-                        "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
-                        "steps": steps, "cfg_scale": scale, "shift": shift, **run}
-                _write_sample(paths[j], p, lat[k] if args.save_latents else None, side, args.fps)
+            groups.append((key, [(j, s) for j, (s, _) in enumerate(chunk, start)
+                                 if (s.height, s.width, s.frames) == key]))
+    # every prompt is encoded first (kept on the host) and the text encoder freed before denoising: T5-XXL's
+    # 9.5 GB (bf16) would otherwise sit beside the model through every step and the decode
+    t0 = _synced_time(device)
+    encoded = [encode_prompts(encoder, [s for _, s in group]) for _, group in groups]
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    timing["encode_s"] = round(_synced_time(device) - t0, 2)
+    for (key, group), enc in zip(groups, encoded):
+        frames = key[2]
+        lh, lw = _latent_hw(cfg, decoder.factor, *key)
+        t0 = _synced_time(device)
+        lat = generate_encoded(model, cfg, [s for _, s in group], enc, steps, scale, (lh, lw), frames,
+                               progress=(lambda r: tqdm(r, desc="denoise", unit="step")) if rank == 0 else None,
+                               device=device, dtype=dtype)
+        t1 = _synced_time(device)
+        if rank != 0:  # every CP rank holds the same latents; rank 0 decodes and writes
+            continue
+        pix = decoder(lat)  # (B, T, 3, H, W)
+        timing["denoise_s"] += round(t1 - t0, 2)
+        timing["decode_s"] += round(_synced_time(device) - t1, 2)
+        n_tokens = math.prod(model.patch_embed.grid((1, cfg.model.in_channels, frames, lh, lw)))
+        shift = resolution_shift(cfg.diffusion, n_tokens)
+        for k, ((j, s), p) in enumerate(zip(group, pix)):
+            side = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
+                    "latent_size": [frames, lh, lw], "pixels": list(p.shape[-2:]), "frames": int(p.shape[0]),
+                    "steps": steps, "cfg_scale": scale, "shift": shift, **run}
+            _write_sample(paths[j], p, lat[k] if args.save_latents else None, side, args.fps)
     if rank == 0:
         if device.type == "cuda":
             timing["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
