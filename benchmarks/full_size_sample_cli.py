@@ -270,8 +270,9 @@ def summary(r: dict) -> str:
     t, p = r["cli_timing"] or {}, r["plan"] or {}
     status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
     media = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in r["files"].items() if k.endswith((".png", ".mp4")))
-    return (f"== {r['name']}: {status}, wall {r['wall_s']} s; CLI: load {t.get('load_s')} s, encode {t.get('encode_s')} "
-            f"s, denoise {t.get('denoise_s')} s ({r['steps']} steps, cfg {r['cfg_scale']}), decode {t.get('decode_s')} s, "
+    return (f"== {r['name']}: {status}, wall {r['wall_s']} s; CLI: load {t.get('load_s')} s, encode "
+            f"{t.get('encode_s')} s, denoise {t.get('denoise_s')} s ({r['steps']} steps, cfg {r['cfg_scale']}), "
+            f"decode {t.get('decode_s')} s, "
             f"peak {t.get('peak_gpu_gib')} GiB (nvidia-smi {r['nvidia_smi_peak_gib']}); plan: "
             f"{p.get('total_gb', float('nan')):.2f} GB, {p.get('total_s', float('nan')):.1f} s; {media or 'no output'}")
 
