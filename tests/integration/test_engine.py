@@ -306,7 +306,10 @@ def test_optimizer_offload_trains_as_the_gpu_optimizer(tmp_path):
     different operation order over 4 steps)."""
     args = [*TINY_OVERRIDES, "train.steps=4", "train.ckpt_every=100", "optim.warmup_steps=1", "optim.weight_decay=0.1"]
     run_train(SMOKE, *args, f"run_dir={tmp_path / 'ref'}")
-    run_train(SMOKE, *args, f"run_dir={tmp_path / 'off'}", "parallel.offload_optimizer=true")
+    log = run_train(SMOKE, *args, f"run_dir={tmp_path / 'off'}", "parallel.offload_optimizer=true")
+    # the engine's set-up (CPUAdam's first build, the pinned host memory: a minute or more at 5B) is announced
+    assert "optimizer offloaded to the host" in log.stderr + log.stdout
+    assert "DeepSpeed engine ready in" in log.stderr + log.stdout
     ref, off = losses_by_step(tmp_path / "ref"), losses_by_step(tmp_path / "off")
     assert sorted(off) == [1, 2, 3, 4]
     assert off[1] == ref[1]  # the same model and batch before any update

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,11 @@ class DeepSpeedBackend:
     def prepare(self, model: nn.Module, micro_batches: int, load_universal: bool = False) -> nn.Module:
         import deepspeed
 
+        t0 = time.perf_counter()
+        if self.parallel.offload_optimizer and self.mesh.rank == 0:  # minutes without a line otherwise
+            log.info("DeepSpeed engine: optimizer offloaded to the host (CPUAdam, compiled into TORCH_EXTENSIONS_DIR "
+                     "on its first use on a machine: about a minute; fp32 masters, Adam moments and gradients in "
+                     "host memory, 16 B per parameter of this rank's share: `megassm plan` gives the GB)")
         mark_model(model, self.parallel.zero_stage)
         model = model.to(self.device)
         opt, sched = build_optimizer(model, self.optim, self.train.steps, self.device,
@@ -226,6 +232,9 @@ class DeepSpeedBackend:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu, dist_init_required=False)
         count_replicated_rows_once(self.engine.optimizer, self.engine.module, self.mesh.coords["tp"])
+        if self.mesh.rank == 0:
+            log.info(f"DeepSpeed engine ready in {time.perf_counter() - t0:.1f} s (ZeRO-{self.parallel.zero_stage}"
+                     f"{', optimizer on the host' if self.parallel.offload_optimizer else ''})")
         return self.engine.module
 
     # -- one optimizer step --------------------------------------------------------------------
