@@ -248,12 +248,15 @@ def applied(ema: ShardedEMA):
     partition, which the next gather reads; otherwise ``data``). Costs one copy of the local weights (the
     training values, kept for the restore). Partitioned, the parameters gathered on entry (ZeRO-3's
     persistent ones between steps) are re-gathered on both sides, and only they are left gathered on exit
-    (a no-grad forward may leave others gathered). Collective when partitioned: all ranks enter and leave.
+    (a no-grad forward may leave others gathered). Collective when partitioned, and in the fragment layout, whose
+    ranks each hold current EMA values only in their optimizer's fragment (``full_shadow`` sums them over the
+    group): all ranks enter and leave.
     """
     gathered = ema.local.resident(list(ema.params.values()))
     saved = {n: ema.local.local_weights(p).detach().clone() for n, p in ema.params.items()}
+    shadow = ema.full_shadow()  # not ema.shadow: outside this rank's fragment it holds the first step's values
     with torch.no_grad():
-        _write_local(ema, ema.shadow, gathered)
+        _write_local(ema, shadow, gathered)
     try:
         yield
     finally:

@@ -46,6 +46,11 @@ if trainer.ema is not None:
     # this rank's EMA as it is saved (ZeRO-1/2: the fragments of all ranks summed, a collective)
     save_file({n: t.contiguous() for n, t in trainer.ema.full_shadow().items()},
               str(out / f"ema_rank{rank}.safetensors"))
+    # what previews and evaluation compute with: the module's weights inside applied(ema)
+    from megassm.train.ema import applied
+    with applied(trainer.ema), deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        under = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_file(under, str(out / f"applied_ema_rank{rank}.safetensors"))
 if cfg.parallel.pp > 1:  # a stage cannot run the whole model
     dist.barrier()
     sys.exit(0)
@@ -302,6 +307,16 @@ def test_zero3_two_ranks(zero3_2rank, tmp_path):
     _check_run(zero3_2rank, 2, tmp_path / "c")
     _assert_same(load_file(str(zero3_2rank / "gathered_rank1.safetensors")),
                  load_file(str(zero3_2rank / "gathered_rank0.safetensors")))
+    _assert_applied_ema_is_the_whole_ema(zero3_2rank, 2, load_file(str(tmp_path / "c" / "ema.safetensors")))
+
+
+def _assert_applied_ema_is_the_whole_ema(root: Path, world: int, ema: dict[str, torch.Tensor]) -> None:
+    """Inside ``applied(ema)`` (previews, evaluation) every rank's module holds the whole EMA ``ema`` in its dtype."""
+    for r in range(world):
+        under = load_file(str(root / f"applied_ema_rank{r}.safetensors"))
+        assert under.keys() == ema.keys()
+        bad = [n for n in ema if not torch.equal(under[n], ema[n].to(under[n].dtype))]
+        assert not bad, f"rank {r}: {len(bad)} of {len(ema)} tensors are not the EMA, e.g. {bad[:3]}"
 
 
 @pytest.mark.distributed
@@ -315,6 +330,8 @@ def test_zero1_two_ranks(zero1_2rank, tmp_path):
     # without ZeRO-3 the EMA is whole tensors (each rank updates its optimizer's fragment); shard 0 is the EMA
     _assert_same(load_file(str(tmp_path / "c" / "ema.safetensors")),
                  load_file(str(zero1_2rank / "ema_rank0.safetensors")))
+    # ZeRO-1/2: each rank's shadow is current only in its optimizer's fragment; applied() must use the whole EMA
+    _assert_applied_ema_is_the_whole_ema(zero1_2rank, 2, load_file(str(tmp_path / "c" / "ema.safetensors")))
 
 
 @pytest.mark.distributed
