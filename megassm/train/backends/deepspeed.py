@@ -280,13 +280,13 @@ class DeepSpeedBackend:
 
     def nonfinite_grads(self) -> Tensor:
         """ZeRO-1..3 optimizers check their own partitions; under ZeRO-0 this checks the module's gradients
-        (no host sync)."""
+        (on their device: the step's one flag all-reduce syncs it with the rest)."""
         if self.parallel.zero_stage != 0:
             return torch.tensor(False)
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
             return torch.tensor(False)
-        return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().cpu()
+        return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any()
 
     def grad_norm(self) -> float:
         g = self.engine.get_global_grad_norm()
