@@ -109,8 +109,9 @@ class SampleStream:
     ``wds.split_by_node`` / ``wds.split_by_worker`` do, but with the *data-parallel* rank --
     under TP/CP several global ranks read the same data -- and a logical worker id that
     survives a resume). No sample is seen twice within an epoch across all ranks/workers.
-    resampled=True: shards are drawn with replacement, probability proportional to their
-    sample counts, from an RNG seeded per (dataset, dp rank, worker).
+    resampled=True: shards are drawn with replacement, uniformly over those with samples, from an
+    RNG seeded per (dataset, dp rank, worker). A drawn shard is read whole, so every sample's
+    expected frequency is the same whatever its shard's size (drawn by sample count, it grew with it).
     """
 
     def __init__(self, index: int, shards: list[str], counts: list[int], *, seed: int, dp_rank: int,
@@ -144,7 +145,7 @@ class SampleStream:
     def _next_shard(self) -> bool:
         """Advance to the next shard of the epoch (or draw one); False at the end of the epoch."""
         if self.resampled:
-            p = np.asarray(self.counts, dtype=np.float64)
+            p = (np.asarray(self.counts) > 0).astype(np.float64)
             self.shard = int(self.shard_rng.choice(len(self.paths), p=p / p.sum()))
         else:
             self.cursor += 1

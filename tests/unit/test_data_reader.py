@@ -220,3 +220,23 @@ def test_a_resplit_dataset_is_not_resumed_in_another_order(tmp_path, order, capl
     allowed.load_state_dict(state)
     assert f"dataset {d} changed" in caplog.text
     assert len(_take(allowed, 2)) == 2
+
+
+def test_resampled_rank_order_sees_every_sample_equally_often_whatever_its_shards_size(tmp_path):
+    """data.order rank + resampled: a drawn shard is read whole, so shards must be drawn uniformly; drawn by
+    sample count (as before), a sample's frequency grew with its shard's size (here 9x for the big shard's)."""
+    from megassm.data.stream import SampleStream
+
+    man = write_synthetic_dataset(tmp_path / "d", [(4, 1, 4, 4)], num_samples=10, samples_per_shard=9)
+    paths = [str(tmp_path / "d" / s["path"]) for s in man["shards"]]
+    counts = [s["samples"] for s in man["shards"]]
+    assert counts == [9, 1]
+    stream = SampleStream(0, paths, counts, seed=0, dp_rank=0, dp_size=1, worker=0, num_workers=1, resampled=True,
+                          shuffle_buffer=1)
+    samples = [stream.next() for _ in range(4000)]
+    seen = Counter(x.key for x in samples)
+    lone = {x.key for x in samples if x.shard == 1}
+    assert len(seen) == 10 and len(lone) == 1
+    others = [v for k, v in seen.items() if k not in lone]
+    # each sample's expected share: 1/10 (400 of 4000); the lone shard's sample within 25 % of the others' mean
+    assert seen[lone.pop()] == pytest.approx(sum(others) / 9, rel=0.25), seen
