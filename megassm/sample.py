@@ -46,10 +46,7 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
     from megassm.checkpoint.sources import open_checkpoint
 
     ckpt = open_checkpoint(Path(path))
-    if ckpt.config is None:
-        raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
-                              "the model. Copy the training run's config.yaml next to the weights")
-    cfg: RunConfig = from_dict(ckpt.config)
+    cfg = sampling_config(path)
     if cfg.finetune.lora is not None and ckpt.kind == "deepspeed":
         return _load_lora_run(path, Path(ckpt.path), cfg, use_ema, device, merge)
     with torch.device("meta"):
@@ -59,6 +56,17 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
     model.to(device).eval()
     return model, cfg, {"weights": "ema" if ema else "model", "step": ckpt.step,
                         "source": f"{ckpt.kind}:{ckpt.path}"}
+
+
+def sampling_config(path: str | Path) -> RunConfig:
+    """The run config stored with a checkpoint (no weights read): what ``load_model_for_sampling`` builds from."""
+    from megassm.checkpoint.sources import open_checkpoint
+
+    ckpt = open_checkpoint(Path(path))
+    if ckpt.config is None:
+        raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
+                              "the model. Copy the training run's config.yaml next to the weights")
+    return from_dict(ckpt.config)
 
 
 def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, str]:
@@ -260,7 +268,41 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
     device = torch.device(args.device) if args.device else default_device(env.local_rank)
     dtype = compute_dtype(args.precision, device)
     t0 = time.perf_counter()
-    model, cfg, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device, dtype=dtype)
+    cfg = sampling_config(args.checkpoint)  # the stored run config: the encoders come before the model
+    if args.vae:
+        cfg.encoders.vae = args.vae
+    if args.text_encoder:
+        cfg.encoders.text_encoder = args.text_encoder
+    # T5 and the VAE in the compute dtype: T5-XXL in float32 would take 19 GB of the GPU
+    encoder = TextEncoder(cfg.encoders, cfg.model, device, dtype)
+    decoder = LatentDecoder(cfg.encoders, device, dtype)
+    timing = {"load_s": round(time.perf_counter() - t0, 1), "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
+    steps = args.steps or cfg.diffusion.sample_steps
+    scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trained, source = training_latent_shape(cfg)
+    if env.rank == 0 and size is None and not all(item.get("size") for item in prompts):
+        print(f"size: {trained[1] * decoder.factor}x{trained[2] * decoder.factor} (latent {trained[1]}x{trained[2]}, "
+              f"from {source})" if trained else f"size: 256x256 by default ({source}); give --size HxW")
+    specs = _sample_specs(args, prompts, size, decoder.temporal_factor, trained)
+    paths = _outputs(out, len(specs))
+    groups = []  # batches of --batch-size prompts, split by shape (one batch must share (h, w, frames))
+    for start in range(0, len(specs), args.batch_size):
+        chunk = specs[start : start + args.batch_size]
+        for key in sorted({(s.height, s.width, s.frames) for s, _ in chunk}, key=str):
+            groups.append((key, [(j, s) for j, (s, _) in enumerate(chunk, start)
+                                 if (s.height, s.width, s.frames) == key]))
+    # every prompt is encoded (kept on the host) and the text encoder freed before the model is loaded: T5-XXL's
+    # 9.5 GB (bf16) and hth-5b's 10.2 GB are never on the GPU together
+    t0 = _synced_time(device)
+    encoded = [encode_prompts(encoder, [s for _, s in group]) for _, group in groups]
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    timing["encode_s"] = round(_synced_time(device) - t0, 2)
+    t0 = time.perf_counter()
+    model, _, info = load_model_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=device, dtype=dtype)
     if getattr(args, "lora", None):  # before the CP split below: ParallelHydra / attention keep the adapters
         from megassm.lora import load_adapters
 
@@ -270,41 +312,10 @@ def run_sample_command(args, prompts: list[dict], size: tuple[int, int] | None) 
         model.to(device).eval()
         info["lora"] = str(args.lora)
     rank = _context_parallel(model, device, env)  # several ranks (torchrun / srun): Ulysses CP over all
-    if args.vae:
-        cfg.encoders.vae = args.vae
-    if args.text_encoder:
-        cfg.encoders.text_encoder = args.text_encoder
     model.to(dtype)
-    # T5 and the VAE in the compute dtype too: T5-XXL in float32 would take 19 GB of the GPU beside the model
-    encoder = TextEncoder(cfg.encoders, cfg.model, device, dtype)
-    decoder = LatentDecoder(cfg.encoders, device, dtype)
-    timing = {"load_s": round(time.perf_counter() - t0, 1), "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
-    steps = args.steps or cfg.diffusion.sample_steps
-    scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    trained, source = training_latent_shape(cfg)
-    if rank == 0 and size is None and not all(item.get("size") for item in prompts):
-        print(f"size: {trained[1] * decoder.factor}x{trained[2] * decoder.factor} (latent {trained[1]}x{trained[2]}, "
-              f"from {source})" if trained else f"size: 256x256 by default ({source}); give --size HxW")
-    specs = _sample_specs(args, prompts, size, decoder.temporal_factor, trained)
-    paths = _outputs(out, len(specs))
+    timing["load_s"] = round(timing["load_s"] + time.perf_counter() - t0, 1)
     run = {"precision": str(dtype).replace("torch.", ""), "device": device.type, "checkpoint": str(args.checkpoint),
            **info, "vae": cfg.encoders.vae, "text_encoder": cfg.encoders.text_encoder}
-    groups = []  # batches of --batch-size prompts, split by shape (one batch must share (h, w, frames))
-    for start in range(0, len(specs), args.batch_size):
-        chunk = specs[start : start + args.batch_size]
-        for key in sorted({(s.height, s.width, s.frames) for s, _ in chunk}, key=str):
-            groups.append((key, [(j, s) for j, (s, _) in enumerate(chunk, start)
-                                 if (s.height, s.width, s.frames) == key]))
-    # every prompt is encoded first (kept on the host) and the text encoder freed before denoising: T5-XXL's
-    # 9.5 GB (bf16) would otherwise sit beside the model through every step and the decode
-    t0 = _synced_time(device)
-    encoded = [encode_prompts(encoder, [s for _, s in group]) for _, group in groups]
-    del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    timing["encode_s"] = round(_synced_time(device) - t0, 2)
     for (key, group), enc in zip(groups, encoded):
         frames = key[2]
         lh, lw = _latent_hw(cfg, decoder.factor, *key)

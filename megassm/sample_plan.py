@@ -4,9 +4,9 @@ over ``--gpus`` by CP sampling, ``sample --cp``).
     weights      2P bytes (bf16), whole on every GPU
     encoders     2 bytes per parameter of the text encoder and the VAE (the compute dtype): read from their
                  safetensors headers where encoders.* are local directories, else assumed T5-v1.1-XXL (text_dim
-                 4096) and a Wan-sized VAE (plan.py). The VAE stays beside the model for the whole run; the text
-                 encoder only while every prompt is encoded, before the first step (it is freed then), so the
-                 peak is weights + VAE + the larger of the text encoder and the denoising activations
+                 4096) and a Wan-sized VAE (plan.py). The VAE stays for the whole run; the text encoder encodes
+                 every prompt and is freed before the model is loaded, so the peak is the VAE + the larger of
+                 the text encoder and the denoiser (weights + activations)
     activations  branches x L / cp tokens x INFERENCE_SHARE x the largest block's training activation bytes per
                  token (``accounting.activation_bytes_per_token``): no autograd graph, one block at a time, and
                  that block's transient working set is about half of what training keeps for its backward
@@ -41,7 +41,7 @@ def predict_sampling(cfg: RunConfig, seq_len: int, cp: int = 1, peak_tflops: flo
     text_params, vae_params, _ = encoder_sizes(cfg)
     text_enc, vae = 2 * text_params, 2 * vae_params
     denoiser = weights + activations + WORKSPACE  # what the denoising steps alone hold (the measured rows)
-    total = max(denoiser, weights + text_enc + WORKSPACE) + vae
+    total = max(denoiser, text_enc + WORKSPACE) + vae
     step_s = forward_flops(m, seq_len, branches) / cp / (peak_tflops * 1e12 * INFERENCE_MFU)
     return {"seq_len": seq_len, "cp": cp, "cfg_branches": branches, "weights_gb": weights / GB,
             "activations_gb": activations / GB, "text_encoder_gb": text_enc / GB, "vae_gb": vae / GB,
@@ -87,9 +87,9 @@ def encoder_sizes(cfg: RunConfig) -> tuple[float, float, dict[str, str]]:
 
 def print_sampling(p: dict) -> None:
     print(f"\nsampling (megassm sample{' --cp ' + str(p['cp']) if p['cp'] > 1 else ''}), {p['seq_len']:,} tokens, "
-          f"{p['cfg_branches']} CFG branch(es): weights {p['weights_gb']:.2f} GB + VAE {p['vae_gb']:.2f} GB + the "
-          f"larger of activations {p['activations_gb']:.2f} GB and the text encoder {p['text_encoder_gb']:.2f} GB "
-          f"(freed before the first step) = {p['total_gb']:.2f} GB "
+          f"{p['cfg_branches']} CFG branch(es): VAE {p['vae_gb']:.2f} GB + the larger of the text encoder "
+          f"{p['text_encoder_gb']:.2f} GB (freed before the model loads) and the denoiser: weights "
+          f"{p['weights_gb']:.2f} GB + activations {p['activations_gb']:.2f} GB = {p['total_gb']:.2f} GB "
           f"per GPU ({'fits' if p['fits'] else 'DOES NOT FIT'}"
           f"{'' if p['cp'] > 1 or not p['fits'] else ': no CP needed'}); {p['step_s'] * 1e3:.0f} ms per denoising "
           f"step, {p['total_s']:.1f} s for {p['sample_steps']} steps")

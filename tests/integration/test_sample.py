@@ -165,17 +165,18 @@ def test_bf16_sampling_holds_model_text_encoder_and_vae_in_bf16(encoders, tmp_pa
     assert set(timing) == {"load_s", "encode_s", "denoise_s", "decode_s"}
 
 
-def test_the_text_encoder_is_freed_before_the_first_denoising_step(encoders, tmp_path, monkeypatch):
-    """Every prompt (two shape groups here) is encoded first and the encoder dropped: T5-XXL's 9.5 GB no longer
-    sits beside hth-5b through denoising and decoding. Each group still gets its own prompts' encodings."""
+def test_the_text_encoder_is_freed_before_the_model_is_loaded(encoders, tmp_path, monkeypatch):
+    """Every prompt (two shape groups here) is encoded first and the encoder dropped before the model is loaded:
+    T5-XXL's 9.5 GB and hth-5b's 10.2 GB are never on the GPU together, nor T5 beside denoising and decoding.
+    Each group still gets its own prompts' encodings."""
     import weakref
 
     import megassm.sample as sample
     from megassm.cli import main
 
     ck = _consolidated(tmp_path / "ck", encoders["vae"], encoders["t5"])
-    alive, seen = weakref.WeakSet(), []
-    cls, denoise = sample.TextEncoder, sample.denoise
+    alive, seen, at_load = weakref.WeakSet(), [], []
+    cls, denoise, load = sample.TextEncoder, sample.denoise, sample.load_model_for_sampling
 
     class Tracked(cls):
         def __init__(self, *a, **k):
@@ -186,15 +187,20 @@ def test_the_text_encoder_is_freed_before_the_first_denoising_step(encoders, tmp
         seen.append((len(alive), tuple(noise.shape), text.shape[0]))
         return denoise(model, cfg, noise, text, *a, **k)
 
+    def checking_load(*a, **k):
+        at_load.append(len(alive))
+        return load(*a, **k)
+
     monkeypatch.setattr(sample, "TextEncoder", Tracked)
     monkeypatch.setattr(sample, "denoise", checking_denoise)
+    monkeypatch.setattr(sample, "load_model_for_sampling", checking_load)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in [{"prompt": "a red square", "size": "16x16"},
                                                           {"prompt": "a blue circle", "size": "32x16", "seed": 7},
                                                           {"prompt": "a green line", "size": "16x16"}]))
     assert main(["sample", str(ck), "--prompts-file", str(prompts), "--steps", "1", "--device", "cpu",
                  "--batch-size", "3", "--out", str(tmp_path / "x.png")]) == 0
-    assert sorted(seen) == [(0, (1, 4, 1, 16, 8), 1), (0, (2, 4, 1, 8, 8), 2)], seen
+    assert at_load == [0] and sorted(seen) == [(0, (1, 4, 1, 16, 8), 1), (0, (2, 4, 1, 8, 8), 2)], (at_load, seen)
     one = tmp_path / "one.png"
     assert main(["sample", str(ck), "--prompt", "a blue circle", "--size", "32x16", "--seed", "7", "--steps", "1",
                  "--device", "cpu", "--out", str(one)]) == 0
