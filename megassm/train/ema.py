@@ -254,7 +254,7 @@ def applied(ema: ShardedEMA):
     """
     gathered = ema.local.resident(list(ema.params.values()))
     saved = {n: ema.local.local_weights(p).detach().clone() for n, p in ema.params.items()}
-    shadow = ema.full_shadow()  # not ema.shadow: outside this rank's fragment it holds the first step's values
+    shadow = ema.full_shadow()  # not ema.shadow: outside this rank's fragment its values are stale
     with torch.no_grad():
         _write_local(ema, shadow, gathered)
     try:
