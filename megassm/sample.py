@@ -46,7 +46,7 @@ def load_model_for_sampling(path: str | Path, use_ema: bool = True, device: str 
     from megassm.checkpoint.sources import open_checkpoint
 
     ckpt = open_checkpoint(Path(path))
-    cfg = sampling_config(path)
+    cfg = _stored_config(ckpt.config, path)
     if cfg.finetune.lora is not None and ckpt.kind == "deepspeed":
         return _load_lora_run(path, Path(ckpt.path), cfg, use_ema, device, merge)
     with torch.device("meta"):
@@ -62,11 +62,14 @@ def sampling_config(path: str | Path) -> RunConfig:
     """The run config stored with a checkpoint (no weights read): what ``load_model_for_sampling`` builds from."""
     from megassm.checkpoint.sources import open_checkpoint
 
-    ckpt = open_checkpoint(Path(path))
-    if ckpt.config is None:
+    return _stored_config(open_checkpoint(Path(path)).config, path)
+
+
+def _stored_config(config: dict | None, path) -> RunConfig:
+    if config is None:
         raise CheckpointError(f"{path}: no config.yaml/config.json stored with the checkpoint; cannot rebuild "
                               "the model. Copy the training run's config.yaml next to the weights")
-    return from_dict(ckpt.config)
+    return from_dict(config)
 
 
 def training_latent_shape(cfg: RunConfig) -> tuple[tuple[int, int, int] | None, str]:
