@@ -125,10 +125,13 @@ def make_engine(model, engine: str, zero_options: dict | None = None):
     return eng, None
 
 
-def one_step(model, opt, batch):
+def one_step(model, opt, batch, probe=None):
+    """One optimizer step; ``probe()``, if given, runs between the forward and the backward (the activations' peak)."""
     latents, t, text, mask, target = batch
     out = model(latents, t, text, mask)
     loss = (out.float() - target).square().mean()
+    if probe is not None:
+        probe()
     if opt is None:  # DeepSpeed engine
         model.backward(loss)
         model.step()
@@ -192,7 +195,16 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"non-finite loss {loss}"
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    live = live_by_site() if v.get("memory_history") else None  # after a step: what stays between steps
+    live = live_at_fwd = None
+    if v.get("memory_history"):
+        live = live_by_site()  # after a step: what stays between steps
+
+        def probe():
+            nonlocal live_at_fwd
+            torch.cuda.synchronize()
+            live_at_fwd = live_by_site()  # what the forward keeps for the backward, by site
+
+        one_step(model, opt, data, probe)
     if profile_path:
         write_profile(lambda: one_step(model, opt, data), profile_path, f"{stage} {pattern} L={seq_len} x{batch}")
     ms = statistics.median(times) * 1e3
@@ -208,7 +220,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
            "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf, "hw_mfu": hw_flops / (ms * 1e-3) / 1e12 / peak_tf,
            "params": param_counts(cfg)["total"], "activation_checkpointing": ck, "checkpointed_blocks": n_ck,
            "peak_mem_gb": peak, "static_mem_gb": static / 1e9, "leftover_from_earlier_runs_gb": base / 1e9,
-           "reserved_gb": torch.cuda.max_memory_reserved() / 1e9, "live_by_site": live}
+           "reserved_gb": torch.cuda.max_memory_reserved() / 1e9, "live_by_site": live,
+           "live_at_forward_end_by_site": live_at_fwd}
     from megassm.plan import Layout, predict_memory
 
     pred = predict_memory(cfg, seq_len, Layout(gpus=1, micro_batch=batch, checkpointing=ck, every_k=every_k),
