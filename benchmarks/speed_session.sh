@@ -20,7 +20,7 @@ device_env
 export OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
 STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
-ATT_VARIANTS=${ATT_VARIANTS:-today,fp8}
+ATT_VARIANTS=${ATT_VARIANTS-today,fp8}  # set and empty: no all-attention stack
 # Results are also kept in $KEEP (outside $OUT, which the device tool empties per call): a later call on the same
 # warm machine can take "best" (the fastest hybrid variant of an earlier step3 run) in STEP2_VARIANTS / ATT_VARIANTS.
 KEEP=${KEEP:-/tmp/speed_session_keep}
