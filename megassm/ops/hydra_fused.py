@@ -1,5 +1,6 @@
 """Fused Hydra mixer: in_proj output -> (conv, two-direction SSD scan, shift/flip/sum, diagonal, gated
-RMSNorm) -> the out_proj input, as autograd Functions with hand-written backward.
+RMSNorm) -> the out_proj input, as autograd Functions with hand-written backward (the uncut one also as a pair
+of ``torch.library`` custom ops, which a compiled block traces as one node each way).
 
 The reference (``megassm.ops.hydra_mix`` with ``fused=False``, the goombalab algorithm) runs about
 fifteen element-wise PyTorch ops around the scan, each a full pass over (B, L, d_inner) tensors, plus
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +104,9 @@ def _scan_fwd(x, dt, A, B, C, dt_bias, chunk_size, impl):
 
 def _scan_bwd(dout, x, dt, A, B, C, out, dt_bias, chunk_size, impl):
     """-> dx, ddt (w.r.t. dt before softplus), dA, dB, dC, ddt_bias."""
-    if impl == "ref":
-        with torch.enable_grad():
-            ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, dt_bias)]
-            y = _ssd_fwd_ref(*ins[:5], ins[5], chunk_size)
-            return torch.autograd.grad(y, ins, dout)
+    if impl == "ref":  # torch.func, not torch.autograd: this also runs inside a custom op, below autograd
+        y, vjp = torch.func.vjp(lambda *ins: _ssd_fwd_ref(*ins, chunk_size), x, dt, A, B, C, dt_bias)
+        return vjp(dout.to(y.dtype))
     _, bwd = _mamba_scan_fns()
     dx, ddt, dA, dB, dC, _, _, ddt_bias, _ = bwd(dout, x, dt, A, B, C, out, chunk_size, dt_bias=dt_bias,
                                                  dt_softplus=True)
@@ -254,58 +254,135 @@ def _out_norm_bwd(dout, scan, xs, diag, z, norm_w, rstd, dz, headdim, norm):
 # --------------------------------------------------------------------------------------------------
 # uncut: the single-GPU module's path
 # --------------------------------------------------------------------------------------------------
+def _mix_forward(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, eps, headdim, d_state, ngroups, chunk_size,
+                 scan_impl):
+    """The uncut forward: -> out (B, L, d_inner) and what the backward reads (xs, bcs, dts, scan, diag, rstd),
+    each a new contiguous tensor (none aliases an input: the custom op below may return them)."""
+    Bsz, L, d_in_proj = zxbcdt.shape
+    h = A.shape[0]
+    d_inner, G = h * headdim, ngroups * d_state
+    conv_dim = d_inner + 4 * G
+    assert d_in_proj == 2 * d_inner + 4 * G + 2 * h, f"in_proj width {d_in_proj} does not match the dims"
+    zxbcdt = zxbcdt.contiguous()
+    conv_w = conv_w.reshape(conv_dim, -1).contiguous()
+    z, xbc, dt = zxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
+    xs, bcs, dts, scan = _conv_scan_fwd(xbc, conv_w, conv_b, dt, dt_bias, A, headdim, d_state, ngroups,
+                                        chunk_size, scan_impl)
+    diag = F.linear(xs[:Bsz], fc_w.to(zxbcdt.dtype), D.to(zxbcdt.dtype))  # (B, L, h)
+    out, rstd = _out_norm_fwd(scan, xs, diag, z, norm_w, eps, headdim, norm=True)
+    return out, xs, bcs, dts, scan, diag, rstd
+
+
+def _mix_backward(dout, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd, dims):
+    """The uncut backward -> d(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w), each in its input's shape and
+    dtype (d conv_b None without a bias). ``dims``: (headdim, d_state, ngroups, chunk_size, scan_impl)."""
+    headdim = dims[0]
+    zxbcdt = zxbcdt.contiguous()
+    Bsz, L, _ = zxbcdt.shape
+    h = A.shape[0]
+    d_inner = h * headdim
+    conv_w_shape, conv_dim = conv_w.shape, conv_w.shape[0]
+    conv_w2 = conv_w.reshape(conv_dim, -1).contiguous()
+    dtype = zxbcdt.dtype
+    dzxbcdt = torch.empty_like(zxbcdt)
+    z, xbc, _ = zxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
+    dz, dxbc, ddt_out = dzxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
+
+    # 1. gated norm + shift/flip/sum + diagonal, backward
+    dscan, ddiag, dxe, dw_part = _out_norm_bwd(dout.contiguous(), scan, xs, diag, z, norm_w, rstd, dz, headdim,
+                                               norm=True)
+    # 2. fc_D: diag = x @ fc_w^T + D
+    n_rows = Bsz * L
+    ddiag_c = ddiag.to(dtype).view(n_rows, h)
+    dfc_w = (ddiag_c.t() @ xs[:Bsz].reshape(n_rows, d_inner)).to(fc_w.dtype)
+    dD = ddiag.sum((0, 1)).to(D.dtype)
+    dxe.view(n_rows, d_inner).addmm_(ddiag_c, fc_w.to(dtype))  # dx += ddiag @ fc_w, in the GEMM epilogue
+    # 3. the scan (both directions in one call), conv + SiLU
+    dconv_w, dconv_b, ddt_bias, dA = _scan_conv_bwd(dscan, dxe, xbc, conv_w2, conv_b, xs, bcs, dts, scan, dt_bias,
+                                                    A, dims, dxbc, ddt_out)
+    return (dzxbcdt, dconv_w.reshape(conv_w_shape).to(conv_w.dtype), dconv_b, ddt_bias, dA, dfc_w, dD,
+            dw_part.sum(0).to(norm_w.dtype))
+
+
 class HydraMixFn(torch.autograd.Function):
+    """The uncut mixer in eager mode (``hydra_mix_fused``); compiled blocks use the custom op below instead."""
+
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, eps, headdim, d_state, ngroups,
                 chunk_size, scan_impl):
-        Bsz, L, d_in_proj = zxbcdt.shape
-        h = A.shape[0]
-        d_inner, G = h * headdim, ngroups * d_state
-        conv_dim = d_inner + 4 * G
-        assert d_in_proj == 2 * d_inner + 4 * G + 2 * h, f"in_proj width {d_in_proj} does not match the dims"
-        zxbcdt = zxbcdt.contiguous()
-        dtype = zxbcdt.dtype
-        ctx.conv_w_shape = conv_w.shape
-        conv_w = conv_w.reshape(conv_dim, -1).contiguous()
-        z, xbc, dt = zxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
-        xs, bcs, dts, scan = _conv_scan_fwd(xbc, conv_w, conv_b, dt, dt_bias, A, headdim, d_state, ngroups,
-                                            chunk_size, scan_impl)
-        diag = F.linear(xs[:Bsz], fc_w.to(dtype), D.to(dtype))  # (B, L, h)
-        out, rstd = _out_norm_fwd(scan, xs, diag, z, norm_w, eps, headdim, norm=True)
+        out, xs, bcs, dts, scan, diag, rstd = _mix_forward(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, eps,
+                                                           headdim, d_state, ngroups, chunk_size, scan_impl)
         ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd)
         ctx.dims = (headdim, d_state, ngroups, chunk_size, scan_impl)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd = ctx.saved_tensors
-        headdim = ctx.dims[0]
-        Bsz, L, _ = zxbcdt.shape
-        h = A.shape[0]
-        d_inner = h * headdim
-        conv_dim = conv_w.shape[0]
-        dtype = zxbcdt.dtype
-        dzxbcdt = torch.empty_like(zxbcdt)
-        z, xbc, _ = zxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
-        dz, dxbc, ddt_out = dzxbcdt.split([d_inner, conv_dim, 2 * h], dim=-1)
-
-        # 1. gated norm + shift/flip/sum + diagonal, backward
-        dscan, ddiag, dxe, dw_part = _out_norm_bwd(dout.contiguous(), scan, xs, diag, z, norm_w, rstd, dz, headdim,
-                                                   norm=True)
-        # 2. fc_D: diag = x @ fc_w^T + D
-        n_rows = Bsz * L
-        ddiag_c = ddiag.to(dtype).view(n_rows, h)
-        dfc_w = (ddiag_c.t() @ xs[:Bsz].reshape(n_rows, d_inner)).to(fc_w.dtype)
-        dD = ddiag.sum((0, 1)).to(D.dtype)
-        dxe.view(n_rows, d_inner).addmm_(ddiag_c, fc_w.to(dtype))  # dx += ddiag @ fc_w, in the GEMM epilogue
-        # 3. the scan (both directions in one call), conv + SiLU
-        dconv_w, dconv_b, ddt_bias, dA = _scan_conv_bwd(dscan, dxe, xbc, conv_w, conv_b, xs, bcs, dts, scan, dt_bias,
-                                                        A, ctx.dims, dxbc, ddt_out)
-        return (dzxbcdt, dconv_w.reshape(ctx.conv_w_shape).to(conv_w.dtype), dconv_b, ddt_bias, dA, dfc_w, dD,
-                dw_part.sum(0).to(norm_w.dtype), None, None, None, None, None, None)
+        grads = _mix_backward(dout, *ctx.saved_tensors, ctx.dims)
+        return (*grads, None, None, None, None, None, None)
 
 
-@torch.compiler.disable  # Triton launches and hand-written backward: eager inside a compiled block
+# The same forward and backward as torch.library custom ops, so that ``torch.compile`` of a whole block
+# (``model.compile: blocks``) traces through the mixer as one opaque node each way instead of breaking the
+# graph there (a compiler-disabled call splits a block into several compiled regions). The fake
+# implementations give only shapes and dtypes; the real ones are the functions above.
+@torch.library.custom_op("megassm::hydra_mix_fwd", mutates_args=())
+def _hydra_mix_fwd_op(zxbcdt: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],  # noqa: UP045 (schema inference)
+                      dt_bias: Tensor, A: Tensor, fc_w: Tensor, D: Tensor, norm_w: Tensor, eps: float, headdim: int,
+                      d_state: int, ngroups: int, chunk_size: int,
+                      scan_impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _mix_forward(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, eps, headdim, d_state, ngroups,
+                        chunk_size, scan_impl)
+
+
+@_hydra_mix_fwd_op.register_fake
+def _(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, eps, headdim, d_state, ngroups, chunk_size, scan_impl):
+    Bsz, L, _ = zxbcdt.shape
+    h = A.shape[0]
+    d_inner = h * headdim
+
+    def new(*shape, dtype=zxbcdt.dtype):
+        return zxbcdt.new_empty(shape, dtype=dtype)
+
+    return (new(Bsz, L, d_inner), new(2 * Bsz, L, d_inner), new(2 * Bsz, L, 2 * ngroups * d_state),
+            new(2 * Bsz, L, h), new(2 * Bsz, L, h, headdim), new(Bsz, L, h), new(Bsz, L, dtype=torch.float32))
+
+
+@torch.library.custom_op("megassm::hydra_mix_bwd", mutates_args=())
+def _hydra_mix_bwd_op(dout: Tensor, zxbcdt: Tensor, conv_w: Tensor, conv_b: Optional[Tensor],  # noqa: UP045
+                      dt_bias: Tensor, A: Tensor, fc_w: Tensor, D: Tensor, norm_w: Tensor, xs: Tensor, bcs: Tensor,
+                      dts: Tensor, scan: Tensor, diag: Tensor, rstd: Tensor, headdim: int, d_state: int, ngroups: int,
+                      chunk_size: int,
+                      scan_impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _mix_backward(dout, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd,
+                          (headdim, d_state, ngroups, chunk_size, scan_impl))
+    # an op returns tensors only: no bias, an empty d conv_b (dropped again by _hydra_mix_op_backward)
+    return tuple(g if g is not None else conv_w.new_empty(0) for g in grads)
+
+
+@_hydra_mix_bwd_op.register_fake
+def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd, headdim, d_state,
+      ngroups, chunk_size, scan_impl):
+    return tuple(torch.empty_like(t) if t is not None else conv_w.new_empty(0)
+                 for t in (zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w))
+
+
+def _hydra_mix_op_setup(ctx, inputs, output):
+    zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, _, headdim, d_state, ngroups, chunk_size, scan_impl = inputs
+    out, *saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, *saved)
+    ctx.dims, ctx.has_bias = (headdim, d_state, ngroups, chunk_size, scan_impl), conv_b is not None
+
+
+def _hydra_mix_op_backward(ctx, dout, *_):
+    grads = _hydra_mix_bwd_op(dout, *ctx.saved_tensors, *ctx.dims)
+    return (grads[0], grads[1], grads[2] if ctx.has_bias else None, *grads[3:], None, None, None, None, None, None)
+
+
+_hydra_mix_fwd_op.register_autograd(_hydra_mix_op_backward, setup_context=_hydra_mix_op_setup)
+
+
 def hydra_mix_fused(zxbcdt: Tensor, conv_w: Tensor, conv_b: Tensor | None, dt_bias: Tensor, A: Tensor,
                     fc_w: Tensor, D: Tensor, norm_w: Tensor, eps: float, headdim: int, d_state: int,
                     ngroups: int, chunk_size: int = 256, scan_impl: str = "triton") -> Tensor:
@@ -315,13 +392,18 @@ def hydra_mix_fused(zxbcdt: Tensor, conv_w: Tensor, conv_b: Tensor | None, dt_bi
     conv_w (conv_dim, 1, d_conv), conv_b (conv_dim,) or None; dt_bias, A (= -exp(A_log)), D (nheads,);
     fc_w (nheads, d_inner); norm_w (d_inner,). Returns (B, L, d_inner) in zxbcdt's dtype.
     ``scan_impl``: "triton" (mamba-ssm, CUDA) or "ref" (PyTorch; with TRITON_INTERPRET=1 for CPU tests).
+    Eager: ``HydraMixFn``; under ``torch.compile``: the ``megassm::hydra_mix_fwd`` / ``_bwd`` custom ops (the same
+    functions), one node in the compiled graph each way.
     """
     assert zxbcdt.dim() == 3, f"zxbcdt must be (B, L, d_in_proj), got {tuple(zxbcdt.shape)}"
     assert A.dim() == 1 and fc_w.shape == (A.shape[0], A.shape[0] * headdim), "fc_w must be (nheads, d_inner)"
     assert conv_w.shape[0] == A.shape[0] * headdim + 4 * ngroups * d_state, "conv_w must be (conv_dim, 1, d_conv)"
     assert conv_w.shape[-1] % 2 == 1 and conv_w.shape[-1] <= 9, "the fused path takes an odd d_conv <= 9"
-    return HydraMixFn.apply(zxbcdt, conv_w, conv_b, dt_bias, A.float(), fc_w, D, norm_w, float(eps), headdim,
-                            d_state, ngroups, chunk_size, scan_impl)
+    args = (zxbcdt, conv_w, conv_b, dt_bias, A.float(), fc_w, D, norm_w, float(eps), headdim, d_state, ngroups,
+            chunk_size, scan_impl)
+    if torch.compiler.is_compiling():
+        return _hydra_mix_fwd_op(*args)[0]
+    return HydraMixFn.apply(*args)
 
 
 # --------------------------------------------------------------------------------------------------

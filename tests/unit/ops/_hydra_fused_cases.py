@@ -56,6 +56,44 @@ def _fused_parts(zxbcdt, *args, scan_impl="ref"):
     return hydra_mix(zxbcdt, *args, fused=True, scan_impl=scan_impl)
 
 
+def _compiled_uncut(zxbcdt, *args, scan_impl="ref"):
+    """``hydra_mix_fused`` traced whole by torch.compile (its custom ops); fullgraph: a graph break fails."""
+    return torch.compile(hydra_mix_fused, backend="aot_eager", fullgraph=True, dynamic=False)(
+        zxbcdt, *args, scan_impl=scan_impl)
+
+
+def check_custom_ops(device="cpu", dtype=torch.float64, scan_impl="ref"):
+    """The compiled path's ops: torch.library.opcheck (schema, fake shapes and dtypes against the real
+    outputs, autograd registration, AOT dispatch), with and without the conv bias."""
+    for conv_bias in (True, False):
+        m, u = make_inputs(device=device, dtype=dtype, batch=1, seqlen=20, conv_bias=conv_bias)
+        zxbcdt = m.in_proj(u).detach().requires_grad_()
+        conv_w, conv_b, dt_bias, A, *rest = mix_args(m)
+        args = (zxbcdt, conv_w, conv_b, dt_bias, A.detach().requires_grad_(), *rest[:4], *rest[4:], scan_impl)
+        torch.library.opcheck(torch.ops.megassm.hydra_mix_fwd.default, args)
+    return {}
+
+
+def check_block_is_one_graph(device="cpu"):
+    """A Hydra block on the fused path, as ``model.compile: blocks`` compiles it: one graph, no break (the mixer
+    used to be a compiler-disabled call that split every block into several compiled regions)."""
+    import torch._dynamo
+
+    from megassm.config.schema import ModelConfig
+    from megassm.models.block import HTHBlock, TokenGrid
+
+    cfg = ModelConfig(d_model=32, pattern="h", d_state=8, headdim=8, chunk_size=4, num_heads=4, text_dim=16,
+                      max_text_len=8, ssd_impl="ref", hydra_path="fused")
+    torch.manual_seed(0)
+    blk = HTHBlock(cfg, "h").to(device)
+    x, t_mod = torch.randn(1, 32, 32, device=device), torch.randn(1, 6 * 32, device=device)
+    text, mask = torch.randn(1, 8, 32, device=device), torch.ones(1, 8, dtype=torch.bool, device=device)
+    grid = TokenGrid((2, 4, 4), x.device, rope_head_dim=8)
+    ex = torch._dynamo.explain(HTHBlock._forward)(blk, x, t_mod, text, mask, grid)
+    assert blk.mixer.path_taken == "fused", blk.mixer.path_taken
+    return {"h_block_extra_graphs": ex.graph_count - 1, "h_block_graph_breaks": ex.graph_break_count}
+
+
 def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", fn=hydra_mix_fused, **kw):
     """A fused composition (the uncut Function, or the cut parts) vs the autograd-composed reference
     parts: output and all gradients."""
@@ -134,6 +172,14 @@ def run_all(device="cpu", scan_impl="ref"):
                                                              conv_bias=False, ngroups=2, batch=1, seqlen=20,
                                                              d_conv=3).items()})
     res.update(check_norm_across_ranks(device))
+    # the uncut path as a compiled block runs it (custom ops, no graph break), and the ops' registrations
+    res.update({f"compiled_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_compiled_uncut).items()})
+    res.update({f"compiled_nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_compiled_uncut,
+                                                                conv_bias=False, ngroups=2, batch=1, seqlen=20,
+                                                                d_conv=3).items()})
+    res.update(check_custom_ops(device, torch.float64, scan_impl))
+    if device == "cpu":  # Dynamo's view of the block; on CUDA tests/gpu/test_block_cuda.py compiles it for real
+        res.update(check_block_is_one_graph(device))
     return res
 
 

@@ -36,6 +36,7 @@ def test_fused_matches_reference_fp64_inputs(interpreted_results):
     # 1e-5 leaves room for summation order and still catches any indexing or sign error (>1e-2).
     # The uncut Function (single-GPU module) and the cut parts (ParallelHydra's) are both checked here.
     assert set(interpreted_results) >= {"out", "grad_zxbcdt", "grad_conv_w", "module_out", "module_grad_u",
-                                        "parts_out", "parts_grad_zxbcdt", "parts_L1_out", "ranks_norm_grad_y"}
+                                        "parts_out", "parts_grad_zxbcdt", "parts_L1_out", "ranks_norm_grad_y",
+                                        "compiled_out", "compiled_grad_zxbcdt", "h_block_graph_breaks"}
     bad = {k: v for k, v in interpreted_results.items() if not v < 1e-5}
     assert not bad, bad
