@@ -66,6 +66,10 @@ VARIANTS = {
     "fp8_memdiag": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "memory_history": True},
     "compile_memdiag": {"compile": "blocks", "zero_options": PERSIST, "memory_history": True},
     "today_memdiag": {"memory_history": True},
+    # what ZeRO-3 costs on one rank (copies into its flat partitions, hooks): the same step under ZeRO-2 / 1 / 0
+    "zero2": {"zero_stage": 2},
+    "zero1": {"zero_stage": 1},
+    "zero0": {"zero_stage": 0},
 }
 COLUMNS = ["bench", "stage", "pattern", "variant", "activation_checkpointing", "seq_len", "batch", "ms",
            "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
@@ -100,7 +104,7 @@ def pick_depth(m, seq_len: int, batch: int, mode: str, every_k: int, budget_gb: 
     return None, None
 
 
-def make_engine(model, engine: str, zero_options: dict | None = None):
+def make_engine(model, engine: str, zero_options: dict | None = None, zero_stage: int = 3):
     from megassm.config.schema import RunConfig
     from megassm.train.backends.deepspeed import deepspeed_config, mark_model
     from megassm.train.optim import param_groups
@@ -117,9 +121,9 @@ def make_engine(model, engine: str, zero_options: dict | None = None):
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl")
     cfg = RunConfig()
-    cfg.train.micro_batch_size, cfg.train.precision, cfg.parallel.zero_stage = 1, "bf16", 3
+    cfg.train.micro_batch_size, cfg.train.precision, cfg.parallel.zero_stage = 1, "bf16", zero_stage
     cfg.parallel.zero_options = dict(zero_options or {})
-    mark_model(model, 3)  # as DeepSpeedBackend.prepare: Hydra (or, compiled, whole blocks) as ZeRO-3 leaves
+    mark_model(model, zero_stage)  # as DeepSpeedBackend.prepare: Hydra (or, compiled, whole blocks) as ZeRO-3 leaves
     ds = deepspeed_config(cfg.parallel, cfg.train, cfg.optim.grad_clip, torch.device("cuda"), 1, cfg.train.grad_accum)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
     return eng, None
@@ -169,7 +173,7 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     for i, blk in enumerate(model.blocks):
         blk.grad_checkpoint = ck == "all" or (ck == "every_k" and i % every_k == 0)
     speed_notes = apply_speed(model, cfg, torch.device("cuda"))
-    model, opt = make_engine(model, engine, v.get("zero_options"))
+    model, opt = make_engine(model, engine, v.get("zero_options"), v.get("zero_stage", 3))
     T, H, W = GRIDS[seq_len]
     pt, ph, pw = cfg.patch_size
     dev = "cuda"
