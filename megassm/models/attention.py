@@ -35,9 +35,12 @@ def _kernels(backend: str, device: torch.device) -> list | None:
     return [_KERNELS[backend]]
 
 
-@torch.compiler.disable  # one kernel either way; eager keeps the backend's choice inside a compiled block
 def self_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
-    """Unmasked SDPA over (B, heads, L, hd) with the kernel ``backend`` picks (module docstring)."""
+    """Unmasked SDPA over (B, heads, L, hd) with the kernel ``backend`` picks (module docstring).
+
+    Traced by torch.compile (``model.compile: blocks``): Dynamo keeps the ``sdpa_kernel`` priority list, so a
+    compiled attention block is one graph calling the same kernel as eager (tests/gpu/test_block_cuda.py checks
+    the kernel; tests/unit/models/test_attention.py the single graph)."""
     kernels = _kernels(backend, q.device)
     if kernels is None:
         return F.scaled_dot_product_attention(q, k, v)

@@ -159,7 +159,8 @@ class HTHBlock(nn.Module):
 # Regional compilation (``model.compile: blocks``): one compiled ``HTHBlock._forward`` per backend, shared
 # by every block (torch.compile specialises per mixer kind, scan order and shape: static shapes, one graph
 # per bucket). The uncut fused Hydra mixer is one custom op each way inside it (megassm.ops.hydra_fused: a Hydra
-# block is one graph); SDPA (megassm.models.attention) and the cut CP/TP parts stay compiler-disabled, one break each.
+# block is one graph); so is SDPA with its kernel priority list (megassm.models.attention: an attention block is one
+# graph). The cut CP/TP parts of Hydra stay compiler-disabled, one break each.
 _COMPILED: dict[str, object] = {}
 RECOMPILE_LIMIT = 64  # graphs per compiled function: kinds x scan orders x buckets x grad modes
 

@@ -1,7 +1,8 @@
 """CUDA-only: the block's fast paths against their references, outputs and gradients.
 
 - SelfAttention with backend auto (cuDNN first on Hopper) / cudnn against flash and math, bf16;
-- a whole HTHBlock with the compiled elementwise glue against the eager glue, bf16.
+- a whole HTHBlock with the compiled elementwise glue against the eager glue, bf16;
+- a compiled SelfAttention runs the SDPA kernels eager runs (the backend's choice survives tracing).
 Norm-relative errors, ||a - b|| / ||b||; the bound 2e-2 is bf16 rounding of a sum over 128-wide heads
 (two bf16 implementations of the same attention typically differ by 3-8e-3).
 """
@@ -79,4 +80,39 @@ def test_block_compiled_glue_matches_eager(symbol, B):
         return [out] + [t.grad for t in xs] + [p.grad for p in blk.parameters()]
 
     errs = [_rel(u, v) for u, v in zip(run(fused), run(eager))]
+    assert max(errs) < 2e-2, errs
+
+
+def _attention_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels of one forward + backward of ``fn`` that belong to attention (cuDNN's fused
+    SDPA, FlashAttention, memory-efficient or a math softmax)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    keys = ("sdpa", "flash", "fmha", "attention", "softmax", "cudnn")
+    return {e.key for e in prof.key_averages() if any(k in e.key.lower() for k in keys)}
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash"])
+def test_compiled_attention_keeps_the_backends_kernel(backend):
+    """A compiled attention block traces SDPA's kernel priority list (no compiler-disabled call): it must run
+    the kernels eager runs -- cuDNN's on Hopper for auto -- and agree with eager."""
+    torch.manual_seed(0)
+    mod = SelfAttention(1024, 8, backend=backend).cuda().to(DT)
+    L = 2048
+    x = torch.randn(1, L, 1024, device="cuda", dtype=DT)
+    rope = torch.rand(L, 64, device="cuda") * 3
+    g = torch.randn_like(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, dynamic=False)
+    eager_k = _attention_kernels(lambda: _fwd_bwd(mod, (x, rope), g))
+    compiled_k = _attention_kernels(lambda: _fwd_bwd(compiled, (x, rope), g))
+    assert eager_k and compiled_k == eager_k, (eager_k, compiled_k)
+    if backend == "auto" and torch.cuda.get_device_capability()[0] >= 9:
+        assert any("cudnn" in k.lower() for k in eager_k), eager_k
+    errs = [_rel(u, v) for u, v in zip(_fwd_bwd(compiled, (x, rope), g), _fwd_bwd(mod, (x, rope), g))]
     assert max(errs) < 2e-2, errs

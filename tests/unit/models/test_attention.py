@@ -57,3 +57,24 @@ def test_cross_attention_ignores_padding():
     text2[:, 3:] = 1e3 * torch.randn(1, 3, 16, dtype=torch.float64)  # garbage in padded slots
     torch.testing.assert_close(m(x, text2, mask), out)
     torch.testing.assert_close(m(x, text[:, :3]), out)  # same as no padding at all
+
+
+def test_compiled_attention_block_is_one_graph():
+    """``model.compile: blocks`` traces self-attention's SDPA call (with its kernel priority list) into the block's
+    graph; it used to be a compiler-disabled call, one graph break per attention block."""
+    import torch._dynamo
+
+    from megassm.config.schema import ModelConfig
+    from megassm.models.block import HTHBlock, TokenGrid
+
+    cfg = ModelConfig(d_model=32, pattern="A", num_heads=4, text_dim=16, max_text_len=8)
+    torch.manual_seed(0)
+    blk = HTHBlock(cfg, "A")
+    x, t_mod = torch.randn(1, 32, 32), torch.randn(1, 6 * 32)
+    text, mask = torch.randn(1, 8, 32), torch.ones(1, 8, dtype=torch.bool)  # text already d_model wide
+    grid = TokenGrid((2, 4, 4), x.device, rope_head_dim=8)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(HTHBlock._forward)(blk, x, t_mod, text, mask, grid)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    compiled = torch.compile(HTHBlock._forward, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(blk, x, t_mod, text, mask, grid), blk(x, t_mod, text, mask, grid))
