@@ -33,6 +33,12 @@ def _fwd_bwd(mod, inputs, grad):
     return [out] + [x.grad for x in xs if x.grad is not None] + [p.grad for p in mod.parameters()]
 
 
+def _attention_inputs(B: int, L: int = 2048):
+    """(x, rope, grad) for a SelfAttention(1024, 8): B x L tokens, RoPE angles for 64-wide head halves."""
+    x = torch.randn(B, L, 1024, device="cuda", dtype=DT)
+    return x, torch.rand(L, 64, device="cuda") * 3, torch.randn_like(x)
+
+
 @pytest.mark.parametrize("backend", ["auto", "cudnn", "efficient"])
 def test_attention_backends_agree(backend):
     torch.manual_seed(0)
@@ -41,10 +47,7 @@ def test_attention_backends_agree(backend):
         pytest.skip("cuDNN attention is only preferred on Hopper and newer")
     mod = SelfAttention(1024, 8, backend=backend).cuda().to(DT)
     mod.load_state_dict(ref.state_dict())
-    L = 2048
-    x = torch.randn(2, L, 1024, device="cuda", dtype=DT)
-    rope = torch.rand(L, 64, device="cuda") * 3
-    g = torch.randn_like(x)
+    x, rope, g = _attention_inputs(2)
     a, b = _fwd_bwd(mod, (x, rope), g), _fwd_bwd(ref, (x, rope), g)
     errs = [_rel(u, v) for u, v in zip(a, b)]
     assert max(errs) < 2e-2, errs
@@ -114,10 +117,7 @@ def test_compiled_attention_keeps_the_backends_kernel(backend):
     the kernels eager runs -- cuDNN's on Hopper for auto -- and agree with eager."""
     torch.manual_seed(0)
     mod = SelfAttention(1024, 8, backend=backend).cuda().to(DT)
-    L = 2048
-    x = torch.randn(1, L, 1024, device="cuda", dtype=DT)
-    rope = torch.rand(L, 64, device="cuda") * 3
-    g = torch.randn_like(x)
+    x, rope, g = _attention_inputs(1)
     torch._dynamo.reset()
     compiled = torch.compile(mod, fullgraph=True, dynamic=False)
     eager_k = _attention_kernels(lambda: _fwd_bwd(mod, (x, rope), g))
