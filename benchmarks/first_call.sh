@@ -5,8 +5,8 @@
 #                    checkpoint under /tmp/fsc for part 2)
 #   2. sample_image  the same at 2048 x 2048 (reuses them; removes /tmp/fsc afterwards)
 #   3. memdiag       issue 34: stage 3's shape at depth 2, compiled vs eager, live memory by allocating site
-#                    (what a compiled block keeps that eager does not; bench_step.py's *_memdiag variants)
-#   4. tests         tests/gpu/test_block_cuda.py + test_speed_cuda.py (compiled vs eager, SDPA's kernel, FP8)
+#                    (speed_session.sh's step3 section with bench_step.py's *_memdiag variants)
+#   4. tests         speed_session.sh's tests section (compiled vs eager, SDPA's kernel, FP8 on the hardware)
 #
 #   OUT=$OUT DEADLINE=580 bash benchmarks/first_call.sh          (PARTS="memdiag tests" picks parts)
 set -u -o pipefail
@@ -15,21 +15,24 @@ DEADLINE=${DEADLINE:-580}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
-export OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+PARTS=${PARTS:-sample_video sample_image memdiag tests}
+speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
+[[ " $PARTS " == *" memdiag "* ]] && speed="$speed step3"
+[[ " $PARTS " == *" tests "* ]] && speed="$speed tests"
 {
     device_header
-    for p in ${PARTS:-sample_video sample_image memdiag tests}; do
+    for p in $PARTS; do
         case $p in
             sample_video) section sample_video 330 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc --keep \
                               --only stage3_video_360p_129f --out "$OUT/full_size_sample_cli_video_$CARD.json" ;;
             sample_image) section sample_image 240 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc \
                               --only stage2_2k_image --out "$OUT/full_size_sample_cli_image_$CARD.json" ;;
-            memdiag) section memdiag 240 python3 benchmarks/bench_step.py --seq-lens 29040 --depth 2 --steps 3 \
-                         --tag memdiag --variants compile_memdiag,today_memdiag --attention-variants "" --out "$OUT" ;;
-            tests) section tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_block_cuda.py \
-                       tests/gpu/test_speed_cuda.py ;;
+            memdiag | tests) ;;
             *) echo "first_call.sh: unknown part '$p'; parts: sample_video sample_image memdiag tests" ;;
         esac
     done
-    echo "==== done t=${SECONDS}s"
 } 2>&1 | tee "$OUT/first_call_${CARD:-nocard}.log"
+if [[ -n $speed ]]; then  # its own log: $OUT/speed_log.txt
+    OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=2 STEP3_CAP=240 \
+        STEP3_VARIANTS=compile_memdiag,today_memdiag ATT_VARIANTS= bash "$(dirname "$0")/speed_session.sh"
+fi
