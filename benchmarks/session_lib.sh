@@ -2,11 +2,18 @@
 # sourced, not run.
 
 # device_env: what the GPU image lacks, from wheels/ (docs/performance.md says how they are built) into /tmp/site,
-# and the environment every run there uses (caches under /tmp, DeepSpeed ops built just in time).
+# and the environment every run there uses (caches under /tmp, DeepSpeed ops built just in time). The install is
+# skipped when /tmp/site already holds this set of wheels (a script calling another, or a later call on a warm
+# machine): its stamp is the wheels' names and sizes.
 device_env() {
+    local stamp
     if ls wheels/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+        stamp=$(ls -l wheels/*.whl | awk '{print $5, $NF}')
+        if [[ $stamp != "$(cat /tmp/site/.wheels 2>/dev/null)" ]]; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+            [[ ${PIPESTATUS[0]} == 0 ]] && echo "$stamp" >/tmp/site/.wheels
+        fi
     fi
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/megassm-ext}
