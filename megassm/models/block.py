@@ -178,7 +178,17 @@ def compiled_block_forward(backend: str = "inductor"):
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """Turn on regional compilation of every HTHBlock in ``model``; returns how many blocks."""
+    """Turn on regional compilation of every HTHBlock in ``model``; returns how many blocks.
+
+    Which Hydra path runs (the fused kernels, or the PyTorch reference) is decided here, eagerly: the checks
+    import mamba-ssm and Triton and cache their answer. Left to the first compiled forward, Dynamo traced the
+    imports and on CUDA they came out unavailable, so every compiled Hydra block ran the reference scan, whose
+    (L/chunk) x chunk x chunk intermediates filled an H100 (docs/performance.md, "Sixth session").
+    """
+    from megassm.ops.hydra_fused import fused_available
+    from megassm.ops.ssd import triton_available
+
+    fused_available(), triton_available()
     blocks = [m for m in model.modules() if isinstance(m, HTHBlock)]
     for blk in blocks:
         blk.compile_backend = backend

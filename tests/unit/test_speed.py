@@ -206,3 +206,21 @@ def test_compiled_regions_take_no_views_of_the_modulation():
     batch, d = _inputs()[0].shape[0], model.blocks[0].scale_shift_table.shape[1]
     views = [s for shapes in inputs_seen for s in shapes if s == (batch, 1, d)]
     assert not views, f"compiled regions took {len(views)} (B, 1, d) modulation views as inputs"
+
+
+def test_compile_blocks_decides_the_hydra_path_before_tracing(monkeypatch):
+    """Whether Hydra runs the fused kernels is a cached check that imports mamba-ssm and Triton. Left unset until
+    the first compiled forward, Dynamo traced those imports, and on an H100 the compiled blocks then ran the
+    reference scan (its chunk x chunk intermediates filled the card). compile_blocks answers both checks eagerly,
+    so the compiled graph only reads the cached answers. Failed before the fix: both caches were still unset."""
+    import megassm.ops.hydra_fused as hf
+    import megassm.ops.ssd as ssd
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no forward runs: nothing touches a GPU
+    monkeypatch.setattr(hf, "_AVAILABLE", None)
+    monkeypatch.setattr(hf, "_MAMBA_FWD_BWD", None)
+    monkeypatch.setattr(ssd, "_TRITON_SCAN", None)
+    monkeypatch.setattr(ssd, "_TRITON_IMPORT_ERROR", None)
+    compile_blocks(_model("hA"))
+    assert hf._AVAILABLE is not None
+    assert ssd._TRITON_SCAN is not None or ssd._TRITON_IMPORT_ERROR is not None
