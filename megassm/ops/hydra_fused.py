@@ -356,14 +356,15 @@ def _hydra_mix_bwd_op(dout: Tensor, zxbcdt: Tensor, conv_w: Tensor, conv_b: Opti
                       scan_impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _mix_backward(dout, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd,
                           (headdim, d_state, ngroups, chunk_size, scan_impl))
-    # an op returns tensors only: no bias, an empty d conv_b (dropped again by _hydra_mix_op_backward)
-    return tuple(g if g is not None else conv_w.new_empty(0) for g in grads)
+    # an op returns tensors only: no bias, an empty d conv_b (dropped again by _hydra_mix_op_backward). Contiguous,
+    # as the fake says: Inductor asserts an op's output strides, and d conv_w comes out of its kernel transposed
+    return tuple(g.contiguous() if g is not None else conv_w.new_empty(0) for g in grads)
 
 
 @_hydra_mix_bwd_op.register_fake
 def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w, xs, bcs, dts, scan, diag, rstd, headdim, d_state,
       ngroups, chunk_size, scan_impl):
-    return tuple(torch.empty_like(t) if t is not None else conv_w.new_empty(0)
+    return tuple(t.new_empty(t.shape) if t is not None else conv_w.new_empty(0)
                  for t in (zxbcdt, conv_w, conv_b, dt_bias, A, fc_w, D, norm_w))
 
 

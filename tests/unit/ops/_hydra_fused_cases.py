@@ -71,6 +71,18 @@ def check_custom_ops(device="cpu", dtype=torch.float64, scan_impl="ref"):
         conv_w, conv_b, dt_bias, A, *rest = mix_args(m)
         args = (zxbcdt, conv_w, conv_b, dt_bias, A.detach().requires_grad_(), *rest[:4], *rest[4:], scan_impl)
         torch.library.opcheck(torch.ops.megassm.hydra_mix_fwd.default, args)
+        # the backward op too: its fake must give the real outputs' shapes and strides (Inductor asserts them;
+        # on an H100 d conv_w came back transposed, (1, ., 6400) strides against the fake's (7, 7, 1))
+        with torch.no_grad():
+            out, *saved = torch.ops.megassm.hydra_mix_fwd.default(*args)
+        dout = torch.randn_like(out)
+        bwd_args = (dout, *args[:8], *saved, *args[9:])
+        real = torch.ops.megassm.hydra_mix_bwd.default(*bwd_args)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = torch.ops.megassm.hydra_mix_bwd.default(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                            for a in bwd_args])
+        for r, f in zip(real, fake):
+            assert r.shape == f.shape and r.stride() == f.stride(), (tuple(r.shape), r.stride(), f.stride())
     return {}
 
 
