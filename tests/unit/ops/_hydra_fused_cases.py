@@ -62,6 +62,14 @@ def _compiled_uncut(zxbcdt, *args, scan_impl="ref"):
         zxbcdt, *args, scan_impl=scan_impl)
 
 
+def _inductor_uncut(zxbcdt, *args, scan_impl="ref"):
+    """The same under Inductor, the backend ``model.compile: blocks`` uses: it asserts each custom op's output
+    shapes and strides against the fake's, which aot_eager does not (a transposed d conv_w passed aot_eager on CPU
+    and stopped the first compiled step on an H100)."""
+    return torch.compile(hydra_mix_fused, backend="inductor", fullgraph=True, dynamic=False)(
+        zxbcdt, *args, scan_impl=scan_impl)
+
+
 def check_custom_ops(device="cpu", dtype=torch.float64, scan_impl="ref"):
     """The compiled path's ops: torch.library.opcheck (schema, fake shapes and dtypes against the real
     outputs, autograd registration, AOT dispatch), with and without the conv bias."""
@@ -187,6 +195,10 @@ def run_all(device="cpu", scan_impl="ref"):
     # the uncut path as a compiled block runs it (custom ops, no graph break), and the ops' registrations
     res.update({f"compiled_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_compiled_uncut).items()})
     res.update({f"compiled_nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_compiled_uncut,
+                                                                conv_bias=False, ngroups=2, batch=1, seqlen=20,
+                                                                d_conv=3).items()})
+    res.update({f"inductor_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_inductor_uncut).items()})
+    res.update({f"inductor_nobias_{k}": v for k, v in check_mix(device, torch.float64, scan_impl, fn=_inductor_uncut,
                                                                 conv_bias=False, ngroups=2, batch=1, seqlen=20,
                                                                 d_conv=3).items()})
     res.update(check_custom_ops(device, torch.float64, scan_impl))
