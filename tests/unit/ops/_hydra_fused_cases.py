@@ -114,6 +114,41 @@ def check_block_is_one_graph(device="cpu"):
     return {"h_block_extra_graphs": ex.graph_count - 1, "h_block_graph_breaks": ex.graph_break_count}
 
 
+def check_block_inductor(device="cpu"):
+    """A Hydra block on the fused path compiled as ``model.compile: blocks`` compiles it (Inductor, one graph
+    with the custom ops inside) against the same block eager: output and the gradients of its inputs and
+    parameters, fp64. What the GPU's compiled step runs, short of the CUDA kernels."""
+    import copy
+
+    from megassm.config.schema import ModelConfig
+    from megassm.models.block import HTHBlock, TokenGrid
+
+    cfg = ModelConfig(d_model=32, pattern="h", d_state=8, headdim=8, chunk_size=4, num_heads=4, text_dim=16,
+                      max_text_len=8, ssd_impl="ref", hydra_path="fused")
+    torch.manual_seed(0)
+    eager = HTHBlock(cfg, "h").to(device, torch.float64)
+    with torch.no_grad():
+        eager.scale_shift_table.normal_(0.0, 0.3)  # open the gates: every branch carries gradient
+    comp = copy.deepcopy(eager)
+    comp.compile_backend = "inductor"
+    g = torch.Generator().manual_seed(1)
+    x, t_mod, text = (torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+                      for s in ((2, 32, 32), (2, 6 * 32), (2, 8, 32)))
+    mask = torch.ones(2, 8, dtype=torch.bool, device=device)
+    mask[1, 5:] = False
+    grid = TokenGrid((2, 4, 4), x.device, rope_head_dim=8)
+
+    def run(blk):
+        xs = [t.clone().requires_grad_() for t in (x, t_mod, text)]
+        out = blk(xs[0], xs[1], xs[2], mask, grid)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)).sum().backward()
+        return [out] + [t.grad for t in xs] + [p.grad for p in blk.parameters()]
+
+    a, b = run(comp), run(eager)
+    assert comp.mixer.path_taken == "fused", comp.mixer.path_taken
+    return {"inductor_block_h": max(_rel(u, v) for u, v in zip(a, b))}
+
+
 def check_mix(device="cpu", dtype=torch.float64, scan_impl="ref", fn=hydra_mix_fused, **kw):
     """A fused composition (the uncut Function, or the cut parts) vs the autograd-composed reference
     parts: output and all gradients."""
@@ -204,6 +239,7 @@ def run_all(device="cpu", scan_impl="ref"):
     res.update(check_custom_ops(device, torch.float64, scan_impl))
     if device == "cpu":  # Dynamo's view of the block; on CUDA tests/gpu/test_block_cuda.py compiles it for real
         res.update(check_block_is_one_graph(device))
+        res.update(check_block_inductor(device))
     return res
 
 
