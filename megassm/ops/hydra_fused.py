@@ -64,6 +64,7 @@ def fused_available() -> bool:
     """True when the fused path can run on CUDA here (triton and mamba-ssm's SSD kernels import)."""
     global _AVAILABLE
     if _AVAILABLE is None:
+        _not_while_tracing("fused_available")
         try:
             _kernels()
             _mamba_scan_fns()
@@ -71,6 +72,14 @@ def fused_available() -> bool:
         except Exception:  # ImportError, or triton failing to initialise without a GPU
             _AVAILABLE = False
     return _AVAILABLE
+
+
+def _not_while_tracing(check: str):
+    """An availability check's first answer must come from eager code: traced by Dynamo, the imports behind it
+    came out False on an H100 and compiled Hydra blocks silently ran the reference scan (out of memory)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{check}() was first asked inside a torch.compile region; call it once before compiling "
+                           "(megassm.models.block.compile_blocks does)")
 
 
 def _mamba_scan_fns():

@@ -37,6 +37,9 @@ def _load_triton_scan():
     global _TRITON_SCAN, _TRITON_IMPORT_ERROR
     if _TRITON_SCAN is not None or _TRITON_IMPORT_ERROR is not None:
         return _TRITON_SCAN
+    if torch.compiler.is_compiling():  # traced, these imports came out unavailable on an H100 (compile_blocks)
+        raise RuntimeError("mamba-ssm's SSD kernel was first looked up inside a torch.compile region; call "
+                           "megassm.ops.ssd.triton_available() once before compiling (compile_blocks does)")
     try:
         try:
             import selective_scan_cuda  # noqa: F401

@@ -224,3 +224,23 @@ def test_compile_blocks_decides_the_hydra_path_before_tracing(monkeypatch):
     compile_blocks(_model("hA"))
     assert hf._AVAILABLE is not None
     assert ssd._TRITON_SCAN is not None or ssd._TRITON_IMPORT_ERROR is not None
+
+
+def test_an_availability_check_first_asked_while_tracing_is_loud(monkeypatch):
+    """The other half of the fix above: a check whose first answer would come from a Dynamo trace raises instead of
+    answering (a whole-graph compile fails naming it; otherwise Dynamo runs that call eagerly). Before, it
+    answered, and on an H100 the traced answer was a wrong False."""
+    import torch._dynamo
+
+    import megassm.ops.hydra_fused as hf
+    import megassm.ops.ssd as ssd
+
+    monkeypatch.setattr(hf, "_AVAILABLE", None)
+    monkeypatch.setattr(ssd, "_TRITON_SCAN", None)
+    monkeypatch.setattr(ssd, "_TRITON_IMPORT_ERROR", None)
+    for check in (hf.fused_available, ssd._load_triton_scan):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, check=check: x + 1 if check() else x - 1, backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match="first (asked|looked up) inside a torch.compile region"):
+            fn(torch.zeros(1))
+    assert hf._AVAILABLE is None and ssd._TRITON_SCAN is None and ssd._TRITON_IMPORT_ERROR is None
