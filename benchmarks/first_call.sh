@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # A session's first device call, in the order of what each part settles, under one deadline (device time is
 # scarce: a call may be the session's only one). Each part runs under the smaller of its cap and what is left.
-#   1. sample_video  issue 35 §2: `megassm sample` at full size, 360p x 129 frames (keeps its encoders and
-#                    checkpoint under /tmp/fsc for part 2)
-#   2. sample_image  the same at 2048 x 2048 (reuses them; removes /tmp/fsc afterwards)
-#   3. memdiag       issue 34: stage 3's shape at depth 2, compiled vs eager, live memory by allocating site
-#                    (speed_session.sh's step3 section with bench_step.py's *_memdiag variants)
-#   4. tests         speed_session.sh's tests section (compiled vs eager, SDPA's kernel, FP8 on the hardware)
+#   1. step3         issue 34: stage 3's shape (29,040 tokens, depth $STEP3_DEPTH, default 8) through
+#                    bench_step.py, $STEP3_VARIANTS (default today,compile_persist,fp8: eager, compiled, compiled +
+#                    FP8 tensorwise, in one call so that their ratios count)
+#   2. tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
+#                    kernels from a fresh process, SDPA's kernel under compile, FP8 on the hardware)
+#   memdiag          (by name) step3 at depth 2 with the allocator's history: live memory by allocating site
+#   sample_video, sample_image
+#                    (by name) issue 35 §2: `megassm sample` at full size, 360p x 129 frames / 2048 x 2048 (run on
+#                    an H100 on 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
 #
-#   OUT=$OUT DEADLINE=580 bash benchmarks/first_call.sh          (PARTS="memdiag tests" picks parts)
+#   OUT=$OUT DEADLINE=570 bash benchmarks/first_call.sh          (PARTS="memdiag tests" picks parts)
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
-DEADLINE=${DEADLINE:-580}
+DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
-PARTS=${PARTS:-sample_video sample_image memdiag tests}
+PARTS=${PARTS:-step3 tests}
 speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
-[[ " $PARTS " == *" memdiag "* ]] && speed="$speed step3"
-[[ " $PARTS " == *" tests "* ]] && speed="$speed tests"
+depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8}
+for p in $PARTS; do
+    case $p in
+        step3) speed="$speed step3" ;;
+        memdiag) speed="$speed step3" depth=2 variants=compile_memdiag,today_memdiag ;;
+        tests) speed="$speed tests" ;;
+        sample_video | sample_image) ;;
+        *) echo "first_call.sh: unknown part '$p'; parts: step3 tests memdiag sample_video sample_image" ;;
+    esac
+done
 {
     device_header
     for p in $PARTS; do
@@ -27,12 +38,11 @@ speed=""  # speed_session.sh sections, run after the sampling parts (set here: t
                               --only stage3_video_360p_129f --out "$OUT/full_size_sample_cli_video_$CARD.json" ;;
             sample_image) section sample_image 240 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc \
                               --only stage2_2k_image --out "$OUT/full_size_sample_cli_image_$CARD.json" ;;
-            memdiag | tests) ;;
-            *) echo "first_call.sh: unknown part '$p'; parts: sample_video sample_image memdiag tests" ;;
         esac
     done
 } 2>&1 | tee "$OUT/first_call_${CARD:-nocard}.log"
 if [[ -n $speed ]]; then  # its own log: $OUT/speed_log.txt
-    OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=2 STEP3_CAP=240 \
-        STEP3_VARIANTS=compile_memdiag,today_memdiag ATT_VARIANTS= bash "$(dirname "$0")/speed_session.sh"
+    # the tests take what step3 leaves: on a cold machine compiling the test stacks alone takes minutes
+    OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=$depth STEP3_CAP=${STEP3_CAP:-330} \
+        STEP3_VARIANTS=$variants ATT_VARIANTS= TESTS_CAP=${TESTS_CAP:-300} bash "$(dirname "$0")/speed_session.sh"
 fi

@@ -43,7 +43,7 @@ triton.__version__, torch.cuda.get_device_name())"
 'torchao', 'omegaconf')])"
     for s in ${SECTIONS:-tests attn step3}; do
         case $s in
-            tests) section tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speed_cuda.py \
+            tests) section tests "${TESTS_CAP:-150}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speed_cuda.py \
                        tests/gpu/test_block_cuda.py ;;
             saved) section saved "${SAVED_CAP:-150}" python3 benchmarks/saved_bytes.py --out "$OUT" \
                        --variants "${SAVED_VARIANTS:-eager,compile,fp8}" ;;
