@@ -19,10 +19,11 @@ from megassm.config.schema import ModelConfig
 
 log = logging.getLogger("megassm.train")
 # What one H100 showed at the stage-3 shape (docs/performance.md, "Training fast paths"): said on CUDA runs.
-CUDA_CAVEAT = ("model.compile / model.fp8 are experimental on CUDA: on one H100 at 29,040 tokens (hth-5b width, "
-               "ZeRO-3) every compiled variant ran out of memory where the eager path peaks at 36-69 GB, and compile "
-               "+ FP8 stopped in the backward with a gradient-shape error; see docs/performance.md (Training fast "
-               "paths) and measure your shape with benchmarks/saved_bytes.py before a long run")
+CUDA_CAVEAT = ("model.compile / model.fp8 are experimental on CUDA: no compiled step on the fused Hydra path has "
+               "completed on a GPU yet (on one H100 compiled blocks ran Hydra's reference scan and ran out of "
+               "memory, then stopped at a stride assertion in the fused backward; both fixed since, not yet "
+               "measured); see docs/performance.md (Training fast paths) and time your shape with "
+               "benchmarks/bench_step.py before a long run")
 
 
 def apply_speed(model: nn.Module, m: ModelConfig, device: torch.device) -> list[str]:
