@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> None:
@@ -25,7 +18,8 @@ def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> N
         backend = "nccl"
         torch.cuda.set_device(rank)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False)  # the parent's (spawn): already listening
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -43,9 +37,13 @@ def spawn(fn, world: int, out_dir, *args, env: dict[str, str] | None = None) -> 
     os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it before they import torch
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
+    # The rendezvous store is this process's, on a port the OS picks and held until the ranks are done: no port
+    # is chosen, freed and re-bound later (another test running beside this one could take it in between).
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     try:
-        mp.spawn(_entry, args=(fn, world, _free_port(), str(out_dir), args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(fn, world, store.port, str(out_dir), args), nprocs=world, join=True)
     finally:
+        del store
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k)
