@@ -71,7 +71,7 @@ VARIANTS = {
     "zero1": {"zero_stage": 1},
     "zero0": {"zero_stage": 0},
 }
-COLUMNS = ["bench", "stage", "pattern", "variant", "activation_checkpointing", "seq_len", "batch", "ms",
+COLUMNS = ["bench", "stage", "pattern", "variant", "hydra_paths", "activation_checkpointing", "seq_len", "batch", "ms",
            "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
            "peak_mem_gb", "predicted_mem_gb", "mem_error"]
 
@@ -198,6 +198,10 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"non-finite loss {loss}"
+    # which path each Hydra mixer took in the last forward: a compiled row on "reference" times the PyTorch scan
+    # (how the compile OOMs of 2026-12-06 went unexplained for a day)
+    paths = [mod.path_taken for mod in model.modules() if hasattr(mod, "path_taken")]
+    hydra_paths = ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths), key=str))
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
     live = live_at_fwd = None
     if v.get("memory_history"):
@@ -218,7 +222,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     peak_tf = res.info["datasheet_bf16_tflops"] or 989.0
     tok_s = batch * seq_len / (ms * 1e-3)
     row = {"bench": "model_step", "stage": stage, "pattern": pattern, "variant": variant, "settings": v,
-           "speed_notes": speed_notes, "warmup_s": warmup_s, "depth": len(pattern), "engine": engine,
+           "speed_notes": speed_notes, "hydra_paths": hydra_paths, "warmup_s": warmup_s, "depth": len(pattern),
+           "engine": engine,
            "seq_len": seq_len, "batch": batch, "ms": ms, "step_ms_all": [x * 1e3 for x in times],
            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s, "tflops": flops / (ms * 1e-3) / 1e12,
            "mfu": flops / (ms * 1e-3) / 1e12 / peak_tf, "hw_mfu": hw_flops / (ms * 1e-3) / 1e12 / peak_tf,
