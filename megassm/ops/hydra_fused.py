@@ -74,7 +74,7 @@ def fused_available() -> bool:
     return _AVAILABLE
 
 
-def _not_while_tracing(check: str):
+def _not_while_tracing(check: str) -> None:
     """An availability check's first answer must come from eager code: traced by Dynamo, the imports behind it
     came out False on an H100 and compiled Hydra blocks silently ran the reference scan (out of memory)."""
     if torch.compiler.is_compiling():

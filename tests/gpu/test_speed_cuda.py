@@ -72,9 +72,9 @@ def test_compiled_block_matches_eager():
 
 def test_compiled_hydra_runs_the_fused_kernels_from_a_fresh_process():
     """A compiled block's Hydra must run the same fused kernels as eager, not the PyTorch reference scan. In a
-    fresh process (nothing has asked yet whether mamba-ssm imports), compile, run a step under the profiler and
-    look for mamba-ssm's chunk-scan kernels and for the reference scan's batched GEMMs' absence from Hydra's
-    region. Before compile_blocks decided the path eagerly, the traced check came out False on an H100."""
+    fresh process (nothing has asked yet whether mamba-ssm imports), compile, run a step under the profiler, look
+    for mamba-ssm's chunk-scan kernels forward and backward, and check the mixer recorded the fused path. Before
+    compile_blocks decided the path eagerly, the traced check came out False on an H100."""
     import subprocess
     import sys
     import textwrap
@@ -103,3 +103,4 @@ def test_compiled_hydra_runs_the_fused_kernels_from_a_fresh_process():
     assert out.returncode == 0, out.stderr[-4000:]
     scan_line = next(s for s in out.stdout.splitlines() if s.startswith("SCAN_KERNELS"))
     assert "_chunk_scan_fwd_kernel" in scan_line and "_chunk_scan_bwd" in scan_line, out.stdout
+    assert next(s for s in out.stdout.splitlines() if s.startswith("PATH")) == "PATH ['fused']", out.stdout
