@@ -43,6 +43,6 @@ done
 } 2>&1 | tee "$OUT/first_call_${CARD:-nocard}.log"
 if [[ -n $speed ]]; then  # its own log: $OUT/speed_log.txt
     # the tests take what step3 leaves: on a cold machine compiling the test stacks alone takes minutes
-    OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=$depth STEP3_CAP=${STEP3_CAP:-330} \
+    OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=$depth STEP3_CAP=${STEP3_CAP:-400} \
         STEP3_VARIANTS=$variants ATT_VARIANTS= TESTS_CAP=${TESTS_CAP:-300} bash "$(dirname "$0")/speed_session.sh"
 fi
