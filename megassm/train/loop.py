@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megassm.checkpoint.model_only import OPTIMIZER_STATE_KEY, fresh_optimizer_note, saved_optimizer_state
 from megassm.checkpoint.snapshot import FileSink
 from megassm.config.load import to_dict, to_yaml
-from megassm.config.schema import RunConfig
+from megassm.config.schema import ModelConfig, RunConfig
 from megassm.data import build_dataloader
 from megassm.models.accounting import train_flops
 from megassm.parallel.comm import all_reduce_, barrier
@@ -87,10 +87,20 @@ class _NoData:
         pass
 
 
-def _hydra_paths(model) -> str:
-    """Which path each Hydra mixer took in the last forward ("fused" / "reference"), for the log."""
-    paths = [m.path_taken for m in model.modules() if hasattr(m, "path_taken")]
-    return f"Hydra mixers: {paths.count('fused')} fused, {paths.count('reference')} reference path"
+def _hydra_paths(model, device: torch.device | None = None, m: ModelConfig | None = None) -> tuple[str, bool]:
+    """Which path each Hydra mixer took in the last forward ("fused" / "reference"), for the log; and whether to
+    warn: on CUDA a reference-path mixer the config did not ask for runs the PyTorch scan, slower and with
+    (L/chunk) x chunk x chunk intermediates (how compiled blocks once filled an H100 unnoticed)."""
+    paths = [mod.path_taken for mod in model.modules() if hasattr(mod, "path_taken")]
+    n_ref = paths.count("reference")
+    msg = f"Hydra mixers: {paths.count('fused')} fused, {n_ref} reference path"
+    asked = m is not None and (m.hydra_path == "reference" or m.ssd_impl == "ref")
+    if n_ref and device is not None and device.type == "cuda" and not asked:
+        return (msg + " -- on CUDA the reference path is the PyTorch scan: slower and far larger in memory. "
+                "mamba-ssm's Triton kernels did not import, or the layer is one the fused kernels do not cover "
+                "(d_conv > 9, grouped norm); `python -c \"import megassm.ops.hydra_fused as h; "
+                "print(h.fused_available())\"` says which"), True
+    return msg, False
 
 
 class Trainer:
@@ -353,7 +363,11 @@ class Trainer:
                 self.step += 1
                 self.profiler.step(self.step)
                 if first:
-                    self._info(_hydra_paths(self.model))
+                    msg, warn = _hydra_paths(self.model, self.device, self.cfg.model)
+                    if warn and self.rank == 0:
+                        log.warning(msg)
+                    else:
+                        self._info(msg)
                     first = False
                 self._count_nonfinite(out["ok"])
                 row = self._metrics_row(out, replicas, model_parallel, peak)
