@@ -55,12 +55,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local ranks. --standalone: the launcher's store binds a port
+    the OS picks and holds it (a --master_port from free_port() is free when chosen, and another test running beside
+    this one could bind it in the seconds before the launcher does)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def train_cmd(config, *overrides, nproc: int = 1) -> list[str]:
     """Command line for `megassm train` on ``nproc`` local gloo ranks (torchrun for nproc > 1)."""
     if nproc == 1:
         return [sys.executable, "-m", "megassm", "train", str(config), *map(str, overrides)]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "megassm", "train", str(config), *map(str, overrides)]
+    return [*torchrun(nproc), "-m", "megassm", "train", str(config), *map(str, overrides)]
 
 
 def run_train(config, *overrides, nproc: int = 1, timeout: int = 600, check: bool = True, env: dict | None = None):

@@ -5,11 +5,10 @@ one training logged for the same EMA weights."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, child_env, free_port, run_train
+from tests.conftest import REPO, TINY_OVERRIDES, child_env, run_train, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 PROMPTS = ["a red square at the top left", "a blue square at the bottom right", "a green square at the top right",
@@ -53,10 +52,9 @@ def test_eval_every_on_two_ranks_then_megassm_eval(extractors, tmp_path):
     assert all(0 < v < 10 for v in heldout) and heldout[0] != heldout[1]  # the EMA weights moved
 
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "megassm", "eval", str(run), "--prompts", str(d / "prompts.txt"), "--reference", str(d / "ref"),
-           "--clip-model", str(d / "clip"), "--inception", str(d / "inception.pth"), "--out", str(out),
-           "--steps", "2"]
+    cmd = [*torchrun(2), "-m", "megassm", "eval", str(run), "--prompts", str(d / "prompts.txt"),
+           "--reference", str(d / "ref"), "--clip-model", str(d / "clip"), "--inception", str(d / "inception.pth"),
+           "--out", str(out), "--steps", "2"]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

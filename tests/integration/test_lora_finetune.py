@@ -20,7 +20,7 @@ from megassm.lora.adapters import read_adapters
 from megassm.models import build_model
 from megassm.run_config import load_config
 from megassm.sample import SampleSpec, generate, load_model_for_sampling, merge_lora_checkpoint
-from tests.conftest import REPO, TINY_OVERRIDES, child_env, free_port, losses_by_step, run_train
+from tests.conftest import REPO, TINY_OVERRIDES, child_env, losses_by_step, run_train, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,8 @@ def _check_merge_and_sample(base, base_sd, adapters, tmp_path, nproc: int):
 
     args = ["sample", str(base), "--lora", str(adapters), "--prompt", PROMPT, "--seed", "3", "--steps", "4",
             "--save-latents", "--out", str(tmp_path / "s.png")]
-    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    proc = subprocess.run([sys.executable, *(launch if nproc > 1 else []), "-m", "megassm", *args], cwd=REPO,
+    launch = torchrun(nproc) if nproc > 1 else [sys.executable]
+    proc = subprocess.run([*launch, "-m", "megassm", *args], cwd=REPO,
                           env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     model, mcfg, _ = load_model_for_sampling(merged_dir)

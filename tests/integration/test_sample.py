@@ -113,19 +113,17 @@ def test_bad_inputs_name_the_problem(encoders, tmp_path, cli):
 def test_context_parallel_sampling_equals_one_process(encoders, tmp_path, cli):
     """torchrun with 2 gloo ranks (Ulysses CP = 2) gives the single-process latents for the same seed."""
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
-    from tests.conftest import REPO, child_env, free_port
+    from tests.conftest import REPO, child_env, torchrun
 
     ck = _consolidated(tmp_path / "ck", encoders["vae"], encoders["t5"])
     args = ["sample", str(ck), "--prompt", "a red square", "--prompt", "waves", "--size", "32x32", "--seed", "2",
             "--save-latents"]
     cli(*args, "--out", tmp_path / "one.png")
     env = child_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", "-m", "megassm", *args, "--out", str(tmp_path / "cp.png")],
+    proc = subprocess.run([*torchrun(2), "-m", "megassm", *args, "--out", str(tmp_path / "cp.png")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for i in range(2):
