@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megassm.ops.ssd import ssd_scan_ref
+from megassm.ops.ssd import first_answer_not_traced, ssd_scan_ref
 
 _KERNELS = None
 _MAMBA_FWD_BWD = None
@@ -64,7 +64,7 @@ def fused_available() -> bool:
     """True when the fused path can run on CUDA here (triton and mamba-ssm's SSD kernels import)."""
     global _AVAILABLE
     if _AVAILABLE is None:
-        _not_while_tracing("fused_available")
+        first_answer_not_traced("fused_available")
         try:
             _kernels()
             _mamba_scan_fns()
@@ -72,14 +72,6 @@ def fused_available() -> bool:
         except Exception:  # ImportError, or triton failing to initialise without a GPU
             _AVAILABLE = False
     return _AVAILABLE
-
-
-def _not_while_tracing(check: str) -> None:
-    """An availability check's first answer must come from eager code: traced by Dynamo, the imports behind it
-    came out False on an H100 and compiled Hydra blocks silently ran the reference scan (out of memory)."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(f"{check}() was first asked inside a torch.compile region; call it once before compiling "
-                           "(megassm.models.block.compile_blocks does)")
 
 
 def _mamba_scan_fns():

@@ -26,6 +26,15 @@ _TRITON_SCAN = None
 _TRITON_IMPORT_ERROR: str | None = None
 
 
+def first_answer_not_traced(check: str) -> None:
+    """An availability check's first answer must come from eager code: traced by Dynamo, the imports behind
+    ``triton_available`` / ``fused_available`` came out False on an H100, and compiled Hydra blocks silently ran
+    the reference scan (out of memory). Called where such a check would compute its cached answer."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{check}() was first asked inside a torch.compile region; call it once before "
+                           "compiling (megassm.models.block.compile_blocks does)")
+
+
 def _load_triton_scan():
     """Import mamba-ssm's SSD kernel, only ever on CUDA.
 
@@ -37,9 +46,7 @@ def _load_triton_scan():
     global _TRITON_SCAN, _TRITON_IMPORT_ERROR
     if _TRITON_SCAN is not None or _TRITON_IMPORT_ERROR is not None:
         return _TRITON_SCAN
-    if torch.compiler.is_compiling():  # traced, these imports came out unavailable on an H100 (compile_blocks)
-        raise RuntimeError("mamba-ssm's SSD kernel was first looked up inside a torch.compile region; call "
-                           "megassm.ops.ssd.triton_available() once before compiling (compile_blocks does)")
+    first_answer_not_traced("triton_available")
     try:
         try:
             import selective_scan_cuda  # noqa: F401
