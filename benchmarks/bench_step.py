@@ -198,10 +198,11 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"non-finite loss {loss}"
-    # which path each Hydra mixer took in the last forward: a compiled row on "reference" times the PyTorch scan
-    # (how the compile OOMs of 2026-12-06 went unexplained for a day)
-    paths = [mod.path_taken for mod in model.modules() if hasattr(mod, "path_taken")]
-    hydra_paths = ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths), key=str))
+    # which path each Hydra mixer took in the last forward (megassm train's first-step line): a compiled row on
+    # "reference" times the PyTorch scan (how the compile OOMs of 2026-12-06 went unexplained for a day)
+    from megassm.train.loop import hydra_paths as hydra_paths_line
+
+    hydra_paths = hydra_paths_line(model)[0].removeprefix("Hydra mixers: ")
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
     live = live_at_fwd = None
     if v.get("memory_history"):

@@ -87,7 +87,7 @@ class _NoData:
         pass
 
 
-def _hydra_paths(model, device: torch.device | None = None, m: ModelConfig | None = None) -> tuple[str, bool]:
+def hydra_paths(model, device: torch.device | None = None, m: ModelConfig | None = None) -> tuple[str, bool]:
     """Which path each Hydra mixer took in the last forward ("fused" / "reference"), for the log; and whether to
     warn: on CUDA a reference-path mixer the config did not ask for runs the PyTorch scan, slower and with
     (L/chunk) x chunk x chunk intermediates (how compiled blocks once filled an H100 unnoticed)."""
@@ -363,11 +363,9 @@ class Trainer:
                 self.step += 1
                 self.profiler.step(self.step)
                 if first:
-                    msg, warn = _hydra_paths(self.model, self.device, self.cfg.model)
-                    if warn and self.rank == 0:
-                        log.warning(msg)
-                    else:
-                        self._info(msg)
+                    msg, warn = hydra_paths(self.model, self.device, self.cfg.model)
+                    if self.rank == 0:
+                        (log.warning if warn else log.info)(msg)
                     first = False
                 self._count_nonfinite(out["ok"])
                 row = self._metrics_row(out, replicas, model_parallel, peak)

@@ -255,10 +255,10 @@ def test_an_availability_check_first_asked_while_tracing_is_loud(monkeypatch):
 def test_a_reference_hydra_on_cuda_is_warned_about(device, over, warns):
     """megassm train's first-step line: a Hydra mixer on the PyTorch reference scan on CUDA, unasked, is a warning
     that says how to find out why (the compiled blocks that ran it on an H100 said nothing but 'out of memory')."""
-    from megassm.train.loop import _hydra_paths
+    from megassm.train.loop import hydra_paths
 
     model = _model("hvA")
     model(*_inputs())  # CPU: every Hydra on the reference path
-    msg, warn = _hydra_paths(model, torch.device(device), ModelConfig(**{**M16, "pattern": "hvA", **over}))
+    msg, warn = hydra_paths(model, torch.device(device), ModelConfig(**{**M16, "pattern": "hvA", **over}))
     assert msg.startswith("Hydra mixers: 0 fused, 2 reference path")
     assert warn is warns and (("fused_available()" in msg) is warns)
