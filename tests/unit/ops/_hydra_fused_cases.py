@@ -94,16 +94,22 @@ def check_custom_ops(device="cpu", dtype=torch.float64, scan_impl="ref"):
     return {}
 
 
+def _fused_h_block_config():
+    """A small Hydra block on the fused path (in Triton's interpreter on CPU, the PyTorch scan inside)."""
+    from megassm.config.schema import ModelConfig
+
+    return ModelConfig(d_model=32, pattern="h", d_state=8, headdim=8, chunk_size=4, num_heads=4, text_dim=16,
+                       max_text_len=8, ssd_impl="ref", hydra_path="fused")
+
+
 def check_block_is_one_graph(device="cpu"):
     """A Hydra block on the fused path, as ``model.compile: blocks`` compiles it: one graph, no break (the mixer
     used to be a compiler-disabled call that split every block into several compiled regions)."""
     import torch._dynamo
 
-    from megassm.config.schema import ModelConfig
     from megassm.models.block import HTHBlock, TokenGrid
 
-    cfg = ModelConfig(d_model=32, pattern="h", d_state=8, headdim=8, chunk_size=4, num_heads=4, text_dim=16,
-                      max_text_len=8, ssd_impl="ref", hydra_path="fused")
+    cfg = _fused_h_block_config()
     torch.manual_seed(0)
     blk = HTHBlock(cfg, "h").to(device)
     x, t_mod = torch.randn(1, 32, 32, device=device), torch.randn(1, 6 * 32, device=device)
@@ -120,11 +126,9 @@ def check_block_inductor(device="cpu"):
     parameters, fp64. What the GPU's compiled step runs, short of the CUDA kernels."""
     import copy
 
-    from megassm.config.schema import ModelConfig
     from megassm.models.block import HTHBlock, TokenGrid
 
-    cfg = ModelConfig(d_model=32, pattern="h", d_state=8, headdim=8, chunk_size=4, num_heads=4, text_dim=16,
-                      max_text_len=8, ssd_impl="ref", hydra_path="fused")
+    cfg = _fused_h_block_config()
     torch.manual_seed(0)
     eager = HTHBlock(cfg, "h").to(device, torch.float64)
     with torch.no_grad():
