@@ -49,6 +49,19 @@ class TokenGrid:
             self._perms[key] = None if perm is None else tuple(t.to(self.device) for t in perm)
         return self._perms[key]
 
+    def prepare(self, scan_orders) -> "TokenGrid":
+        """Fill, eagerly, every cache that blocks in these scan orders read (a Hydra order's permutation; for
+        None, the canonical order, the RoPE angles). A compiled block that filled a cache itself would guard on
+        the state it found, and the next block meets another state: stage 3's pattern compiled 7 graphs where
+        its 4 kinds of block need 4 (docs/performance.md, "Seventh session")."""
+        for order in dict.fromkeys(scan_orders):
+            if order is None:
+                if self.rope_head_dim:
+                    self.rope()
+            else:
+                self.perm(order)
+        return self
+
     def rope(self) -> Tensor:
         if self._rope is None:
             self._rope = rope_axial(self.grid, self.rope_head_dim, self.rope_theta, self.device)
