@@ -8,7 +8,8 @@ eager (model.compile=none: compilation changes no arithmetic of the FP8 recipe),
 built-in procedural data at 64 px (1,024 tokens a sample, 16 a micro-batch). The loss curves are smoothed
 (moving mean over ``--window`` steps) and compared after the warm-up: the FP8 curve's mean relative distance
 from the bf16 curve must not exceed the seed-to-seed distance (another seed is a change every user accepts),
-plus 1 % of slack. Writes fp8_convergence_<card>.json (curves, distances, verdict) and .svg (the plot).
+plus 1 % of slack. The three runs share the GPU at once (``--one-at-a-time`` queues them). Writes
+fp8_convergence_<card>.json (curves, distances, verdict) and .svg (the plot).
 
     python benchmarks/fp8_convergence.py --work /tmp/fp8conv --out benchmarks/results [--steps 300]
 """
@@ -35,19 +36,25 @@ RUNS = {"bf16": ["model.fp8=none", "train.seed=0"], "fp8": ["model.fp8=tensorwis
         "bf16_seed1": ["model.fp8=none", "train.seed=1"]}
 
 
-def train(work: Path, name: str, steps: int) -> dict:
+def launch(work: Path, name: str, steps: int) -> tuple[subprocess.Popen, list[str], float]:
     run_dir = work / name
     cmd = [sys.executable, "-m", "megassm", "train", "configs/smoke.yaml", f"run_dir={run_dir}",
            f"train.steps={steps}", f"train.ckpt_every={steps}", *MODEL, *RUNS[name]]
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out = (p.stdout + p.stderr).splitlines()
-    rec = {"name": name, "rc": p.returncode, "seconds": round(time.time() - t0, 1), "cmd": " ".join(cmd[2:]),
+    log = (work / f"{name}.log").open("w")  # a file, not a pipe: three runs at once must not block on output
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, cmd, time.time()
+
+
+def finish(work: Path, name: str, proc: subprocess.Popen, cmd: list[str], t0: float) -> dict:
+    rc = proc.wait()
+    out = (work / f"{name}.log").read_text().splitlines()
+    rec = {"name": name, "rc": rc, "seconds": round(time.time() - t0, 1), "cmd": " ".join(cmd[2:]),
            "log": [ln for ln in out if "megassm.train" in ln][-12:]}
-    if p.returncode:
+    if rc:
         rec["tail"] = out[-30:]
         return rec
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in (work / name / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if "loss" in r and "step" in r]
     rec["loss"] = [r["loss"] for r in rows]
     rec["step_time_s"] = [r.get("step_time_s") for r in rows]
@@ -97,14 +104,20 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--window", type=int, default=25)
+    p.add_argument("--one-at-a-time", dest="concurrent", action="store_false",
+                   help="run the three trainings one after another (default: all three at once on the one GPU)")
     args = p.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = device_info()
     stem = out / f"fp8_convergence_{card_tag(info['device'])}"
+    work.mkdir(parents=True, exist_ok=True)
+    # the three runs share the GPU at once (each is a few % of it, fed by its own loader): one run's wall time,
+    # not three, which a 10-minute device call cannot hold. Concurrency changes timings, not a run's arithmetic.
+    started = {name: launch(work, name, args.steps) for name in (RUNS if args.concurrent else ())}
     runs = {}
     for name in RUNS:
-        runs[name] = train(work, name, args.steps)
+        runs[name] = finish(work, name, *(started.get(name) or launch(work, name, args.steps)))
         print(json.dumps({k: runs[name].get(k) for k in ("name", "rc", "seconds")}), flush=True)
         print("\n".join(runs[name].get("log", []) + runs[name].get("tail", [])), flush=True)
         stem.with_suffix(".json").write_text(json.dumps({**info, "runs": runs}, indent=1))
