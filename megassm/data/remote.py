@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shlex
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -95,6 +97,30 @@ def join(loc: str, name: str) -> str:
 def dataset_name(loc: str) -> str:
     base = loc.split("{path}")[0] if scheme(loc) == "pipe" else loc
     return base.rstrip("/").rsplit("/", 1)[-1] or base
+
+
+# fsspec runs its reads on one asyncio loop per process, in a thread. A forked child (a DataLoader worker, a
+# preprocess decoder) inherits that loop with no thread to run it and, through its selector, the parent's epoll
+# instance itself. When the child collects an inherited filesystem (they sit in reference cycles), its session's
+# transports close and unregister their sockets from that shared epoll -- the parent's pooled connections: the
+# parent's next read on one waits with the response in the socket, unread (a unit run hung on a manifest read).
+# The child gets a selector of its own for the dead loop; fsspec starts a fresh loop there for its own reads.
+_loop_at_fork: list = [None]
+
+
+def _note_fsspec_loop() -> None:
+    asyn = sys.modules.get("fsspec.asyn")
+    _loop_at_fork[0] = asyn.loop[0] if asyn is not None else None
+
+
+def _detach_inherited_fsspec_loop() -> None:
+    loop, _loop_at_fork[0] = _loop_at_fork[0], None
+    if loop is not None and hasattr(loop, "_selector"):
+        loop._selector = selectors.DefaultSelector()
+
+
+os.register_at_fork(before=_note_fsspec_loop, after_in_child=_detach_inherited_fsspec_loop,
+                    after_in_parent=lambda: _loop_at_fork.__setitem__(0, None))
 
 
 def _fs(url: str):

@@ -179,3 +179,28 @@ def test_a_pipe_restore_streams_each_buffered_shard_once(ds, reference, monkeypa
     assert set(tars) >= {remote.join(url, f"shard-{sh:06d}.tar") for sh in samples}
     assert len(tars) <= len(set(samples)) + 2, tars
     assert [b["keys"] for b in head + rest] == [b["keys"] for b in reference[:12]]
+
+
+def test_a_forked_child_leaves_the_parents_remote_reads_working(http):
+    """A forked child (a loader worker, a preprocess decoder) that collects the fsspec filesystem it inherited
+    must not take the parent's pooled connection out of the parent's event loop: before the fix the parent's
+    next read waited forever with the response in its socket (a unit run hung there on a manifest read)."""
+    import gc
+    import os
+    import threading
+
+    url = f"{http}/a/manifest.json"
+    want = remote.read_bytes(url)  # leaves a keep-alive connection in fsspec's loop
+    pid = os.fork()
+    if pid == 0:  # what a worker does: its own reads, and sooner or later a garbage collection
+        try:
+            remote.read_bytes(url)
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(remote.read_bytes(url)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert got == [want], "the parent's read after the fork did not return in 20 s"
