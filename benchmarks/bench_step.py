@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         depth, ck = pick_depth(m, seq_len, batch, mode, every_k, budget)
         depth = args.depth or min(depth or 4, args.max_depth)
         rows = {}
-        stacks = [(m.pattern[:depth], v) for v in args.variants.split(",")]
+        stacks = [(m.pattern[:depth], v) for v in args.variants.split(",") if v]  # empty: the attention stack only
         stacks += [("A" * depth, v) for v in args.attention_variants.split(",") if v]
         for pattern, variant in stacks:
             case = {"stage": stage, "seq_len": seq_len, "batch": batch, "pattern": pattern, "variant": variant,

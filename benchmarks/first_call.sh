@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
 # A session's first device call, in the order of what each part settles, under one deadline (device time is
 # scarce: a call may be the session's only one). Each part runs under the smaller of its cap and what is left.
-#   1. step3         issue 34: stage 3's shape (29,040 tokens, depth $STEP3_DEPTH, default 8) through
-#                    bench_step.py, $STEP3_VARIANTS (default today,compile_persist,fp8: eager, compiled, compiled +
-#                    FP8 tensorwise, in one call so that their ratios count)
-#   2. tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
-#                    kernels from a fresh process, SDPA's kernel under compile, FP8 on the hardware)
-#   memdiag          (by name) step3 at depth 2 with the allocator's history: live memory by allocating site
+#   conv          issue 34: FP8 vs bf16 vs another seed through `megassm train`, the three runs at once (CONV_CAP 330)
+#   step2         stage 2's shape (16,384 tokens, depth 12): today vs fp8 (compiled + FP8), side by side (STEP2_CAP 330)
+#   (by name)
+#   att3          stage 3's shape, the all-attention stack: today vs fp8 (the hybrid's rows: step_speed3_h100_session7)
+#   step3         stage 3's shape (29,040 tokens, depth $STEP3_DEPTH, default 8), $STEP3_VARIANTS
+#                 (default today,compile_persist,fp8), each in a fresh process, in one call so that ratios count
+#   tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
+#                 kernels from a fresh process, SDPA's kernel under compile, FP8 on the hardware)
+#   memdiag       step3 at depth 2 with the allocator's history: live memory by allocating site
 #   sample_video, sample_image
-#                    (by name) issue 35 §2: `megassm sample` at full size, 360p x 129 frames / 2048 x 2048 (run on
-#                    an H100 on 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
+#                 issue 35 §2: `megassm sample` at full size, 360p x 129 frames / 2048 x 2048 (run on an H100 on
+#                 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
 #
-#   OUT=$OUT DEADLINE=570 bash benchmarks/first_call.sh          (PARTS="memdiag tests" picks parts)
+#   OUT=$OUT DEADLINE=570 bash benchmarks/first_call.sh          (PARTS="att3 tests" picks parts)
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
-PARTS=${PARTS:-step3 tests}
+PARTS=${PARTS:-conv step2}
 speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
-depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8}
+depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8} att=
 for p in $PARTS; do
     case $p in
+        conv | step2 | tests) speed="$speed $p" ;;
         step3) speed="$speed step3" ;;
+        att3) speed="$speed step3" variants= att=today,fp8 ;;
         memdiag) speed="$speed step3" depth=2 variants=compile_memdiag,today_memdiag ;;
-        tests) speed="$speed tests" ;;
         sample_video | sample_image) ;;
-        *) echo "first_call.sh: unknown part '$p'; parts: step3 tests memdiag sample_video sample_image" ;;
+        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 step3 tests memdiag sample_video sample_image" ;;
     esac
 done
 {
@@ -44,5 +48,7 @@ done
 if [[ -n $speed ]]; then  # its own log: $OUT/speed_log.txt
     # the tests take what step3 leaves: on a cold machine compiling the test stacks alone takes minutes
     OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=$depth STEP3_CAP=${STEP3_CAP:-400} \
-        STEP3_VARIANTS=$variants ATT_VARIANTS= TESTS_CAP=${TESTS_CAP:-300} bash "$(dirname "$0")/speed_session.sh"
+        STEP3_VARIANTS=$variants ATT_VARIANTS=$att STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8} \
+        STEP2_CAP=${STEP2_CAP:-330} CONV_CAP=${CONV_CAP:-330} TESTS_CAP=${TESTS_CAP:-300} \
+        bash "$(dirname "$0")/speed_session.sh"
 fi

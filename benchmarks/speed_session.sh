@@ -18,7 +18,7 @@ DEADLINE=${DEADLINE:-570}
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
 export OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-STEP3_VARIANTS=${STEP3_VARIANTS:-today,persist,compile_persist,fp8,fp8_rowwise}
+STEP3_VARIANTS=${STEP3_VARIANTS-today,persist,compile_persist,fp8,fp8_rowwise}  # set and empty: no hybrid stack
 STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8}
 ATT_VARIANTS=${ATT_VARIANTS-today,fp8}  # set and empty: no all-attention stack
 # Results are also kept in $KEEP (outside $OUT, which the device tool empties per call): a later call on the same
@@ -50,7 +50,7 @@ triton.__version__, torch.cuda.get_device_name())"
             attn) section attn 60 python3 benchmarks/bench_attention.py --out "$OUT" ;;
             step3) section step3 "${STEP3_CAP:-420}" python3 benchmarks/bench_step.py --seq-lens 29040 --depth "${STEP3_DEPTH:-8}" --steps 5 --tag speed3 \
                        --variants "$STEP3_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
-            step2) section step2 300 python3 benchmarks/bench_step.py --seq-lens 16384 --depth 12 --steps 5 --tag speed2 \
+            step2) section step2 "${STEP2_CAP:-300}" python3 benchmarks/bench_step.py --seq-lens 16384 --depth 12 --steps 5 --tag speed2 \
                        --variants "$STEP2_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
             conv) section conv "${CONV_CAP:-360}" python3 benchmarks/fp8_convergence.py --work /tmp/fp8conv --out "$OUT" \
                       --steps "${CONV_STEPS:-300}" ;;
