@@ -70,6 +70,10 @@ VARIANTS = {
     "zero2": {"zero_stage": 2},
     "zero1": {"zero_stage": 1},
     "zero0": {"zero_stage": 0},
+    "fp8_zero0": {"compile": "blocks", "fp8": "tensorwise", "zero_stage": 0},
+    # Hydra's SSD chunk length (hth-5b: 256), model.chunk_size: the scan kernels' shape on this card
+    "fp8_chunk128": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "model": {"chunk_size": 128}},
+    "fp8_chunk512": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "model": {"chunk_size": 512}},
 }
 COLUMNS = ["bench", "stage", "pattern", "variant", "hydra_paths", "activation_checkpointing", "seq_len", "batch", "ms",
            "tokens_per_s_per_gpu", "tflops", "mfu", "hw_mfu", "speedup_vs_today", "speedup_vs_attention", "warmup_s",
@@ -156,6 +160,8 @@ def run_stack(res: Results, m, pattern: str, stage: str, seq_len: int, batch: in
     v = VARIANTS[variant]
     cfg.compile, cfg.fp8 = v.get("compile", "none"), v.get("fp8", "none")
     cfg.attention_backend = v.get("attention_backend", cfg.attention_backend)
+    for key, value in v.get("model", {}).items():  # model config keys the variant changes
+        setattr(cfg, key, value)
     if "memory_budget" in v:  # read when a graph is partitioned, i.e. at the first (compiling) step
         from torch._functorch import config as functorch_config
 
