@@ -5,6 +5,7 @@
 #   step2         stage 2's shape (16,384 tokens, depth 12): today vs fp8 (compiled + FP8), side by side (STEP2_CAP 330)
 #   (by name)
 #   att3          stage 3's shape, the all-attention stack: today vs fp8 (the hybrid's rows: step_speed3_h100_session7)
+#   prof3         stage 3's shape, the hybrid under compile + FP8 with the step profiled (where the 604 ms go)
 #   step3         stage 3's shape (29,040 tokens, depth $STEP3_DEPTH, default 8), $STEP3_VARIANTS
 #                 (default today,compile_persist,fp8), each in a fresh process, in one call so that ratios count
 #   tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
@@ -23,15 +24,16 @@ source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
 PARTS=${PARTS:-conv step2}
 speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
-depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8} att=
+depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8} att= profile=
+add() { [[ " $speed " == *" $1 "* ]] || speed="$speed $1"; }  # att3 + prof3: one step3 run with both
 for p in $PARTS; do
     case $p in
-        conv | step2 | tests) speed="$speed $p" ;;
-        step3) speed="$speed step3" ;;
-        att3) speed="$speed step3" variants= att=today,fp8 ;;
-        memdiag) speed="$speed step3" depth=2 variants=compile_memdiag,today_memdiag ;;
+        conv | step2 | tests | step3) add "$p" ;;
+        att3) add step3 && att=today,fp8 && [[ " $PARTS " != *" prof3 "* ]] && variants= ;;
+        prof3) add step3 && variants=fp8 profile=29040 ;;
+        memdiag) add step3 && depth=2 variants=compile_memdiag,today_memdiag ;;
         sample_video | sample_image) ;;
-        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 step3 tests memdiag sample_video sample_image" ;;
+        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 prof3 step3 tests memdiag sample_video sample_image" ;;
     esac
 done
 {
@@ -48,7 +50,7 @@ done
 if [[ -n $speed ]]; then  # its own log: $OUT/speed_log.txt
     # the tests take what step3 leaves: on a cold machine compiling the test stacks alone takes minutes
     OUT=$OUT DEADLINE=$((DEADLINE - SECONDS)) SECTIONS="$speed" STEP3_DEPTH=$depth STEP3_CAP=${STEP3_CAP:-400} \
-        STEP3_VARIANTS=$variants ATT_VARIANTS=$att STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8} \
+        STEP3_VARIANTS=$variants ATT_VARIANTS=$att STEP3_PROFILE=$profile STEP2_VARIANTS=${STEP2_VARIANTS:-today,fp8} \
         STEP2_CAP=${STEP2_CAP:-330} CONV_CAP=${CONV_CAP:-330} TESTS_CAP=${TESTS_CAP:-300} \
         bash "$(dirname "$0")/speed_session.sh"
 fi

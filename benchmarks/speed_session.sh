@@ -5,6 +5,7 @@
 #   attn   benchmarks/bench_attention.py: SDPA's cuDNN / flash / efficient kernels, forward and backward
 #   step3  benchmarks/bench_step.py at stage 3's shape (29,040 tokens, depth 8): $STEP3_VARIANTS of the hybrid,
 #          $ATT_VARIANTS of the all-attention stack, each in a fresh process, all in this call
+#          (STEP3_PROFILE=29040: each hybrid variant's step profiled too, profile_step_<card>_<variant>.txt)
 #   step2  the same at stage 2's shape (16,384 tokens, depth 12)
 #   conv   benchmarks/fp8_convergence.py: bf16 vs FP8 vs another seed through `megassm train`
 #   full   benchmarks/full_size_full_param.py: full hth-5b, ZeRO-3 + optimizer offload, against `megassm plan` (#35)
@@ -49,7 +50,7 @@ triton.__version__, torch.cuda.get_device_name())"
                        --variants "${SAVED_VARIANTS:-eager,compile,fp8}" ;;
             attn) section attn 60 python3 benchmarks/bench_attention.py --out "$OUT" ;;
             step3) section step3 "${STEP3_CAP:-420}" python3 benchmarks/bench_step.py --seq-lens 29040 --depth "${STEP3_DEPTH:-8}" --steps 5 --tag speed3 \
-                       --variants "$STEP3_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
+                       --variants "$STEP3_VARIANTS" --attention-variants "$ATT_VARIANTS" --profile "${STEP3_PROFILE:-}" --out "$OUT" ;;
             step2) section step2 "${STEP2_CAP:-300}" python3 benchmarks/bench_step.py --seq-lens 16384 --depth 12 --steps 5 --tag speed2 \
                        --variants "$STEP2_VARIANTS" --attention-variants "$ATT_VARIANTS" --out "$OUT" ;;
             conv) section conv "${CONV_CAP:-360}" python3 benchmarks/fp8_convergence.py --work /tmp/fp8conv --out "$OUT" \
