@@ -49,7 +49,13 @@ class TokenGrid:
             self._perms[key] = None if perm is None else tuple(t.to(self.device) for t in perm)
         return self._perms[key]
 
-    def prepare(self, scan_orders) -> "TokenGrid":
+    @classmethod
+    def for_blocks(cls, grid, device, cfg, blocks) -> TokenGrid:
+        """The grid a forward over ``blocks`` (HTHBlocks of a model with config ``cfg``) reads, its caches filled."""
+        return cls(tuple(grid), device, rope_head_dim=cfg.d_model // cfg.num_heads,
+                   rope_theta=cfg.rope_theta).prepare(blk.scan_order for blk in blocks)
+
+    def prepare(self, scan_orders) -> TokenGrid:
         """Fill, eagerly, every cache that blocks in these scan orders read (a Hydra order's permutation; for
         None, the canonical order, the RoPE angles). A compiled block that filled a cache itself would guard on
         the state it found, and the next block meets another state: stage 3's pattern compiled 7 graphs where

@@ -65,10 +65,7 @@ class HTHModel(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def token_grid(self, latents: Tensor) -> TokenGrid:
-        return TokenGrid(
-            self.patch_embed.grid(latents.shape), latents.device,
-            rope_head_dim=self.cfg.d_model // self.cfg.num_heads, rope_theta=self.cfg.rope_theta,
-        ).prepare(blk.scan_order for blk in self.blocks)
+        return TokenGrid.for_blocks(self.patch_embed.grid(latents.shape), latents.device, self.cfg, self.blocks)
 
     def embed_text(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """text (B, Lt, text_dim), mask (B, Lt) -> (B, Lt, d), mask; empty captions become y_null."""

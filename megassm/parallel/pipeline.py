@@ -164,8 +164,7 @@ class PipelineStage(nn.Module):
         return 1 if ctx is None else ctx.seq_shards
 
     def token_grid(self, grid: tuple[int, int, int], device) -> TokenGrid:
-        return TokenGrid(tuple(grid), device, rope_head_dim=self.cfg.d_model // self.cfg.num_heads,
-                         rope_theta=self.cfg.rope_theta).prepare(blk.scan_order for blk in self.blocks.values())
+        return TokenGrid.for_blocks(grid, device, self.cfg, self.blocks.values())
 
     def embed(self, latents: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None):
         """HTHModel.forward up to the blocks: (x (B, L/n, d), t_mod (B, 6d), t_emb (B, d), y (B, Lt, d), mask)."""

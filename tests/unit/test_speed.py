@@ -51,6 +51,17 @@ def _step(model, inputs):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _recording_backend():
+    """(graphs, backend): a torch.compile backend that keeps each captured graph in ``graphs`` and runs it as is."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, recording
+
+
 def test_fp8_takes_the_token_linears_and_keeps_the_rest():
     take, keep = fp8_targets(_model())
     leaves = {n.split(".", 2)[2] for n in take}
@@ -106,12 +117,7 @@ def test_token_padding_is_exact(recipe):
 def test_compiled_blocks_equal_eager_and_compile_something():
     """Regional compilation through a recording backend (the captured graphs run as they are): output and
     every gradient equal eager; graphs were captured for each mixer kind; Hydra's fused kernels stay out."""
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, recording = _recording_backend()
     ref, inputs = _model("hvvA"), _inputs()
     comp = copy.deepcopy(ref)
     assert compile_blocks(comp, backend=recording) == 4
@@ -136,12 +142,7 @@ def test_compiled_blocks_compile_one_graph_per_kind_of_block(pattern):
     block met another: 5 and 7 graphs for these patterns, each minutes of Inductor on the GPU."""
     import torch._dynamo
 
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, recording = _recording_backend()
     torch._dynamo.reset()
     model = _model(pattern)
     compile_blocks(model, backend=recording)
