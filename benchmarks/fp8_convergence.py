@@ -40,9 +40,9 @@ def launch(work: Path, name: str, steps: int) -> tuple[subprocess.Popen, list[st
     run_dir = work / name
     cmd = [sys.executable, "-m", "megassm", "train", "configs/smoke.yaml", f"run_dir={run_dir}",
            f"train.steps={steps}", f"train.ckpt_every={steps}", *MODEL, *RUNS[name]]
-    log = (work / f"{name}.log").open("w")  # a file, not a pipe: three runs at once must not block on output
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with (work / f"{name}.log").open("w") as log:  # a file, not a pipe: three runs at once must not block on output
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, cmd, time.time()
 
 
