@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -44,6 +45,45 @@ from megassm.train.optim import build_optimizer
 
 log = logging.getLogger("megassm.train")
 UNIVERSAL_DIR = "universal"  # under checkpoints/: <tag>/ in DeepSpeed's universal format
+
+
+STALE_LOCK_S = 600  # a DeepSpeed op builds in 1-3 minutes; a lock this old is a build that died
+
+
+def stale_build_locks(root: str | Path | None = None, older_than_s: float = STALE_LOCK_S) -> list[tuple[Path, float]]:
+    """The just-in-time build locks under ``root`` older than ``older_than_s``, with their age in seconds. torch's
+    ``FileBaton`` holds ``<root>/<op>/lock`` while it builds an op and removes it after; a build killed half-way
+    (Ctrl-C, a job's time limit, SIGKILL) leaves it, and the next process that needs the op waits on it forever,
+    printing nothing. ``root``: default where torch builds extensions, $TORCH_EXTENSIONS_DIR, else its cache
+    folder, whose subfolders are per Python and CUDA version (``<cache>/py311_cu130/<op>/lock``)."""
+    pattern = "*/lock"
+    if root is None:
+        root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root, pattern = get_default_build_root(), "*/*/lock"
+    now, found = time.time(), []
+    for lock in sorted(Path(root).glob(pattern)):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:  # removed by the build that held it, between the glob and the stat
+            continue
+        if age > older_than_s:
+            found.append((lock, age))
+    return found
+
+
+def warn_stale_build_locks(root: str | Path | None = None) -> list[Path]:
+    """Log a warning for each stale build lock (``stale_build_locks``) before DeepSpeed may build an op and hang
+    on it; returns the locks named."""
+    stale = stale_build_locks(root)
+    for lock, age in stale:
+        log.warning(f"DeepSpeed/torch extension build lock {lock} is {age / 60:.0f} min old: a build of "
+                    f"'{lock.parent.name}' was killed half-way, and a process that builds that op waits on this "
+                    f"lock forever without a message. If no build is running on this machine, remove "
+                    f"{lock.parent} (it is rebuilt), or point TORCH_EXTENSIONS_DIR at another folder.")
+    return [lock for lock, _ in stale]
 
 
 def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: float, device: torch.device,
@@ -205,6 +245,8 @@ class DeepSpeedBackend:
     def __init__(self, mesh, parallel: ParallelConfig, train: TrainConfig, optim: OptimConfig, device: torch.device):
         self.mesh, self.parallel, self.train, self.optim, self.device = mesh, parallel, train, optim, device
         self.engine = self.scheduler = None
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per node, before DeepSpeed may build an op
+            warn_stale_build_locks()
 
     # -- before the model is wrapped -----------------------------------------------------------
     def mpu(self):
