@@ -71,6 +71,9 @@ VARIANTS = {
     "zero1": {"zero_stage": 1},
     "zero0": {"zero_stage": 0},
     "fp8_zero0": {"compile": "blocks", "fp8": "tensorwise", "zero_stage": 0},
+    # FlashAttention-4's kernels for self-attention (model.attention_backend: fa4) instead of cuDNN's through SDPA
+    "fp8_fa4": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "attention_backend": "fa4"},
+    "today_fa4": {"attention_backend": "fa4"},
     # Hydra's SSD chunk length (hth-5b: 256), model.chunk_size: the scan kernels' shape on this card
     "fp8_chunk128": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "model": {"chunk_size": 128}},
     "fp8_chunk512": {"compile": "blocks", "fp8": "tensorwise", "zero_options": PERSIST, "model": {"chunk_size": 512}},

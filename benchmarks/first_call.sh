@@ -11,6 +11,8 @@
 #   tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
 #                 kernels from a fresh process, SDPA's kernel under compile, FP8 on the hardware)
 #   memdiag       step3 at depth 2 with the allocator's history: live memory by allocating site
+#   fa4           FlashAttention-4 installed from wheels/fa4 (two parts over two calls: session_lib.sh fa4_env), then
+#                 bench_attention.py cuDNN vs FA4 at 29,040 and 16,384 and the FA4 CUDA tests (FA4_CAP 200)
 #   sample_video, sample_image
 #                 issue 35 §2: `megassm sample` at full size, 360p x 129 frames / 2048 x 2048 (run on an H100 on
 #                 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
@@ -32,8 +34,8 @@ for p in $PARTS; do
         att3) add step3 && att=today,fp8 && [[ " $PARTS " != *" prof3 "* ]] && variants= ;;
         prof3) add step3 && variants=fp8 profile=29040 ;;
         memdiag) add step3 && depth=2 variants=compile_memdiag,today_memdiag ;;
-        sample_video | sample_image) ;;
-        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 prof3 step3 tests memdiag sample_video sample_image" ;;
+        sample_video | sample_image | fa4) ;;
+        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 prof3 step3 tests memdiag fa4 sample_video sample_image" ;;
     esac
 done
 {
@@ -44,6 +46,11 @@ done
                               --only stage3_video_360p_129f --out "$OUT/full_size_sample_cli_video_$CARD.json" ;;
             sample_image) section sample_image 240 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc \
                               --only stage2_2k_image --out "$OUT/full_size_sample_cli_image_$CARD.json" ;;
+            fa4) fa4_env
+                 section fa4_attn "${FA4_CAP:-200}" python3 benchmarks/bench_attention.py --seq-lens 29040,16384 \
+                     --backends cudnn,fa4 --out "$OUT"
+                 section fa4_tests "${FA4_CAP:-200}" python3 -m pytest -q -p no:cacheprovider -k fa4 \
+                     tests/gpu/test_block_cuda.py ;;
         esac
     done
 } 2>&1 | tee "$OUT/first_call_${CARD:-nocard}.log"

@@ -44,3 +44,25 @@ section() {
     rc=$?
     echo "==== $name exit $rc $(date -u +%T) (t=${SECONDS}s)"
 }
+
+# fa4_env: FlashAttention-4 (model.attention_backend: fa4) into /tmp/site. Its CuTe DSL library wheel
+# (nvidia-cutlass-dsl-libs-cu13, 92 MB) is more than one call carries, so it travels in two parts in wheels/fa4/
+# over two calls on one warm machine (kept in /tmp/fa4parts), checked against its sha256 when both are there; the
+# small wheels (flash-attn-4, the CuTe DSL's base / core, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext) come
+# with the second part. The image has cuda-bindings and einops. Prints whether megassm can run FA4 here.
+fa4_env() {
+    mkdir -p /tmp/fa4parts
+    cp wheels/fa4/* /tmp/fa4parts/ 2>/dev/null
+    if [[ -f /tmp/fa4parts/cu13whl.part00 && -f /tmp/fa4parts/cu13whl.part01 && ! -f /tmp/site/.fa4 ]]; then
+        local whl
+        whl=/tmp/fa4parts/$(awk '{print $2}' /tmp/fa4parts/cu13whl.sha256)
+        cat /tmp/fa4parts/cu13whl.part0* >"$whl"
+        if (cd /tmp/fa4parts && sha256sum -c cu13whl.sha256); then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+                /tmp/fa4parts/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+            [[ ${PIPESTATUS[0]} == 0 ]] && touch /tmp/site/.fa4
+        fi
+    fi
+    python3 -c "import torch; from megassm.ops.flash4 import fa4_unsupported as u; \
+print('fa4:', u(torch.device('cuda')) or 'ready')"
+}

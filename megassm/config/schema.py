@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # SDPA kernel choices for self-attention (megassm/models/attention.py)
-ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "default", "flash", "cudnn", "efficient", "math", "fa4")
 # Hydra's path -> the layers' ``fused`` argument: auto = the fused Triton kernels (megassm/ops/hydra_fused.py)
 # on CUDA when they import; fused = always (on CPU only in Triton's interpreter, TRITON_INTERPRET=1);
 # reference = the PyTorch reference parts (megassm/ops/hydra_mix.py)

@@ -5,6 +5,8 @@
             docs/performance.md), then flash, memory-efficient, math; torch's own order elsewhere;
   default   torch's own order; flash | cudnn | efficient | math: only that kernel (an error if it
             cannot run these inputs). On CPU every choice is torch's math/flash CPU kernel.
+  fa4       FlashAttention-4's CuTe kernels, not through SDPA (``megassm.ops.flash4``: Hopper and newer, in the
+            tokens-first layout); off CUDA the same op runs its PyTorch reference.
 Cross-attention (a padding mask over ~300 text tokens) always uses torch's own order.
 """
 
@@ -17,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megassm.config.schema import ATTENTION_BACKENDS
 from megassm.models.embed import apply_rope
+from megassm.ops.flash4 import fa4_attention
 
 _KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -30,7 +33,7 @@ def _kernels(backend: str, device: torch.device) -> list | None:
         return None
     if backend == "auto":
         return _AUTO_HOPPER if torch.cuda.get_device_capability(device)[0] >= 9 else None
-    if backend not in _KERNELS:
+    if backend not in _KERNELS:  # "fa4" is not an SDPA kernel: attend() takes it before SDPA
         raise ValueError(f"attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
     return [_KERNELS[backend]]
 
@@ -46,6 +49,23 @@ def self_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Te
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel(kernels, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
+
+
+def attend(qkv: Tensor, rope: Tensor | None, q_norm: nn.Module, k_norm: nn.Module, backend: str = "auto") -> Tensor:
+    """qkv (B, L, 3, heads, hd), the qkv projection's output -> (B, L, heads, hd): qk-norm, RoPE (``rope``:
+    (L, hd/2) angles, or None), unmasked attention with ``backend``'s kernel. SDPA's kernels take heads before
+    tokens (a transpose each way); FA4 takes the projection's own layout."""
+    if backend == "fa4":
+        q, k, v = qkv.unbind(2)  # each (B, L, heads, hd)
+        q, k = q_norm(q), k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope, tokens_first=True), apply_rope(k, rope, tokens_first=True)
+        return fa4_attention(q, k, v)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, L, hd)
+    q, k = q_norm(q), k_norm(k)
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    return self_attention(q, k, v, backend).transpose(1, 2)
 
 
 class SelfAttention(nn.Module):
@@ -70,12 +90,8 @@ class SelfAttention(nn.Module):
         """x: (B, L, d); rope: (L, head_dim/2) angles for the tokens' positions."""
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, -1, self.head_dim)  # (B, L, 3, heads, hd); heads may be a TP shard
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, L, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = self_attention(q, k, v, self.backend)  # (B, heads, L, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, L, -1))
+        out = attend(qkv, rope, self.q_norm, self.k_norm, self.backend)  # (B, L, heads, hd)
+        return self.proj(out.reshape(B, L, -1))
 
 
 class CrossAttention(nn.Module):

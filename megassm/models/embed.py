@@ -110,10 +110,12 @@ def rope_axial(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
     return torch.cat(angles, dim=-1)  # (L, head_dim/2)
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """x: (B, heads, L, hd); angles: (L, hd/2). Rotates interleaved pairs, computed in fp32."""
+def apply_rope(x: Tensor, angles: Tensor, tokens_first: bool = False) -> Tensor:
+    """x: (B, heads, L, hd), or (B, L, heads, hd) with ``tokens_first``; angles: (L, hd/2). Rotates interleaved
+    pairs, computed in fp32."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = angles.cos()[None, None], angles.sin()[None, None]
+    shape = (1, -1, 1, angles.shape[-1]) if tokens_first else (1, 1, -1, angles.shape[-1])
+    cos, sin = angles.cos().view(shape), angles.sin().view(shape)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.reshape_as(x).to(x.dtype)

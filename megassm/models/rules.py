@@ -30,6 +30,14 @@ def validate_model(m: ModelConfig) -> None:
     if m.fp8 != "none" and importlib.util.find_spec("torchao") is None:
         raise ConfigError(f"model.fp8={m.fp8} needs torchao, which is not installed: pip install {TORCHAO_PIN} "
                           "(or set model.fp8=none)")
+    if m.attention_backend == "fa4":  # on a GPU machine: installed, and a GPU that has the kernels
+        import torch
+
+        from megassm.ops.flash4 import fa4_unsupported
+
+        reason = fa4_unsupported(torch.device("cuda")) if torch.cuda.is_available() else None
+        if reason:
+            raise ConfigError(f"{reason} (or set model.attention_backend=auto: cuDNN / FlashAttention-2 via SDPA)")
     for k in ("d_model", "d_state", "chunk_size", "text_dim", "max_text_len"):
         if getattr(m, k) < 1:
             raise ConfigError(f"model.{k}={getattr(m, k)} must be >= 1")

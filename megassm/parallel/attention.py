@@ -1,7 +1,7 @@
 """Self-attention under TP (+SP) and Ulysses CP; cross-attention and the FFN under TP (+SP).
 
 Self-attention: qkv column-parallel (this TP rank's heads) -> all-to-all over CP to the full
-sequence of hc = heads/(tp*cp) heads -> qk-norm, RoPE for the full canonical-order sequence, SDPA
+sequence of hc = heads/(tp*cp) heads -> qk-norm, RoPE for the full canonical-order sequence, attention
 -> all-to-all back -> proj row-parallel. Attention is permutation-equivariant, so no scan order.
 
 Cross-attention keeps the model's own forward behind the SP all-gather (q column-parallel on the
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from megassm.models.attention import CrossAttention, SelfAttention, self_attention
+from megassm.models.attention import CrossAttention, SelfAttention, attend
 from megassm.models.block import FeedForward
-from megassm.models.embed import apply_rope
 from megassm.parallel.context import heads_to_seq, seq_to_heads
 from megassm.parallel.tensor import ColumnParallelLinear, ParallelContext, RowParallelLinear, enter_tp
 
@@ -46,11 +45,8 @@ class ParallelSelfAttention(nn.Module):
         qkv = qkv.view(B, Lc, 3, -1, self.head_dim)  # (B, L/cp, 3, h, hd)
         if self.ctx.cp > 1:
             qkv = seq_to_heads(qkv, self.ctx.cp_group, head_dim=3)  # (B, L, 3, h/cp, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, hc, L, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        rope = grid.rope()  # (L, hd/2) for the whole canonical sequence
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = self_attention(q, k, v, self.backend).transpose(1, 2)  # (B, L, hc, hd)
+        # RoPE for the whole canonical sequence, qk-norm, the backend's kernel (as SelfAttention)
+        out = attend(qkv, grid.rope(), self.q_norm, self.k_norm, self.backend)  # (B, L, hc, hd)
         if self.ctx.cp > 1:
             out = heads_to_seq(out, self.ctx.cp_group, head_dim=2)  # (B, L/cp, h, hd)
         return self.proj(out.reshape(B, Lc, -1))

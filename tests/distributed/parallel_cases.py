@@ -213,6 +213,8 @@ def run_layer_checks(rank: int, world: int) -> dict:
         for grid in grids:
             gname = "image" if grid == IMAGE else "video"
             cfgs = [("g1", tiny_cfg())] + ([("g2", tiny_cfg(ngroups=2))] if world == 2 else [])
+            if world == 2 and grid == VIDEO:  # FA4's tokens-first path (its op's reference off CUDA) under TP / CP
+                cfgs.append(("fa4", tiny_cfg(attention_backend="fa4")))
             for cname, cfg in cfgs:
                 f, s = check_layers(world, tp, cp, sp, grid, cfg)
                 report[f"tp{tp} cp{cp} sp{int(sp)} {gname} {cname}"] = {"failures": f, **s}

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_match_single_process(world, tmp_path):
     """Every block's mixer ('h', 'v', 't' Hydra, 'A' attention), cross-attention and FFN, alone:
-    2 ranks: tp2, tp2+SP, cp2 (ngroups 1 and 2); 4 ranks: tp2 x cp2 + SP, tp4 + SP, cp4."""
+    2 ranks: tp2, tp2+SP, cp2 (ngroups 1 and 2; attention_backend fa4 on video); 4 ranks: tp2 x cp2 + SP,
+    tp4 + SP, cp4."""
     assert_clean(spawn(pc.run_layer_checks, world, tmp_path))
 
 

@@ -3,6 +3,7 @@
 - SelfAttention with backend auto (cuDNN first on Hopper) / cudnn against flash and math, bf16;
 - a whole HTHBlock with the compiled elementwise glue against the eager glue, bf16;
 - a compiled SelfAttention runs the SDPA kernels eager runs (the backend's choice survives tracing).
+- FlashAttention-4 (backend fa4, megassm/ops/flash4.py) against its ops' reference and against SDPA, eager and compiled.
 Norm-relative errors, ||a - b|| / ||b||; the bound 2e-2 is bf16 rounding of a sum over 128-wide heads
 (two bf16 implementations of the same attention typically differ by 3-8e-3).
 """
@@ -126,4 +127,47 @@ def test_compiled_attention_keeps_the_backends_kernel(backend):
     if backend == "auto" and torch.cuda.get_device_capability()[0] >= 9:
         assert "cudnn" in eager_k, eager_k
     errs = [_rel(u, v) for u, v in zip(_fwd_bwd(compiled, (x, rope), g), _fwd_bwd(mod, (x, rope), g))]
+    assert max(errs) < 2e-2, errs
+
+
+def _needs_fa4():
+    from megassm.ops.flash4 import fa4_unsupported
+
+    reason = fa4_unsupported(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+
+
+def test_fa4_kernels_match_their_reference():
+    """megassm::fa4_fwd / fa4_bwd on CUDA (FA4's CuTe kernels) against the ops' PyTorch reference in fp32 on the
+    same bf16 inputs: out, lse and the three gradients (lse is fp32 in both: 1e-3)."""
+    _needs_fa4()
+    from megassm.ops.flash4 import fa4_bwd, fa4_fwd, reference, reference_backward
+
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 1536, 4, 128, device="cuda", dtype=DT) for _ in range(4))
+    out, lse = fa4_fwd(q, k, v)
+    ref_out, ref_lse = reference(q.float(), k.float(), v.float())
+    assert _rel(out, ref_out) < 2e-2 and _rel(lse, ref_lse) < 1e-3, (_rel(out, ref_out), _rel(lse, ref_lse))
+    grads = fa4_bwd(dout, q, k, v, out, lse)
+    ref_grads = reference_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse)
+    errs = [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    assert max(errs) < 2e-2, errs
+
+
+def test_fa4_backend_agrees_with_sdpa_eager_and_compiled():
+    """SelfAttention(backend=fa4) against backend=flash (SDPA's FlashAttention-2), outputs and every gradient,
+    eager and under torch.compile (FA4 is one custom op in the graph)."""
+    _needs_fa4()
+    torch.manual_seed(0)
+    ref = SelfAttention(1024, 8, backend="flash").cuda().to(DT)
+    mod = SelfAttention(1024, 8, backend="fa4").cuda().to(DT)
+    mod.load_state_dict(ref.state_dict())
+    x, rope, g = _attention_inputs(2)
+    want = _fwd_bwd(ref, (x, rope), g)
+    errs = [_rel(u, v) for u, v in zip(_fwd_bwd(mod, (x, rope), g), want)]
+    assert max(errs) < 2e-2, errs
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, dynamic=False)
+    errs = [_rel(u, v) for u, v in zip(_fwd_bwd(compiled, (x, rope), g), want)]
     assert max(errs) < 2e-2, errs
