@@ -74,16 +74,14 @@ def stale_build_locks(root: str | Path | None = None, older_than_s: float = STAL
     return found
 
 
-def warn_stale_build_locks(root: str | Path | None = None) -> list[Path]:
+def warn_stale_build_locks() -> None:
     """Log a warning for each stale build lock (``stale_build_locks``) before DeepSpeed may build an op and hang
-    on it; returns the locks named."""
-    stale = stale_build_locks(root)
-    for lock, age in stale:
+    on it."""
+    for lock, age in stale_build_locks():
         log.warning(f"DeepSpeed/torch extension build lock {lock} is {age / 60:.0f} min old: a build of "
                     f"'{lock.parent.name}' was killed half-way, and a process that builds that op waits on this "
                     f"lock forever without a message. If no build is running on this machine, remove "
                     f"{lock.parent} (it is rebuilt), or point TORCH_EXTENSIONS_DIR at another folder.")
-    return [lock for lock, _ in stale]
 
 
 def deepspeed_config(parallel: ParallelConfig, train: TrainConfig, grad_clip: float, device: torch.device,
