@@ -4,7 +4,7 @@ as stage configs read), in the config's `data.order: global` (the step's bucket 
 schedule's, each sample the global order's).
 
 The config's own settings stay: grad_accum 4, ZeRO-3, EMA, token-mean loss, the token budget; the model,
-the shapes, the budget and the preview clips (3 frames) shrink; previews every
+the shapes, the budget, the preview clips (3 frames) and the preview sampler's steps shrink; previews every
 SAMPLE_EVERY steps as the config's cadence scaled. Four launches shared by all assertions:
 - ``ref``: one process, ZeRO-0, cp 1, one micro-batch holding each step's whole global batch;
 - ``killed``: cp 4 on 4 ranks, SIGKILLed right after step KILL_AT (not a checkpoint step), then resumed;
@@ -42,6 +42,9 @@ def _overrides(data_dir) -> list[str]:
             "data.num_workers=1", "data.shuffle_buffer=20", f"data.buckets={BUCKETS}", "data.tokens_per_step=512",
             f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"train.sample_every={SAMPLE_EVERY}",
             "train.preview_latent_shape=[3, 8, 8]",  # the config's 33x44x80 preview clips, in miniature
+            # 2 sampler steps, as test_configs_miniature.py: the previews' cadence, clip shape and path to
+            # TensorBoard are what is tested, not the sampler (30 steps cost ~3.5 s per preview at cp 4)
+            "diffusion.sample_steps=2",
             "train.ema_decay=0.8", "optim.warmup_steps=3", "optim.lr=1e-3", "train.keep_last=10"]
 
 
