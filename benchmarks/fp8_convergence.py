@@ -105,6 +105,15 @@ def svg(curves: dict[str, list[float]], path: Path, title: str) -> None:
     path.write_text("\n".join(parts + ["</svg>"]) + "\n")
 
 
+def smoothed(runs: dict, window: int) -> dict[str, list[float]]:
+    """Each finished run's loss curve, smoothed (a run without losses is left out)."""
+    return {k: smooth(r["loss"], window) for k, r in runs.items() if "loss" in r}
+
+
+def plot(sm: dict[str, list[float]], path: Path, window: int, device: str) -> None:
+    svg(sm, path, f"loss, moving mean of {window} steps ({device})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/fp8conv")
@@ -117,16 +126,15 @@ def main() -> int:
     args = p.parse_args()
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
-        sm = {k: smooth(r["loss"], args.window) for k, r in saved["runs"].items() if "loss" in r}
-        svg(sm, Path(args.replot).with_suffix(".svg"), f"loss, moving mean of {args.window} steps ({saved['device']})")
+        plot(smoothed(saved["runs"], args.window), Path(args.replot).with_suffix(".svg"), args.window, saved["device"])
         return 0
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = device_info()
     stem = out / f"fp8_convergence_{card_tag(info['device'])}"
     work.mkdir(parents=True, exist_ok=True)
-    # the three runs share the GPU at once (each is a few % of it, fed by its own loader): one run's wall time,
-    # not three, which a 10-minute device call cannot hold. Concurrency changes timings, not a run's arithmetic.
+    # the four runs share the GPU at once (each is a few % of it, fed by its own loader): one run's wall time,
+    # not four, which a 10-minute device call cannot hold. Concurrency changes timings, not a run's arithmetic.
     started = {name: launch(work, name, args.steps) for name in (RUNS if args.concurrent else ())}
     runs = {}
     for name in RUNS:
@@ -136,7 +144,7 @@ def main() -> int:
         stem.with_suffix(".json").write_text(json.dumps({**info, "runs": runs}, indent=1))
     if any("loss" not in r for r in runs.values()):
         return 1
-    sm = {k: smooth(r["loss"], args.window) for k, r in runs.items()}
+    sm = smoothed(runs, args.window)
     start = 2 * args.window
     d_seed = distance(sm["bf16_seed1"], sm["bf16"], start)
     d_fp8, d_fp8_1 = distance(sm["fp8"], sm["bf16"], start), distance(sm["fp8_seed1"], sm["bf16_seed1"], start)
@@ -145,7 +153,7 @@ def main() -> int:
                "final_smoothed": {k: v[-1] for k, v in sm.items()}}
     print(json.dumps(verdict), flush=True)
     stem.with_suffix(".json").write_text(json.dumps({**info, "runs": runs, "verdict": verdict}, indent=1))
-    svg(sm, stem.with_suffix(".svg"), f"loss, moving mean of {args.window} steps ({info['device']})")
+    plot(sm, stem.with_suffix(".svg"), args.window, info["device"])
     return 0 if verdict["pass"] else 2
 
 
