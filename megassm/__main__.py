@@ -1,5 +1,3 @@
-import sys
+from megassm.cli import entry
 
-from megassm.cli import main
-
-sys.exit(main())
+entry()

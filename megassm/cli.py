@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from megassm.config.validate import ConfigError
 
@@ -237,6 +238,45 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        global _RAN_COLLECTIVES
+        _RAN_COLLECTIVES = True
+
+
+_RAN_COLLECTIVES = False  # this process had a process group: entry() ends it without the finalization
+
+
+def _ran_collectives() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return _RAN_COLLECTIVES or bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def end_process(code: int) -> NoReturn:
+    """End a process that ran collectives, skipping the interpreter's finalization.
+
+    destroy_process_group does not free the groups that DeepSpeed still holds (its mpu, the engine kept
+    by its hooks), so their C++ threads (gloo's run loops, NCCL's watchdog) live on into finalization.
+    A thread that finishes a collective then and needs the GIL -- to run a future's Python callback or
+    release a tensor's Python object -- is stopped by CPython mid-destructor, and the C++ runtime aborts
+    the process: "terminate called without an active exception", SIGABRT, after everything was written
+    (rank 0 of a 2-rank run stopped by a signal during start-up, in CI). So this does what finalization
+    would that matters -- waits for non-daemon threads, runs the atexit handlers (logging's flush,
+    multiprocessing's children, W&B, Inductor's worker pools), flushes stdio -- while the interpreter is
+    whole, then leaves with ``os._exit``.
+    """
+    import atexit
+    import os
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()  # CPython's own finalization calls this same function
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def _config_keys(node=None, prefix: str = "") -> list[str]:
@@ -298,5 +338,22 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> NoReturn:
+    """The ``megassm`` console script and ``python -m megassm``: ``main()``, then the process ends --
+    through ``end_process`` where it ran collectives (an exception's traceback is printed first)."""
+    try:
+        code = main()
+    except Exception:
+        if not _ran_collectives():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if _ran_collectives():
+        end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
