@@ -259,18 +259,18 @@ def end_process(code: int) -> NoReturn:
     release a tensor's Python object -- is stopped by CPython mid-destructor, and the C++ runtime aborts
     the process: "terminate called without an active exception", SIGABRT, after everything was written
     (rank 0 of a 2-rank run stopped by a signal during start-up, in CI). So this does what finalization
-    would that matters -- waits for non-daemon threads, runs the atexit handlers (logging's flush,
-    multiprocessing's children, W&B, Inductor's worker pools), flushes stdio -- while the interpreter is
-    whole, then leaves with ``os._exit``.
+    would that matters -- stops idle pool workers and waits for non-daemon threads, runs the atexit
+    handlers (logging's flush, multiprocessing's children, W&B, Inductor's worker pools), flushes stdio --
+    while the interpreter is whole, then leaves with ``os._exit``.
     """
     import atexit
     import os
     import threading
 
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()  # CPython's own finalization calls this same function
+    # CPython's finalization calls these two first: the threading module's exit hooks (which stop idle
+    # thread-pool workers) then a join of the non-daemon threads; then the atexit handlers
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

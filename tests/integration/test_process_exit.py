@@ -6,7 +6,8 @@ them), so the interpreter's finalization destroys them, and a gloo thread that f
 needs the GIL is stopped mid-destructor. Two plain gloo ranks replay that order on purpose: rank 0 leaves an
 all-reduce with a Python callback in flight and exits; rank 1 joins it once rank 0 is finalizing. Exiting
 the interpreter's way aborts (the hazard is real, so the check below can fail); ``end_process`` exits 0,
-with the atexit handlers run and stdout flushed."""
+after what finalization would have done first: an idle thread pool stopped, a running thread waited for,
+the atexit handlers run, stdout flushed."""
 
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from tests.conftest import REPO, child_env, free_port
 pytestmark = pytest.mark.distributed
 
 SCRIPT = textwrap.dedent('''
-    import atexit, os, sys, time
+    import atexit, os, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     import torch, torch.distributed as dist
 
@@ -47,6 +49,9 @@ SCRIPT = textwrap.dedent('''
     atexit.register(lambda: (work / "atexit_ran").touch())
     print("rank 0 printed this before exiting", flush=False)  # end_process must flush it
     if mode == "end_process":
+        pool = ThreadPoolExecutor(1)
+        pool.submit(int).result()  # an idle pool worker, never shut down: must not hang the exit
+        threading.Thread(target=lambda: (time.sleep(0.3), (work / "thread_done").touch())).start()  # waited for
         from megassm.cli import end_process
 
         end_process(0)
@@ -82,10 +87,11 @@ def test_exiting_the_interpreters_way_aborts_when_a_collective_finishes_during_f
     assert "terminate called without an active exception" in out, out
 
 
-def test_end_process_exits_0_after_running_the_atexit_handlers(tmp_path):
+def test_end_process_exits_0_after_the_threads_and_atexit_handlers(tmp_path):
     code, out = _run_two_ranks(tmp_path, "end_process")
     assert code == 0, out
     assert (tmp_path / "end_process" / "atexit_ran").exists()
+    assert (tmp_path / "end_process" / "thread_done").exists()  # a running non-daemon thread was waited for
     assert "rank 0 printed this before exiting" in out, out
 
 
