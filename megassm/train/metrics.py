@@ -197,3 +197,25 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.close()
             self.wandb = None
+
+
+def skipped_data(data) -> dict:
+    """What rank 0's reader skipped so far (an unreadable shard counts once, an unreadable or wrong-shape
+    sample once): the total and the count per reason, for metrics.jsonl (the total also to the dashboards);
+    {} for the procedural data."""
+    stats = getattr(data, "stats", None)
+    if stats is None:
+        return {}
+    by_reason = stats().get("skipped", {})
+    return {"data_skipped": sum(by_reason.values()), "data_skipped_by_reason": by_reason}
+
+
+def peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
+    except Exception:
+        return float("nan")
