@@ -231,9 +231,8 @@ def _add_merge_lora(csub) -> None:
 
 
 def _close_process_group() -> None:
-    """After a command that ran distributed returned: tear its process group down here rather than in
-    the interpreter's exit, where gloo's threads can still be running when the group is destroyed (seen
-    as a rank aborting with "terminate called without an active exception" after a finished eval)."""
+    """After a command that ran distributed returned: destroy its process group (the groups DeepSpeed still
+    holds live on, threads and all: ``entry`` therefore ends such a process through ``end_process``)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
