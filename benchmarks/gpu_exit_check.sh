@@ -14,7 +14,7 @@ device_env
 log=$OUT/gpu_exit_check_${CARD:-nocard}.log
 common=(configs/smoke.yaml train.steps=12 train.ckpt_every=6 train.progress_bar=false train.log_every=1
         train.sample_every=100000)
-check() {  # NAME EXPECTED_RC RC OUTPUT_FILE
+check() {  # NAME EXPECTED_RC RC OUTPUT_FILE SECONDS
     local verdict=ok
     [[ $3 == "$2" ]] || verdict="FAILED (exit $3, expected $2)"
     grep -q "terminate called" "$4" && verdict="FAILED (terminate called)"
