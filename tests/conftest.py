@@ -39,6 +39,8 @@ def cli():
     return run_cli
 
 
+SMOKE = "configs/smoke.yaml"  # relative to REPO, the cwd of the processes the tests start
+
 TINY_OVERRIDES = [
     "model.d_model=32", "model.num_heads=2", "model.headdim=16", "model.d_state=8", "model.chunk_size=16",
     "model.text_dim=16", "model.max_text_len=8", "model.in_channels=3", "data.kind=procedural",

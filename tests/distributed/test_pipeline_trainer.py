@@ -11,10 +11,9 @@ from safetensors.torch import save_file
 from megassm.checkpoint.zero import consolidate_pipeline_checkpoint
 from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
-from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-SMOKE = "configs/smoke.yaml"
 PP = ["parallel.pp=2", "parallel.zero_stage=1", "parallel.micro_batches=4", "train.ema_decay=0.9",
       "train.ckpt_every=2", "train.keep_last=3", "diffusion.caption_dropout=0.3"]
 

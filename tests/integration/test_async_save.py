@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 COMMON = [*TINY_OVERRIDES, "train.steps=6", "train.ckpt_every=2", "train.ema_decay=0.5", "parallel.zero_stage=3"]
 
 

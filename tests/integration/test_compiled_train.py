@@ -9,12 +9,11 @@ Tolerance: the same fp32 arithmetic reassociated by Inductor's fusions: 1e-5 rel
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, losses_by_step, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, run_train
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.slow
 
-SMOKE = "configs/smoke.yaml"
 COMMON = [*TINY_OVERRIDES, "train.steps=3", "model.hydra_path=fused"]
 
 

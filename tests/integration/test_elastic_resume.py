@@ -16,10 +16,9 @@ import math
 import pytest
 
 from megassm.checkpoint.load import load_weights
-from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-SMOKE = "configs/smoke.yaml"
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("train.micro_batch_size")]
 COMMON = [*TINY, "train.ckpt_every=2", "train.ema_decay=0.8", "optim.warmup_steps=2", "parallel.zero_stage=3",
           "data.kind=shards", "data.order=global", "data.resampled=false"]

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from megassm.train.ema import ShardedEMA
-from tests.conftest import REPO, TINY_OVERRIDES, child_env, losses_by_step, read_metrics, run_train, train_cmd
+from tests.conftest import REPO, SMOKE, TINY_OVERRIDES, child_env, losses_by_step, read_metrics, run_train, train_cmd
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 
 
 def _wait_for_step(run_dir, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:

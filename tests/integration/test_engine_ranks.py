@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from megassm.train.ema import ShardedEMA
-from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 
 
 @pytest.mark.distributed

@@ -20,10 +20,9 @@ from megassm.checkpoint.snapshot import tree_bytes
 from megassm.checkpoint.torchzip import TorchFile
 from megassm.checkpoint.verify import damaged_files
 from megassm.train import checkpoint as ckpt
-from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 COMMON = [*TINY_OVERRIDES, "train.ckpt_every=2", "train.keep_last=10"]
 
 

@@ -9,10 +9,9 @@ import struct
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 ARGS = [*TINY_OVERRIDES, "train.ckpt_every=2", "train.sample_every=4", "train.profile.start_step=2",
         "train.profile.steps=2", "train.eval_every=4", "eval.samples=8", "eval.batch_size=4"]

@@ -6,10 +6,9 @@ with the valid ones listed."""
 import pytest
 
 from megassm.train import checkpoint as ckpt
-from tests.conftest import TINY_OVERRIDES, losses_by_step, read_metrics, run_train
+from tests.conftest import SMOKE, TINY_OVERRIDES, losses_by_step, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 COMMON = [*TINY_OVERRIDES, "train.ckpt_every=2", "train.keep_last=10"]
 
 

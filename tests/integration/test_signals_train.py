@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, child_env, read_metrics, train_cmd
+from tests.conftest import REPO, SMOKE, TINY_OVERRIDES, child_env, read_metrics, train_cmd
 
 pytestmark = pytest.mark.slow
-SMOKE = "configs/smoke.yaml"
 LONG = [*TINY_OVERRIDES, "train.steps=100000", "train.ckpt_every=100000"]
 
 

@@ -15,9 +15,8 @@ from megassm.data.testing import write_synthetic_dataset
 from megassm.run_config import load_config
 from megassm.train import checkpoint as ckpt
 from megassm.train.elastic import ElasticResumeError, layout_of, plan_resume
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import SMOKE, TINY_OVERRIDES
 
-SMOKE = "configs/smoke.yaml"
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("train.micro_batch_size")]
 BUCKETS = "data.buckets=[{name: a, shape: [1, 8, 8], weight: 1, samples: 8}]"
 
