@@ -283,16 +283,21 @@ def live_by_site(top: int = 25) -> list:
 
 
 def write_profile(step, path: str, title: str) -> None:
-    """CUDA kernel time of one more step, top 40 (where the step's time goes)."""
+    """One more step profiled (where the step's time goes): GPU time by kind of kernel, then the top 40 by
+    total CUDA time (autograd nodes with their kernels) and the top 60 kernels by their own time."""
     from torch.profiler import ProfilerActivity, profile
+
+    from megassm.train.profiling import kernel_kinds, kinds_table
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=80)
+    avg = prof.key_averages()
     with open(path, "a") as f:
-        f.write(f"==== one training step, {title}\n{table}\n")
+        f.write(f"==== one training step, {title}\n{kinds_table(kernel_kinds(avg))}\n")
+        f.write(avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=80) + "\n")
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=100) + "\n")
 
 
 def run_isolated(args, case: dict) -> dict:

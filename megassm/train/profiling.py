@@ -4,7 +4,8 @@
 their collectives) on the chosen ranks. For each profiled rank, ``run_dir/profile/`` gets
 
     rank{R}_steps{A}-{B}.pt.trace.json   Chrome / Perfetto trace of steps A..B
-    rank{R}_steps{A}-{B}_ops.txt         the profiler's op table, by self time
+    rank{R}_steps{A}-{B}_ops.txt         the profiler's op table, by self time (on GPU after the time by
+                                         kind of kernel: GEMM, FP8 GEMM, attention, Hydra, fused, copies)
     rank{R}_steps{A}-{B}_memory.pickle   CUDA memory snapshot (train.profile.memory, GPU only)
 
 and the ``megassm.train`` log a short summary: the top ops (CPU) or kernels (GPU) by self time and an
@@ -127,7 +128,10 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        (self.out_dir / f"{self.name}_ops.txt").write_text(averages.table(sort_by=sort, row_limit=40))
+        table = averages.table(sort_by=sort, row_limit=40)
+        if self.cuda:
+            table = kinds_table(kernel_kinds(averages)) + "\n" + table
+        (self.out_dir / f"{self.name}_ops.txt").write_text(table)
         if self.memory and self.cuda:
             torch.cuda.memory._dump_snapshot(str(self.out_dir / f"{self.name}_memory.pickle"))
         s = summarize(prof.events(), averages, self.cuda)
@@ -161,6 +165,53 @@ def summarize(events: list, averages: list, cuda: bool, top: int = TOP_OPS) -> d
     return {"top": [(name, us / 1e3, 100 * us / total) for us, name in ranked], "by": "kernels" if cuda else "ops",
             "wall_ms": wall / 1e3, "idle": max(0.0, 1.0 - covered / wall),
             "idle_what": "GPU idle" if cuda else "host outside ops"}
+
+
+# Where a GPU step's time goes, by kind of kernel: the first pattern found in a kernel's name decides
+# (lower case). Order matters: Inductor's fused kernels are "triton_*", mamba-ssm's are Triton kernels too but
+# are named after the scan ("_chunk_scan_fwd_kernel"); FP8 GEMMs are cuBLAS's e4m3 kernels.
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "fa4")),
+    ("hydra (scan, conv, norm)", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum",
+                                  "causal_conv", "conv_silu", "conv_bwd", "out_norm", "gated_norm", "hydra", "ssd")),
+    ("gemm fp8", ("e4m3", "e5m2", "f8f8", "fp8")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "ampere_", "cublas")),
+    ("inductor fused", ("triton_",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("copy", ("memcpy", "memset", "copy", "cat", "unrolled_elementwise_kernel")),
+    ("collective", ("nccl",)),
+    ("elementwise / reduce (eager)", ("elementwise", "reduce", "vectorized", "softmax", "norm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """KERNEL_KINDS' name for a CUDA kernel (or copy), "other" when no pattern matches."""
+    low = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p in low for p in patterns):
+            return kind
+    return "other"
+
+
+def kernel_kinds(averages: list) -> list[tuple[str, float, float, int]]:
+    """GPU time by kind of kernel from a profiler's ``key_averages()``: [(kind, ms, percent, kernels)], largest
+    first. Only device-side events count (kernels and copies), so nothing is counted twice."""
+    totals: dict[str, list] = {}
+    for a in averages:
+        if a.device_type != DeviceType.CUDA or not _is_op(a, a.key):
+            continue
+        t = totals.setdefault(kernel_kind(a.key), [0.0, 0])
+        t[0] += a.self_device_time_total
+        t[1] += a.count
+    total = sum(t[0] for t in totals.values()) or 1.0
+    return sorted(((k, us / 1e3, 100 * us / total, n) for k, (us, n) in totals.items()), key=lambda r: -r[1])
+
+
+def kinds_table(rows: list[tuple[str, float, float, int]]) -> str:
+    """kernel_kinds' rows as a fixed-width table."""
+    lines = [f"{'kind of kernel':<30} {'GPU ms':>10} {'share':>7} {'kernels':>8}"]
+    lines += [f"{k:<30} {ms:>10.2f} {pct:>6.1f}% {n:>8d}" for k, ms, pct, n in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _is_op(event, name: str) -> bool:

@@ -6,10 +6,19 @@ import logging
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from megassm.config import ConfigError, ProfileConfig
 from megassm.run_config import load_config
-from megassm.train.profiling import ProfileWindow, StepProfiler, _union_length, profile_window
+from megassm.train.profiling import (
+    ProfileWindow,
+    StepProfiler,
+    _union_length,
+    kernel_kind,
+    kernel_kinds,
+    kinds_table,
+    profile_window,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -92,3 +101,37 @@ def test_other_ranks_and_a_resume_past_the_window_record_nothing(tmp_path):
 def test_bad_profile_config_fails_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["train.steps=10", "train.profile.steps=2", override])
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128", "attention"),
+    ("kernel_cutlass_FlashAttentionForwardSm90_0", "attention"),
+    ("_chunk_scan_chunk_state_bwd_dx_kernel", "hydra (scan, conv, norm)"),
+    ("conv_silu_fwd_kernel", "hydra (scan, conv, norm)"),
+    ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NTN", "gemm"),
+    ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "gemm fp8"),
+    ("triton_poi_fused__to_copy_add_mul_0", "inductor fused"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::elementwise_kernel<128, 4, gpu_kernel_impl_nocast<...>>", "elementwise / reduce (eager)"),
+    ("some_new_kernel", "other"),
+])
+def test_kernel_kind_names_where_a_steps_gpu_time_goes(name, kind):
+    assert kernel_kind(name) == kind
+
+
+def test_kernel_kinds_counts_device_events_once():
+    from types import SimpleNamespace as E
+
+    cpu = DeviceType.CPU
+    cuda = DeviceType.CUDA
+    averages = [E(key="aten::mm", device_type=cpu, self_device_time_total=0.0, count=2, is_user_annotation=False),
+                E(key="nvjet_sm90_tst_a", device_type=cuda, self_device_time_total=3000.0, count=2,
+                  is_user_annotation=False),
+                E(key="_chunk_scan_fwd_kernel", device_type=cuda, self_device_time_total=1000.0, count=1,
+                  is_user_annotation=False),
+                E(key="train step 3", device_type=cuda, self_device_time_total=9000.0, count=1,
+                  is_user_annotation=True)]
+    rows = kernel_kinds(averages)
+    assert rows == [("gemm", 3.0, 75.0, 2), ("hydra (scan, conv, norm)", 1.0, 25.0, 1)]
+    assert "gemm" in kinds_table(rows).splitlines()[1]
