@@ -11,7 +11,7 @@
 #   tests         the CUDA tests of the compiled paths (compiled vs eager, compiled Hydra runs mamba-ssm's
 #                 kernels from a fresh process, SDPA's kernel under compile, FP8 on the hardware)
 #   memdiag       step3 at depth 2 with the allocator's history: live memory by allocating site
-#   fa4           FlashAttention-4 installed from wheels/fa4 (two parts over two calls: session_lib.sh fa4_env), then
+#   fa4           FlashAttention-4 installed from fa4wheels/ (two parts over two calls: session_lib.sh fa4_env), then
 #                 bench_attention.py cuDNN vs FA4 at 29,040 and 16,384 and the FA4 CUDA tests (FA4_CAP 200)
 #   exit          how `megassm train` ends on the GPU (NCCL at world 1) through end_process: benchmarks/gpu_exit_check.sh
 #                 (plain, torchrun, SIGUSR1; ~2 min)
@@ -20,12 +20,15 @@
 #                 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
 #
 #   OUT=$OUT DEADLINE=570 bash benchmarks/first_call.sh          (PARTS="att3 tests" picks parts)
+# With FA4: call 1 carry ["wheels", "fa4wheels/a"], any PARTS; call 2 at once, carry ["fa4wheels/b"], PARTS=fa4
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
+# FA4's parts, whichever call brought them, wait in /tmp/fa4parts for the call that has both (session_lib.sh fa4_env)
+[[ -d fa4wheels ]] && mkdir -p /tmp/fa4parts && cp fa4wheels/*/* /tmp/fa4parts/ 2>/dev/null
 PARTS=${PARTS:-conv step2}
 speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
 depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8} att= profile=

@@ -46,13 +46,18 @@ section() {
 }
 
 # fa4_env: FlashAttention-4 (model.attention_backend: fa4) into /tmp/site. Its CuTe DSL library wheel
-# (nvidia-cutlass-dsl-libs-cu13, 92 MB) is more than one call carries, so it travels in two parts in wheels/fa4/
-# over two calls on one warm machine (kept in /tmp/fa4parts), checked against its sha256 when both are there; the
-# small wheels (flash-attn-4, the CuTe DSL's base / core, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext) come
-# with the second part. The image has cuda-bindings and einops. Prints whether megassm can run FA4 here.
+# (nvidia-cutlass-dsl-libs-cu13, 92 MB) is more than one call carries, so it travels in two parts over two calls
+# on one warm machine (kept in /tmp/fa4parts), checked against its sha256 when both are there. The parts sit in
+# two ignored folders prepared before the first call, so that the second call can follow the first at once (a
+# warm machine is given back after 30 s idle; swapping files between the calls lost one on 2026-12-07):
+#   fa4wheels/a: cu13whl.part00 + cu13whl.sha256            carry ["wheels", "fa4wheels/a"]
+#   fa4wheels/b: cu13whl.part01 + cu13whl.sha256 + the small wheels (flash-attn-4, the CuTe DSL's base / core,
+#                quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext)   carry ["fa4wheels/b"] (wheels/ stays there)
+# (wheels/fa4/ is read too, the layout before.) The image has cuda-bindings and einops. Prints whether megassm
+# can run FA4 here.
 fa4_env() {
     mkdir -p /tmp/fa4parts
-    cp wheels/fa4/* /tmp/fa4parts/ 2>/dev/null
+    cp fa4wheels/*/* wheels/fa4/* /tmp/fa4parts/ 2>/dev/null
     if [[ -f /tmp/fa4parts/cu13whl.part00 && -f /tmp/fa4parts/cu13whl.part01 && ! -f /tmp/site/.fa4 ]]; then
         local whl
         whl=/tmp/fa4parts/$(awk '{print $2}' /tmp/fa4parts/cu13whl.sha256)

@@ -110,6 +110,8 @@ def test_bad_profile_config_fails_at_load(override, message):
     ("conv_silu_fwd_kernel", "hydra (scan, conv, norm)"),
     ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NTN", "gemm"),
     ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "gemm fp8"),
+    ("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", "gemm fp8"),
+    ("nvjet_sm90_qqtst_192x208_128x4_2x1_v_bz_coopB_TNT", "gemm fp8"),
     ("triton_poi_fused__to_copy_add_mul_0", "inductor fused"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>>", "optimizer"),
     ("Memcpy DtoD (Device -> Device)", "copy"),
