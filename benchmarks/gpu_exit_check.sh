@@ -5,7 +5,8 @@
 #   plain      python -m megassm train, 12 steps                                  -> exit 0, final checkpoint
 #   torchrun   the same under torchrun (the launcher the stage scripts use)       -> exit 0
 #   sigusr1    torchrun, SIGUSR1 to the worker after its first step              -> checkpoint on signal, exit 0
-#   OUT=$OUT bash benchmarks/gpu_exit_check.sh          (wheels/ as docs/performance.md says; ~2 min)
+#   OUT=$OUT bash benchmarks/gpu_exit_check.sh          (wheels/ as docs/performance.md says; ~4 min on a fresh machine:
+#   the first run compiles the Triton kernels: it took 118 s on an H100 on 2026-12-07, the second 31 s)
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
