@@ -15,6 +15,8 @@
 #                 bench_attention.py cuDNN vs FA4 at 29,040 and 16,384 and the FA4 CUDA tests (FA4_CAP 200)
 #   exit          how `megassm train` ends on the GPU (NCCL at world 1) through end_process: benchmarks/gpu_exit_check.sh
 #                 (plain, torchrun, SIGUSR1; ~4 min on a fresh machine, EXIT_CAP 330: the first run compiles the kernels)
+#   hydra         the Hydra CUDA tests: state passing (rerun after its fix on 2026-12-07), the fused module and its
+#                 TP/CP cut (HYDRA_CAP 240; the CP cut's 16 passed on an H200 and an H100)
 #   sample_video, sample_image
 #                 issue 35 §2: `megassm sample` at full size, 360p x 129 frames / 2048 x 2048 (run on an H100 on
 #                 2026-12-07; the video part keeps its encoders and checkpoint under /tmp/fsc)
@@ -39,8 +41,8 @@ for p in $PARTS; do
         att3) add step3 && att=today,fp8 && [[ " $PARTS " != *" prof3 "* ]] && variants= ;;
         prof3) add step3 && variants=fp8 profile=29040 ;;
         memdiag) add step3 && depth=2 variants=compile_memdiag,today_memdiag ;;
-        sample_video | sample_image | fa4 | exit) ;;
-        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 prof3 step3 tests memdiag fa4 exit sample_video sample_image" ;;
+        sample_video | sample_image | fa4 | exit | hydra) ;;
+        *) echo "first_call.sh: unknown part '$p'; parts: conv step2 att3 prof3 step3 tests memdiag fa4 exit hydra sample_video sample_image" ;;
     esac
 done
 {
@@ -48,6 +50,9 @@ done
     for p in $PARTS; do
         case $p in
             exit) section exit "${EXIT_CAP:-330}" env OUT="$OUT" bash "$(dirname "$0")/gpu_exit_check.sh" ;;
+            hydra) section hydra "${HYDRA_CAP:-240}" python3 -m pytest -v -p no:cacheprovider \
+                       tests/gpu/test_hydra_state_passing_cuda.py tests/gpu/test_hydra_fused_cuda.py \
+                       tests/gpu/test_parallel_hydra_fused_cuda.py ;;
             sample_video) section sample_video 330 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc --keep \
                               --only stage3_video_360p_129f --out "$OUT/full_size_sample_cli_video_$CARD.json" ;;
             sample_image) section sample_image 240 python3 benchmarks/full_size_sample_cli.py --work /tmp/fsc \
