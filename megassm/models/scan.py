@@ -38,9 +38,28 @@ def scan_permutation(order: str, grid: tuple[int, int, int], device=None) -> tup
     return perm.to(device), inv.to(device)
 
 
-def apply_scan(x: Tensor, perm: Tensor) -> Tensor:
-    """x: (B, L, ...) -> x[:, perm]. An identity permutation is skipped."""
-    return x.index_select(1, perm)
+class _Permute(torch.autograd.Function):
+    """x[:, perm] whose backward is the gather g[:, inverse]. index_select's own backward is a scatter-add
+    (``index_add``, atomics into a zeroed tensor): 0.82 ms per call at 29,040 x 3,072 bf16 on an H100, 4.9 ms of
+    the compiled stage-3 step, which Inductor left as an eager kernel. A permutation's gradient is a gather."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(1, inverse), None, None
+
+
+def apply_scan(x: Tensor, perm: Tensor, inverse: Tensor | None = None) -> Tensor:
+    """x: (B, L, ...) -> x[:, perm]. With ``inverse`` (perm's inverse permutation) the backward is a gather
+    (``_Permute``); without it, index_select's scatter-add (same values, slower)."""
+    if inverse is None or not (x.requires_grad and torch.is_grad_enabled()):
+        return x.index_select(1, perm)
+    return _Permute.apply(x, perm, inverse)
 
 
 def in_scan_order(fn, x: Tensor, grid, order: str) -> Tensor:
@@ -49,7 +68,7 @@ def in_scan_order(fn, x: Tensor, grid, order: str) -> Tensor:
     perm = grid.perm(order)
     if perm is None:
         return fn(x)
-    return apply_scan(fn(apply_scan(x, perm[0])), perm[1])
+    return apply_scan(fn(apply_scan(x, perm[0], perm[1])), perm[1], perm[0])
 
 
 def is_identity(order: str, grid: tuple[int, int, int]) -> bool:

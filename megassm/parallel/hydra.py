@@ -144,7 +144,7 @@ class ParallelHydra(nn.Module):
             x, bc, dt = self._split_heads_over_cp(x, bc, dt)
         perm = grid.perm(scan_order)
         if perm is not None:  # the conv and scan run in scan order; everything else is token-local
-            x, bc, dt = (apply_scan(t, perm[0]) for t in (x, bc, dt))
+            x, bc, dt = (apply_scan(t, perm[0], perm[1]) for t in (x, bc, dt))
         w, b = self.conv1d.weight, self.conv1d.bias
         if self._conv_rows is not None:
             w = w.index_select(0, self._conv_rows)
@@ -160,7 +160,7 @@ class ParallelHydra(nn.Module):
         )
         y = combine(mix.scan, mix.x, self._diagonal(mix.diag_partial), fused=fused)  # (B, L, hc*p)
         if perm is not None:
-            y = apply_scan(y, perm[1])
+            y = apply_scan(y, perm[1], perm[0])
         if ctx.cp > 1:
             B, L = y.shape[:2]
             y = heads_to_seq(y.view(B, L, self.h_cp, p), ctx.cp_group, head_dim=2).reshape(B, -1, di)

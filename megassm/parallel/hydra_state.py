@@ -40,7 +40,7 @@ def state_passing_mix(layer, x: Tensor, bc: Tensor, dt: Tensor, grid, scan_order
     h = layer.h_local
     perm = grid.slice_perm(scan_order, ctx.cp, ctx.cp_rank)  # None: the slice is in scan order already
     if perm is not None:
-        x, bc, dt = (apply_scan(t, perm[0]) for t in (x, bc, dt))
+        x, bc, dt = (apply_scan(t, perm[0], perm[1]) for t in (x, bc, dt))
     xbc = torch.cat([x, bc], dim=-1)  # (B, Lc, conv_dim)
     from_prev, from_next = exchange_with_neighbours(*halo_rows(xbc, layer.d_conv // 2), ctx.cp_group)
     s = slice_scan(torch.cat([from_prev, xbc, from_next], dim=1), dt, layer.conv1d.weight, layer.conv1d.bias,
@@ -55,4 +55,4 @@ def state_passing_mix(layer, x: Tensor, bc: Tensor, dt: Tensor, grid, scan_order
     diag = partial + layer.D.to(partial.dtype)
     y = combine(scan, s.x, diag, shift_in=torch.cat([edge_prev, edge_next], dim=0))  # (B, Lc, h*p)
     assert y.shape[-1] == h * p
-    return y if perm is None else apply_scan(y, perm[1])
+    return y if perm is None else apply_scan(y, perm[1], perm[0])

@@ -64,3 +64,36 @@ def test_column_major_block_equals_transposed_row_major():
 def test_set_scan_order_refuses_mixer_change():
     with pytest.raises(ValueError, match="without new weights"):
         _block("h").set_scan_order("A")
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("order", ["col", "temporal"])
+def test_scan_order_backward_is_a_gather_with_the_same_gradients(order):
+    """A scan order's backward gathers with the inverse permutation instead of index_select's scatter-add
+    (index_add, 4.9 ms of a compiled stage-3 step on an H100); the gradients are the same bits."""
+    from megassm.models.scan import in_scan_order
+
+    grid = TokenGrid((2, 3, 4), torch.device("cpu"))
+    L = 24
+    w = torch.randn(L, 5, dtype=torch.float64)
+    x = torch.randn(2, L, 5, dtype=torch.float64, requires_grad=True)
+    y = in_scan_order(lambda t: t.cumsum(1) * w, x, grid, order)
+    perm, inv = scan_permutation(order, (2, 3, 4))
+    x0 = x.detach().clone().requires_grad_()
+    want = (x0.index_select(1, perm).cumsum(1) * w).index_select(1, inv)
+    assert torch.equal(y, want)
+    g = torch.randn_like(y)
+    with _OpLog() as log:
+        (gx,) = torch.autograd.grad(y, x, g)
+    (gx0,) = torch.autograd.grad(want, x0, g)
+    assert torch.equal(gx, gx0)
+    assert "index_add" not in log.ops and log.ops.count("index_select") == 2, log.ops
