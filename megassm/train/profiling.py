@@ -130,8 +130,9 @@ class StepProfiler:
         averages = prof.key_averages()
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = averages.table(sort_by=sort, row_limit=40)
-        if self.cuda:
-            table = kinds_table(kernel_kinds(averages)) + "\n" + table
+        kinds = kernel_kinds(averages) if self.cuda else []
+        if kinds:
+            table = kinds_table(kinds) + "\n" + table
         (self.out_dir / f"{self.name}_ops.txt").write_text(table)
         if self.memory and self.cuda:
             torch.cuda.memory._dump_snapshot(str(self.out_dir / f"{self.name}_memory.pickle"))
@@ -139,7 +140,8 @@ class StepProfiler:
         tops = ", ".join(f"{name[:60]} {ms:.3g} ms ({pct:.0f}%)" for name, ms, pct in s["top"])
         log.info(f"profile rank {self.rank} steps {self.window.first}-{self.window.last}: {trace} "
                  f"(open in ui.perfetto.dev); wall {s['wall_ms']:.1f} ms, {s['idle_what']} "
-                 f"{100 * s['idle']:.1f}%; top {s['by']}: {tops}")
+                 f"{100 * s['idle']:.1f}%; top {s['by']}: {tops}"
+                 + ("; GPU time by kind: " + ", ".join(f"{k} {pct:.0f}%" for k, _, pct, _ in kinds) if kinds else ""))
 
 
 def summarize(events: list, averages: list, cuda: bool, top: int = TOP_OPS) -> dict:
