@@ -57,9 +57,7 @@ class _Permute(torch.autograd.Function):
 def apply_scan(x: Tensor, perm: Tensor, inverse: Tensor | None = None) -> Tensor:
     """x: (B, L, ...) -> x[:, perm]. With ``inverse`` (perm's inverse permutation) the backward is a gather
     (``_Permute``); without it, index_select's scatter-add (same values, slower)."""
-    if inverse is None or not (x.requires_grad and torch.is_grad_enabled()):
-        return x.index_select(1, perm)
-    return _Permute.apply(x, perm, inverse)
+    return x.index_select(1, perm) if inverse is None else _Permute.apply(x, perm, inverse)
 
 
 def in_scan_order(fn, x: Tensor, grid, order: str) -> Tensor:
