@@ -170,32 +170,29 @@ def summarize(events: list, averages: list, cuda: bool, top: int = TOP_OPS) -> d
             "idle_what": "GPU idle" if cuda else "host outside ops"}
 
 
-# Where a GPU step's time goes, by kind of kernel: the first pattern found in a kernel's name decides
-# (lower case; a pattern starting with "re:" is a regular expression). Order matters: Inductor's fused kernels
-# are "triton_*", mamba-ssm's are Triton kernels too but are named after the scan ("_chunk_scan_fwd_kernel");
-# FP8 GEMMs are cuBLAS's e4m3 kernels or, on Hopper with CUDA 13, nvjet kernels whose tile name starts with a
-# "q" (aten::_scaled_mm ran "nvjet_sm90_qrtst_..." / "qqtst" on an H100, bf16 aten::mm "nvjet_sm90_tst_...").
-KERNEL_KINDS = (
-    ("attention", ("sdpa", "fmha", "flash", "attention", "fa4")),
-    ("hydra (scan, conv, norm)", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum",
-                                  "causal_conv", "conv_silu", "conv_bwd", "out_norm", "gated_norm", "hydra", "ssd")),
-    ("gemm fp8", ("e4m3", "e5m2", "f8f8", "fp8", r"re:nvjet_sm\d+_q")),
-    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "ampere_", "cublas")),
-    ("inductor fused", ("triton_",)),
-    ("optimizer", ("multi_tensor_apply", "adam")),
-    ("copy", ("memcpy", "memset", "copy", "cat", "unrolled_elementwise_kernel")),
-    ("collective", ("nccl",)),
-    ("elementwise / reduce (eager)", ("elementwise", "reduce", "vectorized", "softmax", "norm")),
-)
+# Where a GPU step's time goes, by kind of kernel: the first kind whose pattern is found in a kernel's name
+# (lower case) decides. Order matters: Inductor's fused kernels are "triton_*", mamba-ssm's are Triton kernels too
+# but are named after the scan ("_chunk_scan_fwd_kernel"); FP8 GEMMs are cuBLAS's e4m3 kernels or, on Hopper with
+# CUDA 13, nvjet kernels whose tile name starts with a "q" (aten::_scaled_mm ran "nvjet_sm90_qrtst_..." / "qqtst"
+# on an H100, bf16 aten::mm "nvjet_sm90_tst_...").
+KERNEL_KINDS = tuple((kind, re.compile(pattern)) for kind, pattern in (
+    ("attention", r"sdpa|fmha|flash|attention|fa4"),
+    ("hydra (scan, conv, norm)", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|causal_conv|conv_silu"
+                                 r"|conv_bwd|out_norm|gated_norm|hydra|ssd"),
+    ("gemm fp8", r"e4m3|e5m2|f8f8|fp8|nvjet_sm\d+_q"),
+    ("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|ampere_|cublas"),
+    ("inductor fused", r"triton_"),
+    ("optimizer", r"multi_tensor_apply|adam"),
+    ("copy", r"memcpy|memset|copy|cat|unrolled_elementwise_kernel"),
+    ("collective", r"nccl"),
+    ("elementwise / reduce (eager)", r"elementwise|reduce|vectorized|softmax|norm"),
+))
 
 
 def kernel_kind(name: str) -> str:
     """KERNEL_KINDS' name for a CUDA kernel (or copy), "other" when no pattern matches."""
     low = name.lower()
-    for kind, patterns in KERNEL_KINDS:
-        if any(re.search(p[3:], low) if p.startswith("re:") else p in low for p in patterns):
-            return kind
-    return "other"
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(low)), "other")
 
 
 def kernel_kinds(averages: list) -> list[tuple[str, float, float, int]]:
