@@ -29,8 +29,7 @@ DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 source "$(dirname "$0")/session_lib.sh"  # device_env; section NAME CAP CMD...
 device_env
-# FA4's parts, whichever call brought them, wait in /tmp/fa4parts for the call that has both (session_lib.sh fa4_env)
-[[ -d fa4wheels ]] && mkdir -p /tmp/fa4parts && cp fa4wheels/*/* /tmp/fa4parts/ 2>/dev/null
+fa4_stash  # FA4's parts, whichever call brought them (session_lib.sh fa4_env)
 PARTS=${PARTS:-conv step2}
 speed=""  # speed_session.sh sections, run after the sampling parts (set here: the block below is a subshell)
 depth=${STEP3_DEPTH:-8} variants=${STEP3_VARIANTS:-today,compile_persist,fp8} att= profile=

@@ -55,9 +55,13 @@ section() {
 #                quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext)   carry ["fa4wheels/b"] (wheels/ stays there)
 # (wheels/fa4/ is read too, the layout before.) The image has cuda-bindings and einops. Prints whether megassm
 # can run FA4 here.
-fa4_env() {
+fa4_stash() {  # whichever parts this call brought wait in /tmp/fa4parts for the call that has both
     mkdir -p /tmp/fa4parts
     cp fa4wheels/*/* wheels/fa4/* /tmp/fa4parts/ 2>/dev/null
+    return 0
+}
+fa4_env() {
+    fa4_stash
     if [[ -f /tmp/fa4parts/cu13whl.part00 && -f /tmp/fa4parts/cu13whl.part01 && ! -f /tmp/site/.fa4 ]]; then
         local whl
         whl=/tmp/fa4parts/$(awk '{print $2}' /tmp/fa4parts/cu13whl.sha256)
